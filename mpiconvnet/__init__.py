@@ -1,0 +1,2 @@
+"""mpiconvnet: data-parallel AlexNet training with MPI."""
+__version__ = "0.1.0"

@@ -1,0 +1,77 @@
+"""Backends: the same small set of functions on every device.
+
+A backend is a module. Layers, models, the optimizer and the trainer call only the
+functions listed here, so they never branch on the backend. The NumPy backend
+(`numpy_backend.py`) is the definition of every op; the CUDA backend (`cuda/`) must give
+the same results within the tolerances in `tests/tolerances.py`.
+
+Arrays are the backend's own type (numpy.ndarray, or pycuda GPUArray). Layout is NCHW
+for images and (N, features) for dense layers; the dtype of the inputs is kept
+(float32 for training, float64 for gradient checks).
+
+Memory
+    to_device(host_array) -> array            copy of a NumPy array
+    to_host(array) -> numpy.ndarray           copy back to the host
+    empty(shape, dtype) / zeros(shape, dtype) -> array
+    copy_into(dst, src)                       dst[...] = src (same shape)
+    flat_views(flat, shapes) -> [array]       views into one flat 1-D buffer, one per shape,
+                                              laid end to end (gradient buckets)
+    synchronize()                             wait for all queued work (no-op on NumPy)
+
+Convolution  x: (N, C, H, W)  w: (K, C/groups, R, S)  b: (K,)  y: (N, K, P, Q)
+    conv_forward(x, w, b, stride, pad, groups) -> y
+    conv_backward_data(dy, w, x_shape, stride, pad, groups) -> dx
+    conv_backward_filter(x, dy, w_shape, stride, pad, groups) -> dw
+    conv_backward_bias(dy) -> db              sum over N, P, Q
+
+Elementwise and pooling
+    relu_forward(x) -> y
+    relu_backward(y, dy) -> dx                dx = dy where y > 0, else 0
+    lrn_forward(x, size, alpha, beta, k) -> y
+        cross-channel, Caffe/PyTorch convention:
+        y[c] = x[c] / (k + alpha/size * sum_{c' in window(c)} x[c']^2) ** beta
+        window(c) = channels c - size//2 .. c + (size-1)//2, clipped at the edges.
+    lrn_backward(x, y, dy, size, alpha, beta, k) -> dx
+    maxpool_forward(x, size, stride) -> y     no padding, floor division of sizes
+    maxpool_backward(x, y, dy, size, stride) -> dx
+        ties: the gradient goes to the first maximum in row-major window order.
+    dropout_forward(x, p, seed, counter) -> (y, mask)
+        inverted dropout: y = x * mask / (1 - p). mask (same shape as x, x's dtype, 0 or 1)
+        is a pure function of (seed, counter, element index) through the counter-based
+        hash `dropout_keep(seed, counter, n, p)` in numpy_backend, so every backend draws
+        the same mask and a resumed run draws the masks it would have drawn.
+    dropout_backward(dy, mask, p) -> dx
+
+Dense  x: (N, F)  w: (O, F)  b: (O,)  y: (N, O)   (PyTorch's nn.Linear layout)
+    linear_forward(x, w, b) -> y              y = x @ w.T + b
+    linear_backward_data(dy, w) -> dx
+    linear_backward_filter(x, dy) -> dw
+    linear_backward_bias(dy) -> db
+
+Loss and metrics
+    softmax_cross_entropy(logits, labels) -> (loss, dlogits)
+        labels: int64 (N,). loss is the mean over the batch (a Python float); dlogits is
+        the gradient of that mean (softmax - onehot) / N. Numerically stable (max shift).
+    topk_correct(logits, labels, ks) -> tuple of ints, how many labels are in the top k
+
+Update (in place, on one parameter tensor)
+    sgd_momentum_update(param, grad, velocity, lr, momentum, weight_decay)
+        Krizhevsky 2012 / Caffe form, learning rate inside the velocity:
+        velocity = momentum * velocity + lr * (grad + weight_decay * param)
+        param    = param - velocity
+    scale_(array, factor)                     array *= factor (averaging after a sum)
+"""
+
+import importlib
+
+BACKENDS = {
+    "numpy": "mpiconvnet.backends.numpy_backend",
+    "cuda": "mpiconvnet.backends.cuda",
+}
+
+
+def get_backend(name):
+    """Return the backend module called `name` ('numpy' or 'cuda')."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return importlib.import_module(BACKENDS[name])
