@@ -60,6 +60,17 @@ Update (in place, on one parameter tensor)
         velocity = momentum * velocity + lr * (grad + weight_decay * param)
         param    = param - velocity
     scale_(array, factor)                     array *= factor (averaging after a sum)
+
+Communication (how the trainer hands a flat gradient bucket to MPI)
+    HOST_MEMORY: bool                         True when arrays live in host memory (NumPy):
+                                              MPI reduces them in place
+    pinned_host_empty(shape, dtype) -> numpy.ndarray   page-locked on CUDA (staging buffers)
+    copy_to_host(dst_host, src)               device -> host, into an existing host array
+    copy_from_host(dst, src_host)             host -> device, into an existing array
+    mpi_buffer(array)                         what mpi4py reads/writes in place: the ndarray
+                                              on NumPy; on CUDA an object exposing
+                                              __cuda_array_interface__ (only used when the
+                                              MPI is CUDA-aware)
 """
 
 import importlib

@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m mpiconvnet.bench NAME [options]`; each NAME is a module here."""
