@@ -35,11 +35,13 @@ Elementwise and pooling
     maxpool_forward(x, size, stride) -> y     no padding, floor division of sizes
     maxpool_backward(x, y, dy, size, stride) -> dx
         ties: the gradient goes to the first maximum in row-major window order.
-    dropout_forward(x, p, seed, counter) -> (y, mask)
+    dropout_forward(x, p, seed, counter, offset=0) -> (y, mask)
         inverted dropout: y = x * mask / (1 - p). mask (same shape as x, x's dtype, 0 or 1)
-        is a pure function of (seed, counter, element index) through the counter-based
-        hash `dropout_keep(seed, counter, n, p)` in numpy_backend, so every backend draws
-        the same mask and a resumed run draws the masks it would have drawn.
+        is a pure function of (seed, counter, offset + flat element index) through the
+        counter-based hash `dropout_keep(seed, counter, n, p, offset)` in numpy_backend, so
+        every backend draws the same mask, a resumed run draws the masks it would have
+        drawn, and rank r (offset = its first sample's position in the global batch times
+        the features per sample) draws the rows one rank with the whole batch would draw.
     dropout_backward(dy, mask, p) -> dx
 
 Dense  x: (N, F)  w: (O, F)  b: (O,)  y: (N, O)   (PyTorch's nn.Linear layout)
@@ -50,7 +52,7 @@ Dense  x: (N, F)  w: (O, F)  b: (O,)  y: (N, O)   (PyTorch's nn.Linear layout)
 
 Loss and metrics
     softmax_cross_entropy(logits, labels) -> (loss, dlogits)
-        labels: int64 (N,). loss is the mean over the batch (a Python float); dlogits is
+        labels: a host numpy int64 array (N,). loss is the mean over the batch (a Python float); dlogits is
         the gradient of that mean (softmax - onehot) / N. Numerically stable (max shift).
     topk_correct(logits, labels, ks) -> tuple of ints, how many labels are in the top k
 
