@@ -1,0 +1,53 @@
+// loss.cu: softmax cross-entropy and top-k ranks, one warp per row of the logits.
+//   softmax_xent: loss_rows[n] = logsumexp(z[n]) - z[n, label[n]]   (max-shifted)
+//                 dz[n, c] = (softmax(z[n])[c] - [c == label[n]]) * inv_batch
+//                 the host sums loss_rows in float64 and divides by N.
+//   label_rank:   rank[n] = #{c : z[n,c] > z[n,label]} + #{c < label : z[n,c] == z[n,label]}
+//                 (the label's position in a stable descending sort); correct@k iff rank < k.
+// Checked against numpy_backend.softmax_cross_entropy / topk_correct in
+// tests/test_cuda_ops.py; launch with blockDim.x a multiple of 32.
+#include "common.cuh"
+
+template <typename T>
+__device__ void softmax_xent(T* loss_rows, T* dz, const T* z, const long long* labels, int rows, int cols, T inv_batch) {
+    int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (warp >= rows) return;  // whole warps exit together
+    const T* zr = z + (long long)warp * cols;
+    T* dr = dz + (long long)warp * cols;
+    T m = neg_infinity<T>();
+    for (int c = lane; c < cols; c += 32) m = fmax(m, zr[c]);
+    m = warp_max(m);
+    T s = 0;
+    for (int c = lane; c < cols; c += 32) s += exp_t(zr[c] - m);
+    s = warp_sum(s);
+    long long label = labels[warp];
+    for (int c = lane; c < cols; c += 32) {
+        T p = exp_t(zr[c] - m) / s;
+        dr[c] = (p - (c == label ? T(1) : T(0))) * inv_batch;
+    }
+    if (lane == 0) loss_rows[warp] = log_t(s) + m - zr[label];
+}
+
+template <typename T>
+__device__ void label_rank(int* rank, const T* z, const long long* labels, int rows, int cols) {
+    int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (warp >= rows) return;
+    const T* zr = z + (long long)warp * cols;
+    long long label = labels[warp];
+    T target = zr[label];
+    int count = 0;
+    for (int c = lane; c < cols; c += 32) count += (zr[c] > target) || (zr[c] == target && c < label);
+    count = warp_sum(count);
+    if (lane == 0) rank[warp] = count;
+}
+
+extern "C" __global__ void softmax_xent_f32(float* loss_rows, float* dz, const float* z, const long long* labels, int rows, int cols, float inv_batch) {
+    softmax_xent(loss_rows, dz, z, labels, rows, cols, inv_batch);
+}
+extern "C" __global__ void softmax_xent_f64(double* loss_rows, double* dz, const double* z, const long long* labels, int rows, int cols, double inv_batch) {
+    softmax_xent(loss_rows, dz, z, labels, rows, cols, inv_batch);
+}
+extern "C" __global__ void label_rank_f32(int* rank, const float* z, const long long* labels, int rows, int cols) { label_rank(rank, z, labels, rows, cols); }
+extern "C" __global__ void label_rank_f64(int* rank, const double* z, const long long* labels, int rows, int cols) { label_rank(rank, z, labels, rows, cols); }
