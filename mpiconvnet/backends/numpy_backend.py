@@ -1,0 +1,135 @@
+"""The NumPy backend: the reference definition of every op in the backend interface.
+
+Every function listed in `mpiconvnet/backends/__init__.py` is here, with the same name and
+signature; the CUDA backend is checked against these. Outputs keep the inputs' dtype
+(float32 for training, float64 for gradient checks).
+
+Conventions pinned here (and tested against PyTorch in tests/test_numpy_ops.py):
+- convolution is cross-correlation with zero padding and groups, as in Caffe, PyTorch and
+  cuDNN; output sizes by floor division (227 -> 55 for 11x11 stride 4);
+- LRN is Caffe/PyTorch's b = a / (k + (alpha/n) * sum a^2)^beta over n channels. The 2012
+  paper writes alpha without the /n; AlexNet uses k=2, n=5, alpha=1e-4, beta=0.75;
+- max pooling has no padding; a tie gives the gradient to the first maximum (row-major);
+- dropout is inverted (scaled by 1/(1-p) in training) with masks from `dropout_keep`, a
+  counter-based hash of (seed, counter, element index) that every backend reproduces.
+
+Threads: `set_num_threads(n)` (default OMP_NUM_THREADS, else 1).
+"""
+import numpy as np
+
+from mpiconvnet.backends.numpy_ops.conv import (conv_backward_bias, conv_backward_data,
+                                                conv_backward_filter, conv_forward)
+from mpiconvnet.backends.numpy_ops.dense import (linear_backward_bias, linear_backward_data,
+                                                 linear_backward_filter, linear_forward,
+                                                 softmax_cross_entropy, topk_correct)
+from mpiconvnet.backends.numpy_ops.dropout import dropout_backward, dropout_forward, dropout_keep
+from mpiconvnet.backends.numpy_ops.lrn import lrn_backward, lrn_forward
+from mpiconvnet.backends.numpy_ops.pool import maxpool_backward, maxpool_forward
+from mpiconvnet.backends.numpy_ops.threads import get_num_threads, set_num_threads
+
+NAME = "numpy"
+
+# ---------------------------------------------------------------------------- memory
+
+def to_device(host_array):
+    return np.array(host_array, copy=True)
+
+
+def to_host(array):
+    return np.array(array, copy=True)
+
+
+def empty(shape, dtype):
+    return np.empty(shape, dtype=dtype)
+
+
+def zeros(shape, dtype):
+    return np.zeros(shape, dtype=dtype)
+
+
+def copy_into(dst, src):
+    if dst.shape != src.shape:
+        raise ValueError(f"copy_into: shapes differ, {dst.shape} <- {src.shape}")
+    np.copyto(dst, src)
+
+
+def flat_views(flat, shapes):
+    """Views into the 1-D buffer `flat`, one per shape, laid end to end."""
+    views, offset = [], 0
+    for shape in shapes:
+        size = int(np.prod(shape, dtype=np.int64))
+        if offset + size > flat.size:
+            raise ValueError(f"flat_views: shapes need more than the buffer's {flat.size} elements; "
+                             f"allocate sum(prod(shape)) elements")
+        views.append(flat[offset:offset + size].reshape(shape))
+        offset += size
+    return views
+
+
+def synchronize():
+    """NumPy runs every op to completion before returning: nothing is queued."""
+
+
+# ---------------------------------------------------------------------------- elementwise
+
+def relu_forward(x):
+    # x: (...) -> y: (...)
+    return np.maximum(x, 0)
+
+
+def relu_backward(y, dy):
+    # y, dy: (...) -> dx: (...), dy where the unit was active
+    return np.where(y > 0, dy, 0)
+
+
+# ---------------------------------------------------------------------------- update
+
+def sgd_momentum_update(param, grad, velocity, lr, momentum, weight_decay):
+    """In place, Krizhevsky 2012 / Caffe form (learning rate inside the velocity):
+    velocity = momentum * velocity + lr * (grad + weight_decay * param); param -= velocity."""
+    # plain Python floats: a NumPy float64 scalar would upcast float32 temporaries
+    lr, momentum, weight_decay = float(lr), float(momentum), float(weight_decay)
+    step = param * weight_decay
+    step += grad
+    step *= lr
+    velocity *= momentum
+    velocity += step
+    param -= velocity
+
+
+def scale_(array, factor):
+    array *= float(factor)
+
+
+# ---------------------------------------------------------------------------- communication
+
+HOST_MEMORY = True
+
+
+def pinned_host_empty(shape, dtype):
+    # host memory is all there is: nothing to pin
+    return np.empty(shape, dtype=dtype)
+
+
+def copy_to_host(dst_host, src):
+    np.copyto(dst_host, src)
+
+
+def copy_from_host(dst, src_host):
+    np.copyto(dst, src_host)
+
+
+def mpi_buffer(array):
+    return array
+
+
+__all__ = [
+    "NAME", "to_device", "to_host", "empty", "zeros", "copy_into", "flat_views", "synchronize",
+    "conv_forward", "conv_backward_data", "conv_backward_filter", "conv_backward_bias",
+    "relu_forward", "relu_backward", "lrn_forward", "lrn_backward",
+    "maxpool_forward", "maxpool_backward", "dropout_forward", "dropout_backward", "dropout_keep",
+    "linear_forward", "linear_backward_data", "linear_backward_filter", "linear_backward_bias",
+    "softmax_cross_entropy", "topk_correct", "sgd_momentum_update", "scale_",
+    "HOST_MEMORY", "pinned_host_empty", "copy_to_host", "copy_from_host", "mpi_buffer",
+    "set_num_threads", "get_num_threads",
+]

@@ -1,0 +1,1 @@
+"""The NumPy backend's ops, one family per module; `numpy_backend` re-exports them."""

@@ -1,0 +1,69 @@
+"""Inverted dropout with masks from a counter-based hash, identical on every backend.
+
+The mask is a pure function of (seed, counter, element index), not of a random generator's
+state, so the CUDA kernel draws exactly the mask this file draws, and a resumed run draws
+the masks the uninterrupted run would have drawn (the trainer passes the step as counter).
+"""
+import math
+
+import numpy as np
+
+_MASK32 = 0xFFFFFFFF
+
+
+def mix32(x):
+    """lowbias32 (Chris Wellons' hash-prospector): a bijection on uint32 with good avalanche.
+
+    x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15; x *= 0x846ca68b; x ^= x >> 16,
+    all in uint32 with wrap-around. Works on Python ints (masked) and uint32 arrays.
+    """
+    if isinstance(x, np.ndarray):
+        # numpy uint32 array arithmetic wraps silently, as the hash needs
+        x = x ^ (x >> np.uint32(16))
+        x = x * np.uint32(0x7FEB352D)
+        x = x ^ (x >> np.uint32(15))
+        x = x * np.uint32(0x846CA68B)
+        return x ^ (x >> np.uint32(16))
+    x &= _MASK32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _MASK32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def keep_threshold(p):
+    """The uint32 threshold below which an element is dropped: min(floor(p * 2**32), 2**32 - 1)."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout: probability p={p} is outside [0, 1]")
+    return min(math.floor(p * 4294967296.0), _MASK32)
+
+
+def dropout_keep(seed, counter, n, p):
+    """Which of n elements dropout keeps: a bool array (n,).
+
+    Definition (every backend computes exactly this; all arithmetic in uint32 with
+    wrap-around, seed and counter taken modulo 2**32, i the flat C-order element index):
+
+        h(i)      = mix32(mix32(mix32(seed) ^ counter) ^ i)
+        keep[i]   = h(i) >= min(floor(p * 2**32), 2**32 - 1)      compared as integers
+
+    so p = 0 keeps every element, and each element is kept with probability 1 - p
+    (to within 2**-32).
+    """
+    key = mix32(mix32(seed & _MASK32) ^ (counter & _MASK32))
+    index = np.arange(n, dtype=np.uint32)                 # wraps past 2**32 elements, as uint32 does
+    return mix32(index ^ np.uint32(key)) >= keep_threshold(p)
+
+
+def dropout_forward(x, p, seed, counter):
+    # x: (...) -> y: (...), mask: (...) of x's dtype, 0 or 1
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout: probability p={p} must be in [0, 1) (p = 1 would drop everything)")
+    mask = dropout_keep(seed, counter, x.size, p).reshape(x.shape).astype(x.dtype)
+    return x * mask * x.dtype.type(1.0 / (1.0 - p)), mask
+
+
+def dropout_backward(dy, mask, p):
+    # dy, mask: (...) -> dx: (...)
+    return dy * mask * dy.dtype.type(1.0 / (1.0 - p))
