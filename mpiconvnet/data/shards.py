@@ -1,0 +1,311 @@
+"""Read a packed data set: `dataset.json` plus HDF5 shards (docs/data-format.md).
+
+    from mpiconvnet.data.shards import ShardedDataset, DatasetError
+    ds = ShardedDataset("/data/imagenet", "train")
+    images = ds.read([5, 3, 5])          # uint8 (3, S, S, 3), in the order asked
+    labels = ds.labels[[5, 3, 5]]
+
+The writer (`python -m preprocess`) and this reader share the constants and the checks
+below, so the two sides cannot drift apart.
+
+Shards are opened lazily, in the process that reads them: h5py handles must never cross
+a fork, so a reader created in a parent and used in loader worker processes opens its
+own handles in each worker.
+"""
+import hashlib
+import json
+import os
+
+import numpy as np
+
+FORMAT_VERSION = 1
+LAYOUT = "NHWC"
+FORMATS = ("raw", "jpeg")
+RESIZE_MODES = ("shorter-crop", "squash")
+SPLITS = ("train", "val")
+INDEX_FILE = "dataset.json"
+MEAN_IMAGE_FILE = "mean_image.npy"
+SKIPPED_FILE = "skipped.tsv"
+TMP_SUFFIX = ".tmp"
+PACK_HINT = "pack the data first with python -m preprocess folder|imagenet|synth"
+REPACK_HINT = "re-pack it with python -m preprocess"
+
+
+class DatasetError(Exception):
+    """A data set on disk is missing, incomplete or not in the expected format."""
+
+
+def shard_filename(split, number):
+    """The file name of shard `number` of `split`: train-00000.h5, val-00012.h5, ..."""
+    return f"{split}-{number:05d}.h5"
+
+
+def shard_attributes(split, classes, image_size, image_format):
+    """The attributes every shard carries; the writer stores them, the reader checks them."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "split": split,
+        "classes": list(classes),
+        "image_size": int(image_size),
+        "layout": LAYOUT,
+        "format": image_format,
+    }
+
+
+def image_datasets(image_format):
+    """The names of the datasets holding the pixels for a storage format."""
+    return ("images",) if image_format == "raw" else ("jpeg", "jpeg_offsets")
+
+
+def content_checksum(shard):
+    """sha256 over a shard's data (labels, index, sources, pixels), independent of HDF5 layout.
+
+    Stored as the shard attribute `content_sha256`. HDF5 checksums only its metadata, so a
+    flipped byte inside image data would otherwise go unnoticed; hashing the decoded
+    arrays also stays valid if a shard is rewritten with other chunking or compression.
+    """
+    digest = hashlib.sha256()
+    for name in ("labels", "index"):
+        digest.update(np.ascontiguousarray(shard[name][()], dtype="<i8").tobytes())
+    for source in shard["source"].asstr()[()]:
+        digest.update(source.encode("utf-8") + b"\0")
+    image_format = shard.attrs["format"]
+    for name in image_datasets(image_format):
+        data = shard[name]
+        # hash in slices so a 200 MB raw shard never needs a second full copy
+        step = max(1, (64 << 20) // max(1, data.dtype.itemsize * int(np.prod(data.shape[1:], dtype=np.int64))))
+        for start in range(0, data.shape[0], step):
+            digest.update(np.ascontiguousarray(data[start:start + step]).tobytes())
+    return digest.hexdigest()
+
+
+def file_sha256(path):
+    """sha256 of a whole file, read in 4 MB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(4 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_index(root):
+    """Parse `root/dataset.json` and check the fields every reader relies on."""
+    path = os.path.join(root, INDEX_FILE)
+    if not os.path.isfile(path):
+        raise DatasetError(f"{path} not found; {PACK_HINT}")
+    try:
+        with open(path) as stream:
+            index = json.load(stream)
+    except (OSError, ValueError) as error:
+        raise DatasetError(f"{path} cannot be parsed ({error}); {REPACK_HINT}") from None
+    version = index.get("format_version")
+    if version != FORMAT_VERSION:
+        raise DatasetError(f"{path}: format_version {version!r}, this reader needs {FORMAT_VERSION}; {REPACK_HINT}")
+    for key in ("classes", "image_size", "format", "splits", "mean", "std"):
+        if key not in index:
+            raise DatasetError(f"{path}: field {key!r} missing; {REPACK_HINT}")
+    if index["format"] not in FORMATS:
+        raise DatasetError(f"{path}: format {index['format']!r} is not one of {FORMATS}; {REPACK_HINT}")
+    return index
+
+
+def open_shard(path):
+    """Open a shard read-only without HDF5 file locking (locks fail on many parallel file systems)."""
+    import h5py
+    try:
+        return h5py.File(path, "r", locking=False)
+    except FileNotFoundError:
+        raise DatasetError(f"{path} not found; finish packing by re-running the same python -m preprocess command") from None
+    except OSError as error:
+        raise DatasetError(f"{path} is not a readable HDF5 shard ({error}); {REPACK_HINT}") from None
+
+
+def check_shard(shard, path, expected_attributes, num_images):
+    """Raise DatasetError unless an open shard matches what dataset.json says about it."""
+    for key, want in expected_attributes.items():
+        if key not in shard.attrs:
+            raise DatasetError(f"{path}: attribute {key!r} missing; {REPACK_HINT}")
+        have = shard.attrs[key]
+        have = [str(x) for x in have] if key == "classes" else (have.item() if hasattr(have, "item") else have)
+        if isinstance(have, bytes):
+            have = have.decode()
+        if have != want:
+            shown = f"{len(have)} classes" if key == "classes" else repr(have)
+            wanted = f"{len(want)} classes" if key == "classes" else repr(want)
+            raise DatasetError(f"{path}: attribute {key!r} is {shown}, dataset.json says {wanted}; {REPACK_HINT}")
+    size = expected_attributes["image_size"]
+    for name in ("labels", "index", "source"):
+        if name not in shard or shard[name].shape != (num_images,):
+            shape = shard[name].shape if name in shard else "missing"
+            raise DatasetError(f"{path}: dataset {name!r} has shape {shape}, expected ({num_images},); {REPACK_HINT}")
+    if expected_attributes["format"] == "raw":
+        want_shape = (num_images, size, size, 3)
+        have_shape = shard["images"].shape if "images" in shard else "missing"
+        if have_shape != want_shape:
+            raise DatasetError(f"{path}: dataset 'images' has shape {have_shape}, expected {want_shape}; {REPACK_HINT}")
+    else:
+        have_shape = shard["jpeg_offsets"].shape if "jpeg_offsets" in shard else "missing"
+        if have_shape != (num_images + 1,) or "jpeg" not in shard:
+            raise DatasetError(f"{path}: dataset 'jpeg_offsets' has shape {have_shape}, expected ({num_images + 1},); {REPACK_HINT}")
+
+
+class ShardedDataset:
+    """One split of a packed data set, indexed globally: shards in dataset.json order,
+    images in shard order.
+
+    The constructor reads dataset.json only. Shards open on first read, in the reading
+    process, and stay open until close(); after a fork the child opens its own.
+    """
+
+    def __init__(self, root, split):
+        self.root = os.fspath(root)
+        self.split = split
+        index = load_index(self.root)
+        index_path = os.path.join(self.root, INDEX_FILE)
+        if split not in index["splits"]:
+            present = ", ".join(sorted(index["splits"])) or "none"
+            flag = "--val" if split == "val" else "--train"
+            raise DatasetError(f"{index_path} has no {split!r} split (has: {present}); pack it with {flag} DIR")
+        entry = index["splits"][split]
+        self.classes = list(index["classes"])
+        self.num_classes = len(self.classes)
+        self.class_names = list(index.get("class_names", self.classes))
+        self.image_size = int(index["image_size"])
+        self.format = index["format"]
+        self.resize = index.get("resize")
+        self.mean = np.asarray(index["mean"], dtype=np.float32).reshape(3)
+        self.std = np.asarray(index["std"], dtype=np.float32).reshape(3)
+        self.mean_image_path = os.path.join(self.root, index.get("mean_image", MEAN_IMAGE_FILE))
+        self.shard_files = [os.path.join(self.root, shard["file"]) for shard in entry["shards"]]
+        self.shard_sizes = np.array([shard["num_images"] for shard in entry["shards"]], dtype=np.int64)
+        # shard_offsets[k] is the global index of shard k's first image
+        self.shard_offsets = np.concatenate([[0], np.cumsum(self.shard_sizes)]).astype(np.int64)
+        self.num_images = int(self.shard_offsets[-1])
+        if self.num_images != entry.get("num_images", self.num_images):
+            raise DatasetError(f"{index_path}: split {split!r} says {entry['num_images']} images but its shards hold {self.num_images}; {REPACK_HINT}")
+        self._attributes = shard_attributes(split, self.classes, self.image_size, self.format)
+        self._labels = None
+        self._open = {}          # shard number -> (h5py.File, jpeg offsets or None)
+        self._owner_pid = None   # the process that opened the handles in self._open
+
+    def __len__(self):
+        return self.num_images
+
+    def __repr__(self):
+        return (f"ShardedDataset({self.root!r}, {self.split!r}: {self.num_images} images, "
+                f"{self.num_classes} classes, {self.image_size}px {self.format}, {len(self.shard_files)} shards)")
+
+    def mean_image(self):
+        """The mean training image, float32 (S, S, 3) on the 0-255 scale."""
+        if not os.path.isfile(self.mean_image_path):
+            raise DatasetError(f"{self.mean_image_path} not found; {REPACK_HINT}")
+        mean = np.load(self.mean_image_path).astype(np.float32)
+        if mean.shape != (self.image_size, self.image_size, 3):
+            raise DatasetError(f"{self.mean_image_path} has shape {mean.shape}, expected "
+                               f"{(self.image_size, self.image_size, 3)}; {REPACK_HINT}")
+        return mean
+
+    @property
+    def labels(self):
+        """int64 (num_images,): every label of the split, in global order."""
+        if self._labels is None:
+            labels = np.empty(self.num_images, dtype=np.int64)
+            for number, path in enumerate(self.shard_files):
+                # opened and closed here, so that asking for labels before a fork leaves
+                # no HDF5 handle for the children to inherit
+                with open_shard(path) as shard:
+                    check_shard(shard, path, self._attributes, int(self.shard_sizes[number]))
+                    start, stop = self.shard_offsets[number], self.shard_offsets[number + 1]
+                    labels[start:stop] = shard["labels"][()]
+            bad = (labels < 0) | (labels >= self.num_classes)
+            if bad.any():
+                where = int(np.searchsorted(self.shard_offsets, np.argmax(bad), side="right")) - 1
+                raise DatasetError(f"{self.shard_files[where]}: label outside 0..{self.num_classes - 1}; {REPACK_HINT}")
+            self._labels = labels
+        return self._labels
+
+    def read(self, indices):
+        """uint8 (len(indices), S, S, 3): the images at global `indices`, in the order given."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        size = self.image_size
+        out = np.empty((len(indices), size, size, 3), dtype=np.uint8)
+        if len(indices) == 0:
+            return out
+        if indices.min() < 0 or indices.max() >= self.num_images:
+            raise IndexError(f"image index out of range 0..{self.num_images - 1} "
+                             f"(got {indices.min()}..{indices.max()}) in {self.split!r} of {self.root}")
+        shard_of = np.searchsorted(self.shard_offsets, indices, side="right") - 1
+        for number in np.unique(shard_of):
+            positions = np.flatnonzero(shard_of == number)
+            local = indices[positions] - self.shard_offsets[number]
+            # h5py fancy indexing needs strictly increasing indices: read each image once in
+            # sorted order, then scatter back to every position that asked for it
+            wanted, inverse = np.unique(local, return_inverse=True)
+            out[positions] = self._read_sorted(int(number), wanted)[inverse]
+        return out
+
+    def _shard(self, number):
+        if self._owner_pid != os.getpid():
+            # handles inherited through fork belong to the parent; drop them unused
+            self._open = {}
+            self._owner_pid = os.getpid()
+        if number not in self._open:
+            path = self.shard_files[number]
+            shard = open_shard(path)
+            check_shard(shard, path, self._attributes, int(self.shard_sizes[number]))
+            offsets = shard["jpeg_offsets"][()] if self.format == "jpeg" else None
+            self._open[number] = (shard, offsets)
+        return self._open[number]
+
+    def _read_sorted(self, number, wanted):
+        shard, offsets = self._shard(number)
+        if self.format == "raw":
+            images = shard["images"]
+            first, last = int(wanted[0]), int(wanted[-1]) + 1
+            # one contiguous read beats h5py's per-index selection when the span is dense
+            if last - first <= 2 * len(wanted):
+                return images[first:last][wanted - first]
+            return images[wanted]
+        return self._decode_jpegs(number, shard, offsets, wanted)
+
+    def _decode_jpegs(self, number, shard, offsets, wanted):
+        import simplejpeg
+        size = self.image_size
+        data = shard["jpeg"]
+        images = np.empty((len(wanted), size, size, 3), dtype=np.uint8)
+        first, last = int(offsets[wanted[0]]), int(offsets[wanted[-1] + 1])
+        dense = (last - first) <= 2 * int((offsets[wanted + 1] - offsets[wanted]).sum())
+        block = data[first:last] if dense else None
+        for slot, local in enumerate(wanted):
+            start, stop = int(offsets[local]), int(offsets[local + 1])
+            encoded = block[start - first:stop - first] if dense else data[start:stop]
+            try:
+                image = simplejpeg.decode_jpeg(encoded.tobytes(), colorspace="RGB")
+            except ValueError as error:
+                raise DatasetError(f"{self.shard_files[number]}: image {local} does not decode ({error}); "
+                                   f"check it with python -m preprocess verify {self.root}") from None
+            if image.shape != (size, size, 3):
+                raise DatasetError(f"{self.shard_files[number]}: image {local} decodes to {image.shape}, "
+                                   f"expected {(size, size, 3)}; {REPACK_HINT}")
+            images[slot] = image
+        return images
+
+    def close(self):
+        """Close the shards this process opened (safe to call more than once)."""
+        if self._owner_pid == os.getpid():
+            for shard, _ in self._open.values():
+                shard.close()
+        self._open = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def __getstate__(self):
+        # pickled into spawned workers: never send open handles
+        state = self.__dict__.copy()
+        state["_open"] = {}
+        state["_owner_pid"] = None
+        return state

@@ -1,0 +1,117 @@
+"""Write one shard atomically: NAME.h5.tmp first, renamed to NAME.h5 only when complete.
+
+A shard that exists under its final name is therefore whole; a killed run leaves at most
+a .tmp file, which the next run overwrites. Beside each shard the writer leaves a small
+receipt in .pack/ (file sha256, image count, the inputs it had to skip) written *before*
+the rename, so the merge never needs to re-read shard files to build dataset.json.
+"""
+import json
+import os
+
+import h5py
+import numpy as np
+
+from mpiconvnet.data.shards import TMP_SUFFIX, content_checksum, file_sha256, shard_attributes
+
+WORK_DIR = ".pack"   # per-shard receipts and the packing plan; inside the output directory
+
+
+def receipt_path(out_dir, shard_file):
+    return os.path.join(out_dir, WORK_DIR, shard_file + ".json")
+
+
+def write_atomic_text(path, text):
+    """Write a small text file so that it is either absent, the old one, or complete."""
+    tmp = f"{path}.{os.getpid()}{TMP_SUFFIX}"
+    with open(tmp, "w") as stream:
+        stream.write(text)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(tmp, path)
+
+
+class ShardWriter:
+    """Collects one shard's images, then writes and publishes it.
+
+    Raw pixels go straight into the HDF5 dataset as they arrive (a 1,024-image shard at
+    S=256 is 200 MB, too much to hold per worker); JPEG bytes are collected and written as
+    one flat array plus offsets. Per-shard sums for the training statistics are kept as
+    the dataset `sum_image` and the attribute `channel_sum_squares`, so that a resumed run
+    merges statistics without decoding anything again.
+    """
+
+    def __init__(self, out_dir, shard_file, split, classes, image_size, image_format, capacity):
+        self.out_dir = out_dir
+        self.shard_file = shard_file
+        self.path = os.path.join(out_dir, shard_file)
+        self.tmp_path = self.path + TMP_SUFFIX
+        self.split = split
+        self.attributes = shard_attributes(split, classes, image_size, image_format)
+        self.image_size = image_size
+        self.image_format = image_format
+        self.labels, self.sources, self.indices, self.skipped = [], [], [], []
+        self.jpegs = []
+        self.sum_image = np.zeros((image_size, image_size, 3), dtype=np.float64)
+        self.channel_sum_squares = np.zeros(3, dtype=np.float64)
+        self.file = h5py.File(self.tmp_path, "w", locking=False)
+        self.images = None
+        if image_format == "raw":
+            self.images = self.file.create_dataset(
+                "images", shape=(capacity, image_size, image_size, 3), maxshape=(capacity, image_size, image_size, 3),
+                dtype=np.uint8, chunks=(1, image_size, image_size, 3))
+
+    def add(self, pixels, label, source, index, encoded=None):
+        """Append one decoded image (uint8 S x S x 3); `encoded` holds its JPEG bytes for jpeg shards."""
+        position = len(self.labels)
+        if self.image_format == "raw":
+            self.images[position] = pixels
+        else:
+            self.jpegs.append(encoded)
+        self.labels.append(label)
+        self.sources.append(source)
+        self.indices.append(index)
+        self.sum_image += pixels
+        flat = pixels.reshape(-1, 3).astype(np.float64)
+        self.channel_sum_squares += np.einsum("ij,ij->j", flat, flat)
+
+    def skip(self, source, reason):
+        self.skipped.append((source, reason))
+
+    def finish(self):
+        """Write the small datasets, checksum, fsync, leave the receipt, then rename into place."""
+        count = len(self.labels)
+        shard = self.file
+        if self.image_format == "raw":
+            self.images.resize(count, axis=0)
+        else:
+            offsets = np.zeros(count + 1, dtype=np.int64)
+            offsets[1:] = np.cumsum([len(j) for j in self.jpegs])
+            flat = np.frombuffer(b"".join(self.jpegs), dtype=np.uint8)
+            shard.create_dataset("jpeg", data=flat, dtype=np.uint8, chunks=(1 << 20,) if len(flat) > (1 << 20) else None)
+            shard.create_dataset("jpeg_offsets", data=offsets)
+        shard.create_dataset("labels", data=np.asarray(self.labels, dtype=np.int64).reshape(count))
+        shard.create_dataset("index", data=np.asarray(self.indices, dtype=np.int64).reshape(count))
+        shard.create_dataset("source", data=np.asarray(self.sources, dtype=object).reshape(count),
+                             dtype=h5py.string_dtype("utf-8"))
+        shard.create_dataset("sum_image", data=self.sum_image)
+        for key, value in self.attributes.items():
+            shard.attrs[key] = value
+        shard.attrs["channel_sum_squares"] = self.channel_sum_squares
+        shard.attrs["content_sha256"] = content_checksum(shard)
+        shard.close()
+        with open(self.tmp_path, "rb+") as stream:
+            os.fsync(stream.fileno())
+        receipt = {"file": self.shard_file, "num_images": count, "sha256": file_sha256(self.tmp_path),
+                   "skipped": [list(s) for s in self.skipped]}
+        os.makedirs(os.path.join(self.out_dir, WORK_DIR), exist_ok=True)
+        write_atomic_text(receipt_path(self.out_dir, self.shard_file), json.dumps(receipt))
+        os.replace(self.tmp_path, self.path)
+        return receipt
+
+    def abandon(self):
+        """Drop a half-written shard (an exception while packing it)."""
+        try:
+            self.file.close()
+        finally:
+            if os.path.exists(self.tmp_path):
+                os.remove(self.tmp_path)
