@@ -39,11 +39,13 @@ def keep_threshold(p):
     return min(math.floor(p * 4294967296.0), _MASK32)
 
 
-def dropout_keep(seed, counter, n, p):
+def dropout_keep(seed, counter, n, p, offset=0):
     """Which of n elements dropout keeps: a bool array (n,).
 
     Definition (every backend computes exactly this; all arithmetic in uint32 with
-    wrap-around, seed and counter taken modulo 2**32, i the flat C-order element index):
+    wrap-around, seed and counter taken modulo 2**32, i = offset + the flat C-order element
+    index; rank r passes the position of its first element in the global batch, so N
+    ranks draw the rows one rank with the whole batch draws):
 
         h(i)      = mix32(mix32(mix32(seed) ^ counter) ^ i)
         keep[i]   = h(i) >= min(floor(p * 2**32), 2**32 - 1)      compared as integers
@@ -52,15 +54,16 @@ def dropout_keep(seed, counter, n, p):
     (to within 2**-32).
     """
     key = mix32(mix32(seed & _MASK32) ^ (counter & _MASK32))
-    index = np.arange(n, dtype=np.uint32)                 # wraps past 2**32 elements, as uint32 does
+    # wraps past 2**32 elements, as uint32 does
+    index = (np.arange(n, dtype=np.uint64) + np.uint64(offset)).astype(np.uint32)
     return mix32(index ^ np.uint32(key)) >= keep_threshold(p)
 
 
-def dropout_forward(x, p, seed, counter):
+def dropout_forward(x, p, seed, counter, offset=0):
     # x: (...) -> y: (...), mask: (...) of x's dtype, 0 or 1
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout: probability p={p} must be in [0, 1) (p = 1 would drop everything)")
-    mask = dropout_keep(seed, counter, x.size, p).reshape(x.shape).astype(x.dtype)
+    mask = dropout_keep(seed, counter, x.size, p, offset).reshape(x.shape).astype(x.dtype)
     return x * mask * x.dtype.type(1.0 / (1.0 - p)), mask
 
 
