@@ -46,7 +46,9 @@ def pca_lighting_shift(alpha):
     along the first component).
     """
     alpha = np.asarray(alpha, dtype=np.float64).reshape(-1, 3)
-    return (255.0 * (alpha * PCA_EIGVAL) @ PCA_EIGVEC.T).astype(np.float32)
+    # shift[n, i] = 255 * sum_j eigvec[i, j] * alpha[n, j] * eigval[j]; written as a
+    # broadcast sum, not @, so loader processes forked from a parent never enter BLAS
+    return (255.0 * (PCA_EIGVEC[None, :, :] * (alpha * PCA_EIGVAL)[:, None, :]).sum(axis=2)).astype(np.float32)
 
 
 def draw_augmentation(rng, n, image_size, crop_size, pca_lighting):

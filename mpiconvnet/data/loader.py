@@ -1,0 +1,309 @@
+"""Prefetching batch loader: worker processes read shards, crop and normalise into a ring
+of shared-memory slots; the trainer reads ready slots without copying.
+
+    from mpiconvnet.data.loader import BatchLoader
+    with BatchLoader("/data/imagenet", rank=r, size=n, batch_per_rank=64, epoch=e,
+                     start_step=s, seed=0, crop_size=227, workers=2) as loader:
+        for step_in_epoch, images, labels in loader:   # (64, 3, 227, 227) f32, (64,) i64
+            ...
+    with BatchLoader(root, train=False, rank=r, size=n, batch_per_rank=50,
+                     crop_size=227, crops=10) as loader:  # val split, each image once
+        for step, images, labels in loader:            # (b*10, 3, 227, 227), (b,)
+            ...
+
+One loader covers one epoch (from start_step). Batch k is a pure function of (seed,
+epoch, step, rank, size), so batches are identical for any `workers` and `prefetch`.
+The arrays it yields are views of a slot that is refilled once the next batch is asked
+for: use them (or copy them to the GPU) before the next iteration.
+
+Processes start with fork, not spawn: spawn re-runs the trainer's main module in every
+child, and under mpirun that module's `from mpi4py import MPI` would initialise MPI a
+second time with the parent's process-manager environment. Forked children never call
+MPI and leave through os._exit, so mpi4py's atexit MPI_Finalize never runs in them; they
+start in milliseconds; and they share the ring through an anonymous mmap that leaves no
+/dev/shm file behind after a crash. h5py is imported here, before any fork (an import
+started after fork can deadlock on a lock held by another parent thread), but no file is
+opened in the parent: the reader opens shards lazily in whichever process reads.
+"""
+import mmap
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import time
+import traceback
+
+import h5py  # noqa: F401  imported before fork on purpose, see above
+import numpy as np
+import simplejpeg  # noqa: F401  same reason: jpeg shards decode in the workers
+
+from mpiconvnet.data import augment
+from mpiconvnet.data.sampler import DistributedSampler, EvalSampler
+from mpiconvnet.data.shards import ShardedDataset
+
+# how often an idle worker checks that its parent still exists, and how often a waiting
+# parent checks that its workers do
+LIVENESS_POLL_S = 0.5
+# close() gives workers this long to leave on their own before terminating them
+JOIN_TIMEOUT_S = 2.0
+
+
+class LoaderError(RuntimeError):
+    """A loader worker failed; the message carries the worker's traceback."""
+
+
+class BatchMaker:
+    """Builds batch `step` into given arrays; the same code runs in-process (workers=0) and
+    in every worker, which is what makes the batches independent of the worker count."""
+
+    def __init__(self, dataset, sampler, train, seed, crop_size, mean_chw, std, pca_lighting, crops):
+        self.dataset = dataset
+        self.sampler = sampler
+        self.train = train
+        self.seed = seed
+        self.crop_size = crop_size
+        self.mean_chw = mean_chw
+        self.std = std
+        self.pca_lighting = pca_lighting
+        self.crops = crops
+        # read once in the parent (the reader closes the shards again), inherited by workers
+        self.labels = dataset.labels
+
+    def fill(self, step, images_out, labels_out):
+        """Write batch `step` into images_out (>= count*crops, 3, c, c) and labels_out (>= count,); return count."""
+        indices = self.sampler.indices_for_step(step)               # int64 (count,)
+        count = len(indices)
+        pixels = self.dataset.read(indices)                         # uint8 (count, S, S, 3)
+        labels_out[:count] = self.labels[indices]
+        if self.train:
+            sampler = self.sampler
+            choices = augment.batch_augmentation(self.seed, sampler.epoch, step, sampler.rank, sampler.batch_per_rank,
+                                                 sampler.size, self.dataset.image_size, self.crop_size,
+                                                 self.pca_lighting)
+            augment.train_batch(pixels, choices, self.crop_size, self.mean_chw, std=self.std, out=images_out[:count])
+        else:
+            augment.eval_batch(pixels, self.crop_size, self.mean_chw, std=self.std, crops=self.crops,
+                               out=images_out[:count * self.crops])
+        return count
+
+
+def _shared_array(shape, dtype):
+    """A zeroed array in an anonymous shared mapping: forked children write, the parent sees."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    buffer = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    return np.frombuffer(buffer, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+
+
+def _worker_main(worker_id, maker, connection, images, labels, parent_pid):
+    """Loop in a worker: receive (step, slot), fill the slot, answer (step, slot, count)."""
+    # ctrl-c reaches the whole process group; the parent handles it and closes us
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    step = None
+    try:
+        while True:
+            if not connection.poll(LIVENESS_POLL_S):
+                if os.getppid() != parent_pid:
+                    return        # the parent died without closing us (SIGKILL, OOM)
+                continue
+            order = connection.recv()
+            if order is None:
+                return
+            step, slot = order
+            count = maker.fill(step, images[slot], labels[slot])
+            connection.send(("ok", step, slot, count))
+    except (EOFError, BrokenPipeError):
+        return                    # the parent closed the pipe: nothing left to report
+    except BaseException:
+        try:
+            connection.send(("error", step, traceback.format_exc()))
+        except (OSError, ValueError):
+            pass
+    finally:
+        maker.dataset.close()
+
+
+class BatchLoader:
+    """Batches of one epoch for one rank, in step order, prepared by `workers` processes
+    (0: in this process) into max(prefetch, workers) + 1 shared slots (one is held by the
+    consumer while the others fill)."""
+
+    def __init__(self, data_dir, split=None, *, rank=0, size=1, batch_per_rank, epoch=0, start_step=0, seed=0,
+                 crop_size, train=True, mean="channel", divide_by_std=False, pca_lighting=False, drop_last=True,
+                 shuffle=True, workers=1, prefetch=2, crops=1):
+        self._processes = []
+        self._connections = []
+        self._closed = False
+        if mean not in ("channel", "image"):
+            raise ValueError(f"mean is {mean!r}; choose 'channel' (per-channel mean) or 'image' (mean image)")
+        if train and crops != 1:
+            raise ValueError(f"crops={crops} is for evaluation (train=False); training takes one random crop")
+        if crops not in (1, 10):
+            raise ValueError(f"crops is {crops}; evaluation uses 1 (centre) or 10 (corners, centre and mirrors)")
+        if workers < 0 or prefetch < 1:
+            raise ValueError(f"workers={workers}, prefetch={prefetch}: need workers >= 0 and prefetch >= 1")
+        split = split or ("train" if train else "val")
+        self.dataset = ShardedDataset(data_dir, split)
+        if crop_size > self.dataset.image_size:
+            raise ValueError(f"crop size {crop_size} is larger than the {self.dataset.image_size}px images in "
+                             f"{data_dir}; use a smaller model input or re-pack with a larger --size")
+        if train:
+            self.sampler = DistributedSampler(self.dataset.num_images, rank, size, seed, epoch, batch_per_rank,
+                                              drop_last=drop_last, shuffle=shuffle)
+        else:
+            self.sampler = EvalSampler(self.dataset.num_images, rank, size, batch_per_rank)
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"start step {start_step} is outside 0..{self.steps_per_epoch} for this epoch")
+        self.epoch, self.start_step, self.crops = epoch, start_step, crops
+        self.batch_per_rank, self.crop_size = batch_per_rank, crop_size
+        self.time_waiting = 0.0   # seconds next() spent waiting for (or, with workers=0, making) data
+        mean_values = self.dataset.mean_image() if mean == "image" else self.dataset.mean
+        std = self.dataset.std if divide_by_std else None
+        self._maker = BatchMaker(self.dataset, self.sampler, train, seed, crop_size, augment.mean_as_chw(mean_values),
+                                 std, pca_lighting, crops)
+        self.workers = workers
+        num_slots = max(prefetch, workers) + 1 if workers else 1
+        image_shape = (num_slots, batch_per_rank * crops, 3, crop_size, crop_size)
+        if workers:
+            self._images = _shared_array(image_shape, np.float32)
+            self._labels = _shared_array((num_slots, batch_per_rank), np.int64)
+        else:
+            self._images = np.empty(image_shape, dtype=np.float32)
+            self._labels = np.empty((num_slots, batch_per_rank), dtype=np.int64)
+        self._free_slots = list(range(num_slots))
+        self._held_slot = None        # the slot whose views the consumer was last given
+        self._ready = {}              # step -> (slot, count)
+        self._next_order = start_step
+        self._next_step = start_step
+        if workers:
+            self._start_workers()
+
+    # --- processes ---------------------------------------------------------------------
+
+    def _start_workers(self):
+        try:
+            context = multiprocessing.get_context("fork")
+        except ValueError:
+            raise LoaderError("this platform cannot fork; run the loader in-process with workers=0") from None
+        parent_pid = os.getpid()
+        for worker_id in range(self.workers):
+            parent_end, worker_end = context.Pipe(duplex=True)
+            process = context.Process(target=_worker_main, name=f"mpiconvnet-loader-{worker_id}", daemon=True,
+                                      args=(worker_id, self._maker, worker_end, self._images, self._labels, parent_pid))
+            process.start()
+            worker_end.close()
+            self._processes.append(process)
+            self._connections.append(parent_end)
+        self._send_orders()
+
+    def _send_orders(self):
+        """Hand every free slot the next unordered step; worker = step's turn in the round."""
+        while self._free_slots and self._next_order < self.steps_per_epoch:
+            slot = self._free_slots.pop(0)
+            worker = (self._next_order - self.start_step) % self.workers
+            self._connections[worker].send((self._next_order, slot))
+            self._next_order += 1
+
+    def _receive(self):
+        """Block until some worker reports; raise LoaderError if one failed or died."""
+        sentinels = {process.sentinel: worker for worker, process in enumerate(self._processes)}
+        ready = multiprocessing.connection.wait(self._connections + list(sentinels), timeout=LIVENESS_POLL_S)
+        # read the pipes before looking at exits: a failing worker sends its traceback, then exits
+        for worker, connection in enumerate(self._connections):
+            if connection in ready:
+                try:
+                    message = connection.recv()
+                except (EOFError, OSError):
+                    self._fail(worker, f"loader worker {worker} (pid {self._processes[worker].pid}) closed its pipe "
+                                       f"with exit code {self._processes[worker].exitcode}")
+                if message[0] == "error":
+                    _, step, worker_traceback = message
+                    self._fail(worker, f"loader worker {worker} failed on step {step} of epoch {self.epoch} "
+                                       f"(split {self.dataset.split!r} of {self.dataset.root}):\n{worker_traceback}")
+                _, step, slot, count = message
+                self._ready[step] = (slot, count)
+        for sentinel, worker in sentinels.items():
+            if sentinel in ready and not self._connections[worker].poll():
+                code = self._processes[worker].exitcode
+                self._fail(worker, f"loader worker {worker} (pid {self._processes[worker].pid}) died with exit code "
+                                   f"{code} while the epoch was unfinished (negative: killed by that signal, e.g. "
+                                   f"-9 by the out-of-memory killer); retry with fewer workers or workers=0")
+
+    def _fail(self, worker, message):
+        self.close()
+        raise LoaderError(message)
+
+    # --- iteration ---------------------------------------------------------------------
+
+    def __len__(self):
+        """The number of batches this loader yields (steps from start_step to the epoch's end)."""
+        return self.steps_per_epoch - self.start_step
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        """(step_in_epoch, images float32 (count*crops, 3, c, c), labels int64 (count,))."""
+        if self._closed:
+            raise StopIteration
+        if self._held_slot is not None:
+            # the consumer has moved on: its previous slot may be refilled
+            self._free_slots.append(self._held_slot)
+            self._held_slot = None
+            if self.workers:
+                self._send_orders()
+        step = self._next_step
+        if step >= self.steps_per_epoch:
+            self.close()
+            raise StopIteration
+        started = time.perf_counter()
+        if self.workers:
+            while step not in self._ready:
+                self._receive()
+            slot, count = self._ready.pop(step)
+        else:
+            slot = self._free_slots.pop(0)
+            count = self._maker.fill(step, self._images[slot], self._labels[slot])
+        self.time_waiting += time.perf_counter() - started
+        self._held_slot = slot
+        self._next_step = step + 1
+        return step, self._images[slot, :count * self.crops], self._labels[slot, :count]
+
+    # --- shutdown ----------------------------------------------------------------------
+
+    def close(self):
+        """Stop the workers (politely, then by force) and drop the file handles; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for connection in self._connections:
+            try:
+                connection.send(None)
+            except (OSError, ValueError):
+                pass          # that worker is already gone
+        deadline = time.monotonic() + JOIN_TIMEOUT_S
+        for process in self._processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+        for process in self._processes:
+            if process.is_alive():
+                process.terminate()
+                process.join(JOIN_TIMEOUT_S)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        for connection in self._connections:
+            connection.close()
+        self._processes, self._connections = [], []
+        if getattr(self, "dataset", None) is not None:   # absent when __init__ failed early
+            self.dataset.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def __del__(self):
+        # a loader dropped mid-epoch (an exception in the training loop) still stops its workers
+        if getattr(self, "_processes", None) is not None:
+            self.close()
