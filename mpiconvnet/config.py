@@ -1,0 +1,212 @@
+"""One typed configuration for a training run: defaults < TOML file < command-line flags.
+
+Every field of `Config` is a flag (`--global-batch 256` sets `global_batch`) and a TOML
+key (`global_batch = 256`). The resolved config is written to the run directory and
+into every checkpoint, so a run can always say how it was made.
+"""
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field, fields
+
+
+class ConfigError(ValueError):
+    """A bad flag, TOML key or value; the message is one line naming it and the fix."""
+
+
+@dataclass
+class Config:
+    # where things are
+    data: str = ""                  # data set directory written by python -m preprocess
+    out: str = ""                   # run directory: config, metrics.jsonl, checkpoints, plots
+    config: str = ""                # optional TOML file of these same keys
+
+    # model and numerics
+    model: str = "alexnet"          # alexnet | caffenet | alexnet-owt | alexnet-mini
+    backend: str = "numpy"          # numpy | cuda
+    dtype: str = "float32"          # float32 | float64 (float64 for exactness tests)
+    seed: int = 0                   # weights, sampling, augmentation and dropout all derive from it
+
+    # optimisation (Krizhevsky 2012 defaults)
+    epochs: int = 90
+    global_batch: int = 256         # images per step over all ranks; must divide by the rank count
+    lr: float = 0.01                # learning rate for global_batch, after warm-up
+    lr_scale_by_batch: int = 0      # when > 0: lr *= global_batch / this (the linear scaling rule)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4      # on weights only, never on biases
+    bias_lr_mult: float = 2.0       # Caffe's 2x learning rate for biases
+    schedule: str = "step"          # step | multistep | plateau | constant
+    lr_step_epochs: int = 30        # step: divide by lr_gamma every this many epochs
+    lr_milestones: str = ""         # multistep: comma-separated epochs, e.g. "30,60,80"
+    lr_gamma: float = 0.1
+    plateau_patience: int = 1       # plateau: evaluations without a better top-1 before a drop
+    warmup_epochs: float = 0.0      # linear warm-up from lr/warmup_start_div (Goyal et al. use 5)
+    warmup_start_div: float = 10.0
+
+    # data
+    drop_last: bool = True          # False pads the last batch by wrapping around the epoch
+    workers: int = 1                # loader processes per rank (0: load in the training process)
+    prefetch: int = 2               # batches queued ahead per rank
+    mean: str = "channel"           # channel | image: what augmentation subtracts
+    pca_lighting: bool = False      # AlexNet's colour augmentation
+    eval_crops: int = 1             # 1 (centre) or 10 (corners, centre and flips)
+
+    # distribution
+    bucket_mb: float = 25.0         # gradient bucket size for allreduce (DDP's default)
+    overlap: bool = True            # reduce buckets from a thread while backward runs
+    threads: int = 1                # BLAS threads per rank
+    allow_gpu_sharing: bool = False  # cuda: let ranks on a node share a GPU
+    stall_timeout: float = 300.0    # seconds without progress before naming the silent rank
+
+    # bookkeeping
+    max_steps: int = 0              # stop after this many steps in total (0: run all epochs)
+    eval_every: int = 1             # evaluate every this many epochs (0: only at the end)
+    log_every: int = 10             # steps between metrics.jsonl lines
+    checkpoint_every: int = 0       # steps between checkpoints (0: at each epoch end only)
+    keep_checkpoints: int = 3       # how many recent checkpoints to keep
+    resume: str = ""                # "", "auto" (newest in out/checkpoints) or a checkpoint path
+    progress: bool = True           # tqdm bar on rank 0
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    def to_json(self):
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+CHOICES = {
+    "model": ("alexnet", "caffenet", "alexnet-owt", "alexnet-mini"),
+    "backend": ("numpy", "cuda"),
+    "dtype": ("float32", "float64"),
+    "schedule": ("step", "multistep", "plateau", "constant"),
+    "mean": ("channel", "image"),
+    "eval_crops": (1, 10),
+}
+
+FIELD_TYPES = {f.name: f.type for f in fields(Config)}
+
+
+def _coerce(key, value, where):
+    """Convert `value` to the type of field `key`, or raise ConfigError naming `where`."""
+    kind = FIELD_TYPES[key]
+    flag = "--" + key.replace("_", "-")
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            if isinstance(value, str) and not value.strip().lstrip("-").isdigit():
+                raise ValueError
+            return int(value)
+        if kind is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {flag} expects {kind.__name__}, got {value!r}") from None
+
+
+def _check(cfg):
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            flag = "--" + key.replace("_", "-")
+            raise ConfigError(f"{flag} {getattr(cfg, key)!r} is not one of {', '.join(map(str, allowed))}")
+    for key in ("epochs", "global_batch", "log_every", "keep_checkpoints", "threads"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(cfg, key)}")
+    for key in ("lr", "bucket_mb", "stall_timeout"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"--{key.replace('_', '-')} must be positive, got {getattr(cfg, key)}")
+    if cfg.lr_milestones:
+        try:
+            [int(m) for m in cfg.lr_milestones.split(",")]
+        except ValueError:
+            raise ConfigError(f"--lr-milestones {cfg.lr_milestones!r}: give comma-separated epochs, e.g. 30,60,80") from None
+    return cfg
+
+
+def parse_flags(argv):
+    """Turn ['--global-batch', '64', '--overlap', 'false', ...] into {'global_batch': 64, ...}."""
+    values = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; flags look like --global-batch 256")
+        key, eq, inline = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if key not in FIELD_TYPES:
+            raise ConfigError(f"unknown flag {arg.split('=')[0]}; see --help for the list")
+        if eq:
+            raw = inline
+            i += 1
+        elif FIELD_TYPES[key] is bool and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            raw = "true"   # a bare boolean flag switches it on
+            i += 1
+        elif i + 1 < len(argv):
+            raw = argv[i + 1]
+            i += 2
+        else:
+            raise ConfigError(f"flag {arg} needs a value")
+        values[key] = _coerce(key, raw, "command line")
+    return values
+
+
+def load_toml(path):
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--config {path}: not valid TOML ({e})") from None
+    values = {}
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        if name not in FIELD_TYPES or name == "config":
+            raise ConfigError(f"{path}: unknown key {key!r}; keys are the flag names, e.g. global_batch = 256")
+        values[name] = _coerce(name, value, path)
+    return values
+
+
+def resolve(argv=(), base=None):
+    """Defaults (or `base`), then the TOML file named by --config, then the flags."""
+    flags = parse_flags(list(argv))
+    cfg = dataclasses.replace(base) if base is not None else Config()
+    toml_path = flags.get("config", "")
+    if toml_path:
+        for key, value in load_toml(toml_path).items():
+            setattr(cfg, key, value)
+    for key, value in flags.items():
+        setattr(cfg, key, value)
+    return _check(cfg)
+
+
+def from_dict(values):
+    """Rebuild a Config saved by to_dict (checkpoints); unknown keys are an error."""
+    cfg = Config()
+    for key, value in values.items():
+        if key not in FIELD_TYPES:
+            raise ConfigError(f"saved config has unknown key {key!r}; was it written by a newer mpiconvnet?")
+        setattr(cfg, key, _coerce(key, value, "saved config"))
+    return _check(cfg)
+
+
+def help_text():
+    """One line per flag with its default and the comment from the dataclass."""
+    import inspect
+    import re
+    source = inspect.getsource(Config)
+    lines = []
+    for f in fields(Config):
+        match = re.search(rf"^\s+{f.name}: [^=]+= (.+?)(?:\s+# (.*))?$", source, re.M)
+        default, comment = (match.group(1), match.group(2) or "") if match else (repr(f.default), "")
+        lines.append(f"  --{f.name.replace('_', '-'):<20} {default:<12} {comment}")
+    return "\n".join(lines)

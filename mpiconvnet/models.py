@@ -1,0 +1,304 @@
+"""The AlexNet family, with PyTorch parameter names and layouts.
+
+    from mpiconvnet.models import build_model
+    net = build_model("alexnet", num_classes=1000, backend="numpy", dtype="float32", seed=0)
+    logits = net.forward(x, train=False)            # x: (N, 3, H, W) float, NCHW
+    loss, grads = net.loss_and_grads(x, labels)     # grads: {name: array}
+    net.save_npz("alexnet.npz")                     # conv1.weight (96, 3, 11, 11), fc6.weight (4096, 9216), ...
+
+`python -m mpiconvnet.models` prints each model with its input size and parameter count.
+
+Models:
+- alexnet       Krizhevsky 2012: 227 input, conv 96-256-384-384-256, groups=2 on conv2/4/5,
+                LRN after the ReLU of conv1/conv2 and max pool 3/2 after the LRN, fc
+                4096-4096-classes with dropout 0.5 after fc6 and fc7. The paper's init:
+                weights N(0, 0.01), bias 1 on conv2/4/5 and fc6/7, 0 elsewhere.
+- caffenet      the same layers with pool before LRN; Caffe's bvlc_alexnet init: conv std
+                0.01, fc6/fc7 std 0.005, fc8 std 0.01, bias 0.1 where the paper used 1.
+- alexnet-owt   torchvision's single tower ("one weird trick"): 64-192-384-256-256, no LRN,
+                no groups, 224 input, dropout before fc6 and fc7; PyTorch's default init.
+- alexnet-mini  the same layer kinds (groups, LRN, overlapping pool, dropout) scaled to a
+                56 input, for demos and tests on a 2-core CPU; He-normal init so that a few
+                epochs learn.
+"""
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+from mpiconvnet.backends import get_backend
+from mpiconvnet.layers import LRN, Conv, Dropout, Flatten, Linear, MaxPool, ReLU
+
+
+@dataclass
+class StepContext:
+    """What layers need to know about the current call besides their input."""
+    params: dict
+    train: bool
+    seed: int = 0
+    step: int = 0
+    sample_offset: int = 0      # this rank's first sample in the global batch
+
+    def dropout_counter(self, layer_index):
+        # a counter unique to (step, dropout layer): masks never repeat across steps
+        return (self.step * 8 + layer_index) % 2**32
+
+
+# --------------------------------------------------------------------------- model specs
+# a spec is a list of layer descriptions; ("conv", name, out_ch, kernel, stride, pad, groups)
+
+def _alexnet_features(pool_before_lrn):
+    def block(conv):
+        lrn_pool = [("pool",), ("lrn",)] if pool_before_lrn else [("lrn",), ("pool",)]
+        return [conv, ("relu",)] + lrn_pool
+    return (block(("conv", "conv1", 96, 11, 4, 0, 1))
+            + block(("conv", "conv2", 256, 5, 1, 2, 2))
+            + [("conv", "conv3", 384, 3, 1, 1, 1), ("relu",),
+               ("conv", "conv4", 384, 3, 1, 1, 2), ("relu",),
+               ("conv", "conv5", 256, 3, 1, 1, 2), ("relu",), ("pool",)])
+
+
+def _classifier_dropout_after(hidden):
+    # Krizhevsky/Caffe: dropout on the outputs of fc6 and fc7
+    return [("flatten",), ("fc", "fc6", hidden), ("relu",), ("dropout",),
+            ("fc", "fc7", hidden), ("relu",), ("dropout",), ("fc", "fc8", None)]
+
+
+def _classifier_dropout_before(hidden):
+    # torchvision: dropout on the inputs of fc6 and fc7
+    return [("flatten",), ("dropout",), ("fc", "fc6", hidden), ("relu",),
+            ("dropout",), ("fc", "fc7", hidden), ("relu",), ("fc", "fc8", None)]
+
+
+def _paper_init(rng, name, shape):
+    """Krizhevsky 2012: N(0, 0.01) weights; bias 1 on conv2/4/5 and fc6/7 (feeds ReLUs positive input)."""
+    layer, kind = name.split(".")
+    if kind == "weight":
+        return rng.normal(0.0, 0.01, shape)
+    one = layer in ("conv2", "conv4", "conv5", "fc6", "fc7")
+    return np.full(shape, 1.0 if one else 0.0)
+
+
+def _caffe_init(rng, name, shape):
+    layer, kind = name.split(".")
+    if kind == "weight":
+        return rng.normal(0.0, 0.005 if layer in ("fc6", "fc7") else 0.01, shape)
+    return np.full(shape, 0.1 if layer in ("conv2", "conv4", "conv5", "fc6", "fc7") else 0.0)
+
+
+def _pytorch_default_init(rng, name, shape, fan_in):
+    # nn.Conv2d / nn.Linear reset_parameters: kaiming_uniform(a=sqrt(5)) on weights, which
+    # is U(-1/sqrt(fan_in), 1/sqrt(fan_in)), and the same bound on biases
+    bound = 1.0 / np.sqrt(fan_in)
+    return rng.uniform(-bound, bound, shape)
+
+
+def _he_init(rng, name, shape, fan_in):
+    if name.endswith(".weight"):
+        return rng.normal(0.0, np.sqrt(2.0 / fan_in), shape)
+    return np.zeros(shape)
+
+
+MODELS = {
+    # name: (input size, feature spec, classifier spec, init)
+    "alexnet": (227, _alexnet_features(False), _classifier_dropout_after(4096), "paper"),
+    "caffenet": (227, _alexnet_features(True), _classifier_dropout_after(4096), "caffe"),
+    "alexnet-owt": (224, [
+        ("conv", "conv1", 64, 11, 4, 2, 1), ("relu",), ("pool",),
+        ("conv", "conv2", 192, 5, 1, 2, 1), ("relu",), ("pool",),
+        ("conv", "conv3", 384, 3, 1, 1, 1), ("relu",),
+        ("conv", "conv4", 256, 3, 1, 1, 1), ("relu",),
+        ("conv", "conv5", 256, 3, 1, 1, 1), ("relu",), ("pool",),
+    ], _classifier_dropout_before(4096), "pytorch"),
+    "alexnet-mini": (56, [
+        ("conv", "conv1", 32, 5, 2, 2, 1), ("relu",), ("lrn",), ("pool",),
+        ("conv", "conv2", 64, 5, 1, 2, 2), ("relu",), ("lrn",), ("pool",),
+        ("conv", "conv3", 96, 3, 1, 1, 1), ("relu",),
+        ("conv", "conv4", 96, 3, 1, 1, 2), ("relu",),
+        ("conv", "conv5", 64, 3, 1, 1, 2), ("relu",), ("pool",),
+    ], _classifier_dropout_after(256), "he"),
+}
+
+
+class ModelError(ValueError):
+    """A wrong model name, or weights that do not fit the model (one line, with the fix)."""
+
+
+# --------------------------------------------------------------------------- the network
+
+def build_layers(name, num_classes, ops, dropout=0.5):
+    """The layers of model `name` over backend module `ops`, and its parameter shapes."""
+    if name not in MODELS:
+        raise ModelError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    input_size, features, classifier, _ = MODELS[name]
+    layers, shape, dropouts = [], (1, 3, input_size, input_size), 0
+    for item in features + classifier:
+        kind = item[0]
+        if kind == "conv":
+            _, lname, out_ch, k, stride, pad, groups = item
+            layer = Conv(ops, lname, shape[1], out_ch, k, stride, pad, groups)
+        elif kind == "fc":
+            _, lname, out = item
+            layer = Linear(ops, lname, shape[1], out or num_classes)
+        elif kind == "relu":
+            layer = ReLU(ops)
+        elif kind == "lrn":
+            layer = LRN(ops)
+        elif kind == "pool":
+            layer = MaxPool(ops)
+        elif kind == "dropout":
+            layer = Dropout(ops, dropout, dropouts)
+            dropouts += 1
+        else:
+            layer = Flatten(ops)
+        shape = layer.output_shape(shape)
+        layers.append(layer)
+    param_shapes = {}          # name -> shape, in forward order
+    for layer in layers:
+        if layer.params:
+            weight, bias = layer.params
+            param_shapes[weight], param_shapes[bias] = layer.weight_shape, layer.bias_shape
+    return layers, param_shapes
+
+
+class Net:
+    """A sequential convnet whose parameters live on one backend."""
+
+    def __init__(self, name, num_classes, backend, dtype, seed, dropout=0.5):
+        self.name, self.num_classes, self.seed = name, num_classes, seed
+        self.backend_name = backend
+        self.ops = get_backend(backend)
+        self.dtype = np.dtype(dtype)
+        self.layers, self.param_shapes = build_layers(name, num_classes, self.ops, dropout)
+        self.input_size, _, _, init = MODELS[name]
+        self.params = {n: self.ops.to_device(a) for n, a in self._initial_values(init, seed).items()}
+        self.use_gradient_arrays({n: self.ops.zeros(s, self.dtype) for n, s in self.param_shapes.items()})
+
+    def _initial_values(self, init, seed):
+        # parameters are drawn in float64 on the host, in forward order, from one generator:
+        # the same seed gives the same weights on every backend and dtype
+        rng = np.random.default_rng(seed)
+        values = {}
+        for pname, shape in self.param_shapes.items():
+            fan_in = int(np.prod(self.param_shapes[pname.replace(".bias", ".weight")][1:]))
+            if init == "paper":
+                value = _paper_init(rng, pname, shape)
+            elif init == "caffe":
+                value = _caffe_init(rng, pname, shape)
+            elif init == "pytorch":
+                value = _pytorch_default_init(rng, pname, shape, fan_in)
+            else:
+                value = _he_init(rng, pname, shape, fan_in)
+            values[pname] = value.astype(self.dtype)
+        return values
+
+    # -- parameters ------------------------------------------------------------------
+
+    @property
+    def num_parameters(self):
+        return int(sum(np.prod(s) for s in self.param_shapes.values()))
+
+    def use_gradient_arrays(self, grads):
+        """Have backward write gradients into these arrays (e.g. views into allreduce buckets)."""
+        missing = set(self.param_shapes) - set(grads)
+        if missing:
+            raise ModelError(f"gradient arrays missing for {sorted(missing)}")
+        self.grads = grads
+        for layer in self.layers:
+            layer.grads = grads
+
+    def state_dict(self):
+        """{name: numpy array} on the host, PyTorch names and layouts."""
+        return {n: self.ops.to_host(a) for n, a in self.params.items()}
+
+    def load_state_dict(self, state, source="state dict"):
+        names = set(self.param_shapes)
+        if set(state) != names:
+            extra, missing = sorted(set(state) - names), sorted(names - set(state))
+            raise ModelError(f"{source}: does not fit model {self.name} (missing {missing}, unexpected {extra})")
+        for pname, shape in self.param_shapes.items():
+            value = np.asarray(state[pname])
+            if tuple(value.shape) != tuple(shape):
+                raise ModelError(f"{source}: {pname} has shape {tuple(value.shape)}, model {self.name} "
+                                 f"with {self.num_classes} classes expects {tuple(shape)}")
+        for pname in self.param_shapes:
+            self.ops.copy_into(self.params[pname], self.ops.to_device(np.asarray(state[pname], self.dtype)))
+
+    def save_npz(self, path):
+        np.savez(path, **self.state_dict())
+
+    def load_npz(self, path):
+        with np.load(path, allow_pickle=False) as f:
+            self.load_state_dict({k: f[k] for k in f.files}, source=str(path))
+
+    # -- computation -----------------------------------------------------------------
+
+    def _input(self, x):
+        x = np.asarray(x, self.dtype) if isinstance(x, np.ndarray) else x
+        expected = (3, self.input_size, self.input_size)
+        if tuple(x.shape[1:]) != expected:
+            raise ModelError(f"model {self.name} takes input (N, {', '.join(map(str, expected))}), "
+                             f"got {tuple(x.shape)}")
+        return self.ops.to_device(x) if isinstance(x, np.ndarray) else x
+
+    def forward_device(self, x, train, step=0, sample_offset=0):
+        """Logits as a backend array; keeps what backward needs when train=True."""
+        ctx = StepContext(self.params, train, self.seed, step, sample_offset)
+        x = self._input(x)
+        for layer in self.layers:
+            x = layer.forward(x, ctx)
+        return x
+
+    def forward(self, x, train=False, step=0, sample_offset=0):
+        """Logits as a host numpy array (N, classes)."""
+        return self.ops.to_host(self.forward_device(x, train, step, sample_offset))
+
+    def backward(self, dlogits, on_grads_ready=None):
+        """Fill self.grads from dL/dlogits; call on_grads_ready(names) as each layer finishes.
+
+        The callback is how the trainer starts reducing a gradient bucket while the rest
+        of backward still runs (fc8 finishes first, conv1 last).
+        """
+        dy = dlogits
+        for i in range(len(self.layers) - 1, -1, -1):
+            layer = self.layers[i]
+            dy = layer.backward(dy, need_dx=i > 0)
+            if layer.params and on_grads_ready is not None:
+                on_grads_ready(layer.params)
+
+    def loss_and_grads(self, x, labels, step=0, sample_offset=0, on_grads_ready=None):
+        """Mean softmax cross-entropy over the batch and its gradients {name: array}."""
+        logits = self.forward_device(x, True, step, sample_offset)
+        loss, dlogits = self.ops.softmax_cross_entropy(logits, np.asarray(labels, np.int64))
+        self.backward(dlogits, on_grads_ready)
+        return loss, self.grads
+
+
+def build_model(name, num_classes=1000, backend="numpy", dtype="float32", seed=0, dropout=0.5):
+    return Net(name, num_classes, backend, dtype, seed, dropout)
+
+
+def describe(num_classes=1000):
+    lines = [f"{'model':<14}{'input':>8}{'parameters':>14}"]
+    for name, (input_size, *_rest) in MODELS.items():
+        _, shapes = build_layers(name, num_classes, ops=None)
+        count = sum(int(np.prod(s)) for s in shapes.values())
+        lines.append(f"{name:<14}{input_size:>8}{count:>14,}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    """python -m mpiconvnet.models [--classes N]: each model with its input size and parameter count."""
+    argv = sys.argv[1:] if argv is None else argv
+    classes = 1000
+    if argv[:1] == ["--classes"] and len(argv) == 2 and argv[1].isdigit():
+        classes = int(argv[1])
+    elif argv:
+        print("usage: python -m mpiconvnet.models [--classes N]", file=sys.stderr)
+        return 2
+    print(describe(classes))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
