@@ -1,0 +1,46 @@
+"""The CUDA backend: PyCUDA memory and kernels, cuDNN and cuBLAS through ctypes.
+
+Same functions, signatures and semantics as the NumPy backend (the contract is in
+mpiconvnet/backends/__init__.py); arrays are pycuda GPUArrays in the same layouts, so a
+checkpoint written with one backend loads in the other through to_host / to_device.
+
+Importing this package touches no GPU and loads no CUDA library. The trainer calls
+`initialize(local_rank, local_size, allow_sharing)` first thing (before MPI uses CUDA);
+any op called before that initialises on device 0.
+
+Float32 GEMMs and convolutions run in true float32 unless MPICONVNET_TF32=1 or
+set_tf32(True) allows TF32 tensor cores. See docs/gpu.md for installation and the stack.
+"""
+from .augment import crop_flip_normalize
+from .context import initialize, is_initialized
+from .conv import conv_backward_bias, conv_backward_data, conv_backward_filter, conv_forward
+from .dense import linear_backward_bias, linear_backward_data, linear_backward_filter, linear_forward
+from .layers import (dropout_backward, dropout_forward, lrn_backward, lrn_forward, maxpool_backward,
+                     maxpool_forward, relu_backward, relu_forward)
+from .loss import softmax_cross_entropy, topk_correct
+from .memory import (HOST_MEMORY, copy_from_host, copy_into, copy_to_host, empty, flat_views, mpi_buffer,
+                     pinned_host_empty, synchronize, to_device, to_host, zeros)
+from .mpi_cuda import cuda_aware_mpi
+from .update import scale_, sgd_momentum_update
+
+NAME = "cuda"
+
+
+def set_tf32(enabled):
+    """Allow (True) or forbid (False, the default) TF32 tensor cores for float32 GEMMs and
+    convolutions; takes effect for the next op."""
+    from . import context
+    context.get().set_tf32(enabled)
+
+
+__all__ = [
+    "NAME", "initialize", "is_initialized", "set_tf32", "cuda_aware_mpi",
+    "to_device", "to_host", "empty", "zeros", "copy_into", "flat_views", "synchronize",
+    "conv_forward", "conv_backward_data", "conv_backward_filter", "conv_backward_bias",
+    "relu_forward", "relu_backward", "lrn_forward", "lrn_backward", "maxpool_forward", "maxpool_backward",
+    "dropout_forward", "dropout_backward",
+    "linear_forward", "linear_backward_data", "linear_backward_filter", "linear_backward_bias",
+    "softmax_cross_entropy", "topk_correct", "sgd_momentum_update", "scale_",
+    "HOST_MEMORY", "pinned_host_empty", "copy_to_host", "copy_from_host", "mpi_buffer",
+    "crop_flip_normalize",
+]

@@ -1,0 +1,200 @@
+"""The CUDA backend's per-process state: device, context, stream, memory pool, cuBLAS and
+cuDNN handles, compiled kernels.
+
+Importing this module touches no GPU (pycuda is imported inside `initialize`), so the
+trainer can import the backend, compute the local rank, and call `initialize` before MPI
+does anything with CUDA. Every op goes through `get()`, which initialises with local rank
+0 of 1 when nobody called `initialize` (tests, benchmarks, one-process runs).
+
+All work is queued on one stream; pycuda's own synchronous copies use the legacy default
+stream, which waits for our (blocking) stream, so mixing them is safe.
+"""
+import atexit
+import os
+
+import numpy as np
+
+from . import device as device_policy
+
+KERNEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
+
+# kernel name -> (file, PyCUDA prepared-call argument types). 'F' stands for the float
+# type of the variant (f for _f32, d for _f64); P pointer, q int64, i int32, I uint32.
+KERNELS = {
+    "bias_add_rows": ("bias.cu", "PPqi"),
+    "sum_rows": ("bias.cu", "PPii"),
+    "dropout_forward": ("dropout.cu", "PPPqIIIF"),
+    "dropout_apply": ("dropout.cu", "PPPqF"),
+    "sgd_momentum": ("sgd.cu", "PPPqFFF"),
+    "scale": ("sgd.cu", "PqF"),
+    "softmax_xent": ("loss.cu", "PPPPiiF"),
+    "label_rank": ("loss.cu", "PPPii"),
+    "maxpool_backward": ("pool.cu", "PPPqiiiiii"),
+    "lrn_forward": ("lrn.cu", "PPqiqiFFF"),
+    "lrn_backward": ("lrn.cu", "PPPPqiqiFFF"),
+    "crop_flip_normalize": ("augment.cu", "PPPPPPPqii"),
+}
+FLOAT32_ONLY = {"crop_flip_normalize"}
+
+THREADS = 256
+MAX_BLOCKS = 65535  # the kernels loop grid-stride, so capping the grid changes nothing
+
+
+def tf32_from_env(environ=None):
+    """TF32 is off unless MPICONVNET_TF32=1 (float32 results then match the reference)."""
+    environ = os.environ if environ is None else environ
+    value = environ.get("MPICONVNET_TF32", "0").strip()
+    if value not in ("0", "1", ""):
+        raise ValueError(f"MPICONVNET_TF32={value!r}: use 0 (true float32, the default) or 1 (TF32 tensor cores)")
+    return value == "1"
+
+
+def workspace_limit_from_env(environ=None):
+    environ = os.environ if environ is None else environ
+    value = environ.get("MPICONVNET_CUDNN_WORKSPACE_MB", "1024")
+    try:
+        mb = int(value)
+    except ValueError:
+        raise ValueError(f"MPICONVNET_CUDNN_WORKSPACE_MB={value!r}: expected a whole number of MiB") from None
+    return mb << 20
+
+
+def launch_config(n, threads=THREADS):
+    """(grid, block) for a grid-stride kernel over n items."""
+    blocks = max(1, min((int(n) + threads - 1) // threads, MAX_BLOCKS))
+    return (blocks, 1), (threads, 1, 1)
+
+
+class State:
+    """Everything `initialize` creates; one per process."""
+
+    def __init__(self, ordinal, allow_sharing):
+        import pycuda.driver as drv
+        import pycuda.tools
+
+        from . import cublas, cudnn
+
+        self.drv = drv
+        self.ordinal = ordinal
+        self.device = drv.Device(ordinal)
+        # the primary context is the one the CUDA runtime (cuBLAS, cuDNN, a CUDA-aware
+        # MPI) uses for this device, so all of them share our allocations and stream
+        self.context = self.device.retain_primary_context()
+        self.context.push()
+        self.stream = drv.Stream()
+        self.pool = pycuda.tools.DeviceMemoryPool()
+        self.tf32 = tf32_from_env()
+        self.workspace_limit = workspace_limit_from_env()
+        self.find_algorithms = os.environ.get("MPICONVNET_CUDNN_FIND", "1") != "0"
+        self.blas = cublas.Handle(self.stream.handle, self.tf32)
+        self.dnn = cudnn.Handle(self.stream.handle)
+        self.cudnn_version = int(cudnn.lib().cudnnGetVersion())
+        self.algorithms = {}     # (kind, shapes, stride, pad, groups, dtype, tf32) -> (algo, bytes, math)
+        self.descriptors = {}    # cache of cuDNN descriptors by their arguments
+        self.workspace = None    # one growing cuDNN workspace
+        self._modules = {}
+        self._functions = {}
+        self.capability = self.device.compute_capability()
+
+    def allocate(self, nbytes):
+        return self.pool.allocate(max(int(nbytes), 1))
+
+    def workspace_ptr(self, nbytes):
+        """A device scratch buffer of at least nbytes (0 -> a null pointer)."""
+        if nbytes == 0:
+            return 0
+        if self.workspace is None or self.workspace.size < nbytes:
+            # the old buffer may still be read by queued work: the pool hands it out again
+            # only to later allocations, whose work is queued after it on the same stream
+            from pycuda import gpuarray
+            self.workspace = gpuarray.GPUArray((int(nbytes),), np.uint8, allocator=self.pool.allocate)
+        return self.workspace.ptr
+
+    def function(self, name, dtype):
+        """The prepared kernel `name` for dtype (float32 / float64), compiled on first use."""
+        dtype = np.dtype(dtype)
+        key = (name, dtype.char)
+        if key not in self._functions:
+            filename, signature = KERNELS[name]
+            if dtype.char not in "fd" or (name in FLOAT32_ONLY and dtype.char != "f"):
+                raise TypeError(f"kernel {name} has no {dtype} variant")
+            module = self._module(filename)
+            suffix = "_f32" if dtype.char == "f" else "_f64"
+            fn = module.get_function(name + suffix)
+            fn.prepare(signature.replace("F", dtype.char))
+            self._functions[key] = fn
+        return self._functions[key]
+
+    def _module(self, filename):
+        if filename not in self._modules:
+            from pycuda.compiler import SourceModule
+            with open(os.path.join(KERNEL_DIR, filename)) as f:
+                source = f.read()
+            # no_extern_c: the files declare their own extern "C" entry points around C++
+            # templates; the include dir makes `#include "common.cuh"` resolve
+            self._modules[filename] = SourceModule(source, no_extern_c=True, include_dirs=[KERNEL_DIR])
+        return self._modules[filename]
+
+    def launch(self, name, dtype, n, *args):
+        """Queue kernel `name` over n items on the backend stream."""
+        grid, block = launch_config(n)
+        self.function(name, dtype).prepared_async_call(grid, block, self.stream, *args)
+
+    def launch_warps(self, name, dtype, rows, *args):
+        """Queue a one-warp-per-row kernel (loss.cu) over `rows` rows."""
+        warps_per_block = THREADS // 32
+        grid = ((int(rows) + warps_per_block - 1) // warps_per_block or 1, 1)
+        self.function(name, dtype).prepared_async_call(grid, (THREADS, 1, 1), self.stream, *args)
+
+    def set_tf32(self, enabled):
+        self.tf32 = bool(enabled)
+        self.blas.set_tf32(self.tf32)
+        # convolution descriptors carry their math type; algorithm choices depend on it
+        self.descriptors.clear()
+
+    def close(self):
+        try:
+            self.stream.synchronize()
+            self.blas.destroy()
+            self.dnn.destroy()
+            self.pool.stop_holding()
+            self.context.pop()
+            self.context.detach()
+        except Exception:
+            pass  # the driver may already be shutting down at interpreter exit
+
+
+_state = None
+
+
+def initialize(local_rank=0, local_size=1, allow_sharing=False):
+    """Pick this rank's GPU, make its context current, create the stream and handles.
+
+    Call once per process, before MPI touches CUDA; later calls return the existing state
+    (a second call asking for a different device is an error). Returns the device ordinal.
+    """
+    global _state
+    if os.environ.get("MPICONVNET_ALLOW_GPU_SHARING", "0") == "1":
+        allow_sharing = True
+    import pycuda.driver as drv
+    drv.init()
+    ordinal = device_policy.choose_device(local_rank, local_size, drv.Device.count(), allow_sharing)
+    if _state is not None:
+        if _state.ordinal != ordinal:
+            raise RuntimeError(f"CUDA backend already initialised on device {_state.ordinal}; "
+                               f"initialize() was called again for device {ordinal}")
+        return ordinal
+    _state = State(ordinal, allow_sharing)
+    atexit.register(_state.close)
+    return ordinal
+
+
+def get():
+    """The process state, initialising on device 0 if nobody called initialize()."""
+    if _state is None:
+        initialize(0, 1, False)
+    return _state
+
+
+def is_initialized():
+    return _state is not None

@@ -1,0 +1,146 @@
+"""Convolution (with groups) through cuDNN: forward, backward data / filter / bias.
+
+x: (N, C, H, W)  w: (K, C/groups, R, S)  b: (K,)  y: (N, K, P, Q)
+One `ConvPlan` per distinct (shapes, stride, pad, groups, dtype, tf32) holds the
+descriptors and the algorithms chosen for it (by cudnnFind*, i.e. measured, unless
+MPICONVNET_CUDNN_FIND=0 asks for the heuristic cudnnGet*_v7), so the search runs once
+per layer shape, not once per step.
+"""
+import ctypes
+
+from . import context, cudnn
+from .memory import empty
+
+_KINDS = {
+    # kind: (find fn, heuristic fn, workspace-size fn, algorithm count)
+    "forward": ("cudnnFindConvolutionForwardAlgorithm", "cudnnGetConvolutionForwardAlgorithm_v7",
+                "cudnnGetConvolutionForwardWorkspaceSize", cudnn.FWD_ALGO_COUNT),
+    "data": ("cudnnFindConvolutionBackwardDataAlgorithm", "cudnnGetConvolutionBackwardDataAlgorithm_v7",
+             "cudnnGetConvolutionBackwardDataWorkspaceSize", cudnn.BWD_DATA_ALGO_COUNT),
+    "filter": ("cudnnFindConvolutionBackwardFilterAlgorithm", "cudnnGetConvolutionBackwardFilterAlgorithm_v7",
+               "cudnnGetConvolutionBackwardFilterWorkspaceSize", cudnn.BWD_FILTER_ALGO_COUNT),
+}
+
+
+class ConvPlan:
+    def __init__(self, st, x_shape, w_shape, stride, pad, groups, dtype):
+        self.y_shape = cudnn.conv_output_shape(x_shape, w_shape, stride, pad)
+        if min(self.y_shape[2:]) < 1:
+            raise ValueError(f"convolution of {x_shape} with {w_shape}, stride {stride}, pad {pad} has an empty output")
+        self.dtype = dtype
+        self.tf32 = st.tf32
+        self.x = cudnn.TensorDesc(x_shape, dtype)
+        self.y = cudnn.TensorDesc(self.y_shape, dtype)
+        self.w = cudnn.FilterDesc(w_shape, dtype)
+        self.b = cudnn.TensorDesc((w_shape[0],), dtype)
+        self.conv = cudnn.ConvDesc(stride, pad, groups, dtype, cudnn.conv_math_type(st.tf32))
+        self.algos = {}
+
+    def _operands(self, kind):
+        # the descriptor order of each kind's find / get / workspace functions
+        if kind == "forward":
+            return (self.x.ptr, self.w.ptr, self.conv.ptr, self.y.ptr)
+        if kind == "data":
+            return (self.w.ptr, self.y.ptr, self.conv.ptr, self.x.ptr)
+        return (self.x.ptr, self.y.ptr, self.conv.ptr, self.w.ptr)
+
+    def algorithm(self, st, kind):
+        """(algo, workspace bytes) for `kind`, searched once."""
+        if kind not in self.algos:
+            find_fn, get_fn, size_fn, count = _KINDS[kind]
+            perfs = (cudnn.AlgoPerf * count)()
+            returned = ctypes.c_int(0)
+            fn = find_fn if st.find_algorithms else get_fn
+            cudnn.call(fn, st.dnn.ptr, *self._operands(kind), count, ctypes.byref(returned),
+                       ctypes.cast(perfs, ctypes.c_void_p))
+            algo, _, math_type = cudnn.choose_algo(perfs, returned.value, self.tf32, st.workspace_limit)
+            if self.tf32:
+                # run with the math type the search measured (cuDNN's advice)
+                self.conv.set_math_type(math_type)
+            size = ctypes.c_size_t(0)
+            cudnn.call(size_fn, st.dnn.ptr, *self._operands(kind), algo, ctypes.byref(size))
+            self.algos[kind] = (algo, int(size.value))
+        return self.algos[kind]
+
+
+def _plan(x_shape, w_shape, stride, pad, groups, dtype):
+    st = context.get()
+    x_shape, w_shape = tuple(int(s) for s in x_shape), tuple(int(s) for s in w_shape)
+    if len(x_shape) != 4 or len(w_shape) != 4:
+        raise ValueError(f"convolution needs 4-d x and w, got {x_shape} and {w_shape}")
+    if x_shape[1] != w_shape[1] * groups or w_shape[0] % groups:
+        raise ValueError(f"convolution: x {x_shape} and w {w_shape} do not fit groups={groups} "
+                         f"(need C == w.shape[1] * groups and K divisible by groups)")
+    key = ("conv", x_shape, w_shape, int(stride), int(pad), int(groups), dtype.char, st.tf32)
+    if key not in st.descriptors:
+        st.descriptors[key] = ConvPlan(st, x_shape, w_shape, int(stride), int(pad), int(groups), dtype)
+    return st, st.descriptors[key]
+
+
+def _void(array):
+    return ctypes.c_void_p(array.ptr)
+
+
+def _same_dtype(*arrays):
+    dtype = arrays[0].dtype
+    for a in arrays[1:]:
+        if a.dtype != dtype:
+            raise TypeError(f"convolution operands mix {dtype} and {a.dtype}")
+    return dtype
+
+
+def conv_forward(x, w, b, stride, pad, groups):
+    dtype = _same_dtype(x, w, b)
+    st, plan = _plan(x.shape, w.shape, stride, pad, groups, dtype)
+    algo, ws_bytes = plan.algorithm(st, "forward")
+    y = empty(plan.y_shape, dtype)
+    one, zero = cudnn.scalars(dtype)
+    cudnn.call("cudnnConvolutionForward", st.dnn.ptr, cudnn.ptr(one), plan.x.ptr, _void(x), plan.w.ptr, _void(w),
+               plan.conv.ptr, algo, ctypes.c_void_p(st.workspace_ptr(ws_bytes)), ws_bytes, cudnn.ptr(zero),
+               plan.y.ptr, _void(y))
+    # y += b, the (1, K, 1, 1) bias broadcast over N, P, Q
+    cudnn.call("cudnnAddTensor", st.dnn.ptr, cudnn.ptr(one), plan.b.ptr, _void(b), cudnn.ptr(one), plan.y.ptr, _void(y))
+    return y
+
+
+def conv_backward_data(dy, w, x_shape, stride, pad, groups):
+    dtype = _same_dtype(dy, w)
+    st, plan = _plan(x_shape, w.shape, stride, pad, groups, dtype)
+    if tuple(dy.shape) != plan.y_shape:
+        raise ValueError(f"conv_backward_data: dy has shape {tuple(dy.shape)}, expected {plan.y_shape}")
+    algo, ws_bytes = plan.algorithm(st, "data")
+    dx = empty(x_shape, dtype)
+    one, zero = cudnn.scalars(dtype)
+    cudnn.call("cudnnConvolutionBackwardData", st.dnn.ptr, cudnn.ptr(one), plan.w.ptr, _void(w), plan.y.ptr,
+               _void(dy), plan.conv.ptr, algo, ctypes.c_void_p(st.workspace_ptr(ws_bytes)), ws_bytes,
+               cudnn.ptr(zero), plan.x.ptr, _void(dx))
+    return dx
+
+
+def conv_backward_filter(x, dy, w_shape, stride, pad, groups):
+    dtype = _same_dtype(x, dy)
+    st, plan = _plan(x.shape, w_shape, stride, pad, groups, dtype)
+    if tuple(dy.shape) != plan.y_shape:
+        raise ValueError(f"conv_backward_filter: dy has shape {tuple(dy.shape)}, expected {plan.y_shape}")
+    algo, ws_bytes = plan.algorithm(st, "filter")
+    dw = empty(w_shape, dtype)
+    one, zero = cudnn.scalars(dtype)
+    cudnn.call("cudnnConvolutionBackwardFilter", st.dnn.ptr, cudnn.ptr(one), plan.x.ptr, _void(x), plan.y.ptr,
+               _void(dy), plan.conv.ptr, algo, ctypes.c_void_p(st.workspace_ptr(ws_bytes)), ws_bytes,
+               cudnn.ptr(zero), plan.w.ptr, _void(dw))
+    return dw
+
+
+def conv_backward_bias(dy):
+    """db[k] = sum over N, P, Q of dy[:, k]."""
+    st = context.get()
+    dtype = dy.dtype
+    key = ("bias", tuple(dy.shape), dtype.char)
+    if key not in st.descriptors:
+        st.descriptors[key] = (cudnn.TensorDesc(dy.shape, dtype), cudnn.TensorDesc((dy.shape[1],), dtype))
+    dy_desc, db_desc = st.descriptors[key]
+    db = empty((dy.shape[1],), dtype)
+    one, zero = cudnn.scalars(dtype)
+    cudnn.call("cudnnConvolutionBackwardBias", st.dnn.ptr, cudnn.ptr(one), dy_desc.ptr, _void(dy),
+               cudnn.ptr(zero), db_desc.ptr, _void(db))
+    return db

@@ -1,0 +1,191 @@
+"""ReLU, LRN and max pooling (cuDNN, with our kernels where the interface's exact rule
+differs from what cuDNN documents), and dropout (our counter-based kernel).
+
+Shapes follow the interface: x, y, dy, dx are (N, C, H, W) for pooling and LRN, any shape
+for ReLU and dropout.
+"""
+import ctypes
+
+import numpy as np
+
+from . import context, cudnn
+from .memory import empty
+
+# --- ReLU ---------------------------------------------------------------------------------
+
+
+def _activation(st):
+    if "relu" not in st.descriptors:
+        st.descriptors["relu"] = cudnn.ActivationDesc()
+    return st.descriptors["relu"]
+
+
+def _flat_desc(st, array):
+    # elementwise ops see any array as (1, size, 1, 1): the layout is irrelevant to them
+    key = ("flat", int(array.size), array.dtype.char)
+    if key not in st.descriptors:
+        st.descriptors[key] = cudnn.TensorDesc((1, int(array.size), 1, 1), array.dtype)
+    return st.descriptors[key]
+
+
+def _nchw_desc(st, shape, dtype):
+    key = ("nchw", tuple(int(s) for s in shape), dtype.char)
+    if key not in st.descriptors:
+        st.descriptors[key] = cudnn.TensorDesc(shape, dtype)
+    return st.descriptors[key]
+
+
+def _void(array):
+    return ctypes.c_void_p(array.ptr)
+
+
+def relu_forward(x):
+    st = context.get()
+    y = empty(x.shape, x.dtype)
+    d = _flat_desc(st, x)
+    one, zero = cudnn.scalars(x.dtype)
+    cudnn.call("cudnnActivationForward", st.dnn.ptr, _activation(st).ptr, cudnn.ptr(one), d.ptr, _void(x),
+               cudnn.ptr(zero), d.ptr, _void(y))
+    return y
+
+
+def relu_backward(y, dy):
+    """dx = dy where y > 0, else 0. cuDNN's ReLU backward also takes x; y stands in for it
+    (y > 0 exactly where x > 0)."""
+    st = context.get()
+    dx = empty(y.shape, y.dtype)
+    d = _flat_desc(st, y)
+    one, zero = cudnn.scalars(y.dtype)
+    cudnn.call("cudnnActivationBackward", st.dnn.ptr, _activation(st).ptr, cudnn.ptr(one), d.ptr, _void(y),
+               d.ptr, _void(dy), d.ptr, _void(y), cudnn.ptr(zero), d.ptr, _void(dx))
+    return dx
+
+
+# --- LRN ----------------------------------------------------------------------------------
+
+
+def lrn_uses_cudnn(size):
+    """cuDNN for odd windows (centred, the same as the interface's); our kernel for even
+    ones, where the interface puts the extra channel before c (PyTorch) and cuDNN's
+    split is not documented to match. Also our kernel past cuDNN's maximum window."""
+    return size % 2 == 1 and cudnn.LRN_MIN_N <= size <= cudnn.LRN_MAX_N
+
+
+def _lrn_desc(st, size, alpha, beta, k):
+    key = ("lrn", int(size), float(alpha), float(beta), float(k))
+    if key not in st.descriptors:
+        st.descriptors[key] = cudnn.LRNDesc(int(size), alpha, beta, k)
+    return st.descriptors[key]
+
+
+def _nchw(x):
+    if len(x.shape) != 4:
+        raise ValueError(f"expected an (N, C, H, W) array, got shape {tuple(x.shape)}")
+    n, c, h, w = (int(s) for s in x.shape)
+    return n, c, h * w
+
+
+def lrn_forward(x, size, alpha, beta, k):
+    st = context.get()
+    n, c, hw = _nchw(x)
+    y = empty(x.shape, x.dtype)
+    if lrn_uses_cudnn(size):
+        d = _nchw_desc(st, x.shape, x.dtype)
+        one, zero = cudnn.scalars(x.dtype)
+        cudnn.call("cudnnLRNCrossChannelForward", st.dnn.ptr, _lrn_desc(st, size, alpha, beta, k).ptr,
+                   cudnn.CUDNN_LRN_CROSS_CHANNEL_DIM1, cudnn.ptr(one), d.ptr, _void(x), cudnn.ptr(zero), d.ptr, _void(y))
+    else:
+        st.launch("lrn_forward", x.dtype, x.size, y.ptr, x.ptr, n, c, hw, int(size), alpha, beta, k)
+    return y
+
+
+def lrn_backward(x, y, dy, size, alpha, beta, k):
+    st = context.get()
+    n, c, hw = _nchw(x)
+    dx = empty(x.shape, x.dtype)
+    if lrn_uses_cudnn(size):
+        d = _nchw_desc(st, x.shape, x.dtype)
+        one, zero = cudnn.scalars(x.dtype)
+        cudnn.call("cudnnLRNCrossChannelBackward", st.dnn.ptr, _lrn_desc(st, size, alpha, beta, k).ptr,
+                   cudnn.CUDNN_LRN_CROSS_CHANNEL_DIM1, cudnn.ptr(one), d.ptr, _void(y), d.ptr, _void(dy),
+                   d.ptr, _void(x), cudnn.ptr(zero), d.ptr, _void(dx))
+    else:
+        st.launch("lrn_backward", x.dtype, x.size, dx.ptr, x.ptr, y.ptr, dy.ptr, n, c, hw, int(size), alpha, beta, k)
+    return dx
+
+
+# --- max pooling --------------------------------------------------------------------------
+
+
+def maxpool_forward(x, size, stride):
+    st = context.get()
+    y_shape = cudnn.pool_output_shape(tuple(int(s) for s in x.shape), size, stride)
+    if min(y_shape[2:]) < 1:
+        raise ValueError(f"max pooling {size}/{stride} of {tuple(x.shape)} has an empty output")
+    key = ("pool", int(size), int(stride))
+    if key not in st.descriptors:
+        st.descriptors[key] = cudnn.PoolDesc(int(size), int(stride))
+    y = empty(y_shape, x.dtype)
+    one, zero = cudnn.scalars(x.dtype)
+    cudnn.call("cudnnPoolingForward", st.dnn.ptr, st.descriptors[key].ptr, cudnn.ptr(one),
+               _nchw_desc(st, x.shape, x.dtype).ptr, _void(x), cudnn.ptr(zero),
+               _nchw_desc(st, y_shape, x.dtype).ptr, _void(y))
+    return y
+
+
+def maxpool_backward(x, y, dy, size, stride):
+    """Our gather kernel (pool.cu): the first maximum in row-major window order gets the
+    gradient, deterministically. y is not needed: the kernel recomputes each window's
+    first maximum from x."""
+    st = context.get()
+    n, c, h, w = (int(s) for s in x.shape)
+    p, q = int(dy.shape[2]), int(dy.shape[3])
+    dx = empty(x.shape, x.dtype)
+    st.launch("maxpool_backward", x.dtype, x.size, dx.ptr, x.ptr, dy.ptr, n * c, h, w, p, q, int(size), int(stride))
+    return dx
+
+
+# --- dropout ------------------------------------------------------------------------------
+MASK32 = 0xFFFFFFFF
+
+
+def mix32(x):
+    """The dropout hash's finaliser in Python (uint32 arithmetic), for the per-call base."""
+    x &= MASK32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & MASK32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & MASK32
+    x ^= x >> 16
+    return x
+
+
+def dropout_base(seed, counter):
+    """mix32(mix32(seed) ^ counter): the part of h(i) shared by every element."""
+    return mix32(mix32(int(seed) & MASK32) ^ (int(counter) & MASK32))
+
+
+def dropout_threshold(p):
+    """keep iff h >= threshold; threshold = min(floor(p * 2**32), 2**32 - 1)."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability {p} outside [0, 1)")
+    return min(int(np.floor(p * 2.0 ** 32)), MASK32)
+
+
+def dropout_forward(x, p, seed, counter, offset=0):
+    st = context.get()
+    threshold = dropout_threshold(p)
+    y = empty(x.shape, x.dtype)
+    mask = empty(x.shape, x.dtype)
+    keep_prob = float(x.dtype.type(1.0 - p))
+    st.launch("dropout_forward", x.dtype, x.size, y.ptr, mask.ptr, x.ptr, int(x.size), dropout_base(seed, counter),
+              int(offset) & MASK32, threshold, keep_prob)
+    return y, mask
+
+
+def dropout_backward(dy, mask, p):
+    st = context.get()
+    dropout_threshold(p)  # validates p
+    dx = empty(dy.shape, dy.dtype)
+    st.launch("dropout_apply", dy.dtype, dy.size, dx.ptr, dy.ptr, mask.ptr, int(dy.size), float(dy.dtype.type(1.0 - p)))
+    return dx

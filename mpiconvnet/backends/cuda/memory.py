@@ -1,0 +1,139 @@
+"""Device arrays (pycuda GPUArray from one memory pool), host transfers, MPI buffers.
+
+Every transfer is ordered on the backend stream; copies to the host end with a stream
+synchronisation, so the host array is complete when the call returns.
+"""
+import math
+
+import numpy as np
+
+from . import context
+
+
+def _contiguous_host(host_array):
+    a = np.asarray(host_array)
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+
+
+def _shape_tuple(shape):
+    return (int(shape),) if np.isscalar(shape) else tuple(int(s) for s in shape)
+
+
+def empty(shape, dtype):
+    from pycuda import gpuarray
+    st = context.get()
+    return gpuarray.GPUArray(_shape_tuple(shape), np.dtype(dtype), allocator=st.pool.allocate)
+
+
+def zeros(shape, dtype):
+    a = empty(shape, dtype)
+    st = context.get()
+    if a.nbytes:
+        st.drv.memset_d8_async(a.ptr, 0, a.nbytes, st.stream)
+    return a
+
+
+def to_device(host_array):
+    """A device copy of a NumPy array (same shape and dtype)."""
+    host = _contiguous_host(host_array)
+    a = empty(host.shape, host.dtype)
+    if host.nbytes:
+        st = context.get()
+        # from pageable memory the driver stages the copy before returning, so `host`
+        # may be freed afterwards even though the call is asynchronous
+        st.drv.memcpy_htod_async(a.ptr, host, st.stream)
+    return a
+
+
+def to_host(array):
+    """A NumPy copy of a device array (waits for the queued work that produces it)."""
+    out = np.empty(array.shape, array.dtype)
+    copy_to_host(out, array)
+    return out
+
+
+def copy_into(dst, src):
+    """dst[...] = src on the device (same shape and dtype)."""
+    if tuple(dst.shape) != tuple(src.shape) or dst.dtype != src.dtype:
+        raise ValueError(f"copy_into: destination {dst.shape} {dst.dtype} does not match source {src.shape} {src.dtype}")
+    if src.nbytes:
+        st = context.get()
+        st.drv.memcpy_dtod_async(dst.ptr, src.ptr, src.nbytes, st.stream)
+
+
+def flat_views(flat, shapes):
+    """Views into the 1-D device buffer `flat`, one per shape, laid end to end."""
+    if len(flat.shape) != 1:
+        raise ValueError(f"flat_views needs a 1-D buffer, got shape {flat.shape}")
+    views, start = [], 0
+    for shape in shapes:
+        shape = tuple(int(s) for s in shape)
+        n = math.prod(shape)
+        if start + n > flat.shape[0]:
+            raise ValueError(f"flat_views: shapes need {start + n} elements, buffer has {flat.shape[0]}")
+        views.append(flat[start:start + n].reshape(shape))
+        start += n
+    return views
+
+
+def synchronize():
+    context.get().stream.synchronize()
+
+
+# --- communication ----------------------------------------------------------------------
+HOST_MEMORY = False
+
+
+def pinned_host_empty(shape, dtype):
+    """A page-locked host array (fast, truly asynchronous staging copies)."""
+    import pycuda.driver as drv
+    context.get()  # page-locked memory belongs to a context
+    return drv.pagelocked_empty(_shape_tuple(shape), np.dtype(dtype))
+
+
+def copy_to_host(dst_host, src):
+    """dst_host[...] = src, complete on return."""
+    if tuple(dst_host.shape) != tuple(src.shape) or dst_host.dtype != src.dtype:
+        raise ValueError(f"copy_to_host: host {dst_host.shape} {dst_host.dtype} does not match device {src.shape} {src.dtype}")
+    if not dst_host.flags.c_contiguous:
+        raise ValueError("copy_to_host: the host array must be C-contiguous")
+    st = context.get()
+    if src.nbytes:
+        st.drv.memcpy_dtoh_async(dst_host, src.ptr, st.stream)
+    st.stream.synchronize()
+
+
+def copy_from_host(dst, src_host):
+    """dst[...] = src_host, queued on the backend stream (later work sees the data).
+
+    From page-locked memory the copy is truly asynchronous: do not overwrite src_host
+    before the next synchronize().
+    """
+    if tuple(dst.shape) != tuple(np.shape(src_host)) or dst.dtype != np.asarray(src_host).dtype:
+        raise ValueError(f"copy_from_host: device {dst.shape} {dst.dtype} does not match host "
+                         f"{np.shape(src_host)} {np.asarray(src_host).dtype}")
+    if dst.nbytes:
+        st = context.get()
+        st.drv.memcpy_htod_async(dst.ptr, _contiguous_host(src_host), st.stream)
+
+
+class DeviceBuffer:
+    """What mpi4py reads and writes for a CUDA-aware MPI: the __cuda_array_interface__
+    (version 3) of a contiguous device array, viewed 1-D. The stream field is None: the
+    caller synchronises the backend stream first (mpi4py / MPI do not order themselves
+    against our stream)."""
+
+    def __init__(self, array):
+        self.array = array  # keeps the memory alive while MPI uses it
+        self.__cuda_array_interface__ = {
+            "shape": (int(array.size),),
+            "typestr": np.dtype(array.dtype).str,
+            "data": (int(array.ptr), False),
+            "strides": None,
+            "stream": None,
+            "version": 3,
+        }
+
+
+def mpi_buffer(array):
+    return DeviceBuffer(array)
