@@ -1,0 +1,370 @@
+"""The CUDA backend's pure-Python logic, tested without a GPU, pycuda or CUDA libraries:
+device choice, CUDA_VISIBLE_DEVICES, CUDA-aware MPI detection, library discovery, the
+row-major -> column-major GEMM mapping, cuDNN helper arithmetic, kernel table vs .cu
+sources, the dropout hash's host half.
+
+Run: pytest tests/test_cuda_logic.py
+"""
+import ctypes
+import os
+import re
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from mpiconvnet.backends.cuda import context, cublas, cudnn, device, layers, libs, memory, mpi_cuda
+
+# --- device choice ------------------------------------------------------------------------
+
+
+def test_one_rank_per_gpu():
+    assert [device.choose_device(r, 4, 4) for r in range(4)] == [0, 1, 2, 3]
+    assert device.choose_device(1, 2, 8) == 1  # fewer ranks than GPUs: the first ones
+
+
+def test_more_ranks_than_gpus_is_a_one_line_error():
+    with pytest.raises(device.DeviceChoiceError) as e:
+        device.choose_device(5, 8, 4)
+    message = str(e.value)
+    assert "\n" not in message
+    assert "8 ranks" in message and "4 visible GPU" in message and "MPICONVNET_ALLOW_GPU_SHARING=1" in message
+
+
+def test_sharing_goes_round_robin():
+    assert [device.choose_device(r, 6, 4, allow_sharing=True) for r in range(6)] == [0, 1, 2, 3, 0, 1]
+
+
+def test_no_gpu_and_bad_rank():
+    with pytest.raises(device.DeviceChoiceError, match="no CUDA device visible"):
+        device.choose_device(0, 1, 0)
+    with pytest.raises(ValueError, match="outside"):
+        device.choose_device(2, 2, 4)
+
+
+@pytest.mark.parametrize("value, expected", [
+    (None, None),
+    ("0,1", ["0", "1"]),
+    (" 2, 3 ", ["2", "3"]),
+    ("0,1,-1,2", ["0", "1"]),       # CUDA stops at the first invalid entry
+    ("", []),
+    ("-1", []),
+    ("GPU-8a1b,1", ["GPU-8a1b", "1"]),
+    ("MIG-4f2e", ["MIG-4f2e"]),
+    ("1,bogus,2", ["1"]),
+    ("01", ["1"]),
+])
+def test_parse_visible_devices(value, expected):
+    assert device.parse_visible_devices(value) == expected
+
+
+def test_duplicate_visible_device_is_an_error():
+    with pytest.raises(device.DeviceChoiceError, match="twice"):
+        device.parse_visible_devices("1,1")
+
+
+def test_visible_device_count():
+    assert device.visible_device_count(4, environ={}) == 4
+    assert device.visible_device_count(4, environ={"CUDA_VISIBLE_DEVICES": "2,3"}) == 2
+    assert device.visible_device_count(4, environ={"CUDA_VISIBLE_DEVICES": "0,7,1"}) == 1  # 7 does not exist
+    assert device.visible_device_count(4, environ={"CUDA_VISIBLE_DEVICES": ""}) == 0
+
+
+# --- CUDA-aware MPI -------------------------------------------------------------------------
+
+
+def test_env_override_wins():
+    never = [types.SimpleNamespace()]  # would answer None if it were asked
+    assert mpi_cuda.cuda_aware_mpi(environ={"MPICONVNET_CUDA_AWARE": "1"}, libraries=never) is True
+    assert mpi_cuda.cuda_aware_mpi(environ={"MPICONVNET_CUDA_AWARE": "0"}, libraries=never) is False
+    with pytest.raises(ValueError, match="MPICONVNET_CUDA_AWARE"):
+        mpi_cuda.cuda_aware_mpi(environ={"MPICONVNET_CUDA_AWARE": "yes"}, libraries=never)
+
+
+def test_symbols_absent_means_staging():
+    assert mpi_cuda.query_library(types.SimpleNamespace()) is None
+    assert mpi_cuda.cuda_aware_mpi(environ={}, libraries=[types.SimpleNamespace()]) is False
+    assert mpi_cuda.cuda_aware_mpi(environ={}, libraries=[]) is False
+    libc = ctypes.CDLL(None)  # a real library without the MPIX symbols
+    assert mpi_cuda.query_library(libc) is None
+
+
+def _fn(result, out_value=None):
+    def call(*args):
+        if out_value is not None:
+            args[1]._obj.value = out_value  # the int* of MPIX_GPU_query_support
+        return result
+    return call
+
+
+def test_open_mpi_query():
+    yes = types.SimpleNamespace(MPIX_Query_cuda_support=_fn(1))
+    no = types.SimpleNamespace(MPIX_Query_cuda_support=_fn(0))
+    assert mpi_cuda.cuda_aware_mpi(environ={}, libraries=[yes]) is True
+    assert mpi_cuda.cuda_aware_mpi(environ={}, libraries=[no]) is False
+    # the first library that answers decides
+    assert mpi_cuda.cuda_aware_mpi(environ={}, libraries=[types.SimpleNamespace(), yes]) is True
+
+
+def test_mpich_query():
+    yes = types.SimpleNamespace(MPIX_GPU_query_support=_fn(0, out_value=1))
+    no = types.SimpleNamespace(MPIX_GPU_query_support=_fn(0, out_value=0))
+    failed = types.SimpleNamespace(MPIX_GPU_query_support=_fn(1, out_value=1))
+    assert mpi_cuda.query_library(yes) is True
+    assert mpi_cuda.query_library(no) is False
+    assert mpi_cuda.query_library(failed) is False
+
+
+def test_the_installed_mpi_is_found_and_answers():
+    # mpi4py's MPI (MPICH >= 4 or Open MPI here) exports a query function: the lookup
+    # through mpi4py's module must reach it
+    MPI = pytest.importorskip("mpi4py.MPI")
+    answers = [mpi_cuda.query_library(ctypes.CDLL(MPI.__file__))]
+    answers += [mpi_cuda.query_library(ctypes.CDLL(p)) for p in mpi_cuda.mapped_mpi_libraries()]
+    if not any(a is not None for a in answers):
+        pytest.skip(f"{MPI.Get_library_version().splitlines()[0]} has no CUDA query function")
+    assert all(a in (True, False, None) for a in answers)
+
+
+def test_mapped_libraries_parsing(tmp_path):
+    maps = tmp_path / "maps"
+    maps.write_text(
+        "7f00-7f01 r-xp 00000000 08:01 1 /usr/lib/libc.so.6\n"
+        "7f01-7f02 r-xp 00000000 08:01 2 /opt/ompi/lib/libmpi.so.40.30.0\n"
+        "7f02-7f03 r--p 00000000 08:01 2 /opt/ompi/lib/libmpi.so.40.30.0\n"
+        "7f03-7f04 r-xp 00000000 08:01 3 /opt/mpich/lib/libmpich.so.12\n"
+        "7f04-7f05 rw-p 00000000 00:00 0 [heap]\n")
+    assert mpi_cuda.mapped_mpi_libraries(str(maps)) == ["/opt/ompi/lib/libmpi.so.40.30.0", "/opt/mpich/lib/libmpich.so.12"]
+    assert mpi_cuda.mapped_mpi_libraries(str(tmp_path / "absent")) == []
+
+
+# --- library discovery -----------------------------------------------------------------------
+
+
+def _touch(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    return str(path)
+
+
+def test_candidate_dirs_order(tmp_path):
+    site = tmp_path / "site"
+    (site / "nvidia" / "cublas" / "lib").mkdir(parents=True)
+    (site / "nvidia" / "cu13" / "x" / "lib").mkdir(parents=True)
+    (site / "torch" / "lib").mkdir(parents=True)
+    env = {"MPICONVNET_CUDA_LIBS": "/explicit/a:/explicit/b", "CUDA_HOME": "/opt/cuda", "LD_LIBRARY_PATH": "/ld1:/ld2"}
+    dirs = libs.candidate_dirs(environ=env, path_entries=[str(site), str(tmp_path / "missing")])
+    assert dirs[:2] == ["/explicit/a", "/explicit/b"]
+    assert dirs[2] == str(site / "nvidia" / "cublas" / "lib")
+    assert dirs[3] == str(site / "nvidia" / "cu13" / "x" / "lib")
+    assert dirs[4] == str(site / "torch" / "lib")
+    assert dirs.index("/opt/cuda/lib64") < dirs.index("/usr/local/cuda/lib64") < dirs.index("/ld1")
+    assert len(dirs) == len(set(dirs))
+
+
+def test_find_library_file_prefers_earlier_dirs(tmp_path):
+    first = _touch(tmp_path / "a" / "libcublas.so.12")
+    _touch(tmp_path / "b" / "libcublas.so.13")
+    dirs = [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert libs.find_library_file(libs.CUBLAS_SONAMES, dirs) == first
+    assert libs.find_library_file(libs.CUDNN_SONAMES, dirs) is None
+
+
+def test_missing_library_message_is_one_line_and_says_the_fix(tmp_path):
+    with pytest.raises(libs.LibraryNotFound) as e:
+        libs._dlopen_first(("libmpiconvnet_absent.so.99",), [str(tmp_path)], "cuDNN", "pip install nvidia-cudnn-cu12")
+    message = str(e.value)
+    assert "\n" not in message
+    assert "cuDNN not found" in message and str(tmp_path) in message
+    assert "pip install nvidia-cudnn-cu12" in message and "MPICONVNET_CUDA_LIBS" in message
+
+
+def test_backend_import_touches_no_gpu():
+    # the trainer imports the backend before choosing the device: no pycuda, no libraries
+    code = ("import sys, mpiconvnet.backends.cuda as c; "
+            "assert 'pycuda' not in sys.modules and not c.is_initialized(); "
+            "from mpiconvnet.backends.cuda import libs; assert libs._loaded == {}")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- cuBLAS: row-major products as column-major GEMMs ----------------------------------------
+
+
+def _col_major(buffer, rows, cols, ld):
+    """The rows x cols column-major matrix with leading dimension ld stored in buffer."""
+    return buffer[:ld * cols].reshape(cols, ld).T[:rows, :]
+
+
+def _replay_gemm(args, buffers):
+    """C = op(A) op(B) with cuBLAS's column-major semantics, returned as C's memory."""
+    m, n, k = args["m"], args["n"], args["k"]
+    A = buffers[args["A"]].ravel()
+    B = buffers[args["B"]].ravel()
+    opA = _col_major(A, m, k, args["lda"]) if args["transa"] == cublas.CUBLAS_OP_N else _col_major(A, k, m, args["lda"]).T
+    opB = _col_major(B, k, n, args["ldb"]) if args["transb"] == cublas.CUBLAS_OP_N else _col_major(B, n, k, args["ldb"]).T
+    C = opA @ opB
+    out = np.zeros(args["ldc"] * n)
+    out.reshape(n, args["ldc"]).T[:m, :] = C
+    return out
+
+
+def test_gemm_args_reproduce_the_row_major_products():
+    rng = np.random.default_rng(0)
+    n, f, o = 5, 7, 3
+    x, w, dy = rng.standard_normal((n, f)), rng.standard_normal((o, f)), rng.standard_normal((n, o))
+    buffers = {"x": x, "w": w, "dy": dy}
+    y = _replay_gemm(cublas.gemm_args("forward", n, f, o), buffers)
+    np.testing.assert_allclose(y.reshape(n, o), x @ w.T, rtol=1e-12)
+    dx = _replay_gemm(cublas.gemm_args("data", n, f, o), buffers)
+    np.testing.assert_allclose(dx.reshape(n, f), dy @ w, rtol=1e-12)
+    dw = _replay_gemm(cublas.gemm_args("filter", n, f, o), buffers)
+    np.testing.assert_allclose(dw.reshape(o, f), dy.T @ x, rtol=1e-12)
+    with pytest.raises(ValueError):
+        cublas.gemm_args("sideways", n, f, o)
+
+
+def test_cublas_math_modes():
+    assert cublas.math_mode(False) == cublas.CUBLAS_PEDANTIC_MATH == 2
+    assert cublas.math_mode(True) == cublas.CUBLAS_TF32_TENSOR_OP_MATH == 3
+
+
+# --- cuDNN helpers ---------------------------------------------------------------------------
+
+
+def test_algo_perf_layout():
+    # cudnnConvolution*AlgoPerf_t: int, int, float, size_t, int, int, int[3]
+    assert ctypes.sizeof(cudnn.AlgoPerf) == 48
+    assert cudnn.AlgoPerf.memory.offset == 16 and cudnn.AlgoPerf.mathType.offset == 28
+
+
+def _perfs(*rows):
+    arr = (cudnn.AlgoPerf * len(rows))()
+    for p, (algo, status, memory, math) in zip(arr, rows):
+        p.algo, p.status, p.memory, p.mathType = algo, status, memory, math
+    return arr
+
+
+def test_choose_algo():
+    perfs = _perfs((6, 3000, 0, cudnn.CUDNN_FMA_MATH),             # failed
+                   (1, 0, 1 << 20, cudnn.CUDNN_TENSOR_OP_MATH),     # tensor cores
+                   (7, 0, 8 << 30, cudnn.CUDNN_FMA_MATH),           # too much workspace
+                   (0, 0, 4096, cudnn.CUDNN_FMA_MATH))
+    assert cudnn.choose_algo(perfs, 4, tf32=False, workspace_limit=1 << 30) == (0, 4096, cudnn.CUDNN_FMA_MATH)
+    assert cudnn.choose_algo(perfs, 4, tf32=True, workspace_limit=1 << 30) == (1, 1 << 20, cudnn.CUDNN_TENSOR_OP_MATH)
+    with pytest.raises(cudnn.CudnnError, match="MPICONVNET_CUDNN_WORKSPACE_MB"):
+        cudnn.choose_algo(perfs, 3, tf32=False, workspace_limit=1 << 30)
+
+
+def test_cudnn_shape_helpers():
+    assert cudnn.shape4((2, 3, 4, 5)) == (2, 3, 4, 5)
+    assert cudnn.shape4((8, 10)) == (8, 10, 1, 1)
+    assert cudnn.shape4((96,)) == (1, 96, 1, 1)
+    with pytest.raises(ValueError):
+        cudnn.shape4((1, 2, 3))
+    # AlexNet conv1 and pool1: 227 -> 55 -> 27
+    assert cudnn.conv_output_shape((8, 3, 227, 227), (96, 3, 11, 11), 4, 0) == (8, 96, 55, 55)
+    assert cudnn.conv_output_shape((8, 48, 27, 27), (256, 48, 5, 5), 1, 2) == (8, 256, 27, 27)
+    assert cudnn.pool_output_shape((8, 96, 55, 55), 3, 2) == (8, 96, 27, 27)
+    assert cudnn.pool_output_shape((1, 1, 6, 6), 3, 2) == (1, 1, 2, 2)  # floor
+    assert cudnn.conv_math_type(False) == cudnn.CUDNN_FMA_MATH
+    assert cudnn.data_type(np.dtype(np.float64)) == cudnn.CUDNN_DATA_DOUBLE
+    with pytest.raises(TypeError):
+        cudnn.data_type(np.dtype(np.float16))
+
+
+def test_lrn_path_choice():
+    assert layers.lrn_uses_cudnn(5) and layers.lrn_uses_cudnn(3)
+    assert not layers.lrn_uses_cudnn(4)     # even: our kernel
+    assert not layers.lrn_uses_cudnn(17)    # past cuDNN's maximum window
+
+
+# --- kernels table vs the .cu sources -------------------------------------------------------
+
+
+def _extern_kernels():
+    found = {}
+    for name in os.listdir(context.KERNEL_DIR):
+        if name.endswith(".cu"):
+            text = open(os.path.join(context.KERNEL_DIR, name)).read()
+            for m in re.finditer(r'extern "C" __global__ void (\w+)\(([^)]*)\)', text):
+                found[m.group(1)] = (name, [p for p in m.group(2).split(",") if p.strip()])
+    return found
+
+
+def test_kernel_table_matches_sources():
+    found = _extern_kernels()
+    char = {"float*": "P", "double*": "P", "int*": "P", "long": "q", "int": "i", "uint32_t": "I",
+            "float": "F", "double": "F", "unsigned": "P"}
+    for name, (filename, signature) in context.KERNELS.items():
+        variants = ["_f32"] if name in context.FLOAT32_ONLY else ["_f32", "_f64"]
+        for suffix in variants:
+            assert name + suffix in found, f"{name}{suffix} missing from kernels/"
+            source_file, params = found[name + suffix]
+            assert source_file == filename
+            kinds = []
+            for p in params:
+                words = p.replace("const", "").split()
+                kinds.append("P" if "*" in p else char[words[0]])
+            assert "".join(kinds) == signature, f"{name}{suffix}: source {''.join(kinds)} vs table {signature}"
+
+
+def test_launch_config_and_env():
+    assert context.launch_config(1) == ((1, 1), (256, 1, 1))
+    assert context.launch_config(257) == ((2, 1), (256, 1, 1))
+    assert context.launch_config(10 ** 12)[0] == (context.MAX_BLOCKS, 1)
+    assert context.tf32_from_env({}) is False
+    assert context.tf32_from_env({"MPICONVNET_TF32": "1"}) is True
+    with pytest.raises(ValueError, match="MPICONVNET_TF32"):
+        context.tf32_from_env({"MPICONVNET_TF32": "on"})
+    assert context.workspace_limit_from_env({"MPICONVNET_CUDNN_WORKSPACE_MB": "64"}) == 64 << 20
+
+
+# --- dropout: the host half of the hash -------------------------------------------------------
+
+
+def _mix32_spec(x):
+    x = np.uint32(x)
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint32(16)
+        x = np.uint32(x * np.uint32(0x7FEB352D))
+        x ^= x >> np.uint32(15)
+        x = np.uint32(x * np.uint32(0x846CA68B))
+        x ^= x >> np.uint32(16)
+    return int(x)
+
+
+def test_dropout_base_and_threshold():
+    for seed, counter in [(0, 0), (1, 2), (2 ** 32 + 5, 7), (123456789, 2 ** 31)]:
+        expected = _mix32_spec(_mix32_spec(seed % 2 ** 32) ^ (counter % 2 ** 32))
+        assert layers.dropout_base(seed, counter) == expected
+    assert layers.dropout_threshold(0.0) == 0
+    assert layers.dropout_threshold(0.5) == 2 ** 31
+    assert layers.dropout_threshold(1 - 2.0 ** -33) == 2 ** 32 - 1
+    assert layers.dropout_threshold(0.25) == 2 ** 30
+    with pytest.raises(ValueError):
+        layers.dropout_threshold(1.0)
+
+
+def test_dropout_matches_numpy_reference_hash():
+    nb = pytest.importorskip("mpiconvnet.backends.numpy_backend")
+    if not hasattr(nb, "dropout_keep"):
+        pytest.skip("numpy_backend.dropout_keep not written yet")
+    seed, counter, n, p, offset = 42, 3, 1000, 0.3, 77
+    base = layers.dropout_base(seed, counter)
+    threshold = layers.dropout_threshold(p)
+    ours = np.array([_mix32_spec(base ^ ((offset + i) % 2 ** 32)) >= threshold for i in range(n)])
+    reference = np.asarray(nb.dropout_keep(seed, counter, n, p, offset)).astype(bool)
+    np.testing.assert_array_equal(ours, reference)
+
+
+# --- MPI buffer wrapper -----------------------------------------------------------------------
+
+
+def test_device_buffer_interface():
+    fake = types.SimpleNamespace(size=12, dtype=np.dtype(np.float32), ptr=0xDEAD000)
+    iface = memory.mpi_buffer(fake).__cuda_array_interface__
+    assert iface == {"shape": (12,), "typestr": "<f4", "data": (0xDEAD000, False), "strides": None,
+                     "stream": None, "version": 3}
+    assert memory.HOST_MEMORY is False
