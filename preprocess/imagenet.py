@@ -1,0 +1,215 @@
+"""ImageNet (ILSVRC2012) inputs from the original archives or from extracted folders.
+
+    python -m preprocess imagenet --train ILSVRC2012_img_train.tar --val ILSVRC2012_img_val.tar \\
+        --devkit ILSVRC2012_devkit_t12.tar.gz --out /data/imagenet-256
+    python -m preprocess imagenet --train train/ --val val/ --devkit ILSVRC2012_devkit_t12/ --out DIR --workers 8
+    mpirun -np 4 python -m preprocess imagenet --train ... --val ... --devkit ... --out DIR
+    sbatch --array=0-3 --wrap "python -m preprocess imagenet ... --out DIR --rank \\$SLURM_ARRAY_TASK_ID --size 4"
+
+Labels: class index = position of the wnid in sorted order (Caffe, torchvision). The
+validation ground truth lists ILSVRC2012_IDs, whose 1..1000 order is NOT the sorted-wnid
+order; it is mapped through meta.mat's leaf synsets (num_children == 0) to wnids, then to
+sorted positions. Check on the real data: validation images 1-5 get labels 65, 970, 230,
+809, 516.
+
+Accepted forms:
+  --train  ILSVRC2012_img_train.tar (one inner tar per class), a folder of those inner
+           tars, or a folder with one subfolder per wnid;
+  --val    ILSVRC2012_img_val.tar (50,000 flat files), the flat extracted folder, or a
+           folder already sorted into wnid subfolders (then the devkit is not needed for it);
+  --devkit ILSVRC2012_devkit_t12.tar.gz or its extracted folder (meta.mat and
+           ILSVRC2012_validation_ground_truth.txt are found anywhere inside).
+"""
+import io
+import os
+import re
+import tarfile
+
+import numpy as np
+
+from preprocess.sources import (ArchiveInputs, InputError, basename, files_in_class_folders, list_class_folders,
+                                nested_tar_members, sorted_inputs, tar_members, FileInputs)
+
+META_FILE = "meta.mat"
+GROUND_TRUTH_FILE = "ILSVRC2012_validation_ground_truth.txt"
+VAL_NUMBER = re.compile(r"(\d+)\.[A-Za-z]+$")
+
+
+def archive_inputs(names, labels, archives, archive_ids, offsets, sizes):
+    order = sorted(range(len(names)), key=names.__getitem__)
+    names = [names[i] for i in order]
+    for a, b in zip(names, names[1:]):
+        if a == b:
+            raise InputError(f"archive member {a!r} occurs twice; remove the duplicate")
+    pick = lambda column: [column[i] for i in order]
+    return ArchiveInputs(names, pick(labels), archives, pick(archive_ids), pick(offsets), pick(sizes))
+
+
+def wnid_of(inner_name):
+    """'n01440764.tar' -> 'n01440764'."""
+    name = basename(inner_name)
+    return name[:-4] if name.endswith(".tar") else name
+
+
+def train_inputs(path):
+    """(sorted wnids, inputs) for --train; names are 'WNID/FILE' in every form."""
+    if os.path.isfile(path):
+        per_class = {wnid_of(inner): members for inner, members in nested_tar_members(path)}
+        archives = [path]
+        ids = None
+    elif os.path.isdir(path) and any(e.name.endswith(".tar") and e.is_file() for e in os.scandir(path)):
+        inner_tars = sorted(e.name for e in os.scandir(path) if e.name.endswith(".tar") and e.is_file())
+        archives = [os.path.join(path, name) for name in inner_tars]
+        per_class = {wnid_of(name): list(tar_members(archive)) for name, archive in zip(inner_tars, archives)}
+        ids = {wnid_of(name): k for k, name in enumerate(inner_tars)}
+    elif os.path.isdir(path):
+        classes = list_class_folders(path)
+        if not classes:
+            raise InputError(f"--train {path}: no class folders and no .tar files inside; pass "
+                             f"ILSVRC2012_img_train.tar or its extracted folder")
+        return classes, files_in_class_folders(path, classes, {c: i for i, c in enumerate(classes)})
+    else:
+        raise InputError(f"--train {path} does not exist; pass ILSVRC2012_img_train.tar or its extracted folder")
+    classes = sorted(per_class)
+    index = {c: i for i, c in enumerate(classes)}
+    names, labels, archive_ids, offsets, sizes = [], [], [], [], []
+    for wnid, members in per_class.items():
+        for member, offset, size in members:
+            names.append(f"{wnid}/{basename(member)}")
+            labels.append(index[wnid])
+            archive_ids.append(0 if ids is None else ids[wnid])
+            offsets.append(offset)
+            sizes.append(size)
+    return classes, archive_inputs(names, labels, archives, archive_ids, offsets, sizes)
+
+
+def read_devkit(path):
+    """(meta.mat bytes, ground-truth text) from the devkit tar.gz or its folder."""
+    wanted = {META_FILE: None, GROUND_TRUTH_FILE: None}
+    if os.path.isdir(path):
+        for folder, _, files in os.walk(path):
+            for file in files:
+                if file in wanted and wanted[file] is None:
+                    with open(os.path.join(folder, file), "rb") as stream:
+                        wanted[file] = stream.read()
+    elif os.path.isfile(path):
+        try:
+            with tarfile.open(path, mode="r:*") as archive:
+                for member in archive:
+                    name = basename(member.name)
+                    if member.isreg() and name in wanted and wanted[name] is None:
+                        wanted[name] = archive.extractfile(member).read()
+        except tarfile.TarError as error:
+            raise InputError(f"--devkit {path} is not a readable tar archive ({error}); pass "
+                             f"ILSVRC2012_devkit_t12.tar.gz or its extracted folder") from None
+    else:
+        raise InputError(f"--devkit {path} does not exist; pass ILSVRC2012_devkit_t12.tar.gz or its extracted folder")
+    for name, data in wanted.items():
+        if data is None:
+            raise InputError(f"--devkit {path} holds no {name}; pass the ILSVRC2012 devkit (ILSVRC2012_devkit_t12)")
+    return wanted[META_FILE], wanted[GROUND_TRUTH_FILE].decode()
+
+
+def leaf_synsets(meta_bytes, devkit_path="devkit"):
+    """{ILSVRC2012_ID: (wnid, words)} for the leaf synsets (num_children == 0) of meta.mat."""
+    from scipy.io import loadmat
+    synsets = loadmat(io.BytesIO(meta_bytes), squeeze_me=True)["synsets"]
+    leaves = {}
+    for synset in np.atleast_1d(synsets):
+        if int(synset["num_children"]) == 0:
+            leaves[int(synset["ILSVRC2012_ID"])] = (str(synset["WNID"]), str(synset["words"]))
+    if not leaves:
+        raise InputError(f"--devkit {devkit_path}: meta.mat has no leaf synsets; pass the ILSVRC2012 devkit")
+    return leaves
+
+
+def class_names_from_devkit(classes, leaves):
+    words = {wnid: text for wnid, text in leaves.values()}
+    return [words.get(wnid, wnid) for wnid in classes]
+
+
+def validation_labels(ground_truth, leaves, classes, devkit_path="devkit"):
+    """Sorted-wnid label of validation image k+1 for every line k of the ground truth."""
+    position = {wnid: i for i, wnid in enumerate(classes)}
+    labels = []
+    for line_number, line in enumerate(ground_truth.split(), start=1):
+        synset_id = int(line)
+        if synset_id not in leaves or leaves[synset_id][0] not in position:
+            raise InputError(f"--devkit {devkit_path}: ground truth line {line_number} names ILSVRC2012_ID "
+                             f"{synset_id}, which is not a training class; use the devkit of the same release")
+        labels.append(position[leaves[synset_id][0]])
+    return np.asarray(labels, dtype=np.int64)
+
+
+def val_number(name, path):
+    match = VAL_NUMBER.search(name)
+    if not match:
+        raise InputError(f"--val {path}: {name!r} is not named like ILSVRC2012_val_00000001.JPEG; pass the "
+                         f"original validation archive or folder")
+    return int(match.group(1))
+
+
+def label_by_number(names, labels_by_line, path):
+    labels = []
+    for name in names:
+        number = val_number(name, path)
+        if not 1 <= number <= len(labels_by_line):
+            raise InputError(f"--val {path}: {name!r} has no line in {GROUND_TRUTH_FILE} "
+                             f"({len(labels_by_line)} lines); use the devkit of the same release")
+        labels.append(int(labels_by_line[number - 1]))
+    return labels
+
+
+def val_inputs(path, classes, devkit_labels):
+    """Inputs for --val; devkit_labels() gives labels by ground-truth line (only called if needed)."""
+    if os.path.isfile(path):
+        members = list(tar_members(path))
+        names = [basename(m) for m, _, _ in members]
+        labels = label_by_number(names, devkit_labels(), path)
+        return archive_inputs(names, labels, [path], [0] * len(names), [o for _, o, _ in members],
+                              [s for _, _, s in members])
+    if not os.path.isdir(path):
+        raise InputError(f"--val {path} does not exist; pass ILSVRC2012_img_val.tar or its extracted folder")
+    subfolders = list_class_folders(path)
+    if subfolders:
+        unknown = sorted(set(subfolders) - set(classes))
+        if unknown:
+            raise InputError(f"--val {path}: folder {unknown[0]!r} is not a training class; pass the flat "
+                             f"validation folder or one sorted into the training wnids")
+        return files_in_class_folders(path, subfolders, {c: i for i, c in enumerate(classes)})
+    names = sorted(e.name for e in os.scandir(path) if e.is_file() and not e.name.startswith("."))
+    labels = label_by_number(names, devkit_labels(), path)
+    return sorted_inputs(FileInputs, names, labels, [os.path.join(path, n) for n in names])
+
+
+def gather(args):
+    """(classes, class_names, {split: inputs}) for the imagenet command."""
+    classes, train = train_inputs(args.train)
+    devkit = {}
+
+    def devkit_contents():
+        if not devkit:
+            if not args.devkit:
+                raise InputError("--devkit is required to label a flat validation set; pass "
+                                 "ILSVRC2012_devkit_t12.tar.gz")
+            meta, ground_truth = read_devkit(args.devkit)
+            devkit["leaves"] = leaf_synsets(meta, args.devkit)
+            devkit["ground_truth"] = ground_truth
+            missing = sorted(set(classes) - {w for w, _ in devkit["leaves"].values()})
+            if missing:
+                raise InputError(f"--devkit {args.devkit}: training class {missing[0]} is not a leaf synset "
+                                 f"of meta.mat; use the devkit of the same release")
+        return devkit
+
+    splits = {"train": train}
+    if args.val:
+        splits["val"] = val_inputs(args.val, classes, lambda: validation_labels(
+            devkit_contents()["ground_truth"], devkit_contents()["leaves"], classes, args.devkit))
+    class_names = class_names_from_devkit(classes, devkit_contents()["leaves"]) if args.devkit else list(classes)
+    return classes, class_names, splits
+
+
+def add_arguments(parser):
+    parser.add_argument("--train", required=True, help="ILSVRC2012_img_train.tar, or its extracted folder")
+    parser.add_argument("--val", help="ILSVRC2012_img_val.tar, or its extracted folder")
+    parser.add_argument("--devkit", help="ILSVRC2012_devkit_t12.tar.gz, or its extracted folder")

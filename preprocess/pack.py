@@ -1,0 +1,255 @@
+"""Pack a split's inputs into shards: plan, share the work, write, merge, report.
+
+The plan is a pure function of the inputs and the flags: each split's sorted input list is
+shuffled once with --seed and cut into shards of --shard-size, so every shard mixes
+classes and the same command always produces the same shards, whatever the number of
+workers, ranks or restarts. The plan is recorded in OUT/.pack/plan.json; re-running the
+same command skips finished shards, and running a different one into the same folder is
+refused rather than mixed in.
+"""
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+from mpiconvnet.data.shards import FORMATS, INDEX_FILE, RESIZE_MODES, SPLITS, shard_filename
+from preprocess.decode import DEFAULT_MAX_PIXELS, BadImage, decode_image, encode_jpeg
+from preprocess.merge import merge_dataset, missing_shards
+from preprocess.parallel import make_team, worker_context
+from preprocess.sources import InputError
+from preprocess.writer import WORK_DIR, ShardWriter, receipt_path, write_atomic_text
+
+PLAN_FILE = "plan.json"
+SPLIT_SEED_OFFSET = {"train": 0, "val": 1}   # train and val get unrelated shuffles
+
+
+def add_pack_arguments(parser):
+    parser.add_argument("--out", required=True, help="output folder for dataset.json and the shards")
+    parser.add_argument("--image-size", type=int, default=256, metavar="S", help="stored images are S x S (default 256)")
+    parser.add_argument("--resize", choices=RESIZE_MODES, default="shorter-crop",
+                        help="shorter-crop: shorter side to S, centre crop (default); squash: S x S ignoring aspect (Caffe)")
+    parser.add_argument("--format", choices=FORMATS, default="raw",
+                        help="raw: uint8 pixels; jpeg: re-encoded, ~10x smaller, decoded when read")
+    parser.add_argument("--quality", type=int, default=90, help="JPEG quality for --format jpeg (default 90)")
+    parser.add_argument("--shard-size", type=int, default=1024, help="images per shard (default 1024)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the one shuffle before sharding")
+    parser.add_argument("--workers", type=int, default=1, help="processes on this node (default 1)")
+    parser.add_argument("--rank", type=int, help="this task's number in a job array (with --size)")
+    parser.add_argument("--size", type=int, help="number of tasks in a job array (with --rank)")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="larger inputs are skipped as decompression bombs")
+    parser.add_argument("--strict", action="store_true", help="exit 1 if any input had to be skipped")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def check_flags(args):
+    for flag, value, low in (("--image-size", args.image_size, 1), ("--shard-size", args.shard_size, 1),
+                             ("--workers", args.workers, 1), ("--max-pixels", args.max_pixels, 1)):
+        if value < low:
+            raise InputError(f"{flag} {value}: must be at least {low}")
+    if not 1 <= args.quality <= 100:
+        raise InputError(f"--quality {args.quality}: must be in 1..100")
+
+
+def fingerprint(inputs):
+    digest = hashlib.sha256()
+    for name, label in zip(inputs.names, inputs.labels.tolist()):
+        digest.update(f"{name}\t{label}\n".encode())
+    return digest.hexdigest()
+
+
+def make_plan(args, classes, class_names, splits):
+    """The settings that define the output; two runs into one folder must agree on all of it."""
+    return {
+        "classes": classes, "class_names": class_names, "image_size": args.image_size, "format": args.format,
+        "quality": args.quality if args.format == "jpeg" else None, "resize": args.resize, "seed": args.seed,
+        "shard_size": args.shard_size, "max_pixels": args.max_pixels,
+        "splits": {split: {"num_inputs": len(inputs), "inputs_sha256": fingerprint(inputs),
+                           "num_shards": math.ceil(len(inputs) / args.shard_size)}
+                   for split, inputs in splits.items()},
+    }
+
+
+def record_plan(out_dir, plan):
+    """Write OUT/.pack/plan.json, or refuse if OUT holds a pack made with other inputs or flags."""
+    work = os.path.join(out_dir, WORK_DIR)
+    os.makedirs(work, exist_ok=True)
+    path = os.path.join(work, PLAN_FILE)
+    if os.path.exists(path):
+        with open(path) as stream:
+            previous = json.load(stream)
+        if previous != plan:
+            changed = sorted(k for k in set(plan) | set(previous) if plan.get(k) != previous.get(k))
+            raise InputError(f"{out_dir} holds a pack made with different {', '.join(changed)}; "
+                             f"re-run that command to finish it, or use a new --out")
+        return
+    elif os.path.exists(os.path.join(out_dir, INDEX_FILE)):
+        raise InputError(f"{out_dir} already holds a data set packed by another tool or version; use a new --out")
+    write_atomic_text(path, json.dumps(plan, indent=1) + "\n")
+
+
+def shard_tasks(plan, seed):
+    """[(split, shard number, input positions)] for the whole pack, in a fixed order."""
+    tasks = []
+    for split in SPLITS:
+        if split not in plan["splits"]:
+            continue
+        count, size = plan["splits"][split]["num_inputs"], plan["shard_size"]
+        order = np.random.default_rng([seed, SPLIT_SEED_OFFSET[split]]).permutation(count)
+        for number in range(math.ceil(count / size)):
+            tasks.append((split, number, order[number * size:(number + 1) * size]))
+    return tasks
+
+
+def is_finished(out_dir, split, number):
+    name = shard_filename(split, number)
+    return os.path.exists(os.path.join(out_dir, name)) and os.path.exists(receipt_path(out_dir, name))
+
+
+# state of a packing process: set once per worker, so each task pickles only its positions
+_job = {}
+
+
+def init_worker(out_dir, plan, splits, counters):
+    _job.update(out_dir=out_dir, plan=plan, splits=splits, counters=counters)
+
+
+def count(counter_name, amount=1):
+    counter = _job["counters"][counter_name]
+    with counter.get_lock():
+        counter.value += amount
+
+
+def pack_shard(task):
+    """Decode, resize and write one shard; returns (split, number, packed, skipped)."""
+    split, number, positions = task
+    plan, inputs = _job["plan"], _job["splits"][split]
+    size, resize = plan["image_size"], plan["resize"]
+    writer = ShardWriter(_job["out_dir"], shard_filename(split, number), split, plan["classes"], size,
+                         plan["format"], capacity=len(positions))
+    try:
+        for position in positions.tolist():
+            name = inputs.names[position]
+            try:
+                pixels = decode_image(inputs.read(position), size, resize, plan["max_pixels"])
+            except BadImage as error:
+                writer.skip(name, str(error))
+                count("skipped")
+            except Exception as error:   # one odd file must never stop a 1.28 M image run
+                writer.skip(name, f"unexpected {type(error).__name__}: {error}")
+                count("skipped")
+            else:
+                encoded = encode_jpeg(pixels, plan["quality"]) if plan["format"] == "jpeg" else None
+                writer.add(pixels, int(inputs.labels[position]), name, position, encoded)
+            count("done")
+        receipt = writer.finish()
+    except BaseException:
+        writer.abandon()
+        raise
+    return split, number, receipt["num_images"], len(receipt["skipped"])
+
+
+def run_tasks(tasks, workers, out_dir, plan, splits, show_progress, label):
+    """Pack `tasks` with `workers` processes; a progress bar when show_progress."""
+    context = worker_context()
+    counters = {"done": context.Value("q", 0), "skipped": context.Value("q", 0)}
+    total = sum(len(positions) for _, _, positions in tasks)
+    bar = None
+    if show_progress and total:
+        from tqdm import tqdm
+        bar = tqdm(total=total, unit="img", desc=label, smoothing=0.05, mininterval=1.0, file=sys.stderr)
+
+    def refresh():
+        if bar is not None:
+            bar.update(counters["done"].value - bar.n)
+            bar.set_postfix(skipped=counters["skipped"].value, refresh=False)
+
+    if workers == 1 or len(tasks) <= 1:
+        init_worker(out_dir, plan, splits, counters)
+        for task in tasks:
+            pack_shard(task)
+            refresh()
+    else:
+        with context.Pool(min(workers, len(tasks)), initializer=init_worker,
+                          initargs=(out_dir, plan, splits, counters)) as pool:
+            pending = pool.map_async(pack_shard, tasks, chunksize=1)
+            while not pending.ready():
+                pending.wait(0.5)
+                refresh()
+            pending.get()   # re-raises a worker's exception here
+    refresh()
+    if bar is not None:
+        bar.close()
+    return counters["done"].value, counters["skipped"].value
+
+
+def pack(args, gather):
+    """The body of the folder and imagenet commands; returns the exit code."""
+    check_flags(args)
+    team = make_team(args.rank, args.size)
+    out_dir = os.path.abspath(args.out)
+    started = time.perf_counter()
+
+    def plan_everything():
+        os.makedirs(out_dir, exist_ok=True)
+        classes, class_names, splits = gather(args)
+        if not classes:
+            raise InputError("no classes found; check --train")
+        plan = make_plan(args, classes, class_names, splits)
+        record_plan(out_dir, plan)
+        return plan, splits
+
+    try:
+        plan, splits = team.share(plan_everything)
+    except (InputError, ValueError) as error:
+        if team.is_root:
+            print(f"preprocess: {error}", file=sys.stderr)
+        return 2
+    if plan["splits"]["train"]["num_inputs"] == 0:
+        if team.is_root:
+            print(f"preprocess: no training images found under --train {args.train}; check the path", file=sys.stderr)
+        return 1
+    tasks = shard_tasks(plan, args.seed)
+    mine = [task for task in tasks[team.rank::team.size] if not is_finished(out_dir, task[0], task[1])]
+    label = "packing" if team.size == 1 else f"rank 0 of {team.size}"
+    try:
+        done, skipped = run_tasks(mine, args.workers, out_dir, plan, splits,
+                                  team.is_root and not args.no_progress, label)
+    except BaseException as error:
+        print(f"preprocess: rank {team.rank} failed: {type(error).__name__}: {error}", file=sys.stderr)
+        team.abort(1)
+        raise
+    done, skipped = team.sum(done), team.sum(skipped)
+    team.barrier()
+    shard_names = {split: [shard_filename(split, n) for n in range(entry["num_shards"])]
+                   for split, entry in plan["splits"].items()}
+    missing = missing_shards(out_dir, [name for names in shard_names.values() for name in names])
+    if missing:
+        # only array tasks get here: the others are still packing
+        print(f"preprocess: task {team.rank} of {team.size} done; {len(missing)} shards still being packed by "
+              f"other tasks; the last task to finish writes {INDEX_FILE}")
+        return 0
+    if not team.is_root and team.comm is not None:
+        return 0
+    index = merge_dataset(out_dir, plan, shard_names)
+    return report(index, out_dir, done, skipped, time.perf_counter() - started, args.strict)
+
+
+def report(index, out_dir, processed, skipped_now, seconds, strict):
+    counts = ", ".join(f"{entry['num_images']} {split}" for split, entry in index["splits"].items())
+    shards = sum(len(entry["shards"]) for entry in index["splits"].values())
+    rate = f"; this run: {processed} inputs in {seconds:.1f} s ({processed / max(seconds, 1e-9):.0f}/s)" if processed else ""
+    print(f"preprocess: packed {counts} images into {shards} shards in {out_dir}; "
+          f"skipped {index['skipped']} (listed in skipped.tsv){rate}")
+    if index["splits"]["train"]["num_images"] == 0:
+        print(f"preprocess: no usable training image; see {os.path.join(out_dir, 'skipped.tsv')}", file=sys.stderr)
+        return 1
+    if strict and index["skipped"]:
+        print(f"preprocess: --strict: {index['skipped']} inputs skipped; see {os.path.join(out_dir, 'skipped.tsv')}",
+              file=sys.stderr)
+        return 1
+    return 0

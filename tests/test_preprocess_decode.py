@@ -1,0 +1,115 @@
+"""Decoding by content: every odd-but-valid image becomes RGB, every bad one a reason."""
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from preprocess.decode import BadImage, crop_box, decode_image
+from preprocess.sources import FileInputs
+
+S = 32
+
+
+def gradient(width=60, height=40):
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([x * 255 // width, y * 255 // height, np.full_like(x, 90)], -1).astype(np.uint8)
+
+
+def saved(image, fmt, **options):
+    stream = io.BytesIO()
+    image.save(stream, fmt, **options)
+    return stream.getvalue()
+
+
+def expected(pixels, resize="shorter-crop"):
+    image = Image.fromarray(pixels)
+    return np.asarray(image.resize((S, S), Image.Resampling.BILINEAR, box=crop_box(*image.size, resize)))
+
+
+@pytest.mark.parametrize("resize", ["shorter-crop", "squash"])
+def test_jpeg_fast_path_matches_pillow_path(resize):
+    pixels = gradient(500, 375)
+    data = saved(Image.fromarray(pixels), "JPEG", quality=95)
+    fast = decode_image(data, S, resize)
+    slow = expected(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), resize)
+    assert fast.shape == (S, S, 3) and fast.dtype == np.uint8
+    # DCT-domain scaling averages differently from Pillow's filter; smooth images agree closely
+    assert np.abs(fast.astype(int) - slow.astype(int)).mean() < 2.0
+
+
+def test_shorter_side_crop_keeps_the_centre_and_squash_keeps_everything():
+    assert crop_box(500, 375, "shorter-crop") == (62.5, 0.0, 437.5, 375.0)
+    assert crop_box(375, 500, "shorter-crop") == (0.0, 62.5, 375.0, 437.5)
+    assert crop_box(500, 375, "squash") == (0.0, 0.0, 500.0, 375.0)
+
+
+@pytest.mark.parametrize("kind", ["cmyk-jpeg", "png-named-jpeg", "gray-jpeg", "palette-png", "rgba-png",
+                                  "gray16-png", "gif", "bmp", "la-png", "webp"])
+def test_valid_images_of_every_kind_decode_to_rgb(kind):
+    pixels = gradient()
+    image = Image.fromarray(pixels)
+    if kind == "cmyk-jpeg":
+        data = saved(image.convert("CMYK"), "JPEG", quality=95)
+    elif kind in ("png-named-jpeg",):
+        data = saved(image, "PNG")
+    elif kind == "gray-jpeg":
+        data = saved(image.convert("L"), "JPEG", quality=95)
+        pixels = np.repeat(np.asarray(image.convert("L"))[..., None], 3, -1)
+    elif kind == "palette-png":
+        data = saved(image.convert("P", palette=Image.Palette.ADAPTIVE, colors=256), "PNG")
+    elif kind == "rgba-png":
+        data = saved(image.convert("RGBA"), "PNG")
+    elif kind == "la-png":
+        data = saved(image.convert("LA"), "PNG")
+        pixels = np.repeat(np.asarray(image.convert("L"))[..., None], 3, -1)
+    elif kind == "gray16-png":
+        # 16-bit samples: value v * 257 must come back as v, not clipped to 255
+        gray8 = np.asarray(image.convert("L"))
+        data = saved(Image.fromarray((gray8.astype(np.uint16) * 257)), "PNG")
+        pixels = np.repeat(gray8[..., None], 3, -1)
+    elif kind == "gif":
+        data = saved(image.convert("P"), "GIF")
+    elif kind == "webp":
+        data = saved(image, "WEBP", lossless=True)
+    else:
+        data = saved(image, "BMP")
+    decoded = decode_image(data, S)
+    assert decoded.shape == (S, S, 3) and decoded.dtype == np.uint8
+    assert np.abs(decoded.astype(int) - expected(pixels).astype(int)).mean() < 12, kind
+
+
+def test_rgba_transparent_pixels_become_white():
+    rgba = np.zeros((40, 40, 4), np.uint8)    # fully transparent black
+    decoded = decode_image(saved(Image.fromarray(rgba, "RGBA"), "PNG"), S)
+    assert decoded.min() == 255
+
+
+def jpeg_bytes():
+    return saved(Image.fromarray(gradient(200, 150)), "JPEG", quality=90)
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"", "empty file"),
+    (b"this is a text file, not an image\n", "not an image"),
+    (jpeg_bytes()[:len(jpeg_bytes()) // 2], "truncated"),
+    (saved(Image.fromarray(gradient(200, 150)), "PNG")[:300], "cannot decode"),
+    (b"\xff\xd8\xff\xe0" + b"\x00" * 50, "corrupt"),
+])
+def test_bad_inputs_raise_with_a_reason(data, reason):
+    with pytest.raises(BadImage, match=reason):
+        decode_image(data, S)
+
+
+def test_decompression_bombs_are_refused_before_decoding():
+    # 3000 x 3000 = 9 M pixels against a 1 M limit, for both decode paths
+    big = Image.new("RGB", (3000, 3000))
+    for data in (saved(big, "JPEG"), saved(big, "PNG")):
+        with pytest.raises(BadImage, match="decompression bomb"):
+            decode_image(data, S, max_pixels=1_000_000)
+
+
+def test_unreadable_file_is_a_bad_image(tmp_path):
+    inputs = FileInputs(["gone.jpg"], [0], [str(tmp_path / "gone.jpg")])
+    with pytest.raises(BadImage, match="unreadable"):
+        inputs.read(0)
