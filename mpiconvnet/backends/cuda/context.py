@@ -36,6 +36,7 @@ KERNELS = {
 }
 FLOAT32_ONLY = {"crop_flip_normalize"}
 
+NVCC_OPTIONS = ["--fmad=false"]
 THREADS = 256
 MAX_BLOCKS = 65535  # the kernels loop grid-stride, so capping the grid changes nothing
 
@@ -132,7 +133,10 @@ class State:
                 source = f.read()
             # no_extern_c: the files declare their own extern "C" entry points around C++
             # templates; the include dir makes `#include "common.cuh"` resolve
-            self._modules[filename] = SourceModule(source, no_extern_c=True, include_dirs=[KERNEL_DIR])
+            # --fmad=false: no fused multiply-adds, so elementwise kernels round exactly like
+            # the NumPy reference (the kernels are memory-bound; FMA would gain nothing)
+            self._modules[filename] = SourceModule(source, no_extern_c=True, include_dirs=[KERNEL_DIR],
+                                                   options=NVCC_OPTIONS)
         return self._modules[filename]
 
     def launch(self, name, dtype, n, *args):

@@ -177,9 +177,10 @@ def dropout_forward(x, p, seed, counter, offset=0):
     threshold = dropout_threshold(p)
     y = empty(x.shape, x.dtype)
     mask = empty(x.shape, x.dtype)
-    keep_prob = float(x.dtype.type(1.0 - p))
+    # the reference multiplies by 1/(1-p) rounded to x's dtype; so do we, for equal bits
+    scale = float(x.dtype.type(1.0 / (1.0 - p)))
     st.launch("dropout_forward", x.dtype, x.size, y.ptr, mask.ptr, x.ptr, int(x.size), dropout_base(seed, counter),
-              int(offset) & MASK32, threshold, keep_prob)
+              int(offset) & MASK32, threshold, scale)
     return y, mask
 
 
@@ -187,5 +188,6 @@ def dropout_backward(dy, mask, p):
     st = context.get()
     dropout_threshold(p)  # validates p
     dx = empty(dy.shape, dy.dtype)
-    st.launch("dropout_apply", dy.dtype, dy.size, dx.ptr, dy.ptr, mask.ptr, int(dy.size), float(dy.dtype.type(1.0 - p)))
+    st.launch("dropout_apply", dy.dtype, dy.size, dx.ptr, dy.ptr, mask.ptr, int(dy.size),
+              float(dy.dtype.type(1.0 / (1.0 - p))))
     return dx

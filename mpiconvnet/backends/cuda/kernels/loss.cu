@@ -2,8 +2,8 @@
 //   softmax_xent: loss_rows[n] = logsumexp(z[n]) - z[n, label[n]]   (max-shifted)
 //                 dz[n, c] = (softmax(z[n])[c] - [c == label[n]]) * inv_batch
 //                 the host sums loss_rows in float64 and divides by N.
-//   label_rank:   rank[n] = #{c : z[n,c] > z[n,label]} + #{c < label : z[n,c] == z[n,label]}
-//                 (the label's position in a stable descending sort); correct@k iff rank < k.
+//   label_rank:   rank[n] = #{c : z[n,c] > z[n,label]}; correct@k iff rank < k (a tie with
+//                 the true class counts in its favour, as in the reference).
 // Checked against numpy_backend.softmax_cross_entropy / topk_correct in
 // tests/test_cuda_ops.py; launch with blockDim.x a multiple of 32.
 #include "common.cuh"
@@ -38,7 +38,7 @@ __device__ void label_rank(int* rank, const T* z, const long long* labels, int r
     long long label = labels[warp];
     T target = zr[label];
     int count = 0;
-    for (int c = lane; c < cols; c += 32) count += (zr[c] > target) || (zr[c] == target && c < label);
+    for (int c = lane; c < cols; c += 32) count += zr[c] > target;
     count = warp_sum(count);
     if (lane == 0) rank[warp] = count;
 }

@@ -1,0 +1,159 @@
+"""Gradient buckets and their allreduce, overlapped with backward.
+
+Gradients live in a few flat buffers (buckets of ~25 MB, DDP's default), planned once in
+reverse layer order: backward finishes fc8 first and conv1 last, so the first bucket is
+ready while most of backward still runs. Each parameter's gradient is a view into its
+bucket, so nothing is packed or unpacked per step.
+
+When a bucket is complete it is handed to a communication thread that runs a *blocking*
+MPI Allreduce on it (mpi4py releases the GIL inside MPI; Open MPI refuses device buffers
+in non-blocking reductions, so a thread is the portable way to overlap). With a CUDA
+backend and an MPI that is not CUDA-aware, the bucket is first copied into a persistent
+pinned host buffer and copied back after the reduction.
+"""
+import queue
+import threading
+import time
+
+import numpy as np
+
+
+def plan_buckets(param_shapes, itemsize, bucket_bytes):
+    """Group parameter names into buckets in reverse order, each up to bucket_bytes.
+
+    param_shapes: {name: shape} in forward order. A parameter larger than a bucket gets a
+    bucket of its own (fc6.weight is 151 MB in float32). Returns [[name, ...], ...].
+    """
+    buckets, current, current_bytes = [], [], 0
+    for name in reversed(list(param_shapes)):
+        size = int(np.prod(param_shapes[name])) * itemsize
+        if current and current_bytes + size > bucket_bytes:
+            buckets.append(current)
+            current, current_bytes = [], 0
+        current.append(name)
+        current_bytes += size
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+class GradientBuckets:
+    """Flat gradient buffers on the backend and a view per parameter."""
+
+    def __init__(self, ops, param_shapes, dtype, bucket_bytes):
+        self.ops = ops
+        self.names = plan_buckets(param_shapes, np.dtype(dtype).itemsize, bucket_bytes)
+        self.buffers, self.views, self.bucket_of = [], {}, {}
+        for b, names in enumerate(self.names):
+            shapes = [tuple(param_shapes[n]) for n in names]
+            flat = ops.zeros((sum(int(np.prod(s)) for s in shapes),), dtype)
+            self.buffers.append(flat)
+            for name, view in zip(names, ops.flat_views(flat, shapes)):
+                self.views[name] = view
+                self.bucket_of[name] = b
+
+    @property
+    def sizes(self):
+        return [int(buf.shape[0]) for buf in self.buffers]
+
+
+class GradientReducer:
+    """Averages the buckets over all ranks; starts each one as soon as it is complete.
+
+    Per step: `begin()`, then `grads_ready(names)` from backward as layers finish, then
+    `finish()`, which waits for the last reductions and returns the seconds the caller
+    spent waiting (the communication that backward did not hide).
+    """
+
+    def __init__(self, world, buckets, overlap=True, cuda_aware=False, timeout=300.0, on_stall=None):
+        self.world, self.buckets, self.ops = world, buckets, buckets.ops
+        self.on_stall = on_stall   # called when a reduction makes no progress for `timeout`
+        self.overlap = overlap and world.size > 1
+        self.timeout = timeout
+        # device buffers go to MPI directly only when the MPI can read them
+        self.staged = not self.ops.HOST_MEMORY and not cuda_aware
+        self.host = [self.ops.pinned_host_empty(buf.shape, buf.dtype) for buf in buckets.buffers] if self.staged else None
+        self.remaining = None
+        self.launched = []
+        self.done = queue.Queue()
+        self.work = queue.Queue()
+        self.thread = None
+        if self.overlap:
+            self.thread = threading.Thread(target=self._serve, name="allreduce", daemon=True)
+            self.thread.start()
+
+    # -- the communication thread ---------------------------------------------------
+
+    def _serve(self):
+        while True:
+            b = self.work.get()
+            if b is None:
+                return
+            try:
+                self._allreduce(b)
+                self.done.put((b, None))
+            except BaseException as e:   # reported to the main thread, which raises it
+                self.done.put((b, e))
+
+    def _allreduce(self, b):
+        from mpi4py import MPI
+        buf = self.host[b] if self.staged else self.ops.mpi_buffer(self.buckets.buffers[b])
+        self.world.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+
+    # -- the main thread ------------------------------------------------------------
+
+    def begin(self):
+        self.remaining = [len(names) for names in self.buckets.names]
+        self.launched = []
+
+    def grads_ready(self, names):
+        for name in names:
+            b = self.buckets.bucket_of[name]
+            self.remaining[b] -= 1
+            if self.remaining[b] == 0:
+                self._launch(b)
+
+    def _launch(self, b):
+        if self.world.size == 1:
+            return
+        if self.staged:
+            self.ops.copy_to_host(self.host[b], self.buckets.buffers[b])   # synchronises the stream first
+        else:
+            self.ops.synchronize()   # MPI must not read a buffer a kernel is still writing
+        self.launched.append(b)
+        if self.overlap:
+            self.work.put(b)
+
+    def finish(self):
+        """Wait for every bucket, divide by the rank count; return exposed seconds."""
+        if any(self.remaining):
+            missing = [n for n, b in self.buckets.bucket_of.items() if self.remaining[b]]
+            raise RuntimeError(f"backward did not report gradients for {missing[:4]}")
+        start = time.perf_counter()
+        if self.world.size > 1:
+            if self.overlap:
+                for _ in self.launched:
+                    try:
+                        b, error = self.done.get(timeout=self.timeout)
+                    except queue.Empty:
+                        if self.on_stall is not None:
+                            self.on_stall()   # names the silent rank and aborts
+                        raise RuntimeError(f"rank {self.world.rank}: gradient allreduce made no progress "
+                                           f"for {self.timeout:.0f} s; another rank is dead or hung") from None
+                    if error is not None:
+                        raise error
+            else:
+                for b in self.launched:
+                    self._allreduce(b)
+            if self.staged:
+                for b in self.launched:
+                    self.ops.copy_from_host(self.buckets.buffers[b], self.host[b])
+            for buf in self.buckets.buffers:
+                self.ops.scale_(buf, 1.0 / self.world.size)
+        return time.perf_counter() - start
+
+    def close(self):
+        if self.thread is not None:
+            self.work.put(None)
+            self.thread.join(timeout=5)
+            self.thread = None

@@ -1,0 +1,77 @@
+"""Top-1 and top-5 of a checkpoint on a packed split, distributed and exact.
+
+    python -m mpiconvnet.evaluate --data shards/ --checkpoint runs/a/checkpoints/ckpt-00001000.h5
+    python -m mpiconvnet.evaluate --data shards/ --checkpoint runs/a --crops 10 --json
+    mpirun -np 4 python -m mpiconvnet.evaluate --data shards/ --checkpoint runs/a --backend cuda
+
+--checkpoint takes a checkpoint file, or a run directory (its newest checkpoint). Every
+image of the split is counted exactly once whatever the rank count. Exit 2 on bad input.
+"""
+import argparse
+import json
+import os
+import sys
+
+from mpiconvnet import checkpoint, distributed
+from mpiconvnet.config import from_dict
+from mpiconvnet.data.shards import DatasetError, ShardedDataset
+from mpiconvnet.evaluation import evaluate
+from mpiconvnet.models import ModelError, build_model
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m mpiconvnet.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="data set directory written by python -m preprocess")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file, or a run directory (newest checkpoint)")
+    p.add_argument("--split", default="val", help="split to score (default val)")
+    p.add_argument("--crops", type=int, choices=(1, 10), default=1, help="centre crop, or 10 crops averaged")
+    p.add_argument("--batch", type=int, default=64, help="images per rank per batch")
+    p.add_argument("--backend", choices=("numpy", "cuda"), default=None, help="default: the training run's")
+    p.add_argument("--workers", type=int, default=1, help="loader processes per rank")
+    p.add_argument("--threads", type=int, default=1, help="BLAS threads per rank")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    path = args.checkpoint
+    if os.path.isdir(path):
+        found = checkpoint.list_checkpoints(path)
+        if not found:
+            print(f"mpiconvnet.evaluate: {path} holds no checkpoints/ckpt-*.h5; give a checkpoint file", file=sys.stderr)
+            return 2
+        path = found[-1]
+    if args.batch < 1:
+        print(f"mpiconvnet.evaluate: --batch {args.batch} must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        params, _, meta = checkpoint.load(path)
+        cfg = from_dict(meta["config"])
+        backend = args.backend or cfg.backend
+        world = distributed.init(backend, args.threads, need_threads=False)
+        data = ShardedDataset(args.data, args.split)
+        if data.num_classes != meta["num_classes"]:
+            raise ModelError(f"{args.data} has {data.num_classes} classes, checkpoint {path} was trained on "
+                             f"{meta['num_classes']}; evaluate on the data set it was trained on")
+        net = build_model(cfg.model, num_classes=meta["num_classes"], backend=backend, dtype=cfg.dtype, seed=cfg.seed)
+        net.load_state_dict(params, source=path)
+    except (checkpoint.CheckpointError, DatasetError, ModelError) as e:
+        print(f"mpiconvnet.evaluate: {e}", file=sys.stderr)
+        return 2
+    result = evaluate(net, world, args.data, args.batch, crops=args.crops, mean=cfg.mean, workers=args.workers,
+                      split=args.split, seed=cfg.seed)
+    result.update(checkpoint=path, step=meta["step"], split=args.split, crops=args.crops, model=cfg.model)
+    if world.is_root:
+        if args.json:
+            print(json.dumps(result))
+        else:
+            print(f"{cfg.model} at step {meta['step']} on {args.split} ({result['images']} images, "
+                  f"{args.crops} crop{'s' if args.crops > 1 else ''}): top-1 {result['top1']:.4f}  "
+                  f"top-5 {result['top5']:.4f}  (errors {1 - result['top1']:.4f} / {1 - result['top5']:.4f})  "
+                  f"loss {result['loss']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

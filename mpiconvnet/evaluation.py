@@ -1,0 +1,47 @@
+"""Distributed, exact evaluation: every validation image counted once, for any rank count.
+
+Each rank scores its own contiguous share of the split (EvalSampler), and the counts,
+not the averages, are summed over ranks, so 50,000 images on 3 ranks still give
+correct/50,000. With 10 crops the softmax probabilities of the crops are averaged
+(Krizhevsky 2012) before top-k.
+"""
+import numpy as np
+
+from mpiconvnet.data.loader import BatchLoader
+
+
+def softmax(logits):
+    # logits: (N, K); shift by the row maximum so exp never overflows
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def score_batch(probabilities, labels):
+    """(top-1 correct, top-5 correct, summed cross-entropy) for probabilities (N, K)."""
+    k = min(5, probabilities.shape[1])
+    top = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    top1 = int((top[:, 0] == labels).sum())
+    top5 = int((top == labels[:, None]).any(axis=1).sum())
+    picked = probabilities[np.arange(len(labels)), labels]
+    loss = float(-np.log(np.maximum(picked, 1e-30)).sum())
+    return top1, top5, loss
+
+
+def evaluate(net, world, data_dir, batch_per_rank, crops=1, mean="channel", workers=1, split="val", seed=0):
+    """{'top1', 'top5', 'loss', 'images'} over the whole split, identical on every rank."""
+    totals = np.zeros(4)   # top-1 correct, top-5 correct, summed loss, images
+    with BatchLoader(data_dir, split=split, rank=world.rank, size=world.size, batch_per_rank=batch_per_rank,
+                     epoch=0, start_step=0, seed=seed, crop_size=net.input_size, train=False, mean=mean,
+                     divide_by_std=net.spec.standardize_input, workers=workers, crops=crops) as loader:
+        for _, images, labels in loader:
+            n = len(labels)
+            probabilities = softmax(net.forward(images, train=False).astype(np.float64))
+            if crops > 1:
+                # images arrive as crops consecutive per image: (n * crops, 3, H, W)
+                probabilities = probabilities.reshape(n, crops, -1).mean(axis=1)
+            top1, top5, loss = score_batch(probabilities, labels)
+            totals += (top1, top5, loss, n)
+    top1, top5, loss, images = world.allreduce_sum(totals)
+    images = max(images, 1)
+    return {"top1": top1 / images, "top5": top5 / images, "loss": loss / images, "images": int(images)}

@@ -1,0 +1,79 @@
+"""Plot a run: loss, top-1/top-5 error, learning rate and throughput, into one PNG.
+
+    python -m mpiconvnet.plot runs/a                # writes runs/a/training.png
+    python -m mpiconvnet.plot runs/a --out a.png
+"""
+import argparse
+import json
+import os
+import sys
+
+
+def read_metrics(run_dir):
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found; is {run_dir} a run directory of python -m mpiconvnet.train?")
+    train, evals = [], []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                raise ValueError(f"{path}:{number} is not JSON; the file is damaged") from None
+            (evals if record.get("kind") == "eval" else train).append(record)
+    return train, evals
+
+
+def plot(run_dir, out):
+    import matplotlib
+    matplotlib.use("Agg")   # no display on compute nodes
+    import matplotlib.pyplot as plt
+
+    train, evals = read_metrics(run_dir)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    steps = [r["step"] for r in train]
+    ax = axes[0, 0]
+    ax.plot(steps, [r["loss"] for r in train], label="train")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="validation")
+    ax.set(title="loss", xlabel="step", ylabel="cross-entropy")
+    ax.legend()
+    ax = axes[0, 1]
+    if evals:
+        es = [r["step"] for r in evals]
+        ax.plot(es, [1 - r["top1"] for r in evals], "o-", label="top-1 error")
+        ax.plot(es, [1 - r["top5"] for r in evals], "s-", label="top-5 error")
+        ax.legend()
+    ax.set(title="validation error", xlabel="step", ylim=(0, 1))
+    ax = axes[1, 0]
+    ax.plot(steps, [r["lr"] for r in train])
+    ax.set(title="learning rate", xlabel="step")
+    ax = axes[1, 1]
+    ax.plot(steps, [r["images_per_s"] for r in train], label="images/s")
+    ax.set(title="throughput", xlabel="step", ylabel="images/s")
+    fig.suptitle(os.path.basename(os.path.abspath(run_dir)))
+    fig.tight_layout()
+    fig.savefig(out + ".tmp.png", dpi=100)
+    os.replace(out + ".tmp.png", out)
+    plt.close(fig)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m mpiconvnet.plot", description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="PNG path (default RUN_DIR/training.png)")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    out = args.out or os.path.join(args.run_dir, "training.png")
+    try:
+        print(plot(args.run_dir, out))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"mpiconvnet.plot: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Train an AlexNet-class convnet on HDF5 shards, one MPI rank per GPU (or CPU process).
+
+    python -m mpiconvnet.train --data shards/ --out runs/a --model alexnet-mini --epochs 10 --global-batch 128
+    mpirun -np 4 python -m mpiconvnet.train --data shards/ --out runs/a --global-batch 256 --backend cuda
+    srun --mpi=pmi2 python -m mpiconvnet.train --config run.toml --resume auto
+
+Flags override the TOML file given by --config, which overrides the defaults; every flag
+is listed by --help. The resolved config is saved as RUN_DIR/config.json and in every
+checkpoint.
+
+Exit codes: 0 finished; 2 bad flags or data, nothing done; 3 a rank stopped answering;
+4 the loss became NaN/Inf (last good checkpoint kept); 75 stopped by SIGTERM/SIGUSR1
+after writing a checkpoint: run the same command with --resume auto to continue.
+"""
+import os
+import sys
+
+from mpiconvnet import checkpoint, distributed
+from mpiconvnet.config import ConfigError, help_text, resolve
+from mpiconvnet.data.shards import DatasetError
+from mpiconvnet.models import MODELS, ModelError
+from mpiconvnet.trainer import (EXIT_NONFINITE, EXIT_USAGE, MetricsLog, NonFiniteLoss, StopSignal, Trainer,
+                                open_datasets)
+
+
+def check_before_work(cfg, world, train_set):
+    """Everything that can be wrong with the inputs, found before the first step."""
+    if not cfg.data:
+        raise ConfigError("--data is required: a directory written by python -m preprocess")
+    if not cfg.out:
+        raise ConfigError("--out is required: the run directory for config, metrics and checkpoints")
+    if cfg.global_batch % world.size:
+        raise ConfigError(f"--global-batch {cfg.global_batch} does not divide by {world.size} ranks; "
+                          f"use a multiple of {world.size}")
+    input_size = MODELS[cfg.model].input_size
+    if train_set.image_size < input_size:
+        raise ConfigError(f"{cfg.data}: images are {train_set.image_size}px, model {cfg.model} crops "
+                          f"{input_size}px; repack with --size {max(256, input_size)} or pick a smaller model")
+    if cfg.resume and cfg.resume != "auto" and not os.path.isfile(cfg.resume):
+        raise ConfigError(f"--resume {cfg.resume}: no such checkpoint; give a file or 'auto'")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(__doc__.strip() + "\n\nflags (default, meaning):\n" + help_text())
+        return 0
+    try:
+        cfg = resolve(argv)
+    except ConfigError as e:
+        print(f"mpiconvnet.train: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    world = distributed.init(cfg.backend, cfg.threads, cfg.allow_gpu_sharing, need_threads=cfg.overlap)
+    try:
+        # every rank runs the same checks on the same inputs, so all of them stop together
+        if not cfg.data:
+            raise ConfigError("--data is required: a directory written by python -m preprocess")
+        train_set, val_set = open_datasets(cfg)
+        check_before_work(cfg, world, train_set)
+        trainer = Trainer(cfg, world, train_set, val_set)
+        resume_from = checkpoint.resolve_resume(cfg.resume, cfg.out)
+        if resume_from:
+            trainer.restore(resume_from)
+    except (ConfigError, DatasetError, ModelError, checkpoint.CheckpointError) as e:
+        if world.is_root:
+            print(f"mpiconvnet.train: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+    if world.is_root:
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            f.write(cfg.to_json() + "\n")
+    world.barrier()
+    if not resume_from:
+        trainer.broadcast_parameters()
+    stop = StopSignal()
+    log = MetricsLog(cfg.out, world.is_root, trainer.step if resume_from else None)
+    world.print(f"mpiconvnet: {cfg.model} ({trainer.net.num_parameters:,} parameters) on {world.size} rank(s), "
+                f"backend {cfg.backend}, global batch {cfg.global_batch}, {trainer.steps_per_epoch} steps/epoch"
+                + (f", resuming at step {trainer.step} from {resume_from}" if resume_from else ""))
+    progress = None
+    if world.is_root and cfg.progress:
+        from tqdm import tqdm
+        total = cfg.epochs * trainer.steps_per_epoch
+        total = min(total, cfg.max_steps) if cfg.max_steps else total
+        progress = tqdm(total=total, initial=trainer.step, unit="step", dynamic_ncols=True, file=sys.stderr)
+    try:
+        code = trainer.run(stop, progress, log)
+    except NonFiniteLoss as e:
+        if progress is not None:
+            progress.close()
+        world.print(f"mpiconvnet.train: {e}", file=sys.stderr)
+        return EXIT_NONFINITE
+    finally:
+        trainer.close()
+    if progress is not None:
+        progress.close()
+    world.print(f"run directory: {cfg.out} (config.json, metrics.jsonl, checkpoints/); "
+                f"plot with python -m mpiconvnet.plot {cfg.out}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

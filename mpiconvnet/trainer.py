@@ -1,0 +1,248 @@
+"""Synchronous data-parallel SGD: the training loop behind `python -m mpiconvnet.train`.
+
+Each step every rank computes gradients on its slice of the global batch; the gradient
+buckets are averaged over ranks while backward still runs; every rank applies the same
+update, so the replicas never diverge. With float64 and the same data, N ranks and one
+rank with the same global batch compute the same weights (tests/test_train_mpi.py).
+"""
+import json
+import math
+import os
+import signal
+import time
+
+import numpy as np
+
+from mpiconvnet import checkpoint
+from mpiconvnet.buckets import GradientBuckets, GradientReducer
+from mpiconvnet.config import from_dict
+from mpiconvnet.data.loader import BatchLoader
+from mpiconvnet.data.sampler import DistributedSampler
+from mpiconvnet.data.shards import ShardedDataset, load_index
+from mpiconvnet.distributed import Heartbeat
+from mpiconvnet.evaluation import evaluate
+from mpiconvnet.models import build_model
+from mpiconvnet.optim import SGD, LearningRate
+
+# exit codes a job script can act on (documented in README and jobs/README.md)
+EXIT_OK = 0
+EXIT_USAGE = 2          # bad flag, missing data, sizes that do not fit: nothing was done
+EXIT_STALLED = 3        # a rank stopped answering
+EXIT_NONFINITE = 4      # the loss became NaN or Inf; the last good checkpoint is untouched
+EXIT_PREEMPTED = 75     # SIGTERM/SIGUSR1: checkpoint written, run again with --resume auto
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class StopSignal:
+    """Remembers SIGTERM/SIGUSR1 (what SLURM sends before a time limit or preemption)."""
+
+    def __init__(self):
+        self.received = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per logged step and per evaluation (rank 0 writes)."""
+
+    def __init__(self, run_dir, enabled, resume_step=None):
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.enabled = enabled
+        if enabled and resume_step is not None and os.path.exists(self.path):
+            # a resumed run redoes the steps after its checkpoint: drop their old lines
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(self.path + ".tmp", self.path)
+
+    def write(self, record):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class Trainer:
+    def __init__(self, cfg, world, train_set, val_set):
+        self.cfg, self.world = cfg, world
+        self.train_set, self.val_set = train_set, val_set
+        self.batch_per_rank = cfg.global_batch // world.size
+        self.net = build_model(cfg.model, num_classes=train_set.num_classes, backend=cfg.backend,
+                               dtype=cfg.dtype, seed=cfg.seed)
+        ops = self.net.ops
+        self.buckets = GradientBuckets(ops, self.net.param_shapes, self.net.dtype, int(cfg.bucket_mb * 2**20))
+        self.net.use_gradient_arrays(self.buckets.views)
+        self.heartbeat = Heartbeat(world, cfg.stall_timeout)
+        self.reducer = GradientReducer(world, self.buckets, overlap=cfg.overlap,
+                                       cuda_aware=_cuda_aware(cfg.backend, world), timeout=cfg.stall_timeout,
+                                       on_stall=lambda: self.heartbeat.report_stall(self.step))
+        self.optimizer = SGD(ops, self.net.params, cfg.momentum, cfg.weight_decay, cfg.bias_lr_mult)
+        self.steps_per_epoch = self._sampler(0).steps_per_epoch
+        self.schedule = LearningRate(cfg, self.steps_per_epoch)
+        self.step = 0
+        self.best = {}
+
+    def _sampler(self, epoch):
+        return DistributedSampler(self.train_set.num_images, self.world.rank, self.world.size, self.cfg.seed,
+                                  epoch, self.batch_per_rank, self.cfg.drop_last)
+
+    # -- state ---------------------------------------------------------------------
+
+    def broadcast_parameters(self):
+        """Rank 0's weights everywhere (they agree by seed already; this makes it a fact)."""
+        if self.world.size == 1:
+            return
+        state = self.net.state_dict()
+        for name in self.net.param_shapes:
+            self.world.comm.Bcast(state[name], root=0)
+        self.net.load_state_dict(state)
+
+    def save_checkpoint(self):
+        if self.world.is_root:
+            meta = {"step": self.step, "epoch": self.step // self.steps_per_epoch,
+                    "step_in_epoch": self.step % self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch,
+                    "model": self.cfg.model, "num_classes": self.net.num_classes, "world_size": self.world.size,
+                    "config": self.cfg.to_dict(), "schedule": self.schedule.state_dict(),
+                    "rng": {"seed": self.cfg.seed, "note": "all draws are functions of (seed, epoch, step, rank)"}}
+            checkpoint.save(self.cfg.out, self.step, self.net.state_dict(), self.optimizer.state_dict(), meta,
+                            self.cfg.keep_checkpoints)
+        self.world.barrier()
+
+    def restore(self, path):
+        params, velocity, meta = checkpoint.load(path)
+        saved = from_dict(meta["config"])
+        for key in ("model", "global_batch", "seed", "drop_last", "dtype"):
+            if getattr(saved, key) != getattr(self.cfg, key):
+                raise checkpoint.CheckpointError(
+                    f"checkpoint {path} was made with {key}={getattr(saved, key)!r}, this run has "
+                    f"{getattr(self.cfg, key)!r}; resume with the same --{key.replace('_', '-')} or start a new --out")
+        if meta["steps_per_epoch"] != self.steps_per_epoch:
+            raise checkpoint.CheckpointError(f"checkpoint {path}: {meta['steps_per_epoch']} steps per epoch, this "
+                                             f"data set gives {self.steps_per_epoch}; resume on the same data")
+        self.net.load_state_dict(params, source=path)
+        self.optimizer.load_state_dict(velocity, source=path)
+        self.schedule.load_state_dict(meta["schedule"])
+        self.step = int(meta["step"])
+
+    # -- the loop --------------------------------------------------------------------
+
+    def train_step(self, images, labels, lr):
+        """One synchronous step; returns (mean loss over the global batch, exposed comm s)."""
+        self.reducer.begin()
+        loss, _ = self.net.loss_and_grads(images, labels, step=self.step,
+                                          sample_offset=self.world.rank * self.batch_per_rank,
+                                          on_grads_ready=self.reducer.grads_ready)
+        exposed = self.reducer.finish()
+        self.optimizer.step(self.net.grads, lr)
+        return loss, exposed
+
+    def run(self, stop, progress=None, log=None):
+        """Train until the last epoch, max_steps or a stop signal; returns an exit code."""
+        cfg, world = self.cfg, self.world
+        total_steps = cfg.epochs * self.steps_per_epoch
+        if cfg.max_steps:
+            total_steps = min(total_steps, cfg.max_steps)
+        window = {"loss": 0.0, "images": 0, "data": 0.0, "compute": 0.0, "comm": 0.0, "steps": 0, "t": time.perf_counter()}
+        while self.step < total_steps:
+            epoch, start = divmod(self.step, self.steps_per_epoch)
+            with BatchLoader(cfg.data, split="train", rank=world.rank, size=world.size,
+                             batch_per_rank=self.batch_per_rank, epoch=epoch, start_step=start, seed=cfg.seed,
+                             crop_size=self.net.input_size, train=True, mean=cfg.mean,
+                             divide_by_std=self.net.spec.standardize_input, pca_lighting=cfg.pca_lighting,
+                             drop_last=cfg.drop_last, workers=cfg.workers,
+                             prefetch=cfg.prefetch) as loader:
+                waited = loader.time_waiting
+                for _, images, labels in loader:
+                    self.heartbeat.beat(self.step)
+                    lr = self.schedule.at(self.step)
+                    t0 = time.perf_counter()
+                    loss, exposed = self.train_step(images, labels, lr)
+                    # one small collective per step: the global loss and whether any rank
+                    # was asked to stop, so every rank stops after the same step
+                    loss_sum, stop_votes = world.allreduce_sum(np.array([loss, 1.0 if stop.received else 0.0]))
+                    global_loss = loss_sum / world.size
+                    compute = time.perf_counter() - t0 - exposed
+                    if not math.isfinite(global_loss):
+                        raise NonFiniteLoss(f"loss became {global_loss} at step {self.step} (epoch {epoch}, lr {lr:g}); "
+                                            f"last good checkpoint kept in {checkpoint.checkpoint_dir(cfg.out)}; lower "
+                                            f"--lr or check the data's mean (a healthy first loss is ln(classes))")
+                    self.step += 1
+                    window["loss"] += global_loss
+                    window["images"] += cfg.global_batch
+                    window["data"] += loader.time_waiting - waited
+                    waited = loader.time_waiting
+                    window["compute"] += compute
+                    window["comm"] += exposed
+                    window["steps"] += 1
+                    if progress is not None:
+                        progress.update(1)
+                        progress.set_postfix(loss=f"{global_loss:.3f}", lr=f"{lr:.3g}")
+                    if self.step % cfg.log_every == 0 or self.step == total_steps:
+                        self._log_window(window, epoch, lr, log, progress)
+                    end_of_epoch = self.step % self.steps_per_epoch == 0
+                    if stop_votes > 0:
+                        self.save_checkpoint()
+                        world.print(f"stopped by {stop.received or 'a signal on another rank'} after step "
+                                    f"{self.step}; checkpoint written, continue with --resume auto")
+                        return EXIT_PREEMPTED
+                    if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or end_of_epoch \
+                            or self.step == total_steps:
+                        self.save_checkpoint()
+                    if end_of_epoch and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0:
+                        self._evaluate(epoch, log)
+                    if self.step == total_steps:
+                        break
+        if not (cfg.eval_every and self.step % self.steps_per_epoch == 0
+                and (self.step // self.steps_per_epoch) % cfg.eval_every == 0):
+            self._evaluate(self.step // self.steps_per_epoch, log)   # the final evaluation, if not just done
+        return EXIT_OK
+
+    def _log_window(self, window, epoch, lr, log, progress):
+        elapsed = time.perf_counter() - window["t"]
+        steps = max(window["steps"], 1)
+        record = {"kind": "train", "step": self.step, "epoch": epoch, "loss": window["loss"] / steps, "lr": lr,
+                  "images_per_s": window["images"] / max(elapsed, 1e-9),
+                  "time_data": window["data"] / steps, "time_compute": window["compute"] / steps,
+                  "time_comm": window["comm"] / steps, "time": time.time()}
+        if log is not None:
+            log.write(record)
+        if progress is not None:
+            progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.3g}", img_s=f"{record['images_per_s']:.0f}")
+        window.update(loss=0.0, images=0, data=0.0, compute=0.0, comm=0.0, steps=0, t=time.perf_counter())
+
+    def _evaluate(self, epoch, log):
+        if self.val_set is None:
+            return None
+        result = evaluate(self.net, self.world, self.cfg.data, self.batch_per_rank, crops=self.cfg.eval_crops,
+                          mean=self.cfg.mean, workers=self.cfg.workers, seed=self.cfg.seed)
+        self.schedule.report_evaluation(result["top1"])
+        record = {"kind": "eval", "step": self.step, "epoch": epoch, **result, "time": time.time()}
+        if log is not None:
+            log.write(record)
+        self.world.print(f"evaluation after step {self.step} (epoch {epoch}): top-1 {result['top1']:.4f}  "
+                         f"top-5 {result['top5']:.4f}  loss {result['loss']:.4f}  on {result['images']} images")
+        return result
+
+    def close(self):
+        self.reducer.close()
+
+
+def _cuda_aware(backend, world):
+    if backend != "cuda" or world.size == 1:
+        return False
+    from mpiconvnet.backends.cuda.mpi_cuda import cuda_aware_mpi
+    return cuda_aware_mpi()
+
+
+def open_datasets(cfg):
+    """The train split (required) and the val split (None when the data set has none)."""
+    train_set = ShardedDataset(cfg.data, "train")
+    # a data set packed without --val trains without evaluation
+    val_set = ShardedDataset(cfg.data, "val") if "val" in load_index(cfg.data)["splits"] else None
+    return train_set, val_set

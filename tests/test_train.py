@@ -1,0 +1,215 @@
+"""python -m mpiconvnet.train as users run it: one process and mpiexec -n 2, resume,
+signals, failures, bad input. Every run is a subprocess, so MPI starts fresh each time."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from tests.data_fixtures import write_tiny_dataset
+
+PYTHON = sys.executable
+MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+needs_mpiexec = pytest.mark.skipif(not os.path.exists(MPIEXEC), reason=f"no mpiexec next to {sys.executable}")
+ENV = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+TINY = ["--model", "alexnet-mini", "--workers", "0", "--progress", "false", "--log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    # 61 validation images: divides by neither 2 nor 3 ranks
+    return write_tiny_dataset(str(tmp_path_factory.mktemp("shards")), 96, 61, 5, 64, shard_size=20)
+
+
+def train(args, ranks=1, timeout=120, check=True):
+    command = ([MPIEXEC, "-n", str(ranks)] if ranks > 1 else []) + [PYTHON, "-m", "mpiconvnet.train"] + TINY + args
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def params_at(run, step):
+    with h5py.File(os.path.join(run, "checkpoints", f"ckpt-{step:08d}.h5"), "r") as f:
+        return {k: f["params"][k][()] for k in f["params"]}, {k: f["velocity"][k][()] for k in f["velocity"]}
+
+
+def evaluations(run):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["kind"] == "eval"]
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+def test_two_ranks_equal_one_rank_with_the_same_global_batch(data, tmp_path):
+    # synchronous SGD is the same maths: same samples, same dropout masks, averaged gradients
+    args = ["--data", data, "--global-batch", "8", "--dtype", "float64", "--max-steps", "4", "--lr", "0.05"]
+    train(args + ["--out", str(tmp_path / "one")])
+    train(args + ["--out", str(tmp_path / "two")], ranks=2)
+    one, _ = params_at(tmp_path / "one", 4)
+    two, _ = params_at(tmp_path / "two", 4)
+    start = {k: v for k, v in one.items()}
+    for name in one:
+        np.testing.assert_allclose(two[name], one[name], rtol=1e-12, atol=1e-14, err_msg=name)
+    assert any(np.abs(v).max() > 0 for v in start.values())
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+def test_evaluation_counts_every_image_once_on_three_ranks(data, tmp_path):
+    train(["--data", data, "--global-batch", "6", "--max-steps", "2", "--out", str(tmp_path / "run")], ranks=3)
+    one = subprocess.run([PYTHON, "-m", "mpiconvnet.evaluate", "--data", data, "--checkpoint", str(tmp_path / "run"),
+                          "--json", "--batch", "7"], env=ENV, capture_output=True, text=True, check=True)
+    three = subprocess.run([MPIEXEC, "-n", "3", PYTHON, "-m", "mpiconvnet.evaluate", "--data", data, "--checkpoint",
+                            str(tmp_path / "run"), "--json", "--batch", "7"],
+                           env=ENV, capture_output=True, text=True, check=True)
+    a, b = json.loads(one.stdout), json.loads(three.stdout)
+    assert a["images"] == b["images"] == 61
+    assert a["top1"] == b["top1"] and a["top5"] == b["top5"]
+    assert evaluations(tmp_path / "run")[-1]["images"] == 61
+
+
+@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=[pytest.mark.mpi, needs_mpiexec])])
+def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(data, tmp_path, ranks):
+    # 6 steps per epoch at global batch 16 with 96 images: step 7 is inside the second epoch
+    args = ["--data", data, "--global-batch", "16", "--epochs", "2", "--checkpoint-every", "7"]
+    train(args + ["--out", str(tmp_path / "whole")], ranks)
+    train(args + ["--out", str(tmp_path / "split"), "--max-steps", "7"], ranks)
+    train(args + ["--out", str(tmp_path / "split"), "--resume", "auto"], ranks)
+    for whole, split in zip(params_at(tmp_path / "whole", 12), params_at(tmp_path / "split", 12)):
+        for name in whole:
+            np.testing.assert_array_equal(split[name], whole[name], err_msg=name)
+    with open(tmp_path / "split" / "metrics.jsonl") as f:
+        steps = [r["step"] for r in map(json.loads, f) if r["kind"] == "train"]
+    assert steps == list(range(1, 13))   # the resumed run's lines continue, none repeated
+
+
+def _wait_for_checkpoint_then(proc, folder, action, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not (os.path.isdir(folder) and os.listdir(folder)):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.1)
+    action()
+
+
+def test_sigterm_checkpoints_and_the_run_resumes(data, tmp_path):
+    run = str(tmp_path / "run")
+    args = ["--data", data, "--global-batch", "16", "--epochs", "400", "--checkpoint-every", "2", "--out", run]
+    proc = subprocess.Popen([PYTHON, "-m", "mpiconvnet.train"] + TINY + args, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_checkpoint_then(proc, os.path.join(run, "checkpoints"), lambda: proc.send_signal(signal.SIGTERM))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err
+    assert "checkpoint written, continue with --resume auto" in out
+    stopped_at = max(int(f[5:13]) for f in os.listdir(os.path.join(run, "checkpoints")))
+    result = train(args[:-1] + [run, "--resume", "auto", "--max-steps", str(stopped_at + 3)])
+    assert f"resuming at step {stopped_at}" in result.stdout
+    params_at(run, stopped_at + 3)
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+def test_sigkill_of_one_rank_ends_all_ranks_promptly(data, tmp_path):
+    run = str(tmp_path / "run")
+    proc = subprocess.Popen([MPIEXEC, "-n", "2", PYTHON, "-m", "mpiconvnet.train"] + TINY +
+                            ["--data", data, "--global-batch", "16", "--epochs", "400", "--checkpoint-every", "2",
+                             "--out", run], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def kill_rank_one():
+        ranks = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "mpiconvnet.train"],
+                               capture_output=True, text=True).stdout.split()
+        if not ranks:   # hydra puts a proxy between mpiexec and the ranks
+            proxies = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+            ranks = [p for proxy in proxies for p in
+                     subprocess.run(["pgrep", "-P", proxy], capture_output=True, text=True).stdout.split()]
+        assert len(ranks) == 2, ranks
+        os.kill(int(sorted(ranks, key=int)[-1]), signal.SIGKILL)
+
+    _wait_for_checkpoint_then(proc, os.path.join(run, "checkpoints"), kill_rank_one)
+    start = time.monotonic()
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert time.monotonic() - start < 30
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+def test_a_stopped_rank_is_named_after_the_stall_timeout(data, tmp_path):
+    run = str(tmp_path / "run")
+    proc = subprocess.Popen([MPIEXEC, "-n", "2", PYTHON, "-m", "mpiconvnet.train"] + TINY +
+                            ["--data", data, "--global-batch", "16", "--epochs", "400", "--checkpoint-every", "2",
+                             "--stall-timeout", "3", "--out", run],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stopped = []
+
+    def stop_rank_one():
+        out = subprocess.run(["pgrep", "-f", "mpiconvnet.train"], capture_output=True, text=True).stdout.split()
+        ranks = [int(p) for p in out if int(p) != proc.pid and _is_descendant(int(p), proc.pid)]
+        ranks.sort()
+        os.kill(ranks[-1], signal.SIGSTOP)
+        stopped.append(ranks[-1])
+
+    try:
+        _wait_for_checkpoint_then(proc, os.path.join(run, "checkpoints"), stop_rank_one)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        for pid in stopped:
+            try:
+                os.kill(pid, signal.SIGCONT)
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert proc.returncode != 0
+    assert "rank 0: ranks [1] sent nothing for 3 s" in err or "no word from rank 0" in err, err
+
+
+def _is_descendant(pid, ancestor):
+    while pid > 1:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except FileNotFoundError:
+            return False
+        if pid == ancestor:
+            return True
+    return False
+
+
+def test_a_nonfinite_loss_stops_at_once_and_keeps_the_last_checkpoint(data, tmp_path):
+    run = str(tmp_path / "run")
+    result = train(["--data", data, "--global-batch", "16", "--epochs", "3", "--lr", "1e6", "--out", run], check=False)
+    assert result.returncode == 4, result.stderr
+    assert "loss became" in result.stderr and "at step" in result.stderr
+    assert not os.path.isdir(os.path.join(run, "checkpoints")) or all(
+        not f.endswith(".tmp") for f in os.listdir(os.path.join(run, "checkpoints")))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--global-batch", "16", "--bogus", "1"], "unknown flag --bogus"),
+    (["--global-batch", "sixteen"], "--global-batch expects int, got 'sixteen'"),
+    (["--model", "vgg"], "--model 'vgg' is not one of"),
+    (["--data", "/nonexistent/shards"], "/nonexistent/shards/dataset.json not found"),
+    (["--model", "alexnet"], "images are 64px, model alexnet crops 227px"),
+    (["--resume", "/nonexistent.h5"], "--resume /nonexistent.h5: no such checkpoint"),
+])
+def test_bad_input_is_one_line_and_exit_2(data, tmp_path, args, message):
+    base = ["--data", data, "--out", str(tmp_path / "run")]
+    result = train(base + args, check=False)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+def test_a_global_batch_that_does_not_divide_by_the_ranks_is_refused(data, tmp_path):
+    result = train(["--data", data, "--out", str(tmp_path / "run"), "--global-batch", "15"], ranks=2, check=False)
+    assert result.returncode == 2
+    assert "--global-batch 15 does not divide by 2 ranks" in result.stderr
