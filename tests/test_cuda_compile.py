@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from mpiconvnet.backends.cuda.context import KERNEL_DIR
+from mpiconvnet.backends.cuda.context import KERNEL_DIR, NVCC_OPTIONS
 
 KERNEL_FILES = sorted(f for f in os.listdir(KERNEL_DIR) if f.endswith(".cu"))
 NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
@@ -31,7 +31,7 @@ def test_kernel_file_opens_with_its_description(name):
 @pytest.mark.parametrize("name", KERNEL_FILES)
 def test_kernel_compiles_for_sm90(name, tmp_path):
     out = tmp_path / (name + ".cubin")
-    result = subprocess.run([NVCC, "-arch=sm_90", "-cubin", "-I", KERNEL_DIR, "-o", str(out),
+    result = subprocess.run([NVCC, "-arch=sm_90", "-cubin", *NVCC_OPTIONS, "-I", KERNEL_DIR, "-o", str(out),
                              os.path.join(KERNEL_DIR, name)], capture_output=True, text=True)
     assert result.returncode == 0, f"nvcc failed on {name}:\n{result.stderr}"
     assert out.stat().st_size > 0

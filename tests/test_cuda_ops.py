@@ -1,0 +1,337 @@
+"""Every CUDA backend op against the NumPy reference, on fresh random inputs.
+
+Needs a GPU, pycuda, cuBLAS and cuDNN; skipped with the reason otherwise. Run on a GPU
+node: pytest -m cuda tests/test_cuda_ops.py   (or scripts/gpu-check.sh, which does it all)
+
+Outputs are poisoned before each op: the memory pool is first handed NaN-filled blocks of
+the output's size, so an op that leaves part of its output unwritten fails here.
+"""
+import zlib
+
+import numpy as np
+import pytest
+
+from tests import tolerances as tol
+
+pytestmark = pytest.mark.cuda
+
+
+def _gpu_unavailable():
+    try:
+        import pycuda.driver as drv
+    except ImportError as e:
+        return f"pycuda is not installed ({e}); on a GPU node run scripts/gpu-check.sh"
+    try:
+        drv.init()
+        count = drv.Device.count()
+    except Exception as e:  # no driver, or a broken one
+        return f"no usable CUDA driver ({e})"
+    return None if count else "no CUDA device visible"
+
+
+UNAVAILABLE = _gpu_unavailable()
+
+
+@pytest.fixture(scope="module")
+def cb():
+    if UNAVAILABLE:
+        pytest.skip(UNAVAILABLE)
+    from mpiconvnet.backends import cuda
+    cuda.initialize(0, 1, False)
+    return cuda
+
+
+@pytest.fixture(scope="module")
+def nb():
+    from mpiconvnet.backends import numpy_backend
+    return numpy_backend
+
+
+@pytest.fixture
+def rng(request):
+    # a fresh stream per test, reproducible from the test's name
+    return np.random.default_rng(zlib.crc32(request.node.name.encode()))
+
+
+def poison(cb, shape, dtype, copies=3):
+    """Hand NaN-filled blocks of this size back to the pool, so the op's next empty() of
+    this size very likely gets one."""
+    fill = np.full(shape, np.nan, dtype) if np.dtype(dtype).kind == "f" else np.full(shape, -7, dtype)
+    blocks = [cb.to_device(fill) for _ in range(copies)]
+    cb.synchronize()
+    del blocks
+
+
+def close(dtype, kind="reduction"):
+    if np.dtype(dtype) == np.float64:
+        return tol.FLOAT64
+    return tol.REDUCTION_F32 if kind == "reduction" else tol.ELEMENTWISE_F32
+
+
+DTYPES = [np.float32, np.float64]
+
+# --- memory -----------------------------------------------------------------------------------
+
+
+def test_initialize_is_idempotent(cb):
+    assert cb.initialize(0, 1, False) == cb.initialize(0, 1, False)
+    assert cb.is_initialized()
+
+
+def test_memory_round_trips(cb, rng):
+    a = rng.standard_normal((3, 4, 5)).astype(np.float32)
+    d = cb.to_device(a)
+    assert d.shape == a.shape and d.dtype == a.dtype
+    np.testing.assert_array_equal(cb.to_host(d), a)
+    poison(cb, (3, 4, 5), np.float32)
+    z = cb.zeros((3, 4, 5), np.float32)
+    np.testing.assert_array_equal(cb.to_host(z), np.zeros_like(a))
+    e = cb.empty((3, 4, 5), np.float32)
+    cb.copy_into(e, d)
+    np.testing.assert_array_equal(cb.to_host(e), a)
+    labels = rng.integers(0, 1000, 17)
+    np.testing.assert_array_equal(cb.to_host(cb.to_device(labels)), labels)
+
+
+def test_flat_views_alias_the_buffer(cb, rng):
+    shapes = [(2, 3), (4,), (1, 2, 2)]
+    flat = cb.zeros((14,), np.float32)
+    views = cb.flat_views(flat, shapes)
+    parts = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    for view, part in zip(views, parts):
+        assert view.shape == part.shape
+        cb.copy_into(view, cb.to_device(part))
+    expected = np.concatenate([p.ravel() for p in parts] + [np.zeros(2, np.float32)])
+    np.testing.assert_array_equal(cb.to_host(flat), expected)
+    with pytest.raises(ValueError):
+        cb.flat_views(flat, [(15,)])
+
+
+def test_staging_copies(cb, rng):
+    a = rng.standard_normal(1000).astype(np.float32)
+    d = cb.to_device(a)
+    pinned = cb.pinned_host_empty((1000,), np.float32)
+    cb.copy_to_host(pinned, d)
+    np.testing.assert_array_equal(pinned, a)
+    pinned *= 2
+    cb.copy_from_host(d, pinned)
+    cb.synchronize()
+    np.testing.assert_array_equal(cb.to_host(d), 2 * a)
+    assert cb.HOST_MEMORY is False
+    iface = cb.mpi_buffer(d).__cuda_array_interface__
+    assert iface["data"][0] == d.ptr and iface["shape"] == (1000,) and iface["typestr"] == "<f4"
+
+
+# --- convolution ------------------------------------------------------------------------------
+
+CONV_CASES = [
+    # x shape, w shape, stride, pad, groups
+    ((2, 3, 19, 19), (8, 3, 5, 5), 2, 1, 1),
+    ((2, 8, 9, 9), (6, 4, 3, 3), 1, 1, 2),        # grouped, like AlexNet conv2/4/5
+    ((3, 4, 12, 12), (4, 4, 1, 1), 1, 0, 1),
+    ((2, 64, 13, 13), (32, 64, 3, 3), 1, 1, 1),   # 576-term sums: TF32 would show
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("x_shape, w_shape, stride, pad, groups", CONV_CASES)
+def test_conv(cb, nb, rng, dtype, x_shape, w_shape, stride, pad, groups):
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    b = rng.standard_normal(w_shape[0]).astype(dtype)
+    y_ref = nb.conv_forward(x, w, b, stride, pad, groups)
+    dy = rng.standard_normal(y_ref.shape).astype(dtype)
+    xd, wd, dyd = cb.to_device(x), cb.to_device(w), cb.to_device(dy)
+    poison(cb, y_ref.shape, dtype)
+    y = cb.conv_forward(xd, wd, cb.to_device(b), stride, pad, groups)
+    np.testing.assert_allclose(cb.to_host(y), y_ref, **close(dtype))
+    poison(cb, x_shape, dtype)
+    np.testing.assert_allclose(cb.to_host(cb.conv_backward_data(dyd, wd, x_shape, stride, pad, groups)),
+                               nb.conv_backward_data(dy, w, x_shape, stride, pad, groups), **close(dtype))
+    poison(cb, w_shape, dtype)
+    np.testing.assert_allclose(cb.to_host(cb.conv_backward_filter(xd, dyd, w_shape, stride, pad, groups)),
+                               nb.conv_backward_filter(x, dy, w_shape, stride, pad, groups), **close(dtype))
+    poison(cb, (w_shape[0],), dtype)
+    np.testing.assert_allclose(cb.to_host(cb.conv_backward_bias(dyd)), nb.conv_backward_bias(dy), **close(dtype))
+
+
+# --- ReLU, LRN, pooling -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu(cb, nb, rng, dtype):
+    x = rng.standard_normal((4, 5, 6, 7)).astype(dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    poison(cb, x.shape, dtype)
+    y = cb.relu_forward(cb.to_device(x))
+    np.testing.assert_array_equal(cb.to_host(y), nb.relu_forward(x))
+    poison(cb, x.shape, dtype)
+    dx = cb.relu_backward(y, cb.to_device(dy))
+    np.testing.assert_array_equal(cb.to_host(dx), nb.relu_backward(nb.relu_forward(x), dy))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", [5, 3, 4])   # odd: cuDNN; even: our kernel
+def test_lrn(cb, nb, rng, dtype, size):
+    # AlexNet's constants, with inputs scaled so the sum term matters against k
+    alpha, beta, k = 1e-2, 0.75, 2.0
+    x = (4 * rng.standard_normal((2, 11, 5, 6))).astype(dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    y_ref = nb.lrn_forward(x, size, alpha, beta, k)
+    poison(cb, x.shape, dtype)
+    y = cb.lrn_forward(cb.to_device(x), size, alpha, beta, k)
+    np.testing.assert_allclose(cb.to_host(y), y_ref, **close(dtype))
+    poison(cb, x.shape, dtype)
+    dx = cb.lrn_backward(cb.to_device(x), cb.to_device(y_ref), cb.to_device(dy), size, alpha, beta, k)
+    np.testing.assert_allclose(cb.to_host(dx), nb.lrn_backward(x, y_ref, dy, size, alpha, beta, k), **close(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, size, stride", [((2, 3, 13, 13), 3, 2), ((2, 2, 8, 9), 2, 2), ((1, 4, 7, 7), 3, 1)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_maxpool(cb, nb, rng, dtype, shape, size, stride, ties):
+    x = (rng.integers(0, 3, shape) if ties else rng.standard_normal(shape)).astype(dtype)
+    y_ref = nb.maxpool_forward(x, size, stride)
+    dy = rng.standard_normal(y_ref.shape).astype(dtype)
+    xd = cb.to_device(x)
+    poison(cb, y_ref.shape, dtype)
+    y = cb.maxpool_forward(xd, size, stride)
+    np.testing.assert_array_equal(cb.to_host(y), y_ref)
+    poison(cb, shape, dtype)
+    dx = cb.maxpool_backward(xd, y, cb.to_device(dy), size, stride)
+    # overlapping windows add up to 4 values, possibly in another order
+    np.testing.assert_allclose(cb.to_host(dx), nb.maxpool_backward(x, y_ref, dy, size, stride), **close(dtype, "elementwise"))
+
+
+# --- dropout ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p, seed, counter, offset", [(0.5, 1, 0, 0), (0.3, 2 ** 40 + 3, 17, 12345), (0.0, 5, 5, 0),
+                                                      (0.9, 7, 2 ** 33, 2 ** 32 - 10)])
+def test_dropout_matches_reference_bit_for_bit(cb, nb, rng, dtype, p, seed, counter, offset):
+    x = rng.standard_normal((8, 300)).astype(dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    y_ref, mask_ref = nb.dropout_forward(x, p, seed, counter, offset)
+    poison(cb, x.shape, dtype, copies=4)
+    y, mask = cb.dropout_forward(cb.to_device(x), p, seed, counter, offset)
+    mask_host = cb.to_host(mask)
+    assert mask_host.dtype == dtype
+    np.testing.assert_array_equal(mask_host, nb.dropout_keep(seed, counter, x.size, p, offset).reshape(x.shape).astype(dtype))
+    np.testing.assert_array_equal(mask_host, mask_ref)
+    np.testing.assert_array_equal(cb.to_host(y), y_ref)
+    poison(cb, x.shape, dtype)
+    dx = cb.dropout_backward(cb.to_device(dy), mask, p)
+    np.testing.assert_array_equal(cb.to_host(dx), nb.dropout_backward(dy, mask_ref, p))
+
+
+# --- dense ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n, f, o", [(64, 512, 256), (3, 7, 5), (1, 9216, 10)])
+def test_linear(cb, nb, rng, dtype, n, f, o):
+    x = rng.standard_normal((n, f)).astype(dtype)
+    w = rng.standard_normal((o, f)).astype(dtype)
+    b = rng.standard_normal(o).astype(dtype)
+    dy = rng.standard_normal((n, o)).astype(dtype)
+    xd, wd, dyd = cb.to_device(x), cb.to_device(w), cb.to_device(dy)
+    poison(cb, (n, o), dtype)
+    np.testing.assert_allclose(cb.to_host(cb.linear_forward(xd, wd, cb.to_device(b))), nb.linear_forward(x, w, b), **close(dtype))
+    poison(cb, (n, f), dtype)
+    np.testing.assert_allclose(cb.to_host(cb.linear_backward_data(dyd, wd)), nb.linear_backward_data(dy, w), **close(dtype))
+    poison(cb, (o, f), dtype)
+    np.testing.assert_allclose(cb.to_host(cb.linear_backward_filter(xd, dyd)), nb.linear_backward_filter(x, dy), **close(dtype))
+    poison(cb, (o,), dtype)
+    np.testing.assert_allclose(cb.to_host(cb.linear_backward_bias(dyd)), nb.linear_backward_bias(dy), **close(dtype))
+
+
+def test_tf32_switch_restores_float32(cb, nb, rng):
+    x = rng.standard_normal((64, 2048)).astype(np.float32)
+    w = rng.standard_normal((128, 2048)).astype(np.float32)
+    b = np.zeros(128, np.float32)
+    ref = nb.linear_forward(x, w, b)
+    xd, wd, bd = cb.to_device(x), cb.to_device(w), cb.to_device(b)
+    cb.set_tf32(True)
+    try:
+        loose = cb.to_host(cb.linear_forward(xd, wd, bd))
+        # TF32 keeps 10 mantissa bits: still close at the percent level
+        np.testing.assert_allclose(loose, ref, rtol=5e-2, atol=5e-1)
+    finally:
+        cb.set_tf32(False)
+    np.testing.assert_allclose(cb.to_host(cb.linear_forward(xd, wd, bd)), ref, **tol.REDUCTION_F32)
+
+
+# --- loss and metrics -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n, classes, scale", [(32, 1000, 1.0), (5, 10, 40.0), (1, 3, 1.0)])
+def test_softmax_cross_entropy(cb, nb, rng, dtype, n, classes, scale):
+    logits = (scale * rng.standard_normal((n, classes))).astype(dtype)
+    labels = rng.integers(0, classes, n)
+    loss_ref, dlogits_ref = nb.softmax_cross_entropy(logits, labels)
+    poison(cb, (n, classes), dtype)
+    loss, dlogits = cb.softmax_cross_entropy(cb.to_device(logits), labels)
+    assert isinstance(loss, float)
+    np.testing.assert_allclose(loss, loss_ref, **close(dtype))
+    np.testing.assert_allclose(cb.to_host(dlogits), dlogits_ref, **close(dtype))
+    with pytest.raises(ValueError):
+        cb.softmax_cross_entropy(cb.to_device(logits), np.full(n, classes))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ties", [False, True])
+def test_topk_correct(cb, nb, rng, dtype, ties):
+    logits = (rng.integers(0, 4, (50, 20)) if ties else rng.standard_normal((50, 20))).astype(dtype)
+    labels = rng.integers(0, 20, 50)
+    assert cb.topk_correct(cb.to_device(logits), labels, (1, 5)) == nb.topk_correct(logits, labels, (1, 5))
+
+
+# --- update -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sgd_momentum_update(cb, nb, rng, dtype):
+    param, grad, velocity = (rng.standard_normal((37, 11)).astype(dtype) for _ in range(3))
+    pd, gd, vd = cb.to_device(param), cb.to_device(grad), cb.to_device(velocity)
+    for _ in range(3):
+        nb.sgd_momentum_update(param, grad, velocity, 0.01, 0.9, 5e-4)
+        cb.sgd_momentum_update(pd, gd, vd, 0.01, 0.9, 5e-4)
+    np.testing.assert_allclose(cb.to_host(pd), param, **close(dtype, "elementwise"))
+    np.testing.assert_allclose(cb.to_host(vd), velocity, **close(dtype, "elementwise"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scale(cb, nb, rng, dtype):
+    a = rng.standard_normal(1001).astype(dtype)
+    d = cb.to_device(a)
+    cb.scale_(d, 0.25)
+    nb.scale_(a, 0.25)
+    np.testing.assert_array_equal(cb.to_host(d), a)
+
+
+# --- augmentation -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mean_kind", ["channel", "image"])
+def test_crop_flip_normalize(cb, rng, mean_kind):
+    n, side, size = 6, 20, 13
+    images = rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8)
+    tops, lefts = rng.integers(0, side - size + 1, n), rng.integers(0, side - size + 1, n)
+    flips = rng.integers(0, 2, n).astype(bool)
+    mean = rng.uniform(50, 200, 3 if mean_kind == "channel" else (side, side, 3)).astype(np.float32)
+    std = np.array([58.4, 57.1, 57.4], np.float32)
+    expected = np.empty((n, 3, size, size), np.float32)
+    full_mean = np.broadcast_to(mean, (side, side, 3))
+    for i in range(n):
+        crop = images[i, tops[i]:tops[i] + size, lefts[i]:lefts[i] + size].astype(np.float32)
+        crop = crop - full_mean[tops[i]:tops[i] + size, lefts[i]:lefts[i] + size]
+        if flips[i]:
+            crop = crop[:, ::-1]
+        expected[i] = (crop * (1.0 / std.astype(np.float64)).astype(np.float32)).transpose(2, 0, 1)
+    poison(cb, expected.shape, np.float32)
+    out = cb.crop_flip_normalize(images, tops, lefts, flips, size, mean, std)
+    np.testing.assert_allclose(cb.to_host(out), expected, **tol.ELEMENTWISE_F32)
+    with pytest.raises(ValueError):
+        cb.crop_flip_normalize(images, tops + side, lefts, flips, size, mean, std)
