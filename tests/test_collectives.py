@@ -1,0 +1,77 @@
+"""Gradient allreduce over buckets. Runs under plain pytest (one rank) and under
+`mpiexec -n 2 python -m pytest tests/test_collectives.py` (.ci/run does both)."""
+import numpy as np
+import pytest
+
+from mpiconvnet import distributed
+from mpiconvnet.backends import numpy_backend as ops
+from mpiconvnet.buckets import GradientBuckets, GradientReducer, plan_buckets
+from mpiconvnet.models import build_layers
+
+pytestmark = pytest.mark.mpi
+
+
+@pytest.fixture(scope="module")
+def world():
+    return distributed.init("numpy", threads=1)
+
+
+SHAPES = {"conv1.weight": (8, 3, 3, 3), "conv1.bias": (8,), "fc6.weight": (50, 72), "fc6.bias": (50,),
+          "fc8.weight": (10, 50), "fc8.bias": (10,)}
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_rank_valued_allreduce_gives_the_mean_rank_twice(world, overlap):
+    # rank r contributes r everywhere: the average is (size - 1) / 2. Twice, because lazy
+    # set-up bugs (buffers registered on first use) show only on the second call.
+    buckets = GradientBuckets(ops, SHAPES, np.float32, bucket_bytes=4000)
+    assert len(buckets.buffers) > 2
+    reducer = GradientReducer(world, buckets, overlap=overlap)
+    try:
+        for _ in range(2):
+            for buf in buckets.buffers:
+                buf[...] = world.rank
+            reducer.begin()
+            for name in reversed(list(SHAPES)):   # backward order, one layer at a time
+                reducer.grads_ready([name])
+            reducer.finish()
+            for name, view in buckets.views.items():
+                np.testing.assert_array_equal(view, np.full(SHAPES[name], (world.size - 1) / 2, np.float32), name)
+    finally:
+        reducer.close()
+
+
+def test_a_bucket_left_incomplete_is_an_error(world):
+    buckets = GradientBuckets(ops, SHAPES, np.float32, bucket_bytes=4000)
+    reducer = GradientReducer(world, buckets, overlap=False)
+    reducer.begin()
+    reducer.grads_ready(["fc8.weight"])
+    with pytest.raises(RuntimeError, match="did not report gradients"):
+        reducer.finish()
+
+
+def test_gradients_are_views_into_the_buckets():
+    buckets = GradientBuckets(ops, SHAPES, np.float32, bucket_bytes=4000)
+    buckets.views["fc8.bias"][...] = 7
+    b = buckets.bucket_of["fc8.bias"]
+    assert (buckets.buffers[b] == 7).sum() == 10
+
+
+def test_buckets_follow_reverse_layer_order_and_size():
+    _, shapes = build_layers("alexnet", 1000, ops=None)
+    plan = plan_buckets(shapes, 4, 25 * 2**20)
+    assert plan[0][0] == "fc8.bias"                       # the first gradient backward produces
+    assert plan[-1][-1] == "conv1.weight"                 # the last one
+    assert [n for bucket in plan for n in bucket] == list(reversed(list(shapes)))
+    assert ["fc6.weight"] in plan                         # 151 MB: a bucket of its own
+    for bucket in plan:
+        size = sum(int(np.prod(shapes[n])) * 4 for n in bucket)
+        assert size <= 25 * 2**20 or len(bucket) == 1
+
+
+def test_local_rank_from_launcher_variables():
+    assert distributed.local_rank_from_environment({"SLURM_LOCALID": "3", "SLURM_NTASKS_PER_NODE": "4(x2)"}) == (3, 4)
+    assert distributed.local_rank_from_environment({"OMPI_COMM_WORLD_LOCAL_RANK": "1",
+                                                    "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}) == (1, 2)
+    assert distributed.local_rank_from_environment({"MPI_LOCALRANKID": "0", "MPI_LOCALNRANKS": "8"}) == (0, 8)
+    assert distributed.local_rank_from_environment({}) == (None, None)

@@ -1,0 +1,79 @@
+"""The typed config (defaults < TOML < flags) and the optimiser's maths and schedules."""
+import math
+
+import numpy as np
+import pytest
+
+from mpiconvnet.backends import numpy_backend as ops
+from mpiconvnet.config import Config, ConfigError, from_dict, resolve
+from mpiconvnet.optim import SGD, LearningRate
+
+
+def test_flags_override_toml_which_overrides_defaults(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('global_batch = 128\nlr = 0.02\nmodel = "alexnet-mini"\noverlap = false\n')
+    cfg = resolve(["--config", str(toml), "--lr", "0.5", "--drop-last", "false"])
+    assert (cfg.global_batch, cfg.lr, cfg.model, cfg.overlap, cfg.drop_last) == (128, 0.5, "alexnet-mini", False, False)
+    assert cfg.epochs == Config().epochs
+    assert from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "2.5"], "--epochs expects int, got '2.5'"),
+    (["--nope", "1"], "unknown flag --nope"),
+    (["--schedule", "cosine"], "--schedule 'cosine' is not one of"),
+    (["--global-batch", "0"], "--global-batch must be at least 1"),
+    (["--lr"], "flag --lr needs a value"),
+    (["--lr-milestones", "30,x"], "--lr-milestones"),
+])
+def test_bad_flags_are_named(argv, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        resolve(argv)
+
+
+def test_bad_toml_key_names_the_file(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text("globalbatch = 1\n")
+    with pytest.raises(ConfigError, match=f"{toml}: unknown key 'globalbatch'"):
+        resolve(["--config", str(toml)])
+
+
+def test_sgd_is_krizhevskys_update_with_weight_decay_on_weights_only():
+    rng = np.random.default_rng(0)
+    params = {"fc.weight": rng.normal(size=(3, 4)), "fc.bias": rng.normal(size=3)}
+    start = {k: v.copy() for k, v in params.items()}
+    grads = {k: rng.normal(size=v.shape) for k, v in params.items()}
+    opt = SGD(ops, params, momentum=0.9, weight_decay=0.1, bias_lr_mult=2.0)
+    opt.step(grads, lr=0.5)
+    opt.step(grads, lr=0.5)
+    for name, lr, wd in (("fc.weight", 0.5, 0.1), ("fc.bias", 1.0, 0.0)):
+        w, v = start[name].copy(), np.zeros_like(start[name])
+        for _ in range(2):
+            v = 0.9 * v + lr * (grads[name] + wd * w)
+            w = w - v
+        np.testing.assert_allclose(params[name], w, rtol=1e-12)
+        np.testing.assert_allclose(opt.state_dict()[name], v, rtol=1e-12)
+
+
+def schedule(**overrides):
+    return LearningRate(resolve([f"--{k.replace('_', '-')}={v}" for k, v in overrides.items()]), steps_per_epoch=10)
+
+
+def test_step_multistep_and_warmup_schedules():
+    s = schedule(lr=0.1, schedule="step", lr_step_epochs=2)
+    assert [s.at(e * 10) for e in (0, 1, 2, 4)] == pytest.approx([0.1, 0.1, 0.01, 0.001])
+    s = schedule(lr=0.1, schedule="multistep", lr_milestones="1,3")
+    assert [s.at(e * 10) for e in (0, 1, 2, 3)] == pytest.approx([0.1, 0.01, 0.01, 0.001])
+    # linear scaling rule and a 2-epoch warm-up from lr/10 (Goyal et al.)
+    s = schedule(lr=0.1, schedule="constant", global_batch=512, lr_scale_by_batch=256, warmup_epochs=2)
+    assert s.at(0) == pytest.approx(0.02) and s.at(10) == pytest.approx(0.02 + 0.18 / 2) and s.at(20) == pytest.approx(0.2)
+
+
+def test_plateau_drops_when_top1_stops_improving_and_survives_a_resume():
+    s = schedule(lr=0.1, schedule="plateau", plateau_patience=2)
+    for top1 in (0.1, 0.2, 0.2, 0.19):
+        s.report_evaluation(top1)
+    assert s.at(100) == pytest.approx(0.01)
+    t = schedule(lr=0.1, schedule="plateau", plateau_patience=2)
+    t.load_state_dict(s.state_dict())
+    assert t.at(100) == s.at(100) and not math.isinf(t.best_top1)
