@@ -1,0 +1,144 @@
+"""ImageNet inputs: original archives and extracted folders give the same shards; the
+validation labels go through meta.mat's leaf synsets, not ILSVRC2012_ID order."""
+import io
+import json
+import os
+import tarfile
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+from scipy.io import loadmat
+
+from mpiconvnet.data.shards import ShardedDataset
+from preprocess.__main__ import main
+from preprocess.imagenet import leaf_synsets, validation_labels
+from preprocess.synth import add_bytes, meta_mat_bytes
+
+PACK = ["--image-size", "32", "--shard-size", "16", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    root = tmp_path_factory.mktemp("release")
+    assert main(["synth", "--out", str(root), "--classes", "4", "--per-class", "10", "--val-per-class", "3",
+                 "--size", "40x30", "--layout", "imagenet", "--seed", "3"]) == 0
+    return root
+
+
+def extract_like_a_user(release, folders):
+    """The folders a user gets from the usual `tar xf` steps (done here with tarfile)."""
+    train = folders / "train"
+    with tarfile.open(release / "ILSVRC2012_img_train.tar") as outer:
+        for member in outer:
+            wnid = member.name[:-4]
+            with tarfile.open(fileobj=outer.extractfile(member)) as inner:
+                (train / wnid).mkdir(parents=True)
+                for image in inner:
+                    (train / wnid / image.name).write_bytes(inner.extractfile(image).read())
+    val = folders / "val"
+    val.mkdir()
+    with tarfile.open(release / "ILSVRC2012_img_val.tar") as archive:
+        for member in archive:
+            (val / member.name).write_bytes(archive.extractfile(member).read())
+    devkit = folders / "devkit"
+    with tarfile.open(release / "ILSVRC2012_devkit_t12.tar.gz") as archive:
+        for member in archive:
+            target = devkit / member.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(archive.extractfile(member).read())
+    return train, val, devkit
+
+
+def test_archives_and_folders_give_identical_shards(release, tmp_path):
+    from_tars = tmp_path / "from-tars"
+    assert main(["imagenet", "--train", str(release / "ILSVRC2012_img_train.tar"),
+                 "--val", str(release / "ILSVRC2012_img_val.tar"),
+                 "--devkit", str(release / "ILSVRC2012_devkit_t12.tar.gz"), "--out", str(from_tars)] + PACK) == 0
+    train, val, devkit = extract_like_a_user(release, tmp_path / "extracted")
+    from_folders = tmp_path / "from-folders"
+    assert main(["imagenet", "--train", str(train), "--val", str(val), "--devkit", str(devkit),
+                 "--out", str(from_folders)] + PACK) == 0
+    a, b = (json.loads((d / "dataset.json").read_text()) for d in (from_tars, from_folders))
+    assert a == b          # includes every shard file's sha256
+    assert a["splits"]["train"]["num_images"] == 40 and a["splits"]["val"]["num_images"] == 12
+    assert a["skipped"] == 0   # the CMYK, PNG-named-.JPEG and grayscale traps all decode
+    ds = ShardedDataset(from_tars, "train")
+    assert len(set(ds.labels[:16].tolist())) > 1, "shards must mix classes"
+
+
+def test_synthetic_devkit_order_is_not_sorted_order(release):
+    with tarfile.open(release / "ILSVRC2012_devkit_t12.tar.gz") as archive:
+        meta = archive.extractfile("ILSVRC2012_devkit_t12/data/meta.mat").read()
+    synsets = loadmat(io.BytesIO(meta), squeeze_me=True)["synsets"]
+    leaves = [(int(s["ILSVRC2012_ID"]), str(s["WNID"])) for s in synsets if int(s["num_children"]) == 0]
+    by_id = [wnid for _, wnid in sorted(leaves)]
+    assert by_id != sorted(by_id)
+    assert any(int(s["num_children"]) > 0 for s in synsets)
+
+
+def hand_made_release(root):
+    """3 classes whose ID order (n03, n01, n02) differs from sorted order, a non-leaf synset
+    sorting first (n00), and validation images whose classes we know from their colour."""
+    colours = {"n01": (250, 0, 0), "n02": (0, 250, 0), "n03": (0, 0, 250)}
+    ids = {"n03": 1, "n01": 2, "n02": 3}
+    train = root / "train"
+    for wnid, colour in colours.items():
+        (train / wnid).mkdir(parents=True)
+        for k in range(2):
+            Image.new("RGB", (40, 30), colour).save(train / wnid / f"{wnid}_{k}.JPEG", "JPEG")
+    val_order = ["n02", "n03", "n01", "n01"]
+    with tarfile.open(root / "val.tar", "w") as archive:
+        for k, wnid in enumerate(val_order, start=1):
+            stream = io.BytesIO()
+            Image.new("RGB", (30, 40), colours[wnid]).save(stream, "JPEG")
+            add_bytes(archive, f"ILSVRC2012_val_{k:08d}.JPEG", stream.getvalue())
+    devkit = root / "devkit" / "data"
+    devkit.mkdir(parents=True)
+    (devkit / "meta.mat").write_bytes(meta_mat_bytes(ids, ["n00"]))
+    (devkit / "ILSVRC2012_validation_ground_truth.txt").write_text("".join(f"{ids[w]}\n" for w in val_order))
+    return train, root / "val.tar", root / "devkit", val_order
+
+
+def test_validation_labels_follow_the_wnid_not_the_id(tmp_path):
+    train, val, devkit, val_order = hand_made_release(tmp_path)
+    out = tmp_path / "out"
+    assert main(["imagenet", "--train", str(train), "--val", str(val), "--devkit", str(devkit),
+                 "--out", str(out)] + PACK) == 0
+    ds = ShardedDataset(out, "val")
+    assert ds.classes == ["n01", "n02", "n03"]
+    with h5py.File(out / "val-00000.h5") as shard:
+        by_index = dict(zip(shard["index"][()].tolist(), shard["labels"][()].tolist()))
+    # the sorted source list is val images 1..4; their wnids sort to these labels
+    assert [by_index[k] for k in range(4)] == [{"n01": 0, "n02": 1, "n03": 2}[w] for w in val_order]
+    # and each label's colour is the class's colour: red n01, green n02, blue n03
+    images = ds.read(np.arange(ds.num_images))
+    for image, label in zip(images, ds.labels):
+        assert int(np.argmax(image.reshape(-1, 3).mean(axis=0))) == label
+
+
+def test_label_mapping_skips_non_leaf_synsets():
+    meta = meta_mat_bytes({"n05": 1, "n02": 2}, ["n01", "n03"])
+    leaves = leaf_synsets(meta)
+    assert sorted(w for w, _ in leaves.values()) == ["n02", "n05"]
+    assert validation_labels("2\n1\n2\n", leaves, ["n02", "n05"]).tolist() == [0, 1, 0]
+
+
+def test_val_sorted_into_class_folders_needs_no_devkit(tmp_path):
+    train, _, _, _ = hand_made_release(tmp_path)
+    val = tmp_path / "val-sorted" / "n02"
+    val.mkdir(parents=True)
+    Image.new("RGB", (40, 30), (0, 250, 0)).save(val / "x.JPEG", "JPEG")
+    out = tmp_path / "out"
+    assert main(["imagenet", "--train", str(train), "--val", str(val.parent), "--out", str(out)] + PACK) == 0
+    assert ShardedDataset(out, "val").labels.tolist() == [1]
+
+
+def test_bad_devkit_paths_are_named(tmp_path, capsys):
+    train, val, _, _ = hand_made_release(tmp_path)
+    code = main(["imagenet", "--train", str(train), "--val", str(val), "--devkit", str(tmp_path / "nope"),
+                 "--out", str(tmp_path / "out")] + PACK)
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "--devkit" in error and "does not exist" in error

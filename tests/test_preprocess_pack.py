@@ -1,0 +1,164 @@
+"""Packing class folders: bad inputs skipped and listed, exit codes, resume after a kill,
+and the same data set from 1 worker, 2 workers, 2 MPI ranks and 2 array tasks."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mpiconvnet.data.shards import ShardedDataset, file_sha256
+from preprocess.__main__ import main
+
+PACK = ["--image-size", "32", "--shard-size", "8", "--no-progress"]
+BAD = {  # file name -> (bytes, reason expected in skipped.tsv)
+    "empty.jpg": (b"", "empty file"),
+    "notes.jpg": (b"shopping list: eggs, milk\n", "not an image"),
+    "truncated.jpg": (None, "truncated"),
+    "bomb.png": (None, "decompression bomb"),
+}
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tree")
+    assert main(["synth", "--out", str(root), "--classes", "3", "--per-class", "9", "--val-per-class", "2",
+                 "--size", "40x30"]) == 0
+    return root
+
+
+def add_bad_inputs(train):
+    folder = train / sorted(os.listdir(train))[0]
+    good = sorted(folder.iterdir())[0].read_bytes()
+    for name, (data, _) in BAD.items():
+        if name == "truncated.jpg":
+            data = good[: len(good) // 2]
+        if name == "bomb.png":
+            import io
+            stream = io.BytesIO()
+            Image.new("1", (12000, 12000)).save(stream, "PNG")   # 144 M pixels, a few kB on disk
+            data = stream.getvalue()
+        (folder / name).write_bytes(data)
+    # a dangling link cannot be read even by root (a mode-000 file can)
+    (folder / "unreadable.jpg").symlink_to(folder / "deleted-meanwhile.jpg")
+    return folder
+
+
+def test_every_bad_input_is_skipped_and_listed(tree, tmp_path, capsys):
+    train = tmp_path / "train"
+    shutil.copytree(tree / "train", train)
+    add_bad_inputs(train)
+    out = tmp_path / "out"
+    assert main(["folder", "--train", str(train), "--out", str(out), "--max-pixels", "100000000"] + PACK) == 0
+    rows = [line.split("\t") for line in (out / "skipped.tsv").read_text().splitlines()[1:]]
+    reasons = {source.rsplit("/", 1)[-1]: reason for _, source, reason in rows}
+    for name, (_, reason) in BAD.items():
+        assert reason in reasons.pop(name), name
+    assert "unreadable" in reasons.pop("unreadable.jpg")
+    assert reasons == {}
+    index = json.loads((out / "dataset.json").read_text())
+    assert index["splits"]["train"]["num_images"] == 27 and index["skipped"] == len(rows)
+    assert f"skipped {len(rows)}" in capsys.readouterr().out
+    # --strict packs the same set but exits 1
+    assert main(["folder", "--train", str(train), "--out", str(tmp_path / "strict"), "--strict",
+                 "--max-pixels", "100000000"] + PACK) == 1
+
+
+def test_nothing_usable_exits_non_zero(tmp_path):
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    (tmp_path / "train" / "a" / "x.jpg").write_bytes(b"")
+    assert main(["folder", "--train", str(tmp_path / "train"), "--out", str(tmp_path / "out")] + PACK) == 1
+    assert main(["folder", "--train", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")] + PACK) == 2
+
+
+def test_a_different_command_into_the_same_folder_is_refused(tree, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["folder", "--train", str(tree / "train"), "--out", str(out)] + PACK) == 0
+    assert main(["folder", "--train", str(tree / "train"), "--out", str(out), "--seed", "5"] + PACK) == 2
+    assert "different seed" in capsys.readouterr().err
+
+
+def test_jpeg_format_reads_back_close_to_raw(tree, tmp_path):
+    raw, jpeg = tmp_path / "raw", tmp_path / "jpeg"
+    assert main(["folder", "--train", str(tree / "train"), "--out", str(raw)] + PACK) == 0
+    assert main(["folder", "--train", str(tree / "train"), "--out", str(jpeg), "--format", "jpeg",
+                 "--quality", "95"] + PACK) == 0
+    a, b = ShardedDataset(raw, "train"), ShardedDataset(jpeg, "train")
+    np.testing.assert_array_equal(a.labels, b.labels)
+    order = np.arange(a.num_images)[::-1]
+    difference = np.abs(a.read(order).astype(int) - b.read(order).astype(int))
+    assert difference.mean() < 6     # noisy synthetic images at q95
+    np.testing.assert_allclose(a.mean, b.mean)   # statistics come from the same pixels
+
+
+def preprocess_command(*argv):
+    return [sys.executable, "-m", "preprocess", *argv]
+
+
+def quiet_env():
+    return dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def half_written(out):
+    return out.exists() and any(name.endswith(".h5.tmp") for name in os.listdir(out))
+
+
+def test_resume_after_a_kill_mid_shard(tmp_path):
+    # large enough images that a shard takes a visible time, so the kill lands inside one
+    source = tmp_path / "src"
+    assert main(["synth", "--out", str(source), "--classes", "2", "--per-class", "40", "--val-per-class", "1",
+                 "--size", "400x300"]) == 0
+    argv = ["folder", "--train", str(source / "train"), "--image-size", "64", "--shard-size", "10", "--no-progress"]
+    out = tmp_path / "killed"
+    process = subprocess.Popen(preprocess_command(*argv, "--out", str(out)), env=quiet_env())
+    deadline = time.time() + 60
+    while time.time() < deadline and not half_written(out):
+        time.sleep(0.002)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    names = os.listdir(out)
+    assert half_written(out) and "dataset.json" not in names, "the kill did not land inside a shard"
+    # every shard under its final name is whole: it matches its receipt
+    for name in names:
+        if name.endswith(".h5"):
+            receipt = json.loads((out / ".pack" / f"{name}.json").read_text())
+            assert receipt["sha256"] == file_sha256(out / name)
+    finished_before = {n for n in names if n.endswith(".h5")}
+    assert main([*argv, "--out", str(out)]) == 0
+    assert main(["verify", str(out)]) == 0
+    reference = tmp_path / "uninterrupted"
+    assert main([*argv, "--out", str(reference)]) == 0
+    assert json.loads((out / "dataset.json").read_text()) == json.loads((reference / "dataset.json").read_text())
+    assert not any(n.endswith(".tmp") for n in os.listdir(out))
+    assert len(finished_before) < 8
+
+
+def test_two_workers_and_two_array_tasks_give_the_same_data_set(tree, tmp_path):
+    base = ["folder", "--train", str(tree / "train"), "--val", str(tree / "val")] + PACK
+    assert main([*base, "--out", str(tmp_path / "one")]) == 0
+    assert main([*base, "--out", str(tmp_path / "two"), "--workers", "2"]) == 0
+    assert main([*base, "--out", str(tmp_path / "array"), "--rank", "1", "--size", "2"]) == 0
+    assert not (tmp_path / "array" / "dataset.json").exists()     # task 0 has not run yet
+    assert main([*base, "--out", str(tmp_path / "array"), "--rank", "0", "--size", "2"]) == 0
+    one = (tmp_path / "one" / "dataset.json").read_text()
+    assert one == (tmp_path / "two" / "dataset.json").read_text()
+    assert one == (tmp_path / "array" / "dataset.json").read_text()
+
+
+@pytest.mark.mpi
+def test_mpiexec_two_ranks_give_the_same_data_set(tree, tmp_path):
+    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    if not os.path.exists(mpiexec):
+        pytest.skip(f"no mpiexec next to {sys.executable}; pip install mpich")
+    base = ["folder", "--train", str(tree / "train"), "--val", str(tree / "val")] + PACK
+    assert main([*base, "--out", str(tmp_path / "one")]) == 0
+    run = subprocess.run([mpiexec, "-n", "2", *preprocess_command(*base, "--out", str(tmp_path / "mpi"))],
+                         env=quiet_env(), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "one" / "dataset.json").read_text() == (tmp_path / "mpi" / "dataset.json").read_text()
+    assert run.stdout.count("preprocess: packed") == 1      # only rank 0 merges and reports

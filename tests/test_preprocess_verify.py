@@ -1,0 +1,81 @@
+"""verify re-reads every shard and names the first bad file."""
+import json
+import os
+
+import h5py
+import pytest
+
+from mpiconvnet.data.shards import file_sha256
+from preprocess.__main__ import main
+
+
+@pytest.fixture(params=["raw", "jpeg"])
+def packed(tmp_path, request):
+    source = tmp_path / "src"
+    assert main(["synth", "--out", str(source), "--classes", "3", "--per-class", "6", "--size", "40x30"]) == 0
+    out = tmp_path / "out"
+    assert main(["folder", "--train", str(source / "train"), "--val", str(source / "val"), "--out", str(out),
+                 "--image-size", "32", "--shard-size", "8", "--format", request.param, "--no-progress"]) == 0
+    return out
+
+
+def image_data_offset(path):
+    """Byte offset of the first pixel data in a shard file (raw images or jpeg bytes)."""
+    with h5py.File(path, "r") as shard:
+        data = shard["images"] if "images" in shard else shard["jpeg"]
+        return data.id.get_chunk_info(0).byte_offset if data.chunks else data.id.get_offset()
+
+
+def verify_error(out, capsys):
+    code = main(["verify", str(out)])
+    return code, capsys.readouterr().err
+
+
+def test_a_good_data_set_passes(packed, capsys):
+    assert main(["verify", str(packed)]) == 0
+    assert "all 21 images ok" in capsys.readouterr().out
+
+
+def test_a_truncated_shard_is_named(packed, capsys):
+    path = packed / "train-00001.h5"
+    size = os.path.getsize(path)
+    with open(path, "r+b") as stream:
+        stream.truncate(size - 200)
+    code, error = verify_error(packed, capsys)
+    assert code == 1 and "train-00001.h5" in error and "sha256" in error
+
+
+def flip_a_pixel_byte(path):
+    offset = image_data_offset(path) + 5
+    with open(path, "r+b") as stream:
+        stream.seek(offset)
+        byte = stream.read(1)
+        stream.seek(offset)
+        stream.write(bytes([byte[0] ^ 0x10]))
+
+
+def test_a_flipped_byte_is_caught_by_the_file_checksum(packed, capsys):
+    flip_a_pixel_byte(packed / "val-00000.h5")
+    code, error = verify_error(packed, capsys)
+    assert code == 1 and "val-00000.h5" in error
+
+
+def test_a_flipped_byte_is_caught_by_the_content_checksum_too(packed, capsys):
+    # someone "fixed" dataset.json after the damage: the checksum over the data still disagrees
+    path = packed / "train-00000.h5"
+    flip_a_pixel_byte(path)
+    index_path = packed / "dataset.json"
+    index = json.loads(index_path.read_text())
+    index["splits"]["train"]["shards"][0]["sha256"] = file_sha256(path)
+    index_path.write_text(json.dumps(index))
+    code, error = verify_error(packed, capsys)
+    assert code == 1 and "train-00000.h5: content checksum mismatch" in error
+
+
+def test_a_missing_shard_and_a_missing_index(packed, capsys):
+    os.remove(packed / "train-00002.h5")
+    code, error = verify_error(packed, capsys)
+    assert code == 1 and "train-00002.h5 not found" in error
+    os.remove(packed / "dataset.json")
+    code, error = verify_error(packed, capsys)
+    assert code == 2 and "dataset.json not found" in error
