@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 
+from mpiconvnet.bench.torch_twin import torch_twin
 from mpiconvnet.models import MODELS, ModelError, build_layers, build_model, describe
 from tests.tolerances import FD_EPS, REDUCTION_F32
 
@@ -119,46 +120,11 @@ def test_same_seed_same_weights_in_float32_and_float64():
         np.testing.assert_array_equal(a.params[name], b.params[name].astype(np.float32))
 
 
-def _torch_twin(net, torch):
-    """The same network written in PyTorch, with our parameter names."""
-    nn, F = torch.nn, torch.nn.functional
-
-    class Twin(nn.Module):
-        def __init__(self):
-            super().__init__()
-            for layer in net.layers:
-                if layer.params and len(layer.weight_shape) == 4:
-                    out_ch, in_per_group, k, _ = layer.weight_shape
-                    setattr(self, layer.name, nn.Conv2d(in_per_group * layer.groups, out_ch, k, layer.stride,
-                                                        layer.pad, groups=layer.groups))
-                elif layer.params:
-                    setattr(self, layer.name, nn.Linear(layer.weight_shape[1], layer.weight_shape[0]))
-
-        def forward(self, x):
-            for layer in net.layers:
-                kind = type(layer).__name__
-                if layer.params:
-                    x = getattr(self, layer.name)(x)
-                elif kind == "ReLU":
-                    x = F.relu(x)
-                elif kind == "LRN":
-                    x = F.local_response_norm(x, layer.size, layer.alpha, layer.beta, layer.k)
-                elif kind == "MaxPool":
-                    x = F.max_pool2d(x, layer.size, layer.stride)
-                elif kind == "Flatten":
-                    x = torch.flatten(x, 1)
-            return x
-
-    twin = Twin()
-    twin.load_state_dict({k: torch.from_numpy(v) for k, v in net.state_dict().items()})
-    return twin.eval()
-
-
 @pytest.mark.parametrize("name", ["alexnet-mini", "alexnet-owt"])
 def test_forward_matches_pytorch_with_the_same_weights(name):
     torch = pytest.importorskip("torch")
     net = build_model(name, num_classes=10, seed=0)
     x = np.random.default_rng(0).normal(size=(2, 3, net.input_size, net.input_size)).astype(np.float32)
     with torch.no_grad():
-        expected = _torch_twin(net, torch)(torch.from_numpy(x)).numpy()
+        expected = torch_twin(net, torch).eval()(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(net.forward(x), expected, **REDUCTION_F32)

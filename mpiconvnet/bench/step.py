@@ -1,0 +1,134 @@
+"""Images/s of a whole training step (forward, backward, SGD update) on synthetic data,
+against the same network in PyTorch on the same threads or GPU, measured in the same run.
+
+    python -m mpiconvnet.bench step --model alexnet --batch 64 --threads 2
+    python -m mpiconvnet.bench step --model alexnet --batch 128 --backend cuda [--tf32]
+
+Prediction: a training step costs ~3x the forward FLOPs (forward, backward to data,
+backward to weights); `flops` below counts them from the layer shapes, so the table also
+shows the GFLOP/s each implementation reaches.
+"""
+import argparse
+import json
+import time
+
+import numpy as np
+
+
+def forward_flops(net, batch):
+    """Multiply-adds x 2 of the conv and fc layers for one forward pass of `batch` images."""
+    shape, total = (batch, 3, net.input_size, net.input_size), 0
+    for layer in net.layers:
+        out = layer.output_shape(shape)
+        if layer.params:
+            per_output = int(np.prod(layer.weight_shape[1:]))       # (in/groups) * kh * kw, or in
+            total += 2 * int(np.prod(out)) * per_output
+        shape = out
+    return total
+
+
+def time_steps(step, steps, warmup, synchronize):
+    for _ in range(warmup):
+        step()
+    synchronize()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def bench_ours(args, x, labels):
+    from mpiconvnet.models import build_model
+    from mpiconvnet.optim import SGD
+    net = build_model(args.model, num_classes=1000, backend=args.backend, dtype="float32", seed=0)
+    if args.backend == "cuda":
+        net.ops.set_tf32(args.tf32)
+    opt = SGD(net.ops, net.params)
+    x_dev = net.ops.to_device(x)
+    state = {"step": 0}
+
+    def step():
+        loss, grads = net.loss_and_grads(x_dev, labels, step=state["step"])
+        opt.step(grads, 0.001)
+        state["step"] += 1
+
+    return net, time_steps(step, args.steps, args.warmup, net.ops.synchronize)
+
+
+def bench_torch(args, net, x, labels):
+    import torch
+    from mpiconvnet.bench.torch_twin import torch_twin
+    device = "cuda" if args.backend == "cuda" else "cpu"
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cudnn.allow_tf32 = args.tf32
+    model = torch_twin(net, torch).to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9, weight_decay=5e-4)
+    xt = torch.from_numpy(x).to(device)
+    yt = torch.from_numpy(labels).to(device)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(xt), yt)
+        loss.backward()
+        opt.step()
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    return time_steps(step, args.steps, args.warmup, sync)
+
+
+def main(argv):
+    p = argparse.ArgumentParser(prog="python -m mpiconvnet.bench step", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="alexnet")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for both implementations")
+    p.add_argument("--backend", choices=("numpy", "cuda"), default="numpy")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--tf32", action="store_true", help="allow TF32 in both (cuda only)")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
+    p.add_argument("--json", action="store_true", help="also print one JSON line of the results")
+    args = p.parse_args(argv)
+
+    from mpiconvnet.distributed import set_blas_threads
+    set_blas_threads(args.threads)
+    if args.backend == "numpy":
+        from mpiconvnet.backends import numpy_backend
+        numpy_backend.set_num_threads(args.threads)
+    rng = np.random.default_rng(0)
+    from mpiconvnet.models import MODELS
+    size = MODELS[args.model].input_size
+    x = rng.normal(0, 1, size=(args.batch, 3, size, size)).astype(np.float32)
+    labels = rng.integers(0, 1000, args.batch).astype(np.int64)
+
+    net, ours = bench_ours(args, x, labels)
+    flops = 3 * forward_flops(net, args.batch)
+    rows = [("mpiconvnet " + args.backend, ours)]
+    theirs = None
+    if not args.no_torch:
+        try:
+            import torch
+            torch.set_num_threads(args.threads)
+            theirs = bench_torch(args, net, x, labels)
+            rows.append((f"pytorch {torch.__version__} " + ("cuda" if args.backend == "cuda" else "cpu"), theirs))
+        except ImportError:
+            print("torch is not importable: no baseline (pip install torch to compare)")
+    where = f"{args.threads} thread(s)" if args.backend == "numpy" else "1 GPU" + (" TF32" if args.tf32 else " FP32")
+    print(f"{args.model}, batch {args.batch}, {where}, median of {args.steps} steps; "
+          f"predicted work {flops / 1e9:.1f} GFLOP per step (3x forward)")
+    print(f"{'implementation':<28}{'s/step':>10}{'images/s':>12}{'GFLOP/s':>10}")
+    for name, seconds in rows:
+        print(f"{name:<28}{seconds:>10.3f}{args.batch / seconds:>12.1f}{flops / seconds / 1e9:>10.1f}")
+    result = {"model": args.model, "batch": args.batch, "backend": args.backend, "threads": args.threads,
+              "tf32": args.tf32, "ours_images_per_s": args.batch / ours}
+    if theirs is not None:
+        ratio = theirs / ours
+        result.update(torch_images_per_s=args.batch / theirs, ratio=ratio)
+        print(f"ratio mpiconvnet / pytorch: {ratio:.2f}x")
+    if args.json:
+        print(json.dumps(result))
+    return 0
