@@ -241,8 +241,8 @@ def test_algo_perf_layout():
 
 def _perfs(*rows):
     arr = (cudnn.AlgoPerf * len(rows))()
-    for p, (algo, status, memory, math) in zip(arr, rows):
-        p.algo, p.status, p.memory, p.mathType = algo, status, memory, math
+    for p, (algo, status, nbytes, math) in zip(arr, rows):
+        p.algo, p.status, p.memory, p.mathType = algo, status, nbytes, math
     return arr
 
 
@@ -368,3 +368,125 @@ def test_device_buffer_interface():
     assert iface == {"shape": (12,), "typestr": "<f4", "data": (0xDEAD000, False), "strides": None,
                      "stream": None, "version": 3}
     assert memory.HOST_MEMORY is False
+
+
+# --- the ctypes plumbing against stand-in libraries --------------------------------------------
+# A C compiler builds a fake libcublas / libcudnn with the real prototypes and struct
+# layouts (copied from cublas_api.h / cudnn_cnn.h) over host memory: the bindings' argument
+# types, the AlgoPerf layout as a C compiler lays it out, the alpha/beta pointers and the
+# column-major GEMMs are then checked end to end without a GPU.
+
+FAKE_CUBLAS = r"""
+#include <stddef.h>
+static int last_math = -1;
+int fake_last_math(void) { return last_math; }
+int cublasCreate_v2(void **h) { *h = (void *)0x1; return 0; }
+int cublasDestroy_v2(void *h) { return 0; }
+int cublasSetStream_v2(void *h, void *s) { return 0; }
+int cublasSetMathMode(void *h, int mode) { last_math = mode; return 0; }
+#define GEMM(NAME, T)                                                                        \
+int NAME(void *h, int ta, int tb, int m, int n, int k, const T *alpha, const T *A, int lda,  \
+         const T *B, int ldb, const T *beta, T *C, int ldc) {                              \
+    for (int j = 0; j < n; ++j) for (int i = 0; i < m; ++i) {                                \
+        T acc = 0;                                                                           \
+        for (int p = 0; p < k; ++p) {                                                        \
+            T a = ta ? A[p + (size_t)i * lda] : A[i + (size_t)p * lda];                      \
+            T b = tb ? B[j + (size_t)p * ldb] : B[p + (size_t)j * ldb];                      \
+            acc += a * b;                                                                    \
+        }                                                                                    \
+        C[i + (size_t)j * ldc] = *alpha * acc + (*beta == 0 ? 0 : *beta * C[i + (size_t)j * ldc]); \
+    }                                                                                        \
+    return 0;                                                                                \
+}
+GEMM(cublasSgemm_v2, float)
+GEMM(cublasDgemm_v2, double)
+"""
+
+FAKE_CUDNN_CUSTOM = r"""
+#include <stddef.h>
+typedef struct {
+    int algo; int status; float time; size_t memory; int determinism; int mathType; int reserved[3];
+} cudnnConvolutionFwdAlgoPerf_t;
+static int last_requested = -1, last_conv_math = -1;
+int fake_last_requested(void) { return last_requested; }
+int fake_last_conv_math(void) { return last_conv_math; }
+size_t cudnnGetVersion(void) { return 90600; }
+const char *cudnnGetErrorString(int status) { return status ? "CUDNN_STATUS_BAD_PARAM" : "CUDNN_STATUS_SUCCESS"; }
+int cudnnSetConvolutionMathType(void *d, int m) { last_conv_math = m; return 0; }
+int cudnnFindConvolutionForwardAlgorithm(void *h, void *x, void *w, void *c, void *y, int requested,
+                                         int *returned, cudnnConvolutionFwdAlgoPerf_t *perf) {
+    last_requested = requested;
+    perf[0].algo = 1; perf[0].status = 0; perf[0].memory = 1 << 20; perf[0].mathType = 1;
+    perf[1].algo = 7; perf[1].status = 3000; perf[1].memory = 0; perf[1].mathType = 3;
+    perf[2].algo = 0; perf[2].status = 0; perf[2].memory = 4096; perf[2].mathType = 3;
+    *returned = 3;
+    return 0;
+}
+int cudnnGetConvolutionForwardWorkspaceSize(void *h, void *x, void *w, void *c, void *y, int algo, size_t *size) {
+    *size = algo == 0 ? 4096 : 1 << 20;
+    return 0;
+}
+int cudnnAddTensor(void *h, const float *alpha, void *ad, const float *A, const float *beta, void *cd, float *C) {
+    C[0] = *alpha * A[0] + *beta * C[0];
+    return 0;
+}
+int cudnnSetStream(void *h, void *s) { return s == (void *)0x1234 ? 0 : 2000; }
+"""
+
+
+@pytest.fixture
+def fake_libs(tmp_path, monkeypatch):
+    import shutil
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to build the stand-in libraries")
+    names = set(re.findall(r'"(cudnn\w+)": \(', open(cudnn.__file__).read()))
+    custom = set(re.findall(r"\b(cudnn\w+)\(", FAKE_CUDNN_CUSTOM))
+    stubs = "".join(f"int {name}(void) {{ return 0; }}\n" for name in sorted(names - custom))
+    for soname, source in (("libcublas.so.12", FAKE_CUBLAS), ("libcudnn.so.9", FAKE_CUDNN_CUSTOM + stubs)):
+        src = tmp_path / (soname + ".c")
+        src.write_text(source)
+        subprocess.run([cc, "-shared", "-fPIC", "-O1", "-o", str(tmp_path / soname), str(src)], check=True)
+    monkeypatch.setenv("MPICONVNET_CUDA_LIBS", str(tmp_path))
+    monkeypatch.setattr(libs, "_loaded", {})
+    monkeypatch.setattr(cublas, "_lib", None)
+    monkeypatch.setattr(cudnn, "_lib", None)
+    return tmp_path
+
+
+def test_cublas_bindings_run_row_major_products(fake_libs):
+    handle = cublas.Handle(0, tf32=False)
+    assert cublas.lib().fake_last_math() == cublas.CUBLAS_PEDANTIC_MATH
+    handle.set_tf32(True)
+    assert cublas.lib().fake_last_math() == cublas.CUBLAS_TF32_TENSOR_OP_MATH
+    rng = np.random.default_rng(1)
+    n, f, o = 4, 6, 3
+    for dtype in (np.float32, np.float64):
+        x, w, dy = (rng.standard_normal(s).astype(dtype) for s in ((n, f), (o, f), (n, o)))
+        ptrs = {"x": x.ctypes.data, "w": w.ctypes.data, "dy": dy.ctypes.data}
+        for kind, expected in (("forward", x @ w.T), ("data", dy @ w), ("filter", dy.T @ x)):
+            out = np.full(expected.shape, np.nan, dtype)
+            cublas.gemm(handle, np.dtype(dtype).char, cublas.gemm_args(kind, n, f, o), ptrs, out.ctypes.data)
+            np.testing.assert_allclose(out, expected, rtol=1e-5)
+
+
+def test_cudnn_bindings_read_perf_results_and_scalars(fake_libs):
+    st = types.SimpleNamespace(dnn=types.SimpleNamespace(ptr=ctypes.c_void_p(1)), find_algorithms=True,
+                               workspace_limit=1 << 30, tf32=False)
+    from mpiconvnet.backends.cuda.conv import ConvPlan
+    plan = ConvPlan(st, (2, 4, 9, 9), (6, 2, 3, 3), 1, 1, 2, np.dtype(np.float32))
+    assert cudnn.lib().fake_last_conv_math() == cudnn.CUDNN_FMA_MATH
+    # tensor-op and failed results are passed over; the FMA algorithm and its workspace win
+    assert plan.algorithm(st, "forward") == (0, 4096)
+    assert cudnn.lib().fake_last_requested() == cudnn.FWD_ALGO_COUNT
+    one, zero = cudnn.scalars(np.dtype(np.float32))
+    a, c = np.array([3.0], np.float32), np.array([5.0], np.float32)
+    cudnn.call("cudnnAddTensor", None, cudnn.ptr(one), None, ctypes.c_void_p(a.ctypes.data), cudnn.ptr(one), None,
+               ctypes.c_void_p(c.ctypes.data))
+    assert c[0] == 8.0
+    cudnn.call("cudnnAddTensor", None, cudnn.ptr(one), None, ctypes.c_void_p(a.ctypes.data), cudnn.ptr(zero), None,
+               ctypes.c_void_p(c.ctypes.data))
+    assert c[0] == 3.0
+    with pytest.raises(cudnn.CudnnError, match="cudnnSetStream failed with CUDNN_STATUS_BAD_PARAM"):
+        cudnn.Handle(0x999)
+    assert cudnn.Handle(0x1234).ptr is not None

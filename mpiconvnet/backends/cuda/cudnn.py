@@ -190,7 +190,7 @@ def scalars(dtype):
 
 def ptr(c_value):
     """Address of a ctypes scalar as a void pointer (for the alpha / beta arguments)."""
-    return ctypes.cast(ctypes.byref(c_value), ctypes.c_void_p)
+    return ctypes.c_void_p(ctypes.addressof(c_value))
 
 
 class Handle:
