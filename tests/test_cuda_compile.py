@@ -35,3 +35,11 @@ def test_kernel_compiles_for_sm90(name, tmp_path):
                              os.path.join(KERNEL_DIR, name)], capture_output=True, text=True)
     assert result.returncode == 0, f"nvcc failed on {name}:\n{result.stderr}"
     assert out.stat().st_size > 0
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found (install the CUDA toolkit; CI has it)")
+def test_prebuild_writes_one_fatbin_per_kernel_file(tmp_path):
+    from mpiconvnet.backends.cuda import prebuild
+    built = prebuild.build(["90"], str(tmp_path), nvcc=NVCC)
+    assert sorted(os.path.basename(p) for p in built) == sorted(f[:-3] + ".fatbin" for f in KERNEL_FILES)
+    assert all(os.path.getsize(p) > 0 for p in built)

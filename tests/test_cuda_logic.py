@@ -490,3 +490,19 @@ def test_cudnn_bindings_read_perf_results_and_scalars(fake_libs):
     with pytest.raises(cudnn.CudnnError, match="cudnnSetStream failed with CUDNN_STATUS_BAD_PARAM"):
         cudnn.Handle(0x999)
     assert cudnn.Handle(0x1234).ptr is not None
+
+
+def test_prebuild_gencode_flags():
+    from mpiconvnet.backends.cuda import prebuild
+    assert prebuild.gencode_flags(["90", "80"]) == ["-gencode", "arch=compute_80,code=sm_80",
+                                                   "-gencode", "arch=compute_90,code=sm_90",
+                                                   "-gencode", "arch=compute_90,code=compute_90"]
+
+
+def test_no_nvcc_and_no_prebuilt_is_a_one_line_error(monkeypatch, tmp_path):
+    from mpiconvnet.backends.cuda import prebuild
+    monkeypatch.setattr(prebuild, "nvcc_path", lambda: None)
+    monkeypatch.setattr(context, "PREBUILT_DIR", str(tmp_path))
+    with pytest.raises(RuntimeError) as e:
+        context.load_module("sgd.cu")
+    assert "\n" not in str(e.value) and "prebuild" in str(e.value) and "nvcc not found" in str(e.value)

@@ -17,6 +17,8 @@ import numpy as np
 from . import device as device_policy
 
 KERNEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
+# fat binaries from `python -m mpiconvnet.backends.cuda.prebuild`, for nodes without nvcc
+PREBUILT_DIR = os.path.join(KERNEL_DIR, "prebuilt")
 
 # kernel name -> (file, PyCUDA prepared-call argument types). 'F' stands for the float
 # type of the variant (f for _f32, d for _f64); P pointer, q int64, i int32, I uint32.
@@ -36,6 +38,9 @@ KERNELS = {
 }
 FLOAT32_ONLY = {"crop_flip_normalize"}
 
+# --fmad=false: no fused multiply-adds, so elementwise kernels round exactly like the NumPy
+# reference (dropout and the SGD update then agree bit for bit); the kernels are
+# memory-bound, FMA would gain nothing
 NVCC_OPTIONS = ["--fmad=false"]
 THREADS = 256
 MAX_BLOCKS = 65535  # the kernels loop grid-stride, so capping the grid changes nothing
@@ -90,15 +95,10 @@ class State:
         self.blas = cublas.Handle(self.stream.handle, self.tf32)
         self.dnn = cudnn.Handle(self.stream.handle)
         self.cudnn_version = int(cudnn.lib().cudnnGetVersion())
-        self.algorithms = {}     # (kind, shapes, stride, pad, groups, dtype, tf32) -> (algo, bytes, math)
         self.descriptors = {}    # cache of cuDNN descriptors by their arguments
         self.workspace = None    # one growing cuDNN workspace
         self._modules = {}
         self._functions = {}
-        self.capability = self.device.compute_capability()
-
-    def allocate(self, nbytes):
-        return self.pool.allocate(max(int(nbytes), 1))
 
     def workspace_ptr(self, nbytes):
         """A device scratch buffer of at least nbytes (0 -> a null pointer)."""
@@ -128,15 +128,7 @@ class State:
 
     def _module(self, filename):
         if filename not in self._modules:
-            from pycuda.compiler import SourceModule
-            with open(os.path.join(KERNEL_DIR, filename)) as f:
-                source = f.read()
-            # no_extern_c: the files declare their own extern "C" entry points around C++
-            # templates; the include dir makes `#include "common.cuh"` resolve
-            # --fmad=false: no fused multiply-adds, so elementwise kernels round exactly like
-            # the NumPy reference (the kernels are memory-bound; FMA would gain nothing)
-            self._modules[filename] = SourceModule(source, no_extern_c=True, include_dirs=[KERNEL_DIR],
-                                                   options=NVCC_OPTIONS)
+            self._modules[filename] = load_module(filename)
         return self._modules[filename]
 
     def launch(self, name, dtype, n, *args):
@@ -166,6 +158,27 @@ class State:
             self.context.detach()
         except Exception:
             pass  # the driver may already be shutting down at interpreter exit
+
+
+def load_module(filename):
+    """The compiled kernels of kernels/<filename>: built by nvcc through PyCUDA when nvcc
+    exists (cached by PyCUDA across runs), else loaded from kernels/prebuilt/."""
+    from .prebuild import nvcc_path
+    nvcc = nvcc_path()
+    prebuilt = os.path.join(PREBUILT_DIR, filename[:-3] + ".fatbin")
+    if nvcc is not None:
+        from pycuda.compiler import DEFAULT_NVCC_FLAGS, SourceModule
+        with open(os.path.join(KERNEL_DIR, filename)) as f:
+            source = f.read()
+        # no_extern_c: the files declare their own extern "C" entry points around C++
+        # templates; the include dir makes `#include "common.cuh"` resolve
+        return SourceModule(source, nvcc=nvcc, no_extern_c=True, include_dirs=[KERNEL_DIR],
+                            options=list(DEFAULT_NVCC_FLAGS) + NVCC_OPTIONS)
+    if os.path.isfile(prebuilt):
+        import pycuda.driver as drv
+        return drv.module_from_file(prebuilt)
+    raise RuntimeError(f"kernels/{filename}: nvcc not found and no {prebuilt}; put the CUDA toolkit's bin/ on PATH, "
+                       f"or run python -m mpiconvnet.backends.cuda.prebuild where nvcc exists and carry kernels/prebuilt/")
 
 
 _state = None
