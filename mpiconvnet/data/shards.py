@@ -58,25 +58,30 @@ def image_datasets(image_format):
 
 
 def content_checksum(shard):
-    """sha256 over a shard's data (labels, index, sources, pixels), independent of HDF5 layout.
+    """sha256 over a shard's data (pixels, labels, index, sources), independent of HDF5 layout.
 
     Stored as the shard attribute `content_sha256`. HDF5 checksums only its metadata, so a
-    flipped byte inside image data would otherwise go unnoticed; hashing the decoded
-    arrays also stays valid if a shard is rewritten with other chunking or compression.
+    flipped byte inside image data would otherwise go unnoticed; hashing the arrays also
+    stays valid if a shard is rewritten with other chunking or compression. The pixels come
+    first so that the writer can hash each image as it arrives instead of re-reading it.
     """
     digest = hashlib.sha256()
-    for name in ("labels", "index"):
-        digest.update(np.ascontiguousarray(shard[name][()], dtype="<i8").tobytes())
-    for source in shard["source"].asstr()[()]:
-        digest.update(source.encode("utf-8") + b"\0")
-    image_format = shard.attrs["format"]
-    for name in image_datasets(image_format):
+    for name in image_datasets(shard.attrs["format"]):
         data = shard[name]
         # hash in slices so a 200 MB raw shard never needs a second full copy
         step = max(1, (64 << 20) // max(1, data.dtype.itemsize * int(np.prod(data.shape[1:], dtype=np.int64))))
         for start in range(0, data.shape[0], step):
             digest.update(np.ascontiguousarray(data[start:start + step]).tobytes())
+    update_checksum_tail(digest, shard["labels"][()], shard["index"][()], shard["source"].asstr()[()])
     return digest.hexdigest()
+
+
+def update_checksum_tail(digest, labels, index, sources):
+    """The part of content_checksum after the pixels: labels, index (int64 LE), sources (UTF-8 + NUL)."""
+    for values in (labels, index):
+        digest.update(np.ascontiguousarray(values, dtype="<i8").tobytes())
+    for source in sources:
+        digest.update(source.encode("utf-8") + b"\0")
 
 
 def file_sha256(path):
