@@ -277,10 +277,16 @@ class Net:
             if layer.params and on_grads_ready is not None:
                 on_grads_ready(layer.params)
 
-    def loss_and_grads(self, x, labels, step=0, sample_offset=0, on_grads_ready=None):
-        """Mean softmax cross-entropy over the batch and its gradients {name: array}."""
+    def loss_and_grads(self, x, labels, step=0, sample_offset=0, on_grads_ready=None, grad_scale=1.0):
+        """Mean softmax cross-entropy over the batch and its gradients {name: array}.
+
+        grad_scale multiplies the gradients (not the loss): a rank holding 1/size of the
+        global batch passes 1/size, so the sum over ranks is the global-batch mean.
+        """
         logits = self.forward_device(x, True, step, sample_offset)
         loss, dlogits = self.ops.softmax_cross_entropy(logits, np.asarray(labels, np.int64))
+        if grad_scale != 1.0:
+            self.ops.scale_(dlogits, grad_scale)   # (N, classes): far cheaper than scaling every gradient
         self.backward(dlogits, on_grads_ready)
         return loss, self.grads
 

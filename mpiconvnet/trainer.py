@@ -81,7 +81,7 @@ class Trainer:
         self.heartbeat = Heartbeat(world, cfg.stall_timeout)
         self.reducer = GradientReducer(world, self.buckets, overlap=cfg.overlap,
                                        cuda_aware=_cuda_aware(cfg.backend, world), timeout=cfg.stall_timeout,
-                                       on_stall=lambda: self.heartbeat.report_stall(self.step))
+                                       on_stall=lambda: self.heartbeat.report_stall(self.step), average=False)
         self.optimizer = SGD(ops, self.net.params, cfg.momentum, cfg.weight_decay, cfg.bias_lr_mult)
         self.steps_per_epoch = self._sampler(0).steps_per_epoch
         self.schedule = LearningRate(cfg, self.steps_per_epoch)
@@ -135,9 +135,11 @@ class Trainer:
     def train_step(self, images, labels, lr):
         """One synchronous step; returns (mean loss over the global batch, exposed comm s)."""
         self.reducer.begin()
+        # gradients scaled by 1/size: the allreduce's sum is then the global-batch mean
         loss, _ = self.net.loss_and_grads(images, labels, step=self.step,
                                           sample_offset=self.world.rank * self.batch_per_rank,
-                                          on_grads_ready=self.reducer.grads_ready)
+                                          on_grads_ready=self.reducer.grads_ready,
+                                          grad_scale=1.0 / self.world.size)
         exposed = self.reducer.finish()
         self.optimizer.step(self.net.grads, lr)
         return loss, exposed

@@ -15,16 +15,20 @@ import time
 import numpy as np
 
 
-def forward_flops(net, batch):
-    """Multiply-adds x 2 of the conv and fc layers for one forward pass of `batch` images."""
-    shape, total = (batch, 3, net.input_size, net.input_size), 0
+def layer_flops(net, batch):
+    """[FLOPs of each layer's forward] for `batch` images: multiply-adds x 2 of the conv and
+    fc layers, 0 for the rest (their cost is memory traffic, not arithmetic)."""
+    shape, flops = (batch, 3, net.input_size, net.input_size), []
     for layer in net.layers:
         out = layer.output_shape(shape)
-        if layer.params:
-            per_output = int(np.prod(layer.weight_shape[1:]))       # (in/groups) * kh * kw, or in
-            total += 2 * int(np.prod(out)) * per_output
+        per_output = int(np.prod(layer.weight_shape[1:])) if layer.params else 0   # (in/groups)*kh*kw, or in
+        flops.append(2 * int(np.prod(out)) * per_output)
         shape = out
-    return total
+    return flops
+
+
+def forward_flops(net, batch):
+    return sum(layer_flops(net, batch))
 
 
 def time_steps(step, steps, warmup, synchronize):

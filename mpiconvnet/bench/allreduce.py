@@ -1,0 +1,123 @@
+"""Bucketed gradient allreduce of a whole model, against one raw Allreduce of the same
+bytes, and how much of it hides behind backward.
+
+    mpirun -np 2 python -m mpiconvnet.bench allreduce [--model alexnet] [--bucket-mb 25]
+    python -m mpiconvnet.bench allreduce            # starts mpiexec -n 2 itself
+
+Medians of --repeats, on the same ranks in the same run:
+  raw       one MPI Allreduce of a flat buffer as large as all gradients (244 MB for AlexNet)
+  bucketed  our GradientReducer over the model's buckets, no backward running
+  overlap   a backward with the buckets reduced from the communication thread as they
+            complete, against the same backward alone, twice:
+            - GPU-like: each layer's backward is a sleep as long as its share of the FLOPs
+              of a backward lasting --backward-ms (default 2x bucketed), so the CPU is idle
+              while "the GPU" computes, as on a GPU node: this measures the pipeline;
+            - NumPy: the real CPU backward at --batch images per rank. When ranks fill every
+              core (2 ranks on 2 cores) the reduction's copies compete with the compute for
+              the same cores, so little can hide there; the figure says how much.
+ratios: bucketed / raw (target <= 1.05) and hidden = 1 - (overlap - backward) / bucketed
+(the share of communication that backward hid; target >= 0.8).
+"""
+import argparse
+import sys
+import time
+
+import numpy as np
+
+from mpiconvnet.bench._launch import relaunch_under_mpiexec
+
+
+def median_time(fn, repeats, world):
+    times = []
+    for _ in range(repeats):
+        world.barrier()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    # the slowest rank decides a synchronous step
+    return float(world.comm.allreduce(float(np.median(times)), op=__import__("mpi4py").MPI.MAX))
+
+
+def main(argv):
+    p = argparse.ArgumentParser(prog="python -m mpiconvnet.bench allreduce", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="alexnet")
+    p.add_argument("--bucket-mb", type=float, default=25.0)
+    p.add_argument("--batch", type=int, default=8, help="images per rank in the NumPy backward")
+    p.add_argument("--backward-ms", type=float, default=0.0, help="length of the GPU-like backward (default 2x bucketed)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--ranks", type=int, default=2, help="ranks when it starts mpiexec itself")
+    args = p.parse_args(argv)
+    code = relaunch_under_mpiexec("mpiconvnet.bench", ["allreduce"] + list(argv), args.ranks)
+    if code is not None:
+        return code
+
+    from mpi4py import MPI
+    from mpiconvnet import distributed
+    from mpiconvnet.bench.step import layer_flops
+    from mpiconvnet.buckets import GradientBuckets, GradientReducer
+    from mpiconvnet.models import build_model
+
+    world = distributed.init("numpy", threads=1)
+    net = build_model(args.model, num_classes=1000, seed=0)
+    buckets = GradientBuckets(net.ops, net.param_shapes, np.float32, int(args.bucket_mb * 2**20))
+    net.use_gradient_arrays(buckets.views)
+    total = sum(buckets.sizes)
+    flat = np.ones(total, np.float32)
+
+    raw = median_time(lambda: world.comm.Allreduce(MPI.IN_PLACE, flat, op=MPI.SUM), args.repeats, world)
+
+    # as the trainer runs it: a plain sum (the loss gradient carries the 1/size)
+    reducer = GradientReducer(world, buckets, overlap=True, average=False)
+    names = list(reversed(list(net.param_shapes)))
+
+    def bucketed_only():
+        reducer.begin()
+        reducer.grads_ready(names)
+        reducer.finish()
+
+    bucketed = median_time(bucketed_only, args.repeats, world)
+
+    # GPU-like backward: layers in reverse order, each a sleep of its FLOP share
+    flops = layer_flops(net, 1)
+    backward_s = (args.backward_ms / 1e3) if args.backward_ms else 2 * bucketed
+    sleeps = [backward_s * f / sum(flops) for f in flops]
+
+    def gpu_like_backward(on_grads_ready):
+        for layer, seconds in zip(reversed(net.layers), reversed(sleeps)):
+            time.sleep(seconds)
+            if layer.params and on_grads_ready is not None:
+                on_grads_ready(layer.params)
+
+    rng = np.random.default_rng(world.rank)
+    x = rng.normal(0, 1, size=(args.batch, 3, net.input_size, net.input_size)).astype(np.float32)
+    labels = rng.integers(0, 1000, args.batch)
+    rows = []
+    for label, backward in (("GPU-like backward (sleeps, CPU idle)", gpu_like_backward),
+                            (f"NumPy forward+backward, batch {args.batch}/rank",
+                             lambda ready: net.loss_and_grads(x, labels, on_grads_ready=ready))):
+        alone = median_time(lambda: backward(None), args.repeats, world)
+
+        def with_overlap():
+            reducer.begin()
+            backward(reducer.grads_ready)
+            reducer.finish()
+
+        overlapped = median_time(with_overlap, args.repeats, world)
+        rows.append((label, alone, overlapped, 1.0 - max(overlapped - alone, 0.0) / bucketed))
+    reducer.close()
+
+    if world.is_root:
+        mb = total * 4 / 1e6
+        print(f"{args.model}: {total:,} gradients ({mb:.0f} MB float32) in {len(buckets.sizes)} buckets of "
+              f"<= {args.bucket_mb:g} MB, {world.size} ranks, median of {args.repeats}")
+        print(f"{'raw Allreduce of one flat buffer':<44}{raw * 1e3:>10.1f} ms  ({mb / raw / 1e3:.2f} GB/s)")
+        print(f"{'bucketed GradientReducer, no backward':<44}{bucketed * 1e3:>10.1f} ms")
+        print(f"ratio bucketed / raw: {bucketed / raw:.3f}   (target <= 1.05)")
+        print(f"{'backward':<44}{'alone':>10}{'+ reduction':>14}{'hidden':>9}   (target >= 80%)")
+        for label, alone, overlapped, hidden in rows:
+            print(f"{label:<44}{alone * 1e3:>7.1f} ms{overlapped * 1e3:>11.1f} ms{hidden:>9.0%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
