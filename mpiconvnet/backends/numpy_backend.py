@@ -25,6 +25,7 @@ from mpiconvnet.backends.numpy_ops.dense import (linear_backward_bias, linear_ba
 from mpiconvnet.backends.numpy_ops.dropout import dropout_backward, dropout_forward, dropout_keep
 from mpiconvnet.backends.numpy_ops.lrn import lrn_backward, lrn_forward
 from mpiconvnet.backends.numpy_ops.pool import maxpool_backward, maxpool_forward
+from mpiconvnet.backends.numpy_ops.relu import relu_backward, relu_forward
 from mpiconvnet.backends.numpy_ops.threads import get_num_threads, set_num_threads
 
 NAME = "numpy"
@@ -68,18 +69,6 @@ def flat_views(flat, shapes):
 
 def synchronize():
     """NumPy runs every op to completion before returning: nothing is queued."""
-
-
-# ---------------------------------------------------------------------------- elementwise
-
-def relu_forward(x):
-    # x: (...) -> y: (...)
-    return np.maximum(x, 0)
-
-
-def relu_backward(y, dy):
-    # y, dy: (...) -> dx: (...), dy where the unit was active
-    return np.where(y > 0, dy, 0)
 
 
 # ---------------------------------------------------------------------------- update

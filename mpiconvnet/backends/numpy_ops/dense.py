@@ -1,22 +1,45 @@
-"""Fully connected layers (PyTorch's nn.Linear layout), softmax cross-entropy, top-k counts."""
+"""Fully connected layers (PyTorch's nn.Linear layout), softmax cross-entropy, top-k counts.
+
+BLAS runs single-threaded (threads.py), so each GEMM is split into row blocks of its output
+on the thread pool: the batch for y and dx, the output features for dw.
+"""
 import numpy as np
+
+from mpiconvnet.backends.numpy_ops.threads import get_num_threads, output, parallel_map
+
+# a few blocks per thread: a thread the OS deschedules delays one block, not half the GEMM
+BLOCKS_PER_THREAD = 4
+
+
+def _row_blocks(rows):
+    count = min(rows, BLOCKS_PER_THREAD * get_num_threads()) if get_num_threads() > 1 else 1
+    bounds = np.linspace(0, rows, count + 1).astype(int)
+    return [slice(start, stop) for start, stop in zip(bounds[:-1], bounds[1:])]
 
 
 def linear_forward(x, w, b):
-    # x: (N, F)  w: (O, F)  b: (O,) -> y: (N, O)
-    y = x @ w.T
-    y += b
+    # x: (N, F)  w: (O, F)  b: (O,) -> y: (N, O) = x @ w.T + b
+    y = output((x.shape[0], w.shape[0]), x.dtype)
+
+    def forward(rows):
+        np.matmul(x[rows], w.T, out=y[rows])
+        y[rows] += b
+    parallel_map(forward, _row_blocks(x.shape[0]))
     return y
 
 
 def linear_backward_data(dy, w):
-    # dy: (N, O)  w: (O, F) -> dx: (N, F)
-    return dy @ w
+    # dy: (N, O)  w: (O, F) -> dx: (N, F) = dy @ w
+    dx = output((dy.shape[0], w.shape[1]), dy.dtype)
+    parallel_map(lambda rows: np.matmul(dy[rows], w, out=dx[rows]), _row_blocks(dy.shape[0]))
+    return dx
 
 
 def linear_backward_filter(x, dy):
-    # x: (N, F)  dy: (N, O) -> dw: (O, F)
-    return dy.T @ x
+    # x: (N, F)  dy: (N, O) -> dw: (O, F) = dy.T @ x
+    dw = output((dy.shape[1], x.shape[1]), x.dtype)
+    parallel_map(lambda rows: np.matmul(dy[:, rows].T, x, out=dw[rows]), _row_blocks(dy.shape[1]))
+    return dw
 
 
 def linear_backward_bias(dy):

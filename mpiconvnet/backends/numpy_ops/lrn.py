@@ -13,28 +13,23 @@ Backward, by the product and chain rules (i runs over the channels whose window 
     dx[c] = dy[c] * d[c]**-beta  -  (2 * alpha * beta / size) * x[c] * sum_i dy[i] * y[i] / d[i]
 
 The sum over i is a window sum with the window mirrored (c - (size-1)//2 .. c + size//2).
+The batch is processed in slices of a few images, one per thread (threads.split).
 """
 import numpy as np
+
+from mpiconvnet.backends.numpy_ops.threads import output, parallel_map, split
 
 
 def channel_window_sum(a, before, after):
     """out[:, c] = sum of a[:, c'] for c' in c - before .. c + after, clipped to 0..C-1.
 
-    a: (N, C, H, W). A running sum over channels: each channel costs one add and one
-    subtract of an (N, H, W) slice, whatever the window size.
+    a: (n, C, H, W); one shifted add of the whole array per window offset.
     """
-    C = a.shape[1]
-    out = np.empty_like(a)
-    running = np.zeros_like(a[:, 0])                      # (N, H, W)
-    for c in range(min(after, C - 1) + 1):                # window of channel 0: 0 .. after
-        running += a[:, c]
-    for c in range(C):
-        out[:, c] = running
-        entering, leaving = c + 1 + after, c - before
-        if entering < C:
-            running += a[:, entering]
-        if leaving >= 0:
-            running -= a[:, leaving]
+    out = a.copy()
+    for offset in range(1, after + 1):                     # channels after c
+        out[:, :-offset] += a[:, offset:]
+    for offset in range(1, before + 1):                    # channels before c
+        out[:, offset:] += a[:, :-offset]
     return out
 
 
@@ -42,13 +37,13 @@ def _power_neg(d, beta):
     """d ** -beta; for AlexNet's beta = 0.75 through square roots, exact and cheaper than pow."""
     if beta == 0.75:
         root = np.sqrt(d)
-        root *= np.sqrt(root)                             # d ** 0.75
+        root *= np.sqrt(root)                              # d ** 0.75
         return np.reciprocal(root, out=root)
     return d ** -beta
 
 
 def _denominator(x, size, alpha, k):
-    # x: (N, C, H, W) -> d: (N, C, H, W), d = k + alpha/size * window sum of x^2
+    # x: (n, C, H, W) -> d: (n, C, H, W), d = k + alpha/size * window sum of x^2
     d = channel_window_sum(x * x, size // 2, (size - 1) // 2)
     d *= alpha / size
     d += k
@@ -57,15 +52,29 @@ def _denominator(x, size, alpha, k):
 
 def lrn_forward(x, size, alpha, beta, k):
     # x: (N, C, H, W) -> y: (N, C, H, W)
-    d = _denominator(x, size, alpha, k)
-    return x * _power_neg(d, beta)
+    y = output(x.shape, x.dtype)
+
+    def forward(images):
+        np.multiply(x[images], _power_neg(_denominator(x[images], size, alpha, k), beta), out=y[images])
+
+    parallel_map(forward, split(x.shape[0], x[0].nbytes * 4))
+    return y
 
 
 def lrn_backward(x, y, dy, size, alpha, beta, k):
     # x, y, dy: (N, C, H, W) -> dx: (N, C, H, W)
-    d = _denominator(x, size, alpha, k)
-    ratio = dy * y / d                                    # dy[i] * y[i] / d[i]
-    mirrored = channel_window_sum(ratio, (size - 1) // 2, size // 2)
-    dx = dy * _power_neg(d, beta)
-    dx -= (2 * alpha * beta / size) * x * mirrored
+    dx = output(x.shape, x.dtype)
+
+    def backward(images):
+        x_, y_, dy_ = x[images], y[images], dy[images]
+        d = _denominator(x_, size, alpha, k)
+        ratio = dy_ * y_
+        ratio /= d                                         # dy[i] * y[i] / d[i]
+        mirrored = channel_window_sum(ratio, (size - 1) // 2, size // 2)
+        mirrored *= x_
+        mirrored *= 2 * alpha * beta / size
+        np.multiply(dy_, _power_neg(d, beta), out=dx[images])
+        dx[images] -= mirrored
+
+    parallel_map(backward, split(x.shape[0], x[0].nbytes * 6))
     return dx

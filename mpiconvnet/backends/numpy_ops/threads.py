@@ -1,17 +1,36 @@
-"""How many threads the NumPy backend uses: `set_num_threads(n)`.
+"""How the NumPy backend uses several cores: a thread pool over slices of the batch.
 
-The count applies to the BLAS that NumPy was built with (OpenBLAS in the wheels from PyPI),
-found among the loaded libraries through its `*openblas_set_num_threads*` entry point.
-The default is OMP_NUM_THREADS, else 1.
+Each op is written for a slice of the batch and mapped over slices sized so one slice's
+arrays fit in cache (CHUNK_BYTES), several per thread. NumPy releases the GIL inside ufuncs,
+copies and BLAS calls, so the threads run in parallel; a thread that the OS deschedules
+(the machine is shared) only delays its current slice, the others take the rest.
+
+BLAS itself is kept single-threaded: the pool is the only source of parallelism, so two
+layers of threads never fight over the cores. `set_num_threads(n)` sets the pool's width
+(default OMP_NUM_THREADS, else 1).
 """
 import ctypes
+import functools
+import math
+import operator
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+
+# working set of one slice of the batch: big enough that per-call overhead is small, small
+# enough to stay in L2/L3 and to be recycled by malloc (no fresh page faults every call)
+CHUNK_BYTES = 4 << 20
+
+# tests set this: outputs are then filled with NaN before the slices write them, so a slice
+# that is never written shows up instead of passing on leftover memory
+POISON_OUTPUTS = False
 
 _SETTER_NAMES = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
                  "openblas_set_num_threads64_", "openblas_set_num_threads")
 _num_threads = 1
+_pool = None
 
 
 def _loaded_openblas_setter():
@@ -35,19 +54,57 @@ _blas_setter = _loaded_openblas_setter()
 
 
 def set_num_threads(n):
-    """Use n threads for BLAS calls; returns False when the BLAS cannot be told."""
-    global _num_threads
+    """Run the backend's ops on n threads. Returns False when the BLAS could not be made
+    single-threaded (NumPy built against another BLAS: set OMP_NUM_THREADS=1 instead)."""
+    global _num_threads, _pool
     if int(n) < 1:
         raise ValueError(f"set_num_threads: need at least one thread, got {n}")
     _num_threads = int(n)
+    if _pool is not None:
+        _pool.shutdown()
+    _pool = ThreadPoolExecutor(_num_threads, thread_name_prefix="numpy-backend") if _num_threads > 1 else None
     if _blas_setter is None:
         return False
-    _blas_setter(_num_threads)
+    _blas_setter(1)
     return True
 
 
 def get_num_threads():
     return _num_threads
+
+
+def parallel_map(function, items):
+    """[function(item) for item in items], spread over the pool's threads."""
+    if _pool is None or len(items) < 2:
+        return [function(item) for item in items]
+    return list(_pool.map(function, items))
+
+
+def parallel_sum(function, items):
+    """sum(function(item) for item in items), with one running total per thread."""
+    totals = {}
+
+    def accumulate(item):
+        part = function(item)
+        key = threading.get_ident()                       # each thread adds only to its own total
+        if key in totals:
+            totals[key] += part
+        else:
+            totals[key] = part
+    parallel_map(accumulate, items)
+    return functools.reduce(operator.add, totals.values())
+
+
+def output(shape, dtype):
+    """An uninitialised array that the slices of an op will fill (NaN-filled in tests)."""
+    return np.full(shape, np.nan, dtype=dtype) if POISON_OUTPUTS else np.empty(shape, dtype=dtype)
+
+
+def split(length, bytes_per_item):
+    """Contiguous slices covering range(length), about CHUNK_BYTES of working set each and
+    at least one per thread."""
+    per_slice = max(1, min(CHUNK_BYTES // max(bytes_per_item, 1), math.ceil(length / _num_threads)))
+    return [slice(start, min(start + per_slice, length)) for start in range(0, length, per_slice)]
 
 
 set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
