@@ -110,10 +110,11 @@ def init(backend="numpy", threads=1, allow_gpu_sharing=False, need_threads=True)
     """
     set_blas_threads(threads)
     local_rank, local_size = local_rank_from_environment()
+    gpu_chosen = False
     if backend == "cuda" and local_rank is not None:
         # choose the GPU before MPI_Init: some CUDA-aware MPIs bind to the current device there
-        from mpiconvnet.backends import get_backend
-        get_backend("cuda").initialize(local_rank, local_size or 1, allow_gpu_sharing)
+        _initialize_gpu(local_rank, local_size or 1, allow_gpu_sharing)
+        gpu_chosen = True
 
     comm = None
     if launched_by_mpi():
@@ -127,18 +128,19 @@ def init(backend="numpy", threads=1, allow_gpu_sharing=False, need_threads=True)
             node = comm.Split_type(MPI.COMM_TYPE_SHARED)
             local_rank, local_size = node.Get_rank(), node.Get_size()
             node.Free()
-        if backend == "cuda" and local_rank_from_environment()[0] is None:
-            from mpiconvnet.backends import get_backend
-            get_backend("cuda").initialize(local_rank, local_size, allow_gpu_sharing)
     else:
         local_rank, local_size = 0, 1
-        if backend == "cuda":
-            from mpiconvnet.backends import get_backend
-            get_backend("cuda").initialize(0, 1, allow_gpu_sharing)
+    if backend == "cuda" and not gpu_chosen:
+        _initialize_gpu(local_rank, local_size, allow_gpu_sharing)
 
     world = World(comm, local_rank, local_size)
     _install_abort_hook(world)
     return world
+
+
+def _initialize_gpu(local_rank, local_size, allow_sharing):
+    from mpiconvnet.backends import get_backend
+    get_backend("cuda").initialize(local_rank, local_size, allow_sharing)
 
 
 class Heartbeat:
