@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import mpiconvnet.backends.numpy_backend as B
+from mpiconvnet.backends.numpy_ops import threads
 from mpiconvnet.backends.numpy_ops.dropout import mix32
 from tests.gradcheck import check_gradient
 from tests.tolerances import ELEMENTWISE_F32, FLOAT64, REDUCTION_F32
@@ -18,6 +19,24 @@ ALEXNET_LRN = dict(size=5, alpha=1e-4, beta=0.75, k=2.0)
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Ops fill their outputs slice by slice: start them as NaN so a missed slice shows."""
+    monkeypatch.setattr(threads, "POISON_OUTPUTS", True)
+
+
+@pytest.fixture(params=["one-slice", "sliced-2-threads"])
+def slicing(request, monkeypatch):
+    """Run an op on the whole batch at once, or one image per slice over two threads."""
+    if request.param == "sliced-2-threads":
+        monkeypatch.setattr(threads, "CHUNK_BYTES", 1)
+        B.set_num_threads(2)
+        yield request.param
+        B.set_num_threads(1)
+    else:
+        yield request.param
 
 
 def away_from_zero(rng, shape, margin=0.1):
@@ -182,7 +201,7 @@ def test_softmax_cross_entropy_gradient(rng):
 # ----------------------------------------------------------------------- fast vs naive loops
 
 @pytest.mark.parametrize("stride,pad,groups", [(1, 1, 2), (2, 0, 1), (4, 1, 2)])
-def test_conv_matches_loops(rng, stride, pad, groups):
+def test_conv_matches_loops(rng, stride, pad, groups, slicing):
     x = rng.standard_normal((2, 4, 9, 8))
     w = rng.standard_normal((6, 4 // groups, 3, 3))
     b = rng.standard_normal(6)
@@ -195,8 +214,16 @@ def test_conv_matches_loops(rng, stride, pad, groups):
     np.testing.assert_allclose(B.conv_backward_bias(dy), dy.sum(axis=(0, 2, 3)), **FLOAT64)
 
 
+def test_relu_matches_definition(rng, slicing):
+    x = away_from_zero(rng, (5, 3, 4, 4)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    y = B.relu_forward(x)
+    np.testing.assert_array_equal(y, np.where(x > 0, x, 0))
+    np.testing.assert_array_equal(B.relu_backward(y, dy), np.where(x > 0, dy, 0))
+
+
 @pytest.mark.parametrize("values", ["distinct", "ties"])
-def test_maxpool_matches_loops(rng, values):
+def test_maxpool_matches_loops(rng, values, slicing):
     shape = (2, 3, 9, 9)
     # small integers make many ties: the gradient must go to the first maximum
     x = distinct_values(rng, shape) if values == "distinct" else rng.integers(0, 3, shape).astype(np.float64)
@@ -209,7 +236,7 @@ def test_maxpool_matches_loops(rng, values):
 
 @pytest.mark.parametrize("lrn", [ALEXNET_LRN, dict(size=4, alpha=0.8, beta=0.6, k=1.5),
                                  dict(size=3, alpha=2.0, beta=0.75, k=1.0)])
-def test_lrn_matches_loops(rng, lrn):
+def test_lrn_matches_loops(rng, lrn, slicing):
     x = rng.standard_normal((2, 9, 3, 3)) * 3
     dy = rng.standard_normal(x.shape)
     y = B.lrn_forward(x, **lrn)
@@ -360,7 +387,7 @@ def _torch_grads(torch, fn, *arrays):
     return out.detach().numpy(), dy, [t.grad.numpy() for t in tensors]
 
 
-def test_conv_matches_torch(rng, torch):
+def test_conv_matches_torch(rng, torch, slicing):
     x = rng.standard_normal((3, 6, 15, 14)).astype(np.float32)
     w = rng.standard_normal((8, 3, 5, 5)).astype(np.float32)
     b = rng.standard_normal(8).astype(np.float32)
@@ -373,7 +400,7 @@ def test_conv_matches_torch(rng, torch):
 
 
 @pytest.mark.parametrize("lrn", [ALEXNET_LRN, dict(size=4, alpha=0.8, beta=0.6, k=1.5)])
-def test_lrn_matches_torch(rng, torch, lrn):
+def test_lrn_matches_torch(rng, torch, lrn, slicing):
     x = (rng.standard_normal((2, 11, 5, 5)) * 4).astype(np.float32)
     y_t, dy, (dx_t,) = _torch_grads(
         torch, lambda x_: torch.nn.functional.local_response_norm(
@@ -383,7 +410,7 @@ def test_lrn_matches_torch(rng, torch, lrn):
     np.testing.assert_allclose(B.lrn_backward(x, y, dy, **lrn), dx_t, **REDUCTION_F32)
 
 
-def test_maxpool_matches_torch(rng, torch):
+def test_maxpool_matches_torch(rng, torch, slicing):
     x = distinct_values(rng, (2, 3, 13, 13)).astype(np.float32)
     y_t, dy, (dx_t,) = _torch_grads(torch, lambda x_: torch.nn.functional.max_pool2d(x_, 3, 2), x)
     y = B.maxpool_forward(x, 3, 2)
@@ -391,8 +418,8 @@ def test_maxpool_matches_torch(rng, torch):
     np.testing.assert_allclose(B.maxpool_backward(x, y, dy, 3, 2), dx_t, **ELEMENTWISE_F32)
 
 
-def test_linear_matches_torch(rng, torch):
-    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in [(4, 20), (7, 20), (7,)])
+def test_linear_matches_torch(rng, torch, slicing):
+    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in [(10, 20), (9, 20), (9,)])
     y_t, dy, (dx_t, dw_t, db_t) = _torch_grads(torch, torch.nn.functional.linear, x, w, b)
     np.testing.assert_allclose(B.linear_forward(x, w, b), y_t, **REDUCTION_F32)
     np.testing.assert_allclose(B.linear_backward_data(dy, w), dx_t, **REDUCTION_F32)
