@@ -1,0 +1,193 @@
+#!/usr/bin/env bash
+# gpu-check.sh: everything the CUDA backend needs checked, in one command, on any GPU node.
+#
+#   scripts/gpu-check.sh [OUTDIR]        (default: gpu-check-<host>-<date>/)
+#
+# 1. records the machine (nvidia-smi, nvcc, python, CUDA_VISIBLE_DEVICES);
+# 2. creates / reuses a venv (VENV, default .venv-gpu; --system-site-packages, so a site
+#    or module-provided PyTorch / CUDA libraries stay visible) and installs what is missing:
+#    the project, pycuda (built from vendor/pycuda-*.tar.gz when there is no index), and
+#    cuBLAS / cuDNN wheels only when no usable copy is found (see docs/gpu.md);
+# 3. runs the CUDA tests (logic, nvcc compile, every op against the NumPy reference);
+# 4. trains alexnet-mini for 2 epochs on synthetic shards with --backend cuda (and on 2
+#    ranks with mpiexec when the node has 2 GPUs);
+# 5. runs the step benchmark against PyTorch's AlexNet on the same GPU (float32, then TF32);
+# and writes OUTDIR/report.md with every step's status, time and log. The exit status is
+# non-zero when any step failed. Steps keep going after a failure so one run shows all.
+#
+# Environment:
+#   PYTHON=python3.11     interpreter the venv is made from (default python3)
+#   VENV=.venv-gpu        the venv (an existing one is reused)
+#   OFFLINE=1             never use a package index, only vendor/ (auto when none is reachable)
+#   CUDA_WHEELS=cu12|cu13 which nvidia-* wheels to install if the libraries are missing (cu12)
+#   SKIP_BENCH=1          skip the benchmark
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+OUT=${1:-gpu-check-$(hostname -s 2>/dev/null || echo host)-$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+REPORT="$OUT/report.md"
+VENV=${VENV:-.venv-gpu}
+PYTHON=${PYTHON:-python3}
+CUDA_WHEELS=${CUDA_WHEELS:-cu12}
+FAILED=0
+
+echo "# gpu-check $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname)" > "$REPORT"
+echo "" >> "$REPORT"
+echo "| step | status | seconds | log |" >> "$REPORT"
+echo "|---|---|---|---|" >> "$REPORT"
+
+# step NAME COMMAND...: run it, log to OUTDIR/NAME.log, add a row to the report
+step() {
+    local name=$1; shift
+    local log="$OUT/$name.log" start end status
+    echo "== $name: $*"
+    start=$(date +%s)
+    ( "$@" ) > "$log" 2>&1
+    status=$?
+    end=$(date +%s)
+    if [ $status -eq 0 ]; then
+        echo "| $name | PASS | $((end - start)) | $name.log |" >> "$REPORT"
+    else
+        FAILED=1
+        echo "| $name | **FAIL ($status)** | $((end - start)) | $name.log |" >> "$REPORT"
+        echo "   FAILED ($status); last lines of $log:"; tail -n 15 "$log" | sed 's/^/   | /'
+    fi
+    return $status
+}
+
+# --- 1. the machine ---------------------------------------------------------------------------
+machine() {
+    echo "## nvidia-smi"; nvidia-smi || echo "nvidia-smi: absent"
+    echo "## nvcc"; (command -v nvcc && nvcc --version) || echo "nvcc: not on PATH (prebuilt kernels needed: docs/gpu.md)"
+    echo "## python"; command -v "$PYTHON"; "$PYTHON" --version
+    echo "## CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-<unset>}"
+    echo "## LD_LIBRARY_PATH=${LD_LIBRARY_PATH-<unset>}"
+}
+step machine machine
+
+# --- 2. environment ---------------------------------------------------------------------------
+if [ -z "${OFFLINE:-}" ]; then
+    if "$PYTHON" -c "import urllib.request; urllib.request.urlopen('https://pypi.org/simple/pip/', timeout=5)" >/dev/null 2>&1; then
+        OFFLINE=0
+    else
+        OFFLINE=1
+    fi
+fi
+PIP_SOURCES=(--find-links "$ROOT/vendor")
+[ "$OFFLINE" = 1 ] && PIP_SOURCES+=(--no-index)
+echo "package index: $([ "$OFFLINE" = 1 ] && echo "none (vendor/ only)" || echo "reachable (vendor/ first)")" | tee -a "$OUT/machine.log"
+
+make_venv() {
+    [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv --system-site-packages "$VENV"
+    "$VENV/bin/python" -m pip --version
+}
+step venv make_venv || { echo "cannot create the venv $VENV; see $OUT/venv.log"; exit 1; }
+PY="$ROOT/$VENV/bin/python"
+[ -x "$PY" ] || PY="$VENV/bin/python"
+
+install_project() {
+    # offline nodes build from what is installed, so the build tools must be there first
+    "$PY" -c "import setuptools, wheel" 2>/dev/null || "$PY" -m pip install "${PIP_SOURCES[@]}" setuptools wheel
+    # the project and its test extra; --no-build-isolation lets offline nodes build from
+    # what is installed (setuptools, wheel) instead of fetching build requirements
+    "$PY" -m pip install "${PIP_SOURCES[@]}" --no-build-isolation -e ".[test]"
+}
+step install-project install_project
+
+install_pycuda() {
+    if "$PY" -c "import pycuda.driver" 2>/dev/null; then
+        "$PY" -c "import pycuda; print('pycuda', pycuda.VERSION_TEXT, 'already installed')"
+        return 0
+    fi
+    # PyCUDA builds against the CUDA toolkit: its configure finds it from nvcc's location
+    if command -v nvcc >/dev/null; then export CUDA_ROOT=${CUDA_ROOT:-$(dirname "$(dirname "$(command -v nvcc)")")}; fi
+    "$PY" -m pip install "${PIP_SOURCES[@]}" --no-build-isolation pycuda
+    "$PY" -c "import pycuda.driver as d; d.init(); print('pycuda OK,', d.Device.count(), 'device(s)')"
+}
+step install-pycuda install_pycuda
+
+find_libraries() {
+    "$PY" - <<'EOF'
+from mpiconvnet.backends.cuda import libs, mpi_cuda
+for name, load in (("cuBLAS", libs.load_cublas), ("cuDNN", libs.load_cudnn)):
+    lib = load()
+    print(f"{name}: {lib._name}")
+import ctypes
+from mpiconvnet.backends.cuda import cudnn
+print("cuDNN version:", cudnn.lib().cudnnGetVersion())
+EOF
+}
+install_cuda_libraries() {
+    if find_libraries; then return 0; fi
+    echo "cuBLAS / cuDNN not found where docs/gpu.md says we look; installing the $CUDA_WHEELS wheels"
+    "$PY" -m pip install "${PIP_SOURCES[@]}" "nvidia-cublas-$CUDA_WHEELS" "nvidia-cudnn-$CUDA_WHEELS"
+    find_libraries
+}
+step cuda-libraries install_cuda_libraries
+
+# --- 3. tests ---------------------------------------------------------------------------------
+cuda_tests() {
+    "$PY" -m pytest -q -rs -p no:cacheprovider --junitxml="$OUT/cuda-tests.xml" \
+        tests/test_cuda_logic.py tests/test_cuda_compile.py tests/test_cuda_ops.py || return 1
+    # every cuda-marked test elsewhere in the suite (models, trainer) too
+    "$PY" -m pytest -q -rs -p no:cacheprovider -m cuda tests || [ $? -eq 5 ] || return 1
+    # a run where the GPU tests all skipped proves nothing
+    "$PY" - "$OUT/cuda-tests.xml" <<'EOF'
+import sys, xml.etree.ElementTree as ET
+suite = ET.parse(sys.argv[1]).getroot()
+suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+ran = int(suite.get("tests")) - int(suite.get("skipped"))
+ops = [c for c in suite.iter("testcase") if "test_cuda_ops" in c.get("classname", "")]
+skipped_ops = [c for c in ops if c.find("skipped") is not None]
+print(f"{ran} tests ran; {len(ops) - len(skipped_ops)} of {len(ops)} GPU op tests ran")
+sys.exit(1 if not ops or skipped_ops else 0)
+EOF
+}
+step cuda-tests cuda_tests
+
+# --- 4. training on synthetic shards ----------------------------------------------------------
+DATA="$OUT/data"
+make_shards() {
+    rm -rf "$DATA"
+    "$PY" -m preprocess synth --out "$DATA/raw" --classes 10 --per-class 40 --layout folder &&
+    "$PY" -m preprocess folder --train "$DATA/raw/train" --val "$DATA/raw/val" --out "$DATA/shards" --size 64
+}
+step shards make_shards
+train_one_gpu() {
+    "$PY" -m mpiconvnet.train --data "$DATA/shards" --out "$DATA/run-1gpu" --model alexnet-mini --backend cuda \
+        --epochs 2 --global-batch 64
+}
+step train-1gpu train_one_gpu
+GPUS=$("$PY" -c "import pycuda.driver as d; d.init(); print(d.Device.count())" 2>/dev/null || echo 0)
+MPIEXEC="$(dirname "$PY")/mpiexec"
+command -v "$MPIEXEC" >/dev/null || MPIEXEC=$(command -v mpiexec || true)
+if [ "${GPUS:-0}" -ge 2 ] && [ -n "$MPIEXEC" ]; then
+    train_two_gpus() {
+        "$PY" -c "from mpi4py import MPI; from mpiconvnet.backends.cuda import cuda_aware_mpi; print('CUDA-aware MPI:', cuda_aware_mpi())"
+        "$MPIEXEC" -n 2 "$PY" -m mpiconvnet.train --data "$DATA/shards" --out "$DATA/run-2gpu" --model alexnet-mini \
+            --backend cuda --epochs 2 --global-batch 64
+    }
+    step train-2gpu train_two_gpus
+else
+    echo "| train-2gpu | skipped ($GPUS GPU(s) or no mpiexec) | 0 | |" >> "$REPORT"
+fi
+
+# --- 5. benchmark -----------------------------------------------------------------------------
+if [ -z "${SKIP_BENCH:-}" ]; then
+    step bench-fp32 "$PY" -m mpiconvnet.bench step --model alexnet --batch 128 --backend cuda --json
+    step bench-tf32 "$PY" -m mpiconvnet.bench step --model alexnet --batch 128 --backend cuda --tf32 --json
+fi
+
+{
+    echo ""
+    echo "## machine"; echo '```'; cat "$OUT/machine.log"; echo '```'
+    echo "## libraries"; echo '```'; cat "$OUT/cuda-libraries.log" 2>/dev/null; echo '```'
+    for name in cuda-tests bench-fp32 bench-tf32; do
+        [ -f "$OUT/$name.log" ] || continue
+        echo "## $name (last 40 lines)"; echo '```'; tail -n 40 "$OUT/$name.log"; echo '```'
+    done
+} >> "$REPORT"
+echo "report: $REPORT"
+exit $FAILED
