@@ -213,3 +213,25 @@ def test_a_global_batch_that_does_not_divide_by_the_ranks_is_refused(data, tmp_p
     result = train(["--data", data, "--out", str(tmp_path / "run"), "--global-batch", "15"], ranks=2, check=False)
     assert result.returncode == 2
     assert "--global-batch 15 does not divide by 2 ranks" in result.stderr
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+def test_sigusr1_to_one_rank_stops_every_rank_after_the_same_step(data, tmp_path):
+    # SLURM signals every task, but not at the same instant: the stop is voted on in the
+    # per-step allreduce, so all ranks checkpoint after the same step and exit 75
+    run = str(tmp_path / "run")
+    proc = subprocess.Popen([MPIEXEC, "-n", "2", PYTHON, "-m", "mpiconvnet.train"] + TINY +
+                            ["--data", data, "--global-batch", "16", "--epochs", "400", "--checkpoint-every", "2",
+                             "--out", run], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def signal_one_rank():
+        out = subprocess.run(["pgrep", "-f", "mpiconvnet.train"], capture_output=True, text=True).stdout.split()
+        ranks = sorted(int(p) for p in out if int(p) != proc.pid and _is_descendant(int(p), proc.pid))
+        assert len(ranks) == 2, ranks
+        os.kill(ranks[-1], signal.SIGUSR1)
+
+    _wait_for_checkpoint_then(proc, os.path.join(run, "checkpoints"), signal_one_rank)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err
+    assert "checkpoint written, continue with --resume auto" in out
