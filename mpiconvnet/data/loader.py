@@ -102,7 +102,7 @@ def _worker_main(worker_id, maker, connection, images, labels, parent_pid):
     try:
         while True:
             if not connection.poll(LIVENESS_POLL_S):
-                if False:
+                if os.getppid() != parent_pid:
                     return        # the parent died without closing us (SIGKILL, OOM)
                 continue
             order = connection.recv()

@@ -1,0 +1,207 @@
+"""BatchLoader: the same batches for any worker count, resume, eval exactly once, and
+workers that fail loudly and never outlive the loader."""
+import multiprocessing
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from mpiconvnet.data import loader as loader_module
+from mpiconvnet.data.loader import BatchLoader, LoaderError
+from mpiconvnet.data.sampler import DistributedSampler
+from tests.data_fixtures import decode_index, label_of, write_tiny_dataset
+
+NUM_TRAIN, NUM_VAL, NUM_CLASSES, SIZE, CROP = 50, 23, 5, 32, 24
+
+
+@pytest.fixture(scope="module", params=["raw", "jpeg"])
+def dataset(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    return str(write_tiny_dataset(root, NUM_TRAIN, NUM_VAL, NUM_CLASSES, SIZE, format=request.param, shard_size=16))
+
+
+@pytest.fixture
+def raw_dataset(tmp_path):
+    return str(write_tiny_dataset(tmp_path, NUM_TRAIN, NUM_VAL, NUM_CLASSES, SIZE, format="raw", shard_size=16))
+
+
+def collect(root, **options):
+    """Every batch of one loader, copied (the loader reuses its slots)."""
+    options = {"batch_per_rank": 4, "crop_size": CROP, "epoch": 1, "seed": 3, **options}
+    with BatchLoader(root, **options) as loader:
+        batches = [(step, images.copy(), labels.copy()) for step, images, labels in loader]
+        assert len(batches) == len(loader)
+        assert (loader.time_waiting > 0) == bool(batches)
+    return batches
+
+
+def assert_same_batches(left, right):
+    assert [s for s, _, _ in left] == [s for s, _, _ in right]
+    for (_, images_a, labels_a), (_, images_b, labels_b) in zip(left, right):
+        np.testing.assert_array_equal(images_a, images_b)
+        np.testing.assert_array_equal(labels_a, labels_b)
+
+
+def image_indices(images, root, split="train"):
+    """Which fixture image each crop shows: undo the channel mean, read the colour code."""
+    from mpiconvnet.data.shards import ShardedDataset
+    mean = ShardedDataset(root, split).mean
+    pixels = images[:, :, CROP // 2, CROP // 2] + mean          # (n, 3), flat images
+    return decode_index(pixels)
+
+
+def test_workers_and_prefetch_do_not_change_the_batches(dataset):
+    options = dict(mean="image", pca_lighting=True, divide_by_std=True, drop_last=False)
+    in_process = collect(dataset, workers=0, **options)
+    assert len(in_process) == 13                     # 50 images, batches of 4, last one padded
+    assert_same_batches(in_process, collect(dataset, workers=2, prefetch=1, **options))
+    assert_same_batches(in_process, collect(dataset, workers=1, prefetch=3, **options))
+
+
+def test_batches_hold_the_sampled_images_and_labels(dataset):
+    batches = collect(dataset, workers=2)
+    assert len(batches) == 12
+    for step, images, labels in batches:
+        assert images.shape == (4, 3, CROP, CROP) and images.dtype == np.float32
+        want = DistributedSampler(NUM_TRAIN, 0, 1, 3, 1, 4).indices_for_step(step)
+        np.testing.assert_array_equal(image_indices(images, dataset), want)
+        np.testing.assert_array_equal(labels, label_of(want, NUM_CLASSES))
+
+
+def test_start_step_resumes_the_epoch_exactly(raw_dataset):
+    whole = collect(raw_dataset, workers=0, pca_lighting=True)
+    assert_same_batches(whole[5:], collect(raw_dataset, workers=2, start_step=5, pca_lighting=True))
+    assert collect(raw_dataset, workers=1, start_step=len(whole)) == []
+
+
+def test_ranks_together_load_the_one_rank_batch(raw_dataset):
+    single = collect(raw_dataset, workers=0, batch_per_rank=6, pca_lighting=True)
+    ranks = [collect(raw_dataset, workers=1, rank=r, size=2, batch_per_rank=3, pca_lighting=True) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == len(single)
+    for step, (images, labels) in enumerate((s[1], s[2]) for s in single):
+        np.testing.assert_array_equal(np.concatenate([r[step][1] for r in ranks]), images)
+        np.testing.assert_array_equal(np.concatenate([r[step][2] for r in ranks]), labels)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4])
+def test_evaluation_sees_every_image_exactly_once(dataset, size):
+    seen, labels = [], []
+    for rank in range(size):
+        for _, images, batch_labels in collect(dataset, split="val", train=False, rank=rank, size=size,
+                                               workers=1 if rank % 2 else 0):
+            assert images.shape[0] == batch_labels.shape[0] <= 4
+            seen.append(image_indices(images, dataset, "val"))
+            labels.append(batch_labels)
+    np.testing.assert_array_equal(np.concatenate(seen), np.arange(NUM_VAL))
+    np.testing.assert_array_equal(np.concatenate(labels), label_of(np.arange(NUM_VAL), NUM_CLASSES))
+
+
+def test_ten_crop_evaluation_shapes_and_order(raw_dataset):
+    ten = collect(raw_dataset, train=False, crops=10, workers=2)
+    centre = collect(raw_dataset, train=False, crops=1, workers=0)
+    assert [images.shape[0] for _, images, _ in ten] == [40] * 5 + [30]
+    for (_, images10, labels10), (_, images1, labels1) in zip(ten, centre):
+        np.testing.assert_array_equal(labels10, labels1)
+        # crop 4 of each image is the centre crop; crop 9 its mirror
+        np.testing.assert_array_equal(images10[4::10], images1)
+        np.testing.assert_array_equal(images10[9::10], images1[..., ::-1])
+
+
+def test_worker_exception_reaches_the_parent_with_its_traceback(raw_dataset, monkeypatch):
+    real_fill = loader_module.BatchMaker.fill
+
+    def fill_failing_at_step_2(self, step, images_out, labels_out):
+        if step == 2:
+            raise RuntimeError("disk on fire at step 2")
+        return real_fill(self, step, images_out, labels_out)
+
+    # workers fork after this, so they run the patched method
+    monkeypatch.setattr(loader_module.BatchMaker, "fill", fill_failing_at_step_2)
+    loader = BatchLoader(raw_dataset, batch_per_rank=4, crop_size=CROP, workers=2)
+    processes = list(loader._processes)
+    started = time.monotonic()
+    with pytest.raises(LoaderError, match="step 2") as error:
+        for _ in loader:
+            pass
+    assert time.monotonic() - started < 10
+    assert "disk on fire at step 2" in str(error.value) and "Traceback" in str(error.value)
+    assert not any(p.is_alive() for p in processes)
+
+
+def test_killed_worker_is_reported_not_waited_for(raw_dataset):
+    loader = BatchLoader(raw_dataset, batch_per_rank=4, crop_size=CROP, workers=2, prefetch=1)
+    processes = list(loader._processes)
+    next(loader)
+    os.kill(processes[1].pid, signal.SIGKILL)
+    started = time.monotonic()
+    with pytest.raises(LoaderError, match="exit code -9"):
+        for _ in loader:
+            pass
+    assert time.monotonic() - started < 10
+    assert not any(p.is_alive() for p in processes)
+
+
+def test_no_process_outlives_close(raw_dataset):
+    loader = BatchLoader(raw_dataset, batch_per_rank=4, crop_size=CROP, workers=3)
+    processes = list(loader._processes)
+    assert len(processes) == 3 and all(p.is_alive() for p in processes)
+    next(loader)                     # stop mid-epoch, workers busy prefetching
+    loader.close()
+    loader.close()
+    assert not any(p.is_alive() for p in processes)
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("mpiconvnet-loader")]
+    with pytest.raises(StopIteration):
+        next(loader)
+    # an exception in the consumer's loop also closes the loader
+    with pytest.raises(KeyError):
+        with BatchLoader(raw_dataset, batch_per_rank=4, crop_size=CROP, workers=2) as loader:
+            processes = list(loader._processes)
+            for _ in loader:
+                raise KeyError("trainer bug")
+    assert not any(p.is_alive() for p in processes)
+
+
+def test_workers_leave_when_the_parent_dies(raw_dataset):
+    # a middle process owns a loader and is SIGKILLed: no close(), no atexit
+    context = multiprocessing.get_context("fork")
+    reader, writer = context.Pipe(duplex=False)
+
+    def owner():
+        loader = BatchLoader(raw_dataset, batch_per_rank=4, crop_size=CROP, workers=2)
+        writer.send([p.pid for p in loader._processes])
+        time.sleep(60)
+
+    middle = context.Process(target=owner)
+    middle.start()
+    worker_pids = reader.recv()
+    os.kill(middle.pid, signal.SIGKILL)
+    middle.join()
+    deadline = time.monotonic() + 10
+    alive = worker_pids
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [pid for pid in worker_pids if _running(pid)]
+    for pid in alive:
+        # orphans would hold pytest's output pipe open and hang the run after a failure
+        os.kill(pid, signal.SIGKILL)
+    assert alive == []
+
+
+def _running(pid):
+    """True while pid exists and is not a zombie (orphans are reaped by init, but slowly in containers)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stream:
+            return stream.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_bad_arguments_are_refused(raw_dataset):
+    with pytest.raises(ValueError, match="crop size 40"):
+        BatchLoader(raw_dataset, batch_per_rank=4, crop_size=40)
+    with pytest.raises(ValueError, match="mean"):
+        BatchLoader(raw_dataset, batch_per_rank=4, crop_size=CROP, mean="median")
+    with pytest.raises(ValueError, match="crops=10"):
+        BatchLoader(raw_dataset, batch_per_rank=4, crop_size=CROP, crops=10)
