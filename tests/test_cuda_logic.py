@@ -413,19 +413,23 @@ int fake_last_conv_math(void) { return last_conv_math; }
 size_t cudnnGetVersion(void) { return 90600; }
 const char *cudnnGetErrorString(int status) { return status ? "CUDNN_STATUS_BAD_PARAM" : "CUDNN_STATUS_SUCCESS"; }
 int cudnnSetConvolutionMathType(void *d, int m) { last_conv_math = m; return 0; }
-int cudnnFindConvolutionForwardAlgorithm(void *h, void *x, void *w, void *c, void *y, int requested,
-                                         int *returned, cudnnConvolutionFwdAlgoPerf_t *perf) {
-    last_requested = requested;
-    perf[0].algo = 1; perf[0].status = 0; perf[0].memory = 1 << 20; perf[0].mathType = 1;
-    perf[1].algo = 7; perf[1].status = 3000; perf[1].memory = 0; perf[1].mathType = 3;
-    perf[2].algo = 0; perf[2].status = 0; perf[2].memory = 4096; perf[2].mathType = 3;
-    *returned = 3;
-    return 0;
+#define FIND(NAME, SIZE_NAME)                                                                   \
+int NAME(void *h, void *a, void *b, void *c, void *d, int requested, int *returned,             \
+         cudnnConvolutionFwdAlgoPerf_t *perf) {                                                 \
+    last_requested = requested;                                                                 \
+    perf[0].algo = 1; perf[0].status = 0; perf[0].memory = 1 << 20; perf[0].mathType = 1;     \
+    perf[1].algo = 7; perf[1].status = 3000; perf[1].memory = 0; perf[1].mathType = 3;         \
+    perf[2].algo = 0; perf[2].status = 0; perf[2].memory = 4096; perf[2].mathType = 3;         \
+    *returned = 3;                                                                              \
+    return 0;                                                                                   \
+}                                                                                               \
+int SIZE_NAME(void *h, void *a, void *b, void *c, void *d, int algo, size_t *size) {            \
+    *size = algo == 0 ? 4096 : 1 << 20;                                                         \
+    return 0;                                                                                   \
 }
-int cudnnGetConvolutionForwardWorkspaceSize(void *h, void *x, void *w, void *c, void *y, int algo, size_t *size) {
-    *size = algo == 0 ? 4096 : 1 << 20;
-    return 0;
-}
+FIND(cudnnFindConvolutionForwardAlgorithm, cudnnGetConvolutionForwardWorkspaceSize)
+FIND(cudnnFindConvolutionBackwardDataAlgorithm, cudnnGetConvolutionBackwardDataWorkspaceSize)
+FIND(cudnnFindConvolutionBackwardFilterAlgorithm, cudnnGetConvolutionBackwardFilterWorkspaceSize)
 int cudnnAddTensor(void *h, const float *alpha, void *ad, const float *A, const float *beta, void *cd, float *C) {
     C[0] = *alpha * A[0] + *beta * C[0];
     return 0;
@@ -441,7 +445,7 @@ def fake_libs(tmp_path, monkeypatch):
     if cc is None:
         pytest.skip("no C compiler to build the stand-in libraries")
     names = set(re.findall(r'"(cudnn\w+)": \(', open(cudnn.__file__).read()))
-    custom = set(re.findall(r"\b(cudnn\w+)\(", FAKE_CUDNN_CUSTOM))
+    custom = set(re.findall(r"\b(cudnn\w+)\b", FAKE_CUDNN_CUSTOM))
     stubs = "".join(f"int {name}(void) {{ return 0; }}\n" for name in sorted(names - custom))
     for soname, source in (("libcublas.so.12", FAKE_CUBLAS), ("libcudnn.so.9", FAKE_CUDNN_CUSTOM + stubs)):
         src = tmp_path / (soname + ".c")
@@ -506,3 +510,191 @@ def test_no_nvcc_and_no_prebuilt_is_a_one_line_error(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError) as e:
         context.load_module("sgd.cu")
     assert "\n" not in str(e.value) and "prebuild" in str(e.value) and "nvcc not found" in str(e.value)
+
+
+# --- every interface function through a stand-in pycuda -----------------------------------------
+# "Device" memory is host memory here (so the stand-in cuBLAS really multiplies and copies
+# really copy); kernel launches are checked against their prepared signature but not run.
+# This walks every op's Python path: shapes, pointers, argument lists, descriptor caching.
+
+class _FakeAllocation:
+    def __init__(self, nbytes):
+        self.buffer = np.zeros(max(int(nbytes), 1) + 64, np.uint8)
+        self.address = self.buffer.ctypes.data
+
+    def __int__(self):
+        return self.address
+
+    __index__ = __int__
+
+
+def _fake_pycuda(launches):
+    import struct
+
+    keep = []
+
+    def allocate(nbytes):
+        a = _FakeAllocation(nbytes)
+        keep.append(a)
+        return a
+
+    class GPUArray:
+        def __init__(self, shape, dtype, allocator=None, gpudata=None, base=None):
+            self.shape = tuple(int(s) for s in (shape if isinstance(shape, tuple) else (shape,)))
+            self.dtype = np.dtype(dtype)
+            self.size = int(np.prod(self.shape, dtype=np.int64))
+            self.nbytes = self.size * self.dtype.itemsize
+            self.gpudata = gpudata if gpudata is not None else (allocator or allocate)(self.nbytes)
+            self.base = base
+
+        @property
+        def ptr(self):
+            return int(self.gpudata)
+
+        def __getitem__(self, index):
+            assert isinstance(index, slice) and len(self.shape) == 1 and index.step is None
+            start, stop, _ = index.indices(self.shape[0])
+            return GPUArray((stop - start,), self.dtype, gpudata=self.ptr + start * self.dtype.itemsize, base=self)
+
+        def reshape(self, *shape):
+            shape = shape[0] if len(shape) == 1 and isinstance(shape[0], tuple) else shape
+            shape = list(shape)
+            if -1 in shape:
+                shape[shape.index(-1)] = self.size // -int(np.prod(shape))
+            assert int(np.prod(shape)) == self.size
+            return GPUArray(tuple(shape), self.dtype, gpudata=self.ptr, base=self)
+
+    class Function:
+        def __init__(self, name):
+            self.name = name
+
+        def prepare(self, fmt):
+            self.fmt = fmt
+
+        def prepared_async_call(self, grid, block, stream, *args):
+            assert len(grid) == 2 and len(block) == 3 and isinstance(stream, Stream)
+            struct.pack(self.fmt, *args)  # wrong count or type raises struct.error
+            launches.append(self.name)
+
+    class Module:
+        def get_function(self, name):
+            return Function(name)
+
+    class Stream:
+        handle = 0x1234  # what the stand-in cudnnSetStream accepts
+
+        def synchronize(self):
+            pass
+
+    class Context:
+        def push(self):
+            pass
+
+        def pop(self):
+            pass
+
+        def detach(self):
+            pass
+
+    class Device:
+        def __init__(self, ordinal):
+            self.ordinal = ordinal
+
+        @staticmethod
+        def count():
+            return 1
+
+        def retain_primary_context(self):
+            return Context()
+
+    drv = types.ModuleType("pycuda.driver")
+    drv.init = lambda: None
+    drv.Device, drv.Stream = Device, Stream
+    drv.memcpy_htod_async = lambda dst, src, stream=None: ctypes.memmove(int(dst), src.ctypes.data, src.nbytes)
+    drv.memcpy_dtoh_async = lambda dst, src, stream=None: ctypes.memmove(dst.ctypes.data, int(src), dst.nbytes)
+    drv.memcpy_dtod_async = lambda dst, src, n, stream=None: ctypes.memmove(int(dst), int(src), n)
+    drv.memset_d8_async = lambda dst, value, n, stream=None: ctypes.memset(int(dst), value, n)
+    drv.pagelocked_empty = lambda shape, dtype: np.empty(shape, dtype)
+    drv.module_from_file = lambda path: Module()
+    gpuarray = types.ModuleType("pycuda.gpuarray")
+    gpuarray.GPUArray = GPUArray
+    tools = types.ModuleType("pycuda.tools")
+    tools.DeviceMemoryPool = lambda: types.SimpleNamespace(allocate=allocate, stop_holding=lambda: None)
+    compiler = types.ModuleType("pycuda.compiler")
+    compiler.DEFAULT_NVCC_FLAGS = []
+    compiler.SourceModule = lambda source, **kwargs: Module()
+    package = types.ModuleType("pycuda")
+    package.driver, package.gpuarray, package.tools, package.compiler = drv, gpuarray, tools, compiler
+    return {"pycuda": package, "pycuda.driver": drv, "pycuda.gpuarray": gpuarray, "pycuda.tools": tools,
+            "pycuda.compiler": compiler}
+
+
+def test_every_op_runs_through_the_python_plumbing(fake_libs, monkeypatch):
+    launches = []
+    for name, module in _fake_pycuda(launches).items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(context, "_state", None)
+    monkeypatch.setattr(mpi_cuda, "_cached", None)
+    import mpiconvnet.backends.cuda as cb
+    rng = np.random.default_rng(3)
+    try:
+        assert cb.initialize(0, 1, False) == 0
+        # memory: real copies through the stand-in driver
+        a = rng.standard_normal((3, 4)).astype(np.float32)
+        d = cb.to_device(a)
+        np.testing.assert_array_equal(cb.to_host(d), a)
+        np.testing.assert_array_equal(cb.to_host(cb.zeros((5,), np.float64)), np.zeros(5))
+        flat = cb.zeros((10,), np.float32)
+        v1, v2 = cb.flat_views(flat, [(2, 2), (3, 2)])
+        cb.copy_into(v2, cb.to_device(np.arange(6, dtype=np.float32).reshape(3, 2)))
+        np.testing.assert_array_equal(cb.to_host(flat), np.r_[np.zeros(4), np.arange(6)].astype(np.float32))
+        pinned = cb.pinned_host_empty((10,), np.float32)
+        cb.copy_to_host(pinned, flat)
+        cb.copy_from_host(v1, np.ones((2, 2), np.float32))
+        np.testing.assert_array_equal(cb.to_host(flat)[:4], np.ones(4))
+        assert cb.mpi_buffer(flat).__cuda_array_interface__["data"][0] == flat.ptr
+        cb.synchronize()
+        # dense: the stand-in GEMM computes for real; the bias kernel is not run
+        x, w, b = rng.standard_normal((4, 6)), rng.standard_normal((3, 6)), rng.standard_normal(3)
+        dy = rng.standard_normal((4, 3))
+        xd, wd, dyd = cb.to_device(x), cb.to_device(w), cb.to_device(dy)
+        np.testing.assert_allclose(cb.to_host(cb.linear_forward(xd, wd, cb.to_device(b))), x @ w.T)
+        np.testing.assert_allclose(cb.to_host(cb.linear_backward_data(dyd, wd)), dy @ w)
+        np.testing.assert_allclose(cb.to_host(cb.linear_backward_filter(xd, dyd)), dy.T @ x)
+        assert cb.linear_backward_bias(dyd).shape == (3,)
+        # convolution and the rest: shapes and argument lists
+        for dtype in (np.float32, np.float64):
+            x = cb.to_device(rng.standard_normal((2, 4, 9, 9)).astype(dtype))
+            w = cb.to_device(rng.standard_normal((6, 2, 3, 3)).astype(dtype))
+            y = cb.conv_forward(x, w, cb.zeros((6,), dtype), 2, 1, 2)
+            assert y.shape == (2, 6, 5, 5) and y.dtype == dtype
+            assert cb.conv_backward_data(y, w, x.shape, 2, 1, 2).shape == x.shape
+            assert cb.conv_backward_filter(x, y, w.shape, 2, 1, 2).shape == w.shape
+            assert cb.conv_backward_bias(y).shape == (6,)
+            assert cb.relu_backward(cb.relu_forward(x), x).shape == x.shape
+            for size in (5, 4):
+                out = cb.lrn_forward(x, size, 1e-4, 0.75, 2.0)
+                assert cb.lrn_backward(x, out, out, size, 1e-4, 0.75, 2.0).shape == x.shape
+            pooled = cb.maxpool_forward(x, 3, 2)
+            assert pooled.shape == (2, 4, 4, 4)
+            assert cb.maxpool_backward(x, pooled, pooled, 3, 2).shape == x.shape
+            out, mask = cb.dropout_forward(x, 0.5, 1, 2, 3)
+            assert out.shape == mask.shape == x.shape and mask.dtype == dtype
+            assert cb.dropout_backward(out, mask, 0.5).shape == x.shape
+            logits = cb.to_device(rng.standard_normal((5, 10)).astype(dtype))
+            loss, dlogits = cb.softmax_cross_entropy(logits, np.arange(5))
+            assert isinstance(loss, float) and dlogits.shape == (5, 10)
+            assert len(cb.topk_correct(logits, np.arange(5), (1, 5))) == 2
+            cb.sgd_momentum_update(w, w, w, 0.01, 0.9, 5e-4)
+            cb.scale_(w, 0.5)
+        images = rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+        assert cb.crop_flip_normalize(images, [0, 1], [1, 0], [True, False], 6, [1, 2, 3], [4, 5, 6]).shape == (2, 3, 6, 6)
+        cb.set_tf32(True)
+        cb.set_tf32(False)
+        expected = {"bias_add_rows_f64", "sum_rows_f64", "lrn_forward_f32", "lrn_backward_f64", "maxpool_backward_f64",
+                    "dropout_forward_f32", "dropout_apply_f64", "softmax_xent_f64", "label_rank_f32", "sgd_momentum_f64",
+                    "scale_f32", "crop_flip_normalize_f32"}
+        assert expected <= set(launches)
+        assert cb.cuda_aware_mpi(libraries=[]) is False
+    finally:
+        context._state = None
