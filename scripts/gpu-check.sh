@@ -152,7 +152,7 @@ DATA="$OUT/data"
 make_shards() {
     rm -rf "$DATA"
     "$PY" -m preprocess synth --out "$DATA/raw" --classes 10 --per-class 40 --layout folder &&
-    "$PY" -m preprocess folder --train "$DATA/raw/train" --val "$DATA/raw/val" --out "$DATA/shards" --size 64
+    "$PY" -m preprocess folder --train "$DATA/raw/train" --val "$DATA/raw/val" --out "$DATA/shards" --image-size 64
 }
 step shards make_shards
 train_one_gpu() {

@@ -698,3 +698,11 @@ def test_every_op_runs_through_the_python_plumbing(fake_libs, monkeypatch):
         assert cb.cuda_aware_mpi(libraries=[]) is False
     finally:
         context._state = None
+
+
+def test_missing_pycuda_is_a_one_line_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pycuda", None)  # import pycuda raises ImportError
+    monkeypatch.setitem(sys.modules, "pycuda.driver", None)
+    with pytest.raises(RuntimeError) as e:
+        context.import_driver()
+    assert "\n" not in str(e.value) and "pip install pycuda" in str(e.value) and "--backend numpy" in str(e.value)

@@ -160,6 +160,21 @@ class State:
             pass  # the driver may already be shutting down at interpreter exit
 
 
+def import_driver():
+    """pycuda.driver, initialised; a missing pycuda or driver is a one-line error."""
+    try:
+        import pycuda.driver as drv
+    except ImportError as e:
+        raise RuntimeError(f"--backend cuda needs pycuda ({e}): pip install pycuda on a node with the CUDA toolkit "
+                           f"(scripts/gpu-check.sh does it), or use --backend numpy") from None
+    try:
+        drv.init()
+    except Exception as e:
+        raise RuntimeError(f"--backend cuda: the CUDA driver did not initialise ({e}); run on a GPU node "
+                           f"(nvidia-smi must work) or use --backend numpy") from None
+    return drv
+
+
 def load_module(filename):
     """The compiled kernels of kernels/<filename>: built by nvcc through PyCUDA when nvcc
     exists (cached by PyCUDA across runs), else loaded from kernels/prebuilt/."""
@@ -193,8 +208,7 @@ def initialize(local_rank=0, local_size=1, allow_sharing=False):
     global _state
     if os.environ.get("MPICONVNET_ALLOW_GPU_SHARING", "0") == "1":
         allow_sharing = True
-    import pycuda.driver as drv
-    drv.init()
+    drv = import_driver()
     ordinal = device_policy.choose_device(local_rank, local_size, drv.Device.count(), allow_sharing)
     if _state is not None:
         if _state.ordinal != ordinal:

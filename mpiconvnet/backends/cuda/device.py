@@ -76,5 +76,5 @@ def choose_device(local_rank, local_size, device_count, allow_sharing=False):
         raise DeviceChoiceError(
             f"{local_size} ranks on this node but {device_count} visible GPU(s); start at most "
             f"{device_count} ranks per node (mpirun --map-by ppr:{device_count}:node, srun "
-            f"--ntasks-per-node={device_count}) or allow ranks to share GPUs with MPICONVNET_ALLOW_GPU_SHARING=1")
+            f"--ntasks-per-node={device_count}) or let ranks share GPUs (--allow-gpu-sharing, or MPICONVNET_ALLOW_GPU_SHARING=1)")
     return local_rank % device_count
