@@ -1,0 +1,138 @@
+"""Loader throughput per loader process against the memory-copy bound of the same bytes.
+
+    python -m mpiconvnet.bench loader                       # 2048 synthetic 256px images
+    python -m mpiconvnet.bench loader --data /data/imagenet --batches 200 --workers 1,2,4
+
+Run from the repository root: without --data it packs a synthetic raw data set into a
+temporary folder with tests/data_fixtures.py (same HDF5 layout as python -m preprocess:
+one chunk per image). Measures, in one run:
+  read       ShardedDataset.read of one random batch (HDF5 -> uint8 NHWC), in one call
+             and one image per call (what the loader does, see loader.py)
+  augment    random crop + flip + mean subtraction of that batch (uint8 -> float32 NCHW)
+  loader w=N BatchLoader with N worker processes (0: in-process), batches in step order
+  copy bound np.copyto of a uint8 batch of crops into float32: the bytes every loader
+             must at least read and write, with no HDF5, no cropping and no IPC
+and prints images/s, images/s per loader process, and that divided by the copy bound
+(target >= 0.5).
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m mpiconvnet.bench loader", description=__doc__.split("\n")[0])
+    parser.add_argument("--data", help="a packed data set to read (default: a synthetic raw set in a temp dir)")
+    parser.add_argument("--images", type=int, default=2048, help="synthetic training images (default 2048)")
+    parser.add_argument("--size", type=int, default=256, help="synthetic stored image size (default 256)")
+    parser.add_argument("--shard-size", type=int, default=32,
+                        help="synthetic images per shard (default 32: a batch then touches ~1 image per shard, "
+                             "as a 64-image batch of 1.28 M ImageNet images in 1,024-image shards does)")
+    parser.add_argument("--crop", type=int, default=227, help="crop size (default 227, AlexNet)")
+    parser.add_argument("--batch", type=int, default=64, help="batch per rank (default 64)")
+    parser.add_argument("--batches", type=int, default=30, help="batches timed per loader (default 30)")
+    parser.add_argument("--workers", default="0,1,2", help="comma-separated worker counts (default 0,1,2)")
+    parser.add_argument("--repeats", type=int, default=5, help="repeats of the read/augment/copy timings (best kept)")
+    return parser.parse_args(argv)
+
+
+def write_synthetic(root, num_images, size, shard_size):
+    try:
+        from tests.data_fixtures import write_tiny_dataset
+    except ImportError:
+        raise SystemExit("bench loader: tests/data_fixtures.py not importable; run from the repository root "
+                         "or pass --data DIR (a set packed with python -m preprocess)") from None
+    return write_tiny_dataset(root, num_images, 0, 10, size, format="raw", shard_size=shard_size)
+
+
+def best_time(function, repeats):
+    """Seconds of the fastest of `repeats` calls, after one warm-up call."""
+    function()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def time_loader(root, workers, args):
+    """Images/s of a BatchLoader, timed from its first batch to its last (start-up excluded)."""
+    from mpiconvnet.data.loader import BatchLoader
+    with BatchLoader(root, batch_per_rank=args.batch, crop_size=args.crop, epoch=0, seed=0,
+                     workers=workers, prefetch=2, drop_last=False) as loader:
+        count = min(args.batches, len(loader))
+        iterator = iter(loader)
+        next(iterator)
+        started = time.perf_counter()
+        for _ in range(count - 1):
+            next(iterator)
+        elapsed = time.perf_counter() - started
+        waiting = loader.time_waiting
+    return (count - 1) * args.batch / elapsed, waiting
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from mpiconvnet.data import augment
+    from mpiconvnet.data.shards import ShardedDataset
+
+    temporary = None
+    root = args.data
+    if root is None:
+        temporary = tempfile.TemporaryDirectory(prefix="bench-loader-")
+        root = temporary.name
+        started = time.perf_counter()
+        write_synthetic(root, args.images, args.size, args.shard_size)
+        print(f"synthetic set: {args.images} raw {args.size}px images in {time.perf_counter() - started:.1f} s")
+    try:
+        dataset = ShardedDataset(root, "train")
+        batch, crop = args.batch, args.crop
+        rng = np.random.default_rng(0)
+        indices = rng.choice(dataset.num_images, size=batch, replace=False)
+        pixels = dataset.read(indices)                                  # uint8 (b, S, S, 3)
+        mean_chw = augment.mean_as_chw(dataset.mean)
+        out = np.empty((batch, 3, crop, crop), dtype=np.float32)
+        choices = augment.draw_augmentation(rng, batch, dataset.image_size, crop, pca_lighting=False)
+        source = rng.integers(0, 256, size=(batch, 3, crop, crop), dtype=np.uint8)
+
+        rows = []   # (what, processes, images/s)
+        read_s = best_time(lambda: dataset.read(rng.choice(dataset.num_images, size=batch, replace=False)),
+                           args.repeats)
+        rows.append(("read (one read() call)", 1, batch / read_s))
+        single_s = best_time(lambda: [dataset.read([i]) for i in rng.choice(dataset.num_images, size=batch, replace=False)],
+                             args.repeats)
+        rows.append(("read (one image per call)", 1, batch / single_s))
+        dataset.close()    # the loaders' workers open their own handles
+        augment_s = best_time(lambda: augment.train_batch(pixels, choices, crop, mean_chw, out=out), args.repeats)
+        rows.append(("augment (crop+flip+mean)", 1, batch / augment_s))
+        waits = {}
+        for workers in [int(w) for w in args.workers.split(",")]:
+            rate, waits[workers] = time_loader(root, workers, args)
+            rows.append((f"loader workers={workers}", max(workers, 1), rate))
+        copy_s = best_time(lambda: np.copyto(out, source), args.repeats)
+        copy_rate = batch / copy_s
+
+        megabytes = batch * (dataset.image_size ** 2 * 3 + crop * crop * 3 * 4) / 1e6
+        print(f"batch {batch} x {dataset.image_size}px -> {crop}px float32 ({megabytes:.0f} MB read+written per batch), "
+              f"{os.cpu_count()} cpus")
+        print(f"{'what':<28}{'procs':>6}{'images/s':>11}{'per proc':>11}{'/ copy':>8}")
+        for what, processes, rate in rows:
+            print(f"{what:<28}{processes:>6}{rate:>11.0f}{rate / processes:>11.0f}{rate / processes / copy_rate:>8.2f}")
+        print(f"{'copy bound (np.copyto)':<28}{1:>6}{copy_rate:>11.0f}{copy_rate:>11.0f}{1.0:>8.2f}")
+        loader_rows = [r for r in rows if r[0].startswith("loader workers=") and r[0] != "loader workers=0"]
+        if loader_rows:
+            best = max(rate / processes for _, processes, rate in loader_rows)
+            print(f"ratio (best loader images/s per process / copy bound): {best / copy_rate:.2f}  (target >= 0.5)")
+    finally:
+        if temporary is not None:
+            temporary.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
