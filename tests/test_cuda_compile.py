@@ -43,3 +43,174 @@ def test_prebuild_writes_one_fatbin_per_kernel_file(tmp_path):
     built = prebuild.build(["90"], str(tmp_path), nvcc=NVCC)
     assert sorted(os.path.basename(p) for p in built) == sorted(f[:-3] + ".fatbin" for f in KERNEL_FILES)
     assert all(os.path.getsize(p) > 0 for p in built)
+
+
+# --- the kernels' arithmetic, run on the host -------------------------------------------------
+# The elementwise kernel files compile as plain C++ with a shim that makes a kernel launch a
+# loop (one block of one thread: GRID_STRIDE_LOOP then visits every element in order) and
+# -ffp-contract=off (the --fmad=false of the GPU build). Their results are compared with the
+# NumPy reference here, without a GPU; the same kernels on the GPU are compared again in
+# test_cuda_ops.py. loss.cu needs warp shuffles and only runs on the GPU.
+import ctypes  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+HOST_SHIM = r"""
+#include <math.h>
+#include <stdint.h>
+#include <algorithm>
+#include <cmath>
+struct HostDim3 { unsigned x, y, z; };
+static HostDim3 blockIdx = {0, 0, 0}, threadIdx = {0, 0, 0}, blockDim = {1, 1, 1}, gridDim = {1, 1, 1};
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __shfl_xor_sync(mask, value, offset) (value)
+using std::fmax;
+using std::max;
+using std::min;
+// for kernels that are not grid-stride loops: the test sets the launch coordinates
+extern "C" void host_set_thread(unsigned block, unsigned thread, unsigned block_dim, unsigned grid_dim) {
+    blockIdx.x = block; threadIdx.x = thread; blockDim.x = block_dim; gridDim.x = grid_dim;
+}
+"""
+HOST_RUN = ["dropout.cu", "sgd.cu", "bias.cu", "pool.cu", "lrn.cu", "augment.cu"]
+CXX = shutil.which("g++") or shutil.which("c++")
+
+
+@pytest.fixture(scope="module")
+def host_kernels(tmp_path_factory):
+    if CXX is None:
+        pytest.skip("no C++ compiler to run the kernels on the host")
+    out = tmp_path_factory.mktemp("host_kernels")
+    shim = out / "shim.h"
+    shim.write_text(HOST_SHIM)
+    libs = {}
+    for name in HOST_RUN:
+        so = out / (name + ".so")
+        subprocess.run([CXX, "-x", "c++", "-std=c++17", "-O1", "-ffp-contract=off", "-shared", "-fPIC",
+                        "-include", str(shim), "-I", KERNEL_DIR, "-o", str(so), os.path.join(KERNEL_DIR, name)],
+                       check=True)
+        libs[name] = ctypes.CDLL(str(so))
+    return libs
+
+
+def _p(a):
+    return ctypes.c_void_p(a.ctypes.data)
+
+
+def _scalar(dtype, value):
+    return (ctypes.c_float if np.dtype(dtype) == np.float32 else ctypes.c_double)(value)
+
+
+def _suffix(dtype):
+    return "_f32" if np.dtype(dtype) == np.float32 else "_f64"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("p, seed, counter, offset", [(0.5, 1, 0, 0), (0.3, 2 ** 40 + 3, 17, 12345), (0.9, 7, 5, 2 ** 32 - 10)])
+def test_dropout_kernel_bit_for_bit(host_kernels, dtype, p, seed, counter, offset):
+    from mpiconvnet.backends import numpy_backend as nb
+    from mpiconvnet.backends.cuda.layers import dropout_base, dropout_threshold
+    x = np.random.default_rng(0).standard_normal((7, 50)).astype(dtype)
+    y, mask = np.full_like(x, np.nan), np.full_like(x, np.nan)
+    scale = float(np.dtype(dtype).type(1.0 / (1.0 - p)))
+    getattr(host_kernels["dropout.cu"], "dropout_forward" + _suffix(dtype))(
+        _p(y), _p(mask), _p(x), ctypes.c_longlong(x.size), ctypes.c_uint32(dropout_base(seed, counter)),
+        ctypes.c_uint32(offset & 0xFFFFFFFF), ctypes.c_uint32(dropout_threshold(p)), _scalar(dtype, scale))
+    y_ref, mask_ref = nb.dropout_forward(x, p, seed, counter, offset)
+    np.testing.assert_array_equal(mask, mask_ref)
+    np.testing.assert_array_equal(y, y_ref)
+    dx = np.full_like(x, np.nan)
+    getattr(host_kernels["dropout.cu"], "dropout_apply" + _suffix(dtype))(
+        _p(dx), _p(x), _p(mask), ctypes.c_longlong(x.size), _scalar(dtype, scale))
+    np.testing.assert_array_equal(dx, nb.dropout_backward(x, mask_ref, p))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sgd_kernel_matches_reference_exactly(host_kernels, dtype):
+    from mpiconvnet.backends import numpy_backend as nb
+    rng = np.random.default_rng(1)
+    param, grad, velocity = (rng.standard_normal(301).astype(dtype) for _ in range(3))
+    p2, v2 = param.copy(), velocity.copy()
+    for _ in range(3):
+        nb.sgd_momentum_update(param, grad, velocity, 0.01, 0.9, 5e-4)
+        getattr(host_kernels["sgd.cu"], "sgd_momentum" + _suffix(dtype))(
+            _p(p2), _p(grad), _p(v2), ctypes.c_longlong(p2.size), _scalar(dtype, 0.01), _scalar(dtype, 0.9),
+            _scalar(dtype, 5e-4))
+    np.testing.assert_array_equal(p2, param)
+    np.testing.assert_array_equal(v2, velocity)
+    getattr(host_kernels["sgd.cu"], "scale" + _suffix(dtype))(_p(p2), ctypes.c_longlong(p2.size), _scalar(dtype, 0.25))
+    nb.scale_(param, 0.25)
+    np.testing.assert_array_equal(p2, param)
+
+
+def test_bias_kernels(host_kernels):
+    from mpiconvnet.backends import numpy_backend as nb
+    rng = np.random.default_rng(2)
+    y, b = rng.standard_normal((5, 7)), rng.standard_normal(7)
+    expected = y + b
+    host_kernels["bias.cu"].bias_add_rows_f64(_p(y), _p(b), ctypes.c_longlong(5), ctypes.c_int(7))
+    np.testing.assert_allclose(y, expected, rtol=0, atol=0)
+    db = np.full(7, np.nan)
+    lib = host_kernels["bias.cu"]
+    for col in range(8):   # one thread per column, plus one past the end that must do nothing
+        lib.host_set_thread(col, 0, 1, 8)
+        lib.sum_rows_f64(_p(db), _p(y), ctypes.c_int(5), ctypes.c_int(7))
+    lib.host_set_thread(0, 0, 1, 1)
+    np.testing.assert_allclose(db, nb.linear_backward_bias(y), rtol=1e-12)
+
+
+@pytest.mark.parametrize("shape, size, stride", [((2, 3, 13, 13), 3, 2), ((1, 2, 8, 9), 2, 2), ((1, 4, 7, 7), 3, 1)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_maxpool_backward_kernel(host_kernels, shape, size, stride, ties):
+    from mpiconvnet.backends import numpy_backend as nb
+    rng = np.random.default_rng(3)
+    x = (rng.integers(0, 3, shape) if ties else rng.standard_normal(shape)).astype(np.float64)
+    y = nb.maxpool_forward(x, size, stride)
+    dy = rng.standard_normal(y.shape)
+    dx = np.full_like(x, np.nan)
+    n, c, h, w = shape
+    host_kernels["pool.cu"].maxpool_backward_f64(_p(dx), _p(x), _p(dy), ctypes.c_longlong(n * c), *map(ctypes.c_int, (
+        h, w, y.shape[2], y.shape[3], size, stride)))
+    np.testing.assert_allclose(dx, nb.maxpool_backward(x, y, dy, size, stride), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("size", [4, 2, 5, 1])
+def test_lrn_kernels(host_kernels, size):
+    from mpiconvnet.backends import numpy_backend as nb
+    rng = np.random.default_rng(4)
+    alpha, beta, k = 1e-2, 0.75, 2.0
+    x = 4 * rng.standard_normal((2, 9, 3, 4))
+    dy = rng.standard_normal(x.shape)
+    n, c, h, w = x.shape
+    dims = (ctypes.c_longlong(n), ctypes.c_int(c), ctypes.c_longlong(h * w), ctypes.c_int(size))
+    consts = tuple(ctypes.c_double(v) for v in (alpha, beta, k))
+    y = np.full_like(x, np.nan)
+    host_kernels["lrn.cu"].lrn_forward_f64(_p(y), _p(x), *dims, *consts)
+    y_ref = nb.lrn_forward(x, size, alpha, beta, k)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-14)
+    dx = np.full_like(x, np.nan)
+    host_kernels["lrn.cu"].lrn_backward_f64(_p(dx), _p(x), _p(y_ref), _p(dy), *dims, *consts)
+    np.testing.assert_allclose(dx, nb.lrn_backward(x, y_ref, dy, size, alpha, beta, k), rtol=1e-10, atol=1e-12)
+
+
+def test_crop_flip_normalize_kernel(host_kernels):
+    rng = np.random.default_rng(5)
+    n, side, size = 3, 10, 7
+    images = rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8)
+    tops = rng.integers(0, side - size + 1, n).astype(np.int32)
+    lefts = rng.integers(0, side - size + 1, n).astype(np.int32)
+    flips = np.array([1, 0, 1], np.uint8)
+    mean = rng.uniform(0, 255, (side, side, 3)).astype(np.float32)
+    inv_std = (1.0 / np.array([58.4, 57.1, 57.4])).astype(np.float32)
+    out = np.full((n, 3, size, size), np.nan, np.float32)
+    host_kernels["augment.cu"].crop_flip_normalize_f32(
+        _p(out), _p(images), _p(tops), _p(lefts), _p(flips), _p(mean), _p(inv_std), ctypes.c_longlong(n),
+        ctypes.c_int(side), ctypes.c_int(size))
+    for i in range(n):
+        crop = (images[i, tops[i]:tops[i] + size, lefts[i]:lefts[i] + size].astype(np.float32)
+                - mean[tops[i]:tops[i] + size, lefts[i]:lefts[i] + size])
+        if flips[i]:
+            crop = crop[:, ::-1]
+        np.testing.assert_array_equal(out[i], (crop * inv_std).transpose(2, 0, 1))

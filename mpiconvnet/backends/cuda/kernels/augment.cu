@@ -3,7 +3,8 @@
 //   with t = tops[n], l = lefts[n], jj = flips[n] ? size-1-j : j
 // mean is a full (S, S, 3) mean image (a per-channel mean is broadcast to one on the
 // host), so theano_alexnet-style mean images and dataset.json's per-channel means both
-// work. Checked against a NumPy slice-and-flip reference in tests/test_cuda_ops.py.
+// work. Checked against a NumPy slice-and-flip reference in tests/test_cuda_ops.py
+// (GPU) and tests/test_cuda_compile.py (compiled for the host).
 #include "common.cuh"
 
 extern "C" __global__ void crop_flip_normalize_f32(float* out, const unsigned char* images, const int* tops,

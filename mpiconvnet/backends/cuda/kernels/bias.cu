@@ -2,7 +2,7 @@
 //   bias_add_rows:   y[n, o] += b[o]             (linear_forward, after the cuBLAS GEMM)
 //   sum_rows:        db[o] = sum_n dy[n, o]      (linear_backward_bias)
 // Checked against numpy_backend.linear_forward / linear_backward_bias in
-// tests/test_cuda_ops.py (float32 and float64).
+// tests/test_cuda_ops.py (float32 and float64) and on the host in tests/test_cuda_compile.py.
 #include "common.cuh"
 
 template <typename T>

@@ -4,7 +4,8 @@
 //   the reference; mask = keep as 0/1.
 //   dropout_apply: dx = dy * mask * scale (the backward pass).
 // Checked bit for bit against numpy_backend.dropout_keep, and y / dx against
-// numpy_backend.dropout_forward / dropout_backward, in tests/test_cuda_ops.py.
+// numpy_backend.dropout_forward / dropout_backward, on the GPU (tests/test_cuda_ops.py) and,
+// compiled for the host, in tests/test_cuda_compile.py.
 #include "common.cuh"
 
 template <typename T>

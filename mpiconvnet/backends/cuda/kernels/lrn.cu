@@ -1,12 +1,13 @@
-// lrn.cu: cross-channel local response normalisation for EVEN window sizes.
+// lrn.cu: cross-channel local response normalisation, any window size.
 //   s[c] = k + alpha/size * sum_{c' = c - size/2 .. c + (size-1)/2, clipped} x[c']^2
 //   y[c] = x[c] * s[c]^-beta
 //   dx[c] = dy[c] * s[c]^-beta
 //           - 2*alpha*beta/size * x[c] * sum_{j : c in window(j)} dy[j] * y[j] / s[j]
-// Odd sizes (AlexNet's 5) go to cuDNN, whose window is centred; for even sizes cuDNN's
-// look-behind/look-ahead split is not the interface's (PyTorch's) one, so these kernels
-// take over. Checked against numpy_backend.lrn_forward / lrn_backward in
-// tests/test_cuda_ops.py with sizes 4 and 5.
+// The backend sends odd sizes (AlexNet's 5) to cuDNN, whose window is centred; for even
+// sizes cuDNN's look-behind/look-ahead split is not documented to be the interface's
+// (PyTorch's), so these kernels take over. Checked against numpy_backend.lrn_forward /
+// lrn_backward on the host for sizes 1, 2, 4, 5 (tests/test_cuda_compile.py) and on the GPU
+// for sizes 3, 4, 5 (tests/test_cuda_ops.py).
 #include "common.cuh"
 
 template <typename T>

@@ -5,7 +5,8 @@
 // rule (first maximum), which cuDNN does not document, and because gathering (one thread
 // per input element, a fixed summation order) is deterministic where scattering with
 // atomics is not. Checked against numpy_backend.maxpool_backward in
-// tests/test_cuda_ops.py, including inputs with ties.
+// tests/test_cuda_ops.py and, compiled for the host, tests/test_cuda_compile.py, both
+// with inputs full of ties.
 #include "common.cuh"
 
 template <typename T>

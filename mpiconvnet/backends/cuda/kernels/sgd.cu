@@ -2,7 +2,8 @@
 //   sgd_momentum: v = momentum * v + lr * (g + weight_decay * p);  p -= v
 //                 (Krizhevsky 2012 / Caffe form, learning rate inside the velocity)
 //   scale:        a *= factor   (turns an allreduced sum into a mean)
-// Checked against numpy_backend.sgd_momentum_update / scale_ in tests/test_cuda_ops.py.
+// Checked against numpy_backend.sgd_momentum_update / scale_ on the GPU
+// (tests/test_cuda_ops.py) and exactly, compiled for the host (tests/test_cuda_compile.py).
 #include "common.cuh"
 
 template <typename T>
