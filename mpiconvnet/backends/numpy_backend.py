@@ -13,7 +13,8 @@ Conventions pinned here (and tested against PyTorch in tests/test_numpy_ops.py):
 - dropout is inverted (scaled by 1/(1-p) in training) with masks from `dropout_keep`, a
   counter-based hash of (seed, counter, element index) that every backend reproduces.
 
-Threads: `set_num_threads(n)` (default OMP_NUM_THREADS, else 1).
+Threads: `set_num_threads(n)` (default OMP_NUM_THREADS, else 1), see numpy_ops/threads.py.
+Importing this module raises glibc's malloc thresholds (numpy_ops/malloc.py).
 """
 import numpy as np
 
@@ -24,11 +25,15 @@ from mpiconvnet.backends.numpy_ops.dense import (linear_backward_bias, linear_ba
                                                  softmax_cross_entropy, topk_correct)
 from mpiconvnet.backends.numpy_ops.dropout import dropout_backward, dropout_forward, dropout_keep
 from mpiconvnet.backends.numpy_ops.lrn import lrn_backward, lrn_forward
+from mpiconvnet.backends.numpy_ops.malloc import keep_freed_memory
 from mpiconvnet.backends.numpy_ops.pool import maxpool_backward, maxpool_forward
 from mpiconvnet.backends.numpy_ops.relu import relu_backward, relu_forward
 from mpiconvnet.backends.numpy_ops.threads import get_num_threads, set_num_threads
 
 NAME = "numpy"
+
+# the ops allocate temporaries of a few MiB per batch slice: let malloc recycle them
+keep_freed_memory()
 
 # ---------------------------------------------------------------------------- memory
 
