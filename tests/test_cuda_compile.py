@@ -50,10 +50,13 @@ def test_prebuild_writes_one_fatbin_per_kernel_file(tmp_path):
 # loop (one block of one thread: GRID_STRIDE_LOOP then visits every element in order) and
 # -ffp-contract=off (the --fmad=false of the GPU build). Their results are compared with the
 # NumPy reference here, without a GPU; the same kernels on the GPU are compared again in
-# test_cuda_ops.py. loss.cu needs warp shuffles and only runs on the GPU.
+# test_cuda_ops.py. loss.cu's one-warp-per-row kernels run with WARP_SIZE 1: one lane per
+# row, which exercises the arithmetic but not the shuffles (those only run on the GPU).
 import ctypes  # noqa: E402
 
 import numpy as np  # noqa: E402
+
+from tests.tolerances import FLOAT64, REDUCTION_F32  # noqa: E402
 
 HOST_SHIM = r"""
 #include <math.h>
@@ -66,6 +69,7 @@ static HostDim3 blockIdx = {0, 0, 0}, threadIdx = {0, 0, 0}, blockDim = {1, 1, 1
 #define __device__
 #define __forceinline__ inline
 #define __shfl_xor_sync(mask, value, offset) (value)
+#define WARP_SIZE 1
 using std::fmax;
 using std::max;
 using std::min;
@@ -74,7 +78,7 @@ extern "C" void host_set_thread(unsigned block, unsigned thread, unsigned block_
     blockIdx.x = block; threadIdx.x = thread; blockDim.x = block_dim; gridDim.x = grid_dim;
 }
 """
-HOST_RUN = ["dropout.cu", "sgd.cu", "bias.cu", "pool.cu", "lrn.cu", "augment.cu"]
+HOST_RUN = ["dropout.cu", "sgd.cu", "bias.cu", "pool.cu", "lrn.cu", "augment.cu", "loss.cu"]
 CXX = shutil.which("g++") or shutil.which("c++")
 
 
@@ -158,7 +162,7 @@ def test_bias_kernels(host_kernels):
         lib.host_set_thread(col, 0, 1, 8)
         lib.sum_rows_f64(_p(db), _p(y), ctypes.c_int(5), ctypes.c_int(7))
     lib.host_set_thread(0, 0, 1, 1)
-    np.testing.assert_allclose(db, nb.linear_backward_bias(y), rtol=1e-12)
+    np.testing.assert_allclose(db, nb.linear_backward_bias(y), **FLOAT64)
 
 
 @pytest.mark.parametrize("shape, size, stride", [((2, 3, 13, 13), 3, 2), ((1, 2, 8, 9), 2, 2), ((1, 4, 7, 7), 3, 1)])
@@ -173,7 +177,7 @@ def test_maxpool_backward_kernel(host_kernels, shape, size, stride, ties):
     n, c, h, w = shape
     host_kernels["pool.cu"].maxpool_backward_f64(_p(dx), _p(x), _p(dy), ctypes.c_longlong(n * c), *map(ctypes.c_int, (
         h, w, y.shape[2], y.shape[3], size, stride)))
-    np.testing.assert_allclose(dx, nb.maxpool_backward(x, y, dy, size, stride), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dx, nb.maxpool_backward(x, y, dy, size, stride), **FLOAT64)
 
 
 @pytest.mark.parametrize("size", [4, 2, 5, 1])
@@ -189,10 +193,10 @@ def test_lrn_kernels(host_kernels, size):
     y = np.full_like(x, np.nan)
     host_kernels["lrn.cu"].lrn_forward_f64(_p(y), _p(x), *dims, *consts)
     y_ref = nb.lrn_forward(x, size, alpha, beta, k)
-    np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(y, y_ref, **FLOAT64)
     dx = np.full_like(x, np.nan)
     host_kernels["lrn.cu"].lrn_backward_f64(_p(dx), _p(x), _p(y_ref), _p(dy), *dims, *consts)
-    np.testing.assert_allclose(dx, nb.lrn_backward(x, y_ref, dy, size, alpha, beta, k), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dx, nb.lrn_backward(x, y_ref, dy, size, alpha, beta, k), **FLOAT64)
 
 
 def test_crop_flip_normalize_kernel(host_kernels):
@@ -214,3 +218,28 @@ def test_crop_flip_normalize_kernel(host_kernels):
         if flips[i]:
             crop = crop[:, ::-1]
         np.testing.assert_array_equal(out[i], (crop * inv_std).transpose(2, 0, 1))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_loss_kernels(host_kernels, dtype):
+    from mpiconvnet.backends import numpy_backend as nb
+    rng = np.random.default_rng(6)
+    n, classes = 6, 40
+    logits = (8 * rng.standard_normal((n, classes))).astype(dtype)
+    logits[1, :5] = logits[1, 7]          # ties with the true class count in its favour
+    labels = rng.integers(0, classes, n).astype(np.int64)
+    labels[1] = 7
+    loss_rows, dlogits, ranks = np.full(n, np.nan, dtype), np.full_like(logits, np.nan), np.full(n, -1, np.int32)
+    lib = host_kernels["loss.cu"]
+    for row in range(n):
+        lib.host_set_thread(row, 0, 1, n)
+        getattr(lib, "softmax_xent" + _suffix(dtype))(_p(loss_rows), _p(dlogits), _p(logits), _p(labels), ctypes.c_int(n),
+                                                      ctypes.c_int(classes), _scalar(dtype, 1.0 / n))
+        getattr(lib, "label_rank" + _suffix(dtype))(_p(ranks), _p(logits), _p(labels), ctypes.c_int(n), ctypes.c_int(classes))
+    lib.host_set_thread(0, 0, 1, 1)
+    loss_ref, dlogits_ref = nb.softmax_cross_entropy(logits, labels)
+    tol = REDUCTION_F32 if dtype == np.float32 else FLOAT64   # exp/log and row sums: a reduction
+    np.testing.assert_allclose(loss_rows.astype(np.float64).sum() / n, loss_ref, **tol)
+    np.testing.assert_allclose(dlogits, dlogits_ref, **tol)
+    for k in (1, 3, 5):
+        assert int((ranks < k).sum()) == nb.topk_correct(logits, labels, (k,))[0]

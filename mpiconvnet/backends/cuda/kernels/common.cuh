@@ -41,12 +41,18 @@ template <typename T> __device__ __forceinline__ T pow_t(T x, T y);
 template <> __device__ __forceinline__ float pow_t<float>(float x, float y) { return powf(x, y); }
 template <> __device__ __forceinline__ double pow_t<double>(double x, double y) { return pow(x, y); }
 
-// warp-wide reductions (all 32 lanes take part)
+// lanes per warp. A macro so that tests/test_cuda_compile.py can compile the one-warp-per-row
+// kernels for the host with WARP_SIZE 1 (one lane does the whole row, no shuffles).
+#ifndef WARP_SIZE
+#define WARP_SIZE 32
+#endif
+
+// warp-wide reductions (all lanes take part)
 template <typename T> __device__ __forceinline__ T warp_max(T v) {
-    for (int offset = 16; offset > 0; offset >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    for (int offset = WARP_SIZE / 2; offset > 0; offset >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, offset));
     return v;
 }
 template <typename T> __device__ __forceinline__ T warp_sum(T v) {
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    for (int offset = WARP_SIZE / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
     return v;
 }

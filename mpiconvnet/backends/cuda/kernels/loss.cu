@@ -6,23 +6,24 @@
 //                 the true class counts in its favour, as in the reference).
 // Checked against numpy_backend.softmax_cross_entropy / topk_correct in
 // tests/test_cuda_ops.py; launch with blockDim.x a multiple of 32.
+// Also checked compiled for the host with WARP_SIZE 1 (tests/test_cuda_compile.py).
 #include "common.cuh"
 
 template <typename T>
 __device__ void softmax_xent(T* loss_rows, T* dz, const T* z, const long long* labels, int rows, int cols, T inv_batch) {
-    int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    int lane = threadIdx.x & 31;
+    int warp = (blockIdx.x * blockDim.x + threadIdx.x) / WARP_SIZE;
+    int lane = threadIdx.x % WARP_SIZE;
     if (warp >= rows) return;  // whole warps exit together
     const T* zr = z + (long long)warp * cols;
     T* dr = dz + (long long)warp * cols;
     T m = neg_infinity<T>();
-    for (int c = lane; c < cols; c += 32) m = fmax(m, zr[c]);
+    for (int c = lane; c < cols; c += WARP_SIZE) m = fmax(m, zr[c]);
     m = warp_max(m);
     T s = 0;
-    for (int c = lane; c < cols; c += 32) s += exp_t(zr[c] - m);
+    for (int c = lane; c < cols; c += WARP_SIZE) s += exp_t(zr[c] - m);
     s = warp_sum(s);
     long long label = labels[warp];
-    for (int c = lane; c < cols; c += 32) {
+    for (int c = lane; c < cols; c += WARP_SIZE) {
         T p = exp_t(zr[c] - m) / s;
         dr[c] = (p - (c == label ? T(1) : T(0))) * inv_batch;
     }
@@ -31,14 +32,14 @@ __device__ void softmax_xent(T* loss_rows, T* dz, const T* z, const long long* l
 
 template <typename T>
 __device__ void label_rank(int* rank, const T* z, const long long* labels, int rows, int cols) {
-    int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    int lane = threadIdx.x & 31;
+    int warp = (blockIdx.x * blockDim.x + threadIdx.x) / WARP_SIZE;
+    int lane = threadIdx.x % WARP_SIZE;
     if (warp >= rows) return;
     const T* zr = z + (long long)warp * cols;
     long long label = labels[warp];
     T target = zr[label];
     int count = 0;
-    for (int c = lane; c < cols; c += 32) count += zr[c] > target;
+    for (int c = lane; c < cols; c += WARP_SIZE) count += zr[c] > target;
     count = warp_sum(count);
     if (lane == 0) rank[warp] = count;
 }
