@@ -7,7 +7,8 @@ Run from the repository root: without --data it packs a synthetic raw data set i
 temporary folder with tests/data_fixtures.py (same HDF5 layout as python -m preprocess:
 one chunk per image). Measures, in one run:
   read       ShardedDataset.read of one random batch (HDF5 -> uint8 NHWC), in one call
-             and one image per call (what the loader does, see loader.py)
+             and one image per call (what the loader does, see loader.py); the floor is
+             plain h5py images[i] per image with the files held open
   augment    random crop + flip + mean subtraction of that batch (uint8 -> float32 NCHW)
   loader w=N BatchLoader with N worker processes (0: in-process), batches in step order
   copy bound np.copyto of a uint8 batch of crops into float32: the bytes every loader
@@ -34,7 +35,7 @@ def parse_args(argv):
                              "as a 64-image batch of 1.28 M ImageNet images in 1,024-image shards does)")
     parser.add_argument("--crop", type=int, default=227, help="crop size (default 227, AlexNet)")
     parser.add_argument("--batch", type=int, default=64, help="batch per rank (default 64)")
-    parser.add_argument("--batches", type=int, default=30, help="batches timed per loader (default 30)")
+    parser.add_argument("--batches", type=int, default=24, help="batches timed per loader, after a warm-up of one batch per slot (default 24)")
     parser.add_argument("--workers", default="0,1,2", help="comma-separated worker counts (default 0,1,2)")
     parser.add_argument("--repeats", type=int, default=5, help="repeats of the read/augment/copy timings (best kept)")
     return parser.parse_args(argv)
@@ -49,6 +50,19 @@ def write_synthetic(root, num_images, size, shard_size):
     return write_tiny_dataset(root, num_images, 0, 10, size, format="raw", shard_size=shard_size)
 
 
+_h5py_files = {}
+
+
+def read_with_h5py(dataset, indices, out):
+    """Raw images by plain h5py `images[i]`, files kept open: the floor under any reader."""
+    import h5py
+    shard_of = np.searchsorted(dataset.shard_offsets, indices, side="right") - 1
+    for k, (index, number) in enumerate(zip(indices, shard_of)):
+        if number not in _h5py_files:
+            _h5py_files[number] = h5py.File(dataset.shard_files[number], "r", locking=False)["images"]
+        out[k] = _h5py_files[number][index - dataset.shard_offsets[number]]
+
+
 def best_time(function, repeats):
     """Seconds of the fastest of `repeats` calls, after one warm-up call."""
     function()
@@ -61,19 +75,29 @@ def best_time(function, repeats):
 
 
 def time_loader(root, workers, args):
-    """Images/s of a BatchLoader, timed from its first batch to its last (start-up excluded)."""
+    """Steady-state images/s of a BatchLoader whose consumer does nothing.
+
+    The first num_slots batches are skipped: the workers prepare them during start-up, and
+    timing them would credit the loader with work done before the clock started. After
+    that, at most num_slots - 1 batches are ready early, so the rate is overstated by at
+    most (num_slots - 1) / timed batches.
+    """
     from mpiconvnet.data.loader import BatchLoader
     with BatchLoader(root, batch_per_rank=args.batch, crop_size=args.crop, epoch=0, seed=0,
                      workers=workers, prefetch=2, drop_last=False) as loader:
-        count = min(args.batches, len(loader))
+        skipped = loader.num_slots
+        timed = min(args.batches, len(loader) - skipped)
+        if timed < 4 * skipped:
+            raise SystemExit(f"bench loader: only {timed} batches left to time after {skipped} warm-up batches; "
+                             f"raise --images or --batches")
         iterator = iter(loader)
-        next(iterator)
+        for _ in range(skipped):
+            next(iterator)
         started = time.perf_counter()
-        for _ in range(count - 1):
+        for _ in range(timed):
             next(iterator)
         elapsed = time.perf_counter() - started
-        waiting = loader.time_waiting
-    return (count - 1) * args.batch / elapsed, waiting
+    return timed * args.batch / elapsed
 
 
 def main(argv=None):
@@ -107,12 +131,18 @@ def main(argv=None):
         single_s = best_time(lambda: [dataset.read([i]) for i in rng.choice(dataset.num_images, size=batch, replace=False)],
                              args.repeats)
         rows.append(("read (one image per call)", 1, batch / single_s))
+        if dataset.format == "raw":
+            floor_s = best_time(lambda: read_with_h5py(dataset, rng.choice(dataset.num_images, size=batch,
+                                                                           replace=False), pixels), args.repeats)
+            rows.append(("h5py dataset[i] (floor)", 1, batch / floor_s))
         dataset.close()    # the loaders' workers open their own handles
+        for images in _h5py_files.values():
+            images.file.close()
+        _h5py_files.clear()
         augment_s = best_time(lambda: augment.train_batch(pixels, choices, crop, mean_chw, out=out), args.repeats)
         rows.append(("augment (crop+flip+mean)", 1, batch / augment_s))
-        waits = {}
         for workers in [int(w) for w in args.workers.split(",")]:
-            rate, waits[workers] = time_loader(root, workers, args)
+            rate = time_loader(root, workers, args)
             rows.append((f"loader workers={workers}", max(workers, 1), rate))
         copy_s = best_time(lambda: np.copyto(out, source), args.repeats)
         copy_rate = batch / copy_s

@@ -172,6 +172,7 @@ class BatchLoader:
                                  std, pca_lighting, crops)
         self.workers = workers
         num_slots = max(prefetch, workers) + 1 if workers else 1
+        self.num_slots = num_slots
         image_shape = (num_slots, batch_per_rank * crops, 3, crop_size, crop_size)
         if workers:
             self._images = _shared_array(image_shape, np.float32)
