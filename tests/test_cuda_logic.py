@@ -691,6 +691,10 @@ def test_every_op_runs_through_the_python_plumbing(fake_libs, monkeypatch):
         assert cb.crop_flip_normalize(images, [0, 1], [1, 0], [True, False], 6, [1, 2, 3], [4, 5, 6]).shape == (2, 3, 6, 6)
         cb.set_tf32(True)
         cb.set_tf32(False)
+        import threading
+        worker = threading.Thread(target=cb.use_in_this_thread)
+        worker.start()
+        worker.join()
         expected = {"bias_add_rows_f64", "sum_rows_f64", "lrn_forward_f32", "lrn_backward_f64", "maxpool_backward_f64",
                     "dropout_forward_f32", "dropout_apply_f64", "softmax_xent_f64", "label_rank_f32", "sgd_momentum_f64",
                     "scale_f32", "crop_flip_normalize_f32"}

@@ -12,7 +12,7 @@ Float32 GEMMs and convolutions run in true float32 unless MPICONVNET_TF32=1 or
 set_tf32(True) allows TF32 tensor cores. See docs/gpu.md for installation and the stack.
 """
 from .augment import crop_flip_normalize
-from .context import initialize, is_initialized
+from .context import initialize, is_initialized, use_in_this_thread
 from .conv import conv_backward_bias, conv_backward_data, conv_backward_filter, conv_forward
 from .dense import linear_backward_bias, linear_backward_data, linear_backward_filter, linear_forward
 from .layers import (dropout_backward, dropout_forward, lrn_backward, lrn_forward, maxpool_backward,
@@ -34,7 +34,7 @@ def set_tf32(enabled):
 
 
 __all__ = [
-    "NAME", "initialize", "is_initialized", "set_tf32", "cuda_aware_mpi",
+    "NAME", "initialize", "is_initialized", "use_in_this_thread", "set_tf32", "cuda_aware_mpi",
     "to_device", "to_host", "empty", "zeros", "copy_into", "flat_views", "synchronize",
     "conv_forward", "conv_backward_data", "conv_backward_filter", "conv_backward_bias",
     "relu_forward", "relu_backward", "lrn_forward", "lrn_backward", "maxpool_forward", "maxpool_backward",

@@ -149,13 +149,15 @@ class State:
         self.descriptors.clear()
 
     def close(self):
+        # pop (PyCUDA aborts at exit when a context is still on the stack) but do not
+        # detach: arrays garbage-collected after this re-activate the primary context to
+        # free themselves
         try:
             self.stream.synchronize()
             self.blas.destroy()
             self.dnn.destroy()
             self.pool.stop_holding()
             self.context.pop()
-            self.context.detach()
         except Exception:
             pass  # the driver may already be shutting down at interpreter exit
 
@@ -218,6 +220,13 @@ def initialize(local_rank=0, local_size=1, allow_sharing=False):
     _state = State(ordinal, allow_sharing)
     atexit.register(_state.close)
     return ordinal
+
+
+def use_in_this_thread():
+    """Make the backend's context current in the calling thread (CUDA contexts are
+    per-thread): for a thread other than the one that called initialize() that queues
+    work or hands device buffers to a CUDA-aware MPI."""
+    get().context.push()
 
 
 def get():
