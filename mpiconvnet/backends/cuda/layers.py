@@ -21,10 +21,13 @@ def _activation(st):
 
 
 def _flat_desc(st, array):
-    # elementwise ops see any array as (1, size, 1, 1): the layout is irrelevant to them
-    key = ("flat", int(array.size), array.dtype.char)
+    # elementwise ops only need the element count; describe (N, C, H, W) and (N, F) arrays
+    # by their own shape (the layouts cuDNN is built for) and anything else as (1, size, 1, 1)
+    shape = tuple(int(s) for s in array.shape)
+    shape = cudnn.shape4(shape) if len(shape) in (1, 2, 4) else (1, int(array.size), 1, 1)
+    key = ("elementwise", shape, array.dtype.char)
     if key not in st.descriptors:
-        st.descriptors[key] = cudnn.TensorDesc((1, int(array.size), 1, 1), array.dtype)
+        st.descriptors[key] = cudnn.TensorDesc(shape, array.dtype)
     return st.descriptors[key]
 
 
