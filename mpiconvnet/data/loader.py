@@ -23,7 +23,10 @@ MPI and leave through os._exit, so mpi4py's atexit MPI_Finalize never runs in th
 start in milliseconds; and they share the ring through an anonymous mmap that leaves no
 /dev/shm file behind after a crash. h5py is imported here, before any fork (an import
 started after fork can deadlock on a lock held by another parent thread), but no file is
-opened in the parent: the reader opens shards lazily in whichever process reads.
+opened in the parent: the reader opens shards lazily in whichever process reads. A fork
+copies only the forking thread, so create loaders while no other thread of the trainer is
+inside h5py (a checkpoint writer thread, say): a lock it held would stay held in the child.
+Checked under `mpiexec -n 2` with MPICH: forked workers run beside the MPI ranks.
 """
 import mmap
 import multiprocessing
@@ -103,30 +106,34 @@ def _shared_array(shape, dtype):
     return np.frombuffer(buffer, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
 
 
-def _worker_main(worker_id, maker, connection, images, labels, parent_pid):
+def _worker_main(maker, connection, images, labels, parent_pid):
     """Loop in a worker: receive (step, slot), fill the slot, answer (step, slot, count)."""
     # ctrl-c reaches the whole process group; the parent handles it and closes us
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    step = None
     try:
         while True:
-            if not connection.poll(LIVENESS_POLL_S):
-                if os.getppid() != parent_pid:
-                    return        # the parent died without closing us (SIGKILL, OOM)
-                continue
-            order = connection.recv()
+            try:
+                if not connection.poll(LIVENESS_POLL_S):
+                    if os.getppid() != parent_pid:
+                        return    # the parent died without closing us (SIGKILL, OOM)
+                    continue
+                order = connection.recv()
+            except (EOFError, OSError):
+                return            # the parent closed the pipe: nobody is left to report to
             if order is None:
                 return
             step, slot = order
-            count = maker.fill(step, images[slot], labels[slot])
-            connection.send(("ok", step, slot, count))
-    except (EOFError, BrokenPipeError):
-        return                    # the parent closed the pipe: nothing left to report
-    except BaseException:
-        try:
-            connection.send(("error", step, traceback.format_exc()))
-        except (OSError, ValueError):
-            pass
+            try:
+                count = maker.fill(step, images[slot], labels[slot])
+                reply = ("ok", step, slot, count)
+            except BaseException:
+                reply = ("error", step, traceback.format_exc())
+            try:
+                connection.send(reply)
+            except (OSError, ValueError):
+                return
+            if reply[0] == "error":
+                return
     finally:
         maker.dataset.close()
 
@@ -199,7 +206,7 @@ class BatchLoader:
         for worker_id in range(self.workers):
             parent_end, worker_end = context.Pipe(duplex=True)
             process = context.Process(target=_worker_main, name=f"mpiconvnet-loader-{worker_id}", daemon=True,
-                                      args=(worker_id, self._maker, worker_end, self._images, self._labels, parent_pid))
+                                      args=(self._maker, worker_end, self._images, self._labels, parent_pid))
             process.start()
             worker_end.close()
             self._processes.append(process)
