@@ -9,6 +9,7 @@ import pytest
 
 import mpiconvnet.backends.numpy_backend as B
 from mpiconvnet.backends.numpy_ops import threads
+from mpiconvnet.backends.numpy_ops.conv import _Geometry
 from mpiconvnet.backends.numpy_ops.dropout import mix32
 from tests.gradcheck import check_gradient
 from tests.tolerances import ELEMENTWISE_F32, FLOAT64, REDUCTION_F32
@@ -131,11 +132,28 @@ def naive_lrn(x, dy, size, alpha, beta, k):
 
 # ----------------------------------------------------------------------- gradient checks
 
-@pytest.mark.parametrize("stride,pad,groups", [(2, 1, 2), (1, 0, 1), (3, 2, 2)])
-def test_conv_gradients(rng, stride, pad, groups):
-    x = rng.standard_normal((2, 4, 7, 6))
-    w = rng.standard_normal((6, 4 // groups, 3, 3))
+# (channels, height, width, stride, pad, groups) covering both im2col layouts of conv.py:
+# channels last where a group has more than twice as many channels as a row has pixels
+CONV_CASES = [
+    (4, 7, 6, 2, 1, 2, "first"),
+    (4, 7, 6, 1, 0, 1, "first"),
+    (4, 7, 6, 3, 2, 2, "first"),
+    (16, 5, 4, 1, 1, 2, "last"),
+    (8, 6, 5, 2, 1, 1, "last"),
+]
+
+
+def conv_case(rng, C, H, W, stride, pad, groups, layout):
+    x = rng.standard_normal((2, C, H, W))
+    w = rng.standard_normal((6, C // groups, 3, 3))
     b = rng.standard_normal(6)
+    assert _Geometry(x.shape, w.shape, stride, pad, groups).channels_last == (layout == "last")
+    return x, w, b
+
+
+@pytest.mark.parametrize("C,H,W,stride,pad,groups,layout", CONV_CASES)
+def test_conv_gradients(rng, C, H, W, stride, pad, groups, layout):
+    x, w, b = conv_case(rng, C, H, W, stride, pad, groups, layout)
     y = B.conv_forward(x, w, b, stride, pad, groups)
     dy = rng.standard_normal(y.shape)
     check_gradient(lambda x_: np.sum(B.conv_forward(x_, w, b, stride, pad, groups) * dy), x,
@@ -200,11 +218,9 @@ def test_softmax_cross_entropy_gradient(rng):
 
 # ----------------------------------------------------------------------- fast vs naive loops
 
-@pytest.mark.parametrize("stride,pad,groups", [(1, 1, 2), (2, 0, 1), (4, 1, 2)])
-def test_conv_matches_loops(rng, stride, pad, groups, slicing):
-    x = rng.standard_normal((2, 4, 9, 8))
-    w = rng.standard_normal((6, 4 // groups, 3, 3))
-    b = rng.standard_normal(6)
+@pytest.mark.parametrize("C,H,W,stride,pad,groups,layout", CONV_CASES + [(4, 9, 8, 4, 1, 2, "first")])
+def test_conv_matches_loops(rng, C, H, W, stride, pad, groups, layout, slicing):
+    x, w, b = conv_case(rng, C, H, W, stride, pad, groups, layout)
     y = B.conv_forward(x, w, b, stride, pad, groups)
     np.testing.assert_allclose(y, naive_conv(x, w, b, stride, pad, groups), **FLOAT64)
     dy = rng.standard_normal(y.shape)
@@ -387,10 +403,12 @@ def _torch_grads(torch, fn, *arrays):
     return out.detach().numpy(), dy, [t.grad.numpy() for t in tensors]
 
 
-def test_conv_matches_torch(rng, torch, slicing):
-    x = rng.standard_normal((3, 6, 15, 14)).astype(np.float32)
-    w = rng.standard_normal((8, 3, 5, 5)).astype(np.float32)
+@pytest.mark.parametrize("C,H,W,layout", [(6, 15, 14, "first"), (24, 9, 8, "last")])
+def test_conv_matches_torch(rng, torch, C, H, W, layout, slicing):
+    x = rng.standard_normal((3, C, H, W)).astype(np.float32)
+    w = rng.standard_normal((8, C // 2, 5, 5)).astype(np.float32)
     b = rng.standard_normal(8).astype(np.float32)
+    assert _Geometry(x.shape, w.shape, 2, 2, 2).channels_last == (layout == "last")
     y_t, dy, (dx_t, dw_t, db_t) = _torch_grads(
         torch, lambda x_, w_, b_: torch.nn.functional.conv2d(x_, w_, b_, stride=2, padding=2, groups=2), x, w, b)
     np.testing.assert_allclose(B.conv_forward(x, w, b, 2, 2, 2), y_t, **REDUCTION_F32)

@@ -1,7 +1,9 @@
 """Fully connected layers (PyTorch's nn.Linear layout), softmax cross-entropy, top-k counts.
 
-BLAS runs single-threaded (threads.py), so each GEMM is split into row blocks of its output
-on the thread pool: the batch for y and dx, the output features for dw.
+BLAS runs single-threaded (threads.py), so each GEMM is split into blocks on the thread pool,
+always along a dimension of the weight matrix (output features for y and dw, input features
+for dx): each block then reads its own part of the 4096 x 9216 weights once, where blocks of
+batch rows would each stream all of them through the cache again.
 """
 import numpy as np
 
@@ -11,9 +13,9 @@ from mpiconvnet.backends.numpy_ops.threads import get_num_threads, output, paral
 BLOCKS_PER_THREAD = 4
 
 
-def _row_blocks(rows):
-    count = min(rows, BLOCKS_PER_THREAD * get_num_threads()) if get_num_threads() > 1 else 1
-    bounds = np.linspace(0, rows, count + 1).astype(int)
+def _blocks(length):
+    count = min(length, BLOCKS_PER_THREAD * get_num_threads()) if get_num_threads() > 1 else 1
+    bounds = np.linspace(0, length, count + 1).astype(int)
     return [slice(start, stop) for start, stop in zip(bounds[:-1], bounds[1:])]
 
 
@@ -21,24 +23,24 @@ def linear_forward(x, w, b):
     # x: (N, F)  w: (O, F)  b: (O,) -> y: (N, O) = x @ w.T + b
     y = output((x.shape[0], w.shape[0]), x.dtype)
 
-    def forward(rows):
-        np.matmul(x[rows], w.T, out=y[rows])
-        y[rows] += b
-    parallel_map(forward, _row_blocks(x.shape[0]))
+    def forward(features):
+        np.matmul(x, w[features].T, out=y[:, features])
+        y[:, features] += b[features]
+    parallel_map(forward, _blocks(w.shape[0]))
     return y
 
 
 def linear_backward_data(dy, w):
     # dy: (N, O)  w: (O, F) -> dx: (N, F) = dy @ w
     dx = output((dy.shape[0], w.shape[1]), dy.dtype)
-    parallel_map(lambda rows: np.matmul(dy[rows], w, out=dx[rows]), _row_blocks(dy.shape[0]))
+    parallel_map(lambda features: np.matmul(dy, w[:, features], out=dx[:, features]), _blocks(w.shape[1]))
     return dx
 
 
 def linear_backward_filter(x, dy):
     # x: (N, F)  dy: (N, O) -> dw: (O, F) = dy.T @ x
     dw = output((dy.shape[1], x.shape[1]), x.dtype)
-    parallel_map(lambda rows: np.matmul(dy[:, rows].T, x, out=dw[rows]), _row_blocks(dy.shape[1]))
+    parallel_map(lambda features: np.matmul(dy[:, features].T, x, out=dw[features]), _blocks(dy.shape[1]))
     return dw
 
 
