@@ -1,0 +1,124 @@
+"""jobs/*.sbatch without SLURM: every #SBATCH line explains itself, bash parses every script,
+each refuses to run outside a job with a message naming the fix, and when asked to run
+anyway (MPICONVNET_OUTSIDE_SLURM=1) the same script bodies train, stop on a signal and
+evaluate. The submitted versions run in tests/test_slurm.py."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.data_fixtures import write_tiny_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ["jobs/preprocess.sbatch", "jobs/train.sbatch", "jobs/evaluate.sbatch"]
+MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+TINY = ["--backend", "numpy", "--model", "alexnet-mini", "--workers", "0", "--global-batch", "8", "--log-every", "1"]
+
+
+def outside_slurm_env(**extra):
+    """The environment of a login shell: no SLURM job variables, one BLAS thread."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
+    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MPICONVNET_PYTHON=sys.executable, **extra)
+    return env
+
+
+def run_script(script, args, timeout=120, **env):
+    return subprocess.run(["bash", script] + args, cwd=ROOT, env=outside_slurm_env(**env), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_sbatch_line_carries_a_comment(script):
+    with open(os.path.join(ROOT, script)) as f:
+        lines = [line.rstrip("\n") for line in f]
+    options = [line for line in lines if re.match(r"#+SBATCH\b", line)]
+    assert len(options) >= 6, f"{script}: expected the #SBATCH header, found {options}"
+    for line in options:
+        # sbatch stops reading a line at ' #', so the explanation sits after the option
+        assert re.match(r"#+SBATCH +--?\S+( +\S+)? +# +\S", line), f"{script}: no comment on: {line}"
+    # the header must come before the first command, or sbatch ignores the rest of it
+    first_command = next(i for i, line in enumerate(lines) if line and not line.startswith("#"))
+    assert all(lines.index(line) < first_command for line in options), f"{script}: #SBATCH after a command"
+
+
+def test_gpu_requests_are_left_to_the_site():
+    # a GPU request the cluster cannot meet is rejected at submission, so none is active
+    for script in SCRIPTS:
+        with open(os.path.join(ROOT, script)) as f:
+            active = [line for line in f if line.startswith("#SBATCH") and re.search(r"--(gres|gpus)", line)]
+        assert not active, f"{script}: active GPU request {active}"
+
+
+@pytest.mark.parametrize("script", SCRIPTS + ["scripts/local-slurm.sh"])
+def test_bash_parses_the_script(script):
+    result = subprocess.run(["bash", "-n", script], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_outside_slurm_the_script_refuses_and_says_how_to_submit(script):
+    result = run_script(script, ["--data", "/nonexistent"])
+    assert result.returncode == 2
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1, message
+    assert f"{script}: not inside a SLURM job" in message and f"sbatch {script}" in message
+    assert "MPICONVNET_OUTSIDE_SLURM=1" in message
+    assert result.stdout == ""   # nothing was launched
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_tiny_dataset(str(tmp_path_factory.mktemp("shards")), 64, 20, 5, 64, shard_size=16)
+
+
+def test_asked_to_run_outside_slurm_train_and_evaluate_scripts_work(data, tmp_path):
+    run = str(tmp_path / "run")
+    trained = run_script("jobs/train.sbatch", ["--data", data, "--max-steps", "3"] + TINY,
+                         MPICONVNET_OUTSIDE_SLURM="1", MPICONVNET_RUN_DIR=run)
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+    assert "on 1 rank(s)" in trained.stdout and "training finished" in trained.stdout
+    assert os.path.exists(os.path.join(run, "checkpoints", "ckpt-00000003.h5"))
+    evaluated = run_script("jobs/evaluate.sbatch", ["--data", data, "--checkpoint", run, "--workers", "0", "--json"],
+                           MPICONVNET_OUTSIDE_SLURM="1")
+    assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
+    result = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    assert result["images"] == 20 and 0 <= result["top1"] <= result["top5"] <= 1
+
+
+@pytest.mark.skipif(not os.path.exists(MPIEXEC), reason=f"no mpiexec next to {sys.executable}")
+def test_the_launcher_override_starts_that_many_ranks(data, tmp_path):
+    trained = run_script("jobs/train.sbatch", ["--data", data, "--max-steps", "2"] + TINY,
+                         MPICONVNET_OUTSIDE_SLURM="1", MPICONVNET_RUN_DIR=str(tmp_path / "run"),
+                         MPICONVNET_LAUNCH=f"{MPIEXEC} -n 2")
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+    assert "on 2 rank(s)" in trained.stdout
+
+
+def test_usr1_to_the_script_reaches_the_trainer_which_stops_with_a_checkpoint(data, tmp_path):
+    # the path of --signal=B:USR1@120: the batch shell gets the signal and must forward it
+    run = str(tmp_path / "run")
+    proc = subprocess.Popen(["bash", "jobs/train.sbatch", "--data", data, "--epochs", "500", "--checkpoint-every", "2"]
+                            + TINY, cwd=ROOT, env=outside_slurm_env(MPICONVNET_OUTSIDE_SLURM="1",
+                                                                    MPICONVNET_RUN_DIR=run),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    folder = os.path.join(run, "checkpoints")
+    deadline = time.monotonic() + 60
+    while not (os.path.isdir(folder) and os.listdir(folder)):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, out + err
+    assert "stopped by SIGUSR1" in out
+    assert f"run the same command again to continue {run}" in err
+    resumed = run_script("jobs/train.sbatch", ["--data", data, "--epochs", "500", "--checkpoint-every", "2",
+                                               "--max-steps", "40"] + TINY,
+                         MPICONVNET_OUTSIDE_SLURM="1", MPICONVNET_RUN_DIR=run)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming at step" in resumed.stdout
