@@ -102,7 +102,11 @@ install_pycuda() {
         return 0
     fi
     # PyCUDA builds against the CUDA toolkit: its configure finds it from nvcc's location
-    if command -v nvcc >/dev/null; then export CUDA_ROOT=${CUDA_ROOT:-$(dirname "$(dirname "$(command -v nvcc)")")}; fi
+    # (nvcc is often a symlink, e.g. /usr/local/bin/nvcc -> /usr/local/cuda-13.0/bin/nvcc)
+    if command -v nvcc >/dev/null; then
+        export CUDA_ROOT=${CUDA_ROOT:-$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")}
+        echo "building pycuda against CUDA_ROOT=$CUDA_ROOT"
+    fi
     "$PY" -m pip install "${PIP_SOURCES[@]}" --no-build-isolation pycuda
     "$PY" -c "import pycuda.driver as d; d.init(); print('pycuda OK,', d.Device.count(), 'device(s)')"
 }
