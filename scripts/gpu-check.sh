@@ -102,11 +102,12 @@ install_pycuda() {
         return 0
     fi
     # PyCUDA builds against the CUDA toolkit: its configure finds it from nvcc's location
-    # (nvcc is often a symlink, e.g. /usr/local/bin/nvcc -> /usr/local/cuda-13.0/bin/nvcc)
-    if command -v nvcc >/dev/null; then
-        export CUDA_ROOT=${CUDA_ROOT:-$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")}
-        echo "building pycuda against CUDA_ROOT=$CUDA_ROOT"
+    # nvcc may be a symlink or a wrapper script, so ask it where its toolkit is (TOP=...)
+    if [ -z "${CUDA_ROOT:-}" ] && command -v nvcc >/dev/null; then
+        top=$(nvcc --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)
+        export CUDA_ROOT=$(readlink -f "${top:-$(dirname "$(readlink -f "$(command -v nvcc)")")/..}")
     fi
+    echo "building pycuda against CUDA_ROOT=${CUDA_ROOT:-<unset>}"
     "$PY" -m pip install "${PIP_SOURCES[@]}" --no-build-isolation pycuda
     "$PY" -c "import pycuda.driver as d; d.init(); print('pycuda OK,', d.Device.count(), 'device(s)')"
 }
