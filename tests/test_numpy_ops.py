@@ -362,8 +362,8 @@ def test_topk_correct():
     assert B.topk_correct(logits, np.array([3, 1, 0, 2]), (4,)) == (4,)
 
 
-def test_sgd_momentum_update(rng):
-    param, grad, velocity = (rng.standard_normal(6) for _ in range(3))
+def test_sgd_momentum_update(rng, slicing):
+    param, grad, velocity = (rng.standard_normal((5, 7)) for _ in range(3))
     lr, momentum, wd = 0.01, 0.9, 5e-4
     expected_velocity = momentum * velocity + lr * (grad + wd * param)
     expected_param = param - expected_velocity

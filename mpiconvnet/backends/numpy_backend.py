@@ -29,6 +29,7 @@ from mpiconvnet.backends.numpy_ops.malloc import keep_freed_memory
 from mpiconvnet.backends.numpy_ops.pool import maxpool_backward, maxpool_forward
 from mpiconvnet.backends.numpy_ops.relu import relu_backward, relu_forward
 from mpiconvnet.backends.numpy_ops.threads import get_num_threads, set_num_threads
+from mpiconvnet.backends.numpy_ops.update import scale_, sgd_momentum_update
 
 NAME = "numpy"
 
@@ -74,25 +75,6 @@ def flat_views(flat, shapes):
 
 def synchronize():
     """NumPy runs every op to completion before returning: nothing is queued."""
-
-
-# ---------------------------------------------------------------------------- update
-
-def sgd_momentum_update(param, grad, velocity, lr, momentum, weight_decay):
-    """In place, Krizhevsky 2012 / Caffe form (learning rate inside the velocity):
-    velocity = momentum * velocity + lr * (grad + weight_decay * param); param -= velocity."""
-    # plain Python floats: a NumPy float64 scalar would upcast float32 temporaries
-    lr, momentum, weight_decay = float(lr), float(momentum), float(weight_decay)
-    step = param * weight_decay
-    step += grad
-    step *= lr
-    velocity *= momentum
-    velocity += step
-    param -= velocity
-
-
-def scale_(array, factor):
-    array *= float(factor)
 
 
 # ---------------------------------------------------------------------------- communication
