@@ -297,7 +297,7 @@ def test_float32_stays_float32(rng):
 # ----------------------------------------------------------------------- dropout hash
 
 def scalar_hash(seed, counter, i):
-    """h(i) from the docstring, in plain Python integers masked to 32 bits."""
+    """h(i) from the docstring (offset folded into i), in plain Python integers masked to 32 bits."""
     def mix(x):
         x &= 0xFFFFFFFF
         x ^= x >> 16
@@ -315,6 +315,20 @@ def test_dropout_hash_matches_definition():
     expected = [scalar_hash(seed % 2**32, counter, i) >= threshold for i in range(2000)]
     np.testing.assert_array_equal(keep, expected)
     assert mix32(np.arange(5, dtype=np.uint32)).dtype == np.uint32
+    # the offset shifts the element index, wrapping modulo 2**32
+    offset = 2**32 - 700
+    shifted = B.dropout_keep(seed, counter, 2000, p, offset)
+    expected = [scalar_hash(seed % 2**32, counter, (offset + i) % 2**32) >= threshold for i in range(2000)]
+    np.testing.assert_array_equal(shifted, expected)
+
+
+def test_dropout_offset_splits_the_batch():
+    # two ranks with rows 0-2 and 3-5 draw exactly the rows of one rank's 6-row mask
+    x = np.ones((6, 50), dtype=np.float32)
+    _, whole = B.dropout_forward(x, 0.5, seed=3, counter=9)
+    _, top = B.dropout_forward(x[:3], 0.5, seed=3, counter=9, offset=0)
+    _, bottom = B.dropout_forward(x[3:], 0.5, seed=3, counter=9, offset=3 * 50)
+    np.testing.assert_array_equal(np.concatenate([top, bottom]), whole)
 
 
 def test_dropout_masks():

@@ -1,8 +1,10 @@
 """Inverted dropout with masks from a counter-based hash, identical on every backend.
 
-The mask is a pure function of (seed, counter, element index), not of a random generator's
-state, so the CUDA kernel draws exactly the mask this file draws, and a resumed run draws
-the masks the uninterrupted run would have drawn (the trainer passes the step as counter).
+The mask is a pure function of (seed, counter, offset + element index), not of a random
+generator's state, so the CUDA kernel draws exactly the mask this file draws, a resumed run
+draws the masks the uninterrupted run would have drawn (the trainer passes the step as
+counter), and a rank holding rows r.. of the global batch passes offset = r * features per
+sample to draw exactly those rows of the one-rank mask.
 """
 import math
 
