@@ -61,12 +61,13 @@ def resize_to_square(image, size, resize):
 
 
 def decode_jpeg_fast(data, size, resize, max_pixels):
-    """simplejpeg path for YCbCr and grayscale JPEGs; None when Pillow must do it (CMYK/YCCK)."""
+    """simplejpeg path for YCbCr and grayscale JPEGs; None when Pillow must judge the file
+    (CMYK/YCCK, or anything libjpeg-turbo's strict mode refuses)."""
     import simplejpeg
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-    except ValueError as error:
-        raise BadImage(f"corrupt JPEG header: {error}") from None
+    except ValueError:
+        return None
     if width * height > max_pixels:
         raise BadImage(f"decompression bomb: {width}x{height} pixels exceeds --max-pixels {max_pixels}")
     if colorspace not in ("YCbCr", "Gray", "RGB"):
@@ -80,11 +81,12 @@ def decode_jpeg_fast(data, size, resize, max_pixels):
         min_height, min_width = 0, size
     try:
         # strict: libjpeg's "recoverable" errors (a truncated file, a corrupt segment) would
-        # otherwise decode to grey blocks and be packed silently
+        # otherwise decode to grey blocks and be packed silently. Pillow then decides: it
+        # refuses truncated files but accepts harmless warnings, as the naive pipeline would.
         pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_height, min_width=min_width,
                                         strict=True)
-    except ValueError as error:
-        raise BadImage(f"corrupt or truncated JPEG: {error}") from None
+    except ValueError:
+        return None
     return resize_to_square(Image.fromarray(pixels), size, resize)
 
 

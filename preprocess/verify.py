@@ -22,6 +22,7 @@ def verify_shard(path, expected_sha256, attributes, num_images, num_classes, dec
     """Raise DatasetError naming `path` at the first problem."""
     if not os.path.isfile(path):
         raise DatasetError(f"{path} not found; re-run the python -m preprocess command that made this data set")
+    # bytes first: HDF5 can hang or crash parsing damaged metadata, so it never sees a bad file
     if file_sha256(path) != expected_sha256:
         raise DatasetError(f"{path}: sha256 differs from dataset.json (the file changed or was truncated "
                            f"after packing); delete it and re-run the same python -m preprocess command")
