@@ -15,7 +15,9 @@ from preprocess.writer import receipt_path, write_atomic_text
 
 
 def missing_shards(out_dir, shard_files):
-    return [name for name in shard_files if not os.path.exists(os.path.join(out_dir, name))]
+    """Shards not yet finished: a shard counts once both the file and its receipt exist."""
+    return [name for name in shard_files
+            if not (os.path.exists(os.path.join(out_dir, name)) and os.path.exists(receipt_path(out_dir, name)))]
 
 
 def read_receipt(out_dir, shard_file):

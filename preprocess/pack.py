@@ -21,7 +21,7 @@ from preprocess.decode import DEFAULT_MAX_PIXELS, BadImage, decode_image, encode
 from preprocess.merge import merge_dataset, missing_shards
 from preprocess.parallel import make_team, worker_context
 from preprocess.sources import InputError
-from preprocess.writer import WORK_DIR, ShardWriter, receipt_path, write_atomic_text
+from preprocess.writer import WORK_DIR, ShardWriter, write_atomic_text
 
 PLAN_FILE = "plan.json"
 SPLIT_SEED_OFFSET = {"train": 0, "val": 1}   # train and val get unrelated shuffles
@@ -106,8 +106,7 @@ def shard_tasks(plan, seed):
 
 
 def is_finished(out_dir, split, number):
-    name = shard_filename(split, number)
-    return os.path.exists(os.path.join(out_dir, name)) and os.path.exists(receipt_path(out_dir, name))
+    return not missing_shards(out_dir, [shard_filename(split, number)])
 
 
 # state of a packing process: set once per worker, so each task pickles only its positions

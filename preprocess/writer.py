@@ -109,7 +109,8 @@ class ShardWriter:
             offsets = np.zeros(count + 1, dtype=np.int64)
             offsets[1:] = np.cumsum(self.jpeg_sizes)
             flat = np.frombuffer(self.jpeg_stream.getvalue(), dtype=np.uint8)
-            shard.create_dataset("jpeg", data=flat, dtype=np.uint8, chunks=(1 << 20,) if len(flat) > (1 << 20) else None)
+            # contiguous: a reader fetches exactly one image's bytes, not a whole chunk
+            shard.create_dataset("jpeg", data=flat, dtype=np.uint8)
             shard.create_dataset("jpeg_offsets", data=offsets)
             self.digest.update(offsets.astype("<i8").tobytes())
         labels = np.asarray(self.labels, dtype=np.int64).reshape(count)

@@ -131,7 +131,10 @@ def check_shard(shard, path, expected_attributes, num_images):
         if key not in shard.attrs:
             raise DatasetError(f"{path}: attribute {key!r} missing; {REPACK_HINT}")
         have = shard.attrs[key]
-        have = [str(x) for x in have] if key == "classes" else (have.item() if hasattr(have, "item") else have)
+        if key == "classes":
+            have = [x.decode() if isinstance(x, bytes) else str(x) for x in have]
+        elif hasattr(have, "item"):
+            have = have.item()
         if isinstance(have, bytes):
             have = have.decode()
         if have != want:
