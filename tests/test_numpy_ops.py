@@ -388,16 +388,18 @@ def test_sgd_momentum_update(rng, slicing):
     np.testing.assert_allclose(param, expected_param * 0.5, **FLOAT64)
 
 
-def test_memory_helpers():
+def test_memory_helpers(slicing):
     flat = np.arange(10.0)
     a, b = B.flat_views(flat, [(2, 3), (4,)])
     b[:] = -1
     assert a.shape == (2, 3) and flat[6:].tolist() == [-1.0] * 4
     with pytest.raises(ValueError):
         B.flat_views(flat, [(3, 4)])
-    dst = B.zeros((2, 2), np.float32)
-    B.copy_into(dst, np.ones((2, 2), np.float32))
-    assert B.to_host(dst).sum() == 4
+    dst = B.zeros((5, 3), np.float32)
+    B.copy_into(dst, np.arange(15, dtype=np.float32).reshape(5, 3))
+    assert B.to_host(dst).ravel().tolist() == list(range(15))
+    B.copy_into(dst[:, :2], np.ones((5, 2), np.float32))     # a strided destination
+    assert dst[:, :2].sum() == 10 and dst[:, 2].tolist() == [2, 5, 8, 11, 14]
     assert B.mpi_buffer(dst) is dst and B.HOST_MEMORY
 
 

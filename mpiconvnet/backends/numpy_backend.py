@@ -28,7 +28,7 @@ from mpiconvnet.backends.numpy_ops.lrn import lrn_backward, lrn_forward
 from mpiconvnet.backends.numpy_ops.malloc import keep_freed_memory
 from mpiconvnet.backends.numpy_ops.pool import maxpool_backward, maxpool_forward
 from mpiconvnet.backends.numpy_ops.relu import relu_backward, relu_forward
-from mpiconvnet.backends.numpy_ops.threads import get_num_threads, set_num_threads
+from mpiconvnet.backends.numpy_ops.threads import get_num_threads, parallel_map, set_num_threads, split
 from mpiconvnet.backends.numpy_ops.update import scale_, sgd_momentum_update
 
 NAME = "numpy"
@@ -55,9 +55,15 @@ def zeros(shape, dtype):
 
 
 def copy_into(dst, src):
+    # dst[...] = src; the layers copy every gradient into its allreduce bucket (244 MB a step
+    # for AlexNet), so large contiguous copies run in slices on the thread pool
     if dst.shape != src.shape:
         raise ValueError(f"copy_into: shapes differ, {dst.shape} <- {src.shape}")
-    np.copyto(dst, src)
+    if not (dst.flags.c_contiguous and src.flags.c_contiguous):
+        np.copyto(dst, src)
+        return
+    dst_flat, src_flat = dst.reshape(-1), src.reshape(-1)
+    parallel_map(lambda part: np.copyto(dst_flat[part], src_flat[part]), split(dst.size, 2 * dst.itemsize))
 
 
 def flat_views(flat, shapes):
