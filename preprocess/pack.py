@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -21,7 +22,7 @@ from preprocess.decode import DEFAULT_MAX_PIXELS, BadImage, decode_image, encode
 from preprocess.merge import merge_dataset, missing_shards
 from preprocess.parallel import make_team, worker_context
 from preprocess.sources import InputError
-from preprocess.writer import WORK_DIR, ShardWriter, write_atomic_text
+from preprocess.writer import WORK_DIR, ShardWriter, publish, write_atomic_text
 
 PLAN_FILE = "plan.json"
 SPLIT_SEED_OFFSET = {"train": 0, "val": 1}   # train and val get unrelated shuffles
@@ -124,7 +125,7 @@ def count(counter_name, amount=1):
 
 
 def pack_shard(task):
-    """Decode, resize and write one shard; returns (split, number, packed, skipped)."""
+    """Decode, resize and write one shard as a closed .tmp file; returns what publish() needs."""
     split, number, positions = task
     plan, inputs = _job["plan"], _job["splits"][split]
     size, resize = plan["image_size"], plan["resize"]
@@ -145,11 +146,11 @@ def pack_shard(task):
                 encoded = encode_jpeg(pixels, plan["quality"]) if plan["format"] == "jpeg" else None
                 writer.add(pixels, int(inputs.labels[position]), name, position, encoded)
             count("done")
-        receipt = writer.finish()
+        closed = writer.close()
     except BaseException:
         writer.abandon()
         raise
-    return split, number, receipt["num_images"], len(receipt["skipped"])
+    return closed
 
 
 def run_tasks(tasks, workers, out_dir, plan, splits, show_progress, label):
@@ -160,6 +161,7 @@ def run_tasks(tasks, workers, out_dir, plan, splits, show_progress, label):
     bar = None
     if show_progress and total:
         from tqdm import tqdm
+        tqdm.monitor_interval = 0   # no monitor thread: worker processes are forked after this
         bar = tqdm(total=total, unit="img", desc=label, smoothing=0.05, mininterval=1.0, file=sys.stderr)
 
     def refresh():
@@ -167,19 +169,28 @@ def run_tasks(tasks, workers, out_dir, plan, splits, show_progress, label):
             bar.update(counters["done"].value - bar.n)
             bar.set_postfix(skipped=counters["skipped"].value, refresh=False)
 
-    if workers == 1 or len(tasks) <= 1:
-        init_worker(out_dir, plan, splits, counters)
-        for task in tasks:
-            pack_shard(task)
-            refresh()
-    else:
-        with context.Pool(min(workers, len(tasks)), initializer=init_worker,
-                          initargs=(out_dir, plan, splits, counters)) as pool:
-            pending = pool.map_async(pack_shard, tasks, chunksize=1)
-            while not pending.ready():
-                pending.wait(0.5)
+    # one thread makes finished shards durable (fsync, file sha256, receipt, rename) while
+    # decoding goes on; both release the GIL, so the wait for the disk is hidden
+    with ThreadPoolExecutor(1, thread_name_prefix="publish") as publisher:
+        published = []
+        if workers == 1 or len(tasks) <= 1:
+            init_worker(out_dir, plan, splits, counters)
+            for task in tasks:
+                published.append(publisher.submit(publish, pack_shard(task)))
                 refresh()
-            pending.get()   # re-raises a worker's exception here
+        else:
+            with context.Pool(min(workers, len(tasks)), initializer=init_worker,
+                              initargs=(out_dir, plan, splits, counters)) as pool:
+                pending = [pool.apply_async(pack_shard, (task,)) for task in tasks]
+                while pending:
+                    pending[0].wait(0.5)
+                    for result in [r for r in pending if r.ready()]:
+                        pending.remove(result)
+                        # get() re-raises a worker's exception here
+                        published.append(publisher.submit(publish, result.get()))
+                    refresh()
+        for future in published:
+            future.result()
     refresh()
     if bar is not None:
         bar.close()

@@ -99,7 +99,15 @@ class ShardWriter:
         self.skipped.append((source, reason))
 
     def finish(self):
-        """Write the small datasets, checksum, fsync, leave the receipt, then rename into place."""
+        """Close and publish in one go; returns the receipt."""
+        return publish(self.close())
+
+    def close(self):
+        """Write the small datasets and the checksum attribute and close the .tmp file.
+
+        Returns what publish() needs. Kept apart from publishing so that the slow part of
+        making a shard durable (fsync, hashing the file) can overlap the next shard's decoding.
+        """
         count = len(self.labels)
         shard = self.file
         if self.image_format == "raw":
@@ -126,14 +134,8 @@ class ShardWriter:
         update_checksum_tail(self.digest, labels, indices, self.sources)
         shard.attrs["content_sha256"] = self.digest.hexdigest()
         shard.close()
-        with open(self.tmp_path, "rb+") as stream:
-            os.fsync(stream.fileno())
-        receipt = {"file": self.shard_file, "num_images": count, "sha256": file_sha256(self.tmp_path),
-                   "skipped": [list(s) for s in self.skipped]}
-        os.makedirs(os.path.join(self.out_dir, WORK_DIR), exist_ok=True)
-        write_atomic_text(receipt_path(self.out_dir, self.shard_file), json.dumps(receipt))
-        os.replace(self.tmp_path, self.path)
-        return receipt
+        return {"out_dir": self.out_dir, "file": self.shard_file, "num_images": count,
+                "skipped": [list(s) for s in self.skipped]}
 
     def abandon(self):
         """Drop a half-written shard (an exception while packing it)."""
@@ -142,3 +144,22 @@ class ShardWriter:
         finally:
             if os.path.exists(self.tmp_path):
                 os.remove(self.tmp_path)
+
+
+def publish(closed):
+    """Make a closed .tmp shard durable, leave its receipt, then rename it into place.
+
+    The order is what makes a kill at any point safe: until the rename the shard is only a
+    .tmp file (redone by the next run), and the receipt exists before the final name does.
+    """
+    out_dir, shard_file = closed["out_dir"], closed["file"]
+    path = os.path.join(out_dir, shard_file)
+    tmp_path = path + TMP_SUFFIX
+    with open(tmp_path, "rb+") as stream:
+        os.fsync(stream.fileno())
+    receipt = {"file": shard_file, "num_images": closed["num_images"], "sha256": file_sha256(tmp_path),
+               "skipped": closed["skipped"]}
+    os.makedirs(os.path.join(out_dir, WORK_DIR), exist_ok=True)
+    write_atomic_text(receipt_path(out_dir, shard_file), json.dumps(receipt))
+    os.replace(tmp_path, path)
+    return receipt
