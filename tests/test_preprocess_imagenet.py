@@ -60,8 +60,17 @@ def test_archives_and_folders_give_identical_shards(release, tmp_path):
     from_folders = tmp_path / "from-folders"
     assert main(["imagenet", "--train", str(train), "--val", str(val), "--devkit", str(devkit),
                  "--out", str(from_folders)] + PACK) == 0
-    a, b = (json.loads((d / "dataset.json").read_text()) for d in (from_tars, from_folders))
-    assert a == b          # includes every shard file's sha256
+    # the common half-way form: the outer tar extracted, the per-class tars left as they are
+    inner_tars = tmp_path / "inner-tars"
+    inner_tars.mkdir()
+    with tarfile.open(release / "ILSVRC2012_img_train.tar") as outer:
+        for member in outer:
+            (inner_tars / member.name).write_bytes(outer.extractfile(member).read())
+    from_inner = tmp_path / "from-inner-tars"
+    assert main(["imagenet", "--train", str(inner_tars), "--val", str(val), "--devkit", str(devkit),
+                 "--out", str(from_inner)] + PACK) == 0
+    a, b, c = (json.loads((d / "dataset.json").read_text()) for d in (from_tars, from_folders, from_inner))
+    assert a == b == c          # includes every shard file's sha256
     assert a["splits"]["train"]["num_images"] == 40 and a["splits"]["val"]["num_images"] == 12
     assert a["skipped"] == 0   # the CMYK, PNG-named-.JPEG and grayscale traps all decode
     ds = ShardedDataset(from_tars, "train")

@@ -117,7 +117,7 @@ def test_resume_after_a_kill_mid_shard(tmp_path):
     out = tmp_path / "killed"
     process = subprocess.Popen(preprocess_command(*argv, "--out", str(out)), env=quiet_env())
     deadline = time.time() + 60
-    while time.time() < deadline and not half_written(out):
+    while time.time() < deadline and not (half_written(out) and any(n.endswith(".h5") for n in os.listdir(out))):
         time.sleep(0.002)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
@@ -128,14 +128,18 @@ def test_resume_after_a_kill_mid_shard(tmp_path):
         if name.endswith(".h5"):
             receipt = json.loads((out / ".pack" / f"{name}.json").read_text())
             assert receipt["sha256"] == file_sha256(out / name)
-    finished_before = {n for n in names if n.endswith(".h5")}
+    finished_before = [n for n in names if n.endswith(".h5")]
+    for name in finished_before:
+        os.utime(out / name, (1, 1))     # a mark that any rewrite would erase
     assert main([*argv, "--out", str(out)]) == 0
+    # the re-run packed only what was missing: finished shards were not rewritten
+    assert all(os.stat(out / n).st_mtime == 1 for n in finished_before)
     assert main(["verify", str(out)]) == 0
     reference = tmp_path / "uninterrupted"
     assert main([*argv, "--out", str(reference)]) == 0
     assert json.loads((out / "dataset.json").read_text()) == json.loads((reference / "dataset.json").read_text())
     assert not any(n.endswith(".tmp") for n in os.listdir(out))
-    assert len(finished_before) < 8
+    assert 0 < len(finished_before) < 8, "the kill should land after the first shard and before the last"
 
 
 def test_two_workers_and_two_array_tasks_give_the_same_data_set(tree, tmp_path):
