@@ -50,7 +50,7 @@ install_packages() {
   command -v sbatch >/dev/null || need+=(slurm-client)
   command -v munged >/dev/null || need+=(munge)
   # srun --mpi=pmix (Open MPI) needs the PMIx library; pmi2 (MPICH) is built into slurm
-  dpkg -s libpmix2 >/dev/null 2>&1 || need+=(libpmix2)
+  if command -v dpkg >/dev/null && ! dpkg -s libpmix2 >/dev/null 2>&1; then need+=(libpmix2); fi
   if [ ${#need[@]} -gt 0 ]; then
     command -v apt-get >/dev/null || die "missing ${need[*]} and no apt-get; install SLURM and munge by hand"
     say "apt-get install ${need[*]}"
@@ -61,7 +61,7 @@ install_packages() {
   # Debian's mpi_pmix plugin dlopen()s .../pmix2/lib/libpmix.so, which only the -dev
   # package (with ~15 MB of autotools) ships; a symlink to the runtime library suffices
   local so
-  so=$(dpkg -L libpmix2 | grep '/pmix2/lib/libpmix\.so\.2$' | head -1 || true)
+  so=$(dpkg -L libpmix2 2>/dev/null | grep '/pmix2/lib/libpmix\.so\.2$' | head -1 || true)
   if [ -n "$so" ] && [ ! -e "${so%.2}" ]; then ln -s libpmix.so.2 "${so%.2}"; fi
 }
 
