@@ -133,12 +133,13 @@ def naive_lrn(x, dy, size, alpha, beta, k):
 # ----------------------------------------------------------------------- gradient checks
 
 # (channels, height, width, stride, pad, groups) covering both im2col layouts of conv.py:
-# channels last where a group has more than twice as many channels as a row has pixels
+# channels last where a group has more channels than a row has pixels
 CONV_CASES = [
     (4, 7, 6, 2, 1, 2, "first"),
     (4, 7, 6, 1, 0, 1, "first"),
     (4, 7, 6, 3, 2, 2, "first"),
     (20, 5, 4, 1, 1, 2, "last"),
+    (10, 5, 4, 1, 1, 2, "last"),
     (8, 6, 5, 2, 1, 1, "last"),
 ]
 

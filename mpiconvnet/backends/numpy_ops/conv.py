@@ -14,8 +14,9 @@ whose speed is set by the length of their contiguous runs, so the matrix comes i
     channels last   cols (G, n*P*Q, R*S*Cg), runs along the channels (Cg long), from an
                     NHWC copy of the input
 
-and each layer uses the one with the longer runs, by a margin (conv1: 3 channels, 55 pixels
-a row; conv2: 48 and 27; conv3-5: 192-384 and 13). Both give the same sums in another order.
+and each layer uses the one with the longer runs (conv1: 3 channels against 55 pixels a
+row; conv2: 48 against 27; conv3-5: 192-384 against 13). Both give the same sums in
+another order.
 """
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -43,9 +44,8 @@ class _Geometry:
                              f"a {H}x{W} input; use a larger input or more padding")
         self.N, self.C, self.H, self.W, self.K, self.Cg, self.R, self.S = N, C, H, W, K, Cg, R, S
         self.P, self.Q, self.stride, self.pad, self.G, self.Kg = P, Q, stride, pad, groups, K // groups
-        # channels last copies the input and output once more (to and from NHWC), so it has
-        # to win clearly on run length: on AlexNet only conv3-5 take it (conv2: 48 vs 27)
-        self.channels_last = Cg > 2 * Q
+        # the longer contiguous runs win (measured on AlexNet: conv2-5 take channels last)
+        self.channels_last = Cg > Q
 
     def slices(self, itemsize):
         """Slices of the batch whose columns take about threads.CHUNK_BYTES each."""
@@ -147,25 +147,23 @@ def _weights_last(w, g):
     return w.reshape(g.G, g.Kg, g.Cg, g.R, g.S).transpose(0, 1, 3, 4, 2).reshape(g.G, g.Kg, -1)
 
 
-def _dy_last(dy, g):
-    # dy: (n, K, P, Q) -> (G, n*P*Q, Kg)
-    n = dy.shape[0]
-    return dy.reshape(n, g.G, g.Kg, g.P, g.Q).transpose(1, 0, 3, 4, 2).reshape(g.G, -1, g.Kg)
-
+# the GEMMs take the columns transposed (BLAS reads either orientation at the same speed),
+# so y and dy keep the channels-first (G, Kg, n*P*Q) layout and cost no extra transpose
 
 def _forward_last(x, w_rows, b, y, g):
     n = x.shape[0]
-    y_rows = np.matmul(_im2col_last(x, g), w_rows.transpose(0, 2, 1))  # (G, n*P*Q, Kg)
-    y_images = y_rows.reshape(g.G, n, g.P, g.Q, g.Kg).transpose(1, 0, 4, 2, 3)  # (n, G, Kg, P, Q)
-    np.add(y_images, b.reshape(g.G, g.Kg, 1, 1), out=y.reshape(n, g.G, g.Kg, g.P, g.Q))
+    y_groups = np.matmul(w_rows, _im2col_last(x, g).transpose(0, 2, 1))  # (G, Kg, n*P*Q)
+    y_images = y_groups.reshape(g.K, n, g.P, g.Q).transpose(1, 0, 2, 3)  # (n, K, P, Q) view
+    np.add(y_images, b.reshape(g.K, 1, 1), out=y)
 
 
 def _backward_data_last(dy, w_rows, dx, g):
-    _col2im_last(np.matmul(_dy_last(dy, g), w_rows), dx, g)            # GEMM: (G, n*P*Q, R*S*Cg)
+    dcols = np.matmul(_dy_first(dy, g).transpose(0, 2, 1), w_rows)     # (G, n*P*Q, R*S*Cg)
+    _col2im_last(dcols, dx, g)
 
 
 def _backward_filter_last(x, dy, g):
-    dw_rows = np.matmul(_dy_last(dy, g).transpose(0, 2, 1), _im2col_last(x, g))  # (G, Kg, R*S*Cg)
+    dw_rows = np.matmul(_dy_first(dy, g), _im2col_last(x, g))           # (G, Kg, R*S*Cg)
     return dw_rows.reshape(g.G, g.Kg, g.R, g.S, g.Cg).transpose(0, 1, 4, 2, 3).reshape(g.K, g.Cg, g.R, g.S)
 
 
