@@ -33,13 +33,13 @@ def channel_window_sum(a, before, after):
     return out
 
 
-def _power_neg(d, beta):
-    """d ** -beta; for AlexNet's beta = 0.75 through square roots, exact and cheaper than pow."""
+def _power(d, beta):
+    """d ** beta; for AlexNet's beta = 0.75 through square roots, exact and cheaper than pow."""
     if beta == 0.75:
         root = np.sqrt(d)
-        root *= np.sqrt(root)                              # d ** 0.75
-        return np.reciprocal(root, out=root)
-    return d ** -beta
+        root *= np.sqrt(root)                              # d**0.5 * d**0.25
+        return root
+    return d ** beta
 
 
 def _denominator(x, size, alpha, k):
@@ -55,7 +55,7 @@ def lrn_forward(x, size, alpha, beta, k):
     y = output(x.shape, x.dtype)
 
     def forward(images):
-        np.multiply(x[images], _power_neg(_denominator(x[images], size, alpha, k), beta), out=y[images])
+        np.divide(x[images], _power(_denominator(x[images], size, alpha, k), beta), out=y[images])
 
     parallel_map(forward, split(x.shape[0], x[0].nbytes * 4))
     return y
@@ -73,7 +73,7 @@ def lrn_backward(x, y, dy, size, alpha, beta, k):
         mirrored = channel_window_sum(ratio, (size - 1) // 2, size // 2)
         mirrored *= x_
         mirrored *= 2 * alpha * beta / size
-        np.multiply(dy_, _power_neg(d, beta), out=dx[images])
+        np.divide(dy_, _power(d, beta), out=dx[images])
         dx[images] -= mirrored
 
     parallel_map(backward, split(x.shape[0], x[0].nbytes * 6))
