@@ -132,15 +132,17 @@ def tar_members(path, fileobj=None, base=0):
 
 
 def nested_tar_members(path):
-    """(inner tar name, [(member name, absolute offset, size), ...]) for a tar of tars."""
+    """(inner tar name, [(member name, absolute offset, size), ...]) for a tar of tars.
+    Members that are not .tar files (a stray README) are not classes and are passed over."""
     with open(path, "rb") as stream:
         for inner_name, offset, size in list(tar_members(path)):
-            stream.seek(offset)
-            window = _Window(stream, offset, size)
+            if not inner_name.endswith(".tar"):
+                continue
+            window = ByteWindow(stream, offset, size)
             yield inner_name, list(tar_members(path, fileobj=window, base=offset))
 
 
-class _Window:
+class ByteWindow:
     """A read-only, seekable view of bytes [start, start + size) of an open file."""
 
     def __init__(self, stream, start, size):
