@@ -199,8 +199,12 @@ def run_tasks(tasks, workers, out_dir, plan, splits, show_progress, label):
 
 def pack(args, gather):
     """The body of the folder and imagenet commands; returns the exit code."""
-    check_flags(args)
-    team = make_team(args.rank, args.size)
+    try:
+        check_flags(args)
+        team = make_team(args.rank, args.size)
+    except (InputError, ValueError) as error:
+        print(f"preprocess: {error}", file=sys.stderr)
+        return 2
     out_dir = os.path.abspath(args.out)
     started = time.perf_counter()
 
@@ -227,13 +231,13 @@ def pack(args, gather):
     mine = [task for task in tasks[team.rank::team.size] if not is_finished(out_dir, task[0], task[1])]
     label = "packing" if team.size == 1 else f"rank 0 of {team.size}"
     try:
-        done, skipped = run_tasks(mine, args.workers, out_dir, plan, splits,
+        done, _ = run_tasks(mine, args.workers, out_dir, plan, splits,
                                   team.is_root and not args.no_progress, label)
     except BaseException as error:
         print(f"preprocess: rank {team.rank} failed: {type(error).__name__}: {error}", file=sys.stderr)
         team.abort(1)
         raise
-    done, skipped = team.sum(done), team.sum(skipped)
+    done = team.sum(done)
     team.barrier()
     shard_names = {split: [shard_filename(split, n) for n in range(entry["num_shards"])]
                    for split, entry in plan["splits"].items()}
@@ -246,10 +250,11 @@ def pack(args, gather):
     if not team.is_root and team.comm is not None:
         return 0
     index = merge_dataset(out_dir, plan, shard_names)
-    return report(index, out_dir, done, skipped, time.perf_counter() - started, args.strict)
+    return report(index, out_dir, done, time.perf_counter() - started, args.strict)
 
 
-def report(index, out_dir, processed, skipped_now, seconds, strict):
+def report(index, out_dir, processed, seconds, strict):
+    """Print the one-line summary; the exit code: 1 if nothing usable, or --strict and anything skipped."""
     counts = ", ".join(f"{entry['num_images']} {split}" for split, entry in index["splits"].items())
     shards = sum(len(entry["shards"]) for entry in index["splits"].values())
     rate = f"; this run: {processed} inputs in {seconds:.1f} s ({processed / max(seconds, 1e-9):.0f}/s)" if processed else ""

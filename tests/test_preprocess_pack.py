@@ -76,6 +76,28 @@ def test_nothing_usable_exits_non_zero(tmp_path):
     assert main(["folder", "--train", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")] + PACK) == 2
 
 
+def test_bad_flags_are_one_line_errors(tree, tmp_path, capsys):
+    base = ["folder", "--train", str(tree / "train"), "--out", str(tmp_path / "out")] + PACK
+    assert main([*base, "--rank", "2", "--size", "2"]) == 2
+    assert "--rank 2 --size 2" in capsys.readouterr().err
+    assert main([*base, "--format", "jpeg", "--quality", "0"]) == 2
+    assert "--quality 0" in capsys.readouterr().err
+
+
+def test_squash_keeps_the_whole_picture(tmp_path):
+    # a wide image, red on the left third, blue elsewhere: squash keeps the red, the centre crop loses it
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    pixels = np.zeros((30, 90, 3), np.uint8)
+    pixels[:, :30] = (255, 0, 0)
+    pixels[:, 30:] = (0, 0, 255)
+    Image.fromarray(pixels).save(tmp_path / "train" / "a" / "wide.png")
+    for resize, has_red in (("squash", True), ("shorter-crop", False)):
+        out = tmp_path / resize
+        assert main(["folder", "--train", str(tmp_path / "train"), "--out", str(out), "--resize", resize] + PACK) == 0
+        image = ShardedDataset(out, "train").read([0])[0]
+        assert (image[..., 0] > 200).any() == has_red, resize
+
+
 def test_a_different_command_into_the_same_folder_is_refused(tree, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["folder", "--train", str(tree / "train"), "--out", str(out)] + PACK) == 0
