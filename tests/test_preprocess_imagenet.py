@@ -151,3 +151,21 @@ def test_bad_devkit_paths_are_named(tmp_path, capsys):
     assert code == 2
     error = capsys.readouterr().err
     assert "--devkit" in error and "does not exist" in error
+
+
+def test_archive_reads_stay_within_the_open_file_budget(tmp_path, monkeypatch):
+    from preprocess.sources import ArchiveInputs, tar_members
+    contents, archives, ids, offsets, sizes = [], [], [], [], []
+    for k in range(5):
+        path = tmp_path / f"n{k}.tar"
+        with tarfile.open(path, "w") as archive:
+            add_bytes(archive, f"n{k}_0.JPEG", f"image {k}".encode() * (k + 1))
+        archives.append(str(path))
+        for _, offset, size in tar_members(str(path)):
+            ids.append(k), offsets.append(offset), sizes.append(size)
+        contents.append(f"image {k}".encode() * (k + 1))
+    inputs = ArchiveInputs([f"n{k}" for k in range(5)], [0] * 5, archives, ids, offsets, sizes)
+    monkeypatch.setattr(ArchiveInputs, "MAX_OPEN", 2)
+    for k in [0, 1, 2, 3, 4, 0, 4, 2]:
+        assert inputs.read(k) == contents[k]
+        assert len(inputs._fds) <= 2
