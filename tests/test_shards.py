@@ -141,3 +141,15 @@ def test_shard_contradicting_the_index_is_caught(tmp_path):
     json.dump(index, open(index_path, "w"))
     with pytest.raises(DatasetError, match=r"train-00000.h5: attribute 'image_size' is 16, dataset.json says 32"):
         ShardedDataset(root, "train").read([0])
+
+
+def test_open_shards_stay_within_the_budget(tmp_path):
+    root = pack(tmp_path, "raw")
+    ds = ShardedDataset(root, "train")
+    expected = ds.read(np.arange(12))
+    ds.close()
+    ds.read([0])                     # the budget is set on the first open in this process
+    ds._max_open = 1
+    for order in ([11, 0, 5], [4, 4, 9], np.arange(12)[::-1]):
+        np.testing.assert_array_equal(ds.read(order), expected[order])
+        assert len(ds._open) == 1

@@ -15,6 +15,7 @@ own handles in each worker.
 import hashlib
 import json
 import os
+from collections import OrderedDict
 
 import numpy as np
 
@@ -157,6 +158,21 @@ def check_shard(shard, path, expected_attributes, num_images):
             raise DatasetError(f"{path}: dataset 'jpeg_offsets' has shape {have_shape}, expected ({num_images + 1},); {REPACK_HINT}")
 
 
+def open_file_budget():
+    """How many shards a reader may keep open: half the descriptor limit, after raising the
+    soft limit to the hard one (ImageNet's 1,252 train shards exceed the common soft 1,024)."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = hard if hard != resource.RLIM_INFINITY else 65536
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+    except (ImportError, ValueError, OSError):
+        soft = 1024
+    return max(16, min(soft, 65536) // 2)
+
+
 class ShardedDataset:
     """One split of a packed data set, indexed globally: shards in dataset.json order,
     images in shard order.
@@ -193,8 +209,9 @@ class ShardedDataset:
             raise DatasetError(f"{index_path}: split {split!r} says {entry['num_images']} images but its shards hold {self.num_images}; {REPACK_HINT}")
         self._attributes = shard_attributes(split, self.classes, self.image_size, self.format)
         self._labels = None
-        self._open = {}          # shard number -> (h5py.File, jpeg offsets or None)
-        self._owner_pid = None   # the process that opened the handles in self._open
+        self._open = OrderedDict()   # shard number -> (h5py.File, jpeg offsets), least recently used first
+        self._owner_pid = None       # the process that opened the handles in self._open
+        self._max_open = None        # set on first open, in the reading process
 
     def __len__(self):
         return self.num_images
@@ -255,9 +272,14 @@ class ShardedDataset:
     def _shard(self, number):
         if self._owner_pid != os.getpid():
             # handles inherited through fork belong to the parent; drop them unused
-            self._open = {}
+            self._open = OrderedDict()
             self._owner_pid = os.getpid()
-        if number not in self._open:
+            self._max_open = open_file_budget()
+        if number in self._open:
+            self._open.move_to_end(number)
+        else:
+            if len(self._open) >= self._max_open:
+                self._open.popitem(last=False)[1][0].close()
             path = self.shard_files[number]
             shard = open_shard(path)
             check_shard(shard, path, self._attributes, int(self.shard_sizes[number]))
@@ -303,7 +325,7 @@ class ShardedDataset:
         if self._owner_pid == os.getpid():
             for shard, _ in self._open.values():
                 shard.close()
-        self._open = {}
+        self._open = OrderedDict()
 
     def __enter__(self):
         return self
@@ -314,6 +336,6 @@ class ShardedDataset:
     def __getstate__(self):
         # pickled into spawned workers: never send open handles
         state = self.__dict__.copy()
-        state["_open"] = {}
+        state["_open"] = OrderedDict()
         state["_owner_pid"] = None
         return state
