@@ -121,7 +121,8 @@ def _im2col_last(x, g):
     # x: (n, C, H, W) -> cols: (G, n*P*Q, R*S*Cg)
     # cols[g, (i, p, q), (r, s, c)] = xpad[i, g*Cg + c, p*stride + r, q*stride + s]
     n = x.shape[0]
-    x_nhwc = _zero_padded(x.transpose(0, 2, 3, 1), g.pad, (1, 2))      # (n, Hp, Wp, C)
+    x_nhwc = np.zeros((n, g.H + 2 * g.pad, g.W + 2 * g.pad, g.C), dtype=x.dtype)   # (n, Hp, Wp, C)
+    x_nhwc[:, g.pad:g.pad + g.H, g.pad:g.pad + g.W] = x.transpose(0, 2, 3, 1)
     windows = sliding_window_view(x_nhwc, (g.R, g.S), axis=(1, 2))
     windows = windows[:, ::g.stride, ::g.stride]                        # (n, P, Q, C, R, S)
     windows = windows.reshape(n, g.P, g.Q, g.G, g.Cg, g.R, g.S)
