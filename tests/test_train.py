@@ -89,6 +89,23 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(data, tmp_path, ran
     assert steps == list(range(1, 13))   # the resumed run's lines continue, none repeated
 
 
+def start_long_run(data, run, ranks=2, extra=()):
+    """A training run far longer than any test, started in the background."""
+    launcher = [MPIEXEC, "-n", str(ranks)] if ranks > 1 else []
+    return subprocess.Popen(launcher + [PYTHON, "-m", "mpiconvnet.train"] + TINY +
+                            ["--data", data, "--global-batch", "16", "--epochs", "400", "--checkpoint-every", "2",
+                             "--out", run] + list(extra),
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def rank_pids(proc):
+    """The training processes below mpiexec `proc` (hydra puts a proxy in between), by pid."""
+    out = subprocess.run(["pgrep", "-f", "mpiconvnet.train"], capture_output=True, text=True).stdout.split()
+    ranks = sorted(int(p) for p in out if int(p) != proc.pid and _is_descendant(int(p), proc.pid))
+    assert len(ranks) == 2, ranks
+    return ranks
+
+
 def _wait_for_checkpoint_then(proc, folder, action, timeout=60):
     deadline = time.monotonic() + timeout
     while not (os.path.isdir(folder) and os.listdir(folder)):
@@ -101,8 +118,7 @@ def _wait_for_checkpoint_then(proc, folder, action, timeout=60):
 def test_sigterm_checkpoints_and_the_run_resumes(data, tmp_path):
     run = str(tmp_path / "run")
     args = ["--data", data, "--global-batch", "16", "--epochs", "400", "--checkpoint-every", "2", "--out", run]
-    proc = subprocess.Popen([PYTHON, "-m", "mpiconvnet.train"] + TINY + args, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_long_run(data, run, ranks=1)
     _wait_for_checkpoint_then(proc, os.path.join(run, "checkpoints"), lambda: proc.send_signal(signal.SIGTERM))
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 75, err
@@ -117,19 +133,10 @@ def test_sigterm_checkpoints_and_the_run_resumes(data, tmp_path):
 @needs_mpiexec
 def test_sigkill_of_one_rank_ends_all_ranks_promptly(data, tmp_path):
     run = str(tmp_path / "run")
-    proc = subprocess.Popen([MPIEXEC, "-n", "2", PYTHON, "-m", "mpiconvnet.train"] + TINY +
-                            ["--data", data, "--global-batch", "16", "--epochs", "400", "--checkpoint-every", "2",
-                             "--out", run], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_long_run(data, run)
 
     def kill_rank_one():
-        ranks = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "mpiconvnet.train"],
-                               capture_output=True, text=True).stdout.split()
-        if not ranks:   # hydra puts a proxy between mpiexec and the ranks
-            proxies = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-            ranks = [p for proxy in proxies for p in
-                     subprocess.run(["pgrep", "-P", proxy], capture_output=True, text=True).stdout.split()]
-        assert len(ranks) == 2, ranks
-        os.kill(int(sorted(ranks, key=int)[-1]), signal.SIGKILL)
+        os.kill(rank_pids(proc)[-1], signal.SIGKILL)
 
     _wait_for_checkpoint_then(proc, os.path.join(run, "checkpoints"), kill_rank_one)
     start = time.monotonic()
@@ -142,18 +149,12 @@ def test_sigkill_of_one_rank_ends_all_ranks_promptly(data, tmp_path):
 @needs_mpiexec
 def test_a_stopped_rank_is_named_after_the_stall_timeout(data, tmp_path):
     run = str(tmp_path / "run")
-    proc = subprocess.Popen([MPIEXEC, "-n", "2", PYTHON, "-m", "mpiconvnet.train"] + TINY +
-                            ["--data", data, "--global-batch", "16", "--epochs", "400", "--checkpoint-every", "2",
-                             "--stall-timeout", "3", "--out", run],
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_long_run(data, run, extra=["--stall-timeout", "3"])
     stopped = []
 
     def stop_rank_one():
-        out = subprocess.run(["pgrep", "-f", "mpiconvnet.train"], capture_output=True, text=True).stdout.split()
-        ranks = [int(p) for p in out if int(p) != proc.pid and _is_descendant(int(p), proc.pid)]
-        ranks.sort()
-        os.kill(ranks[-1], signal.SIGSTOP)
-        stopped.append(ranks[-1])
+        stopped.append(rank_pids(proc)[-1])
+        os.kill(stopped[-1], signal.SIGSTOP)
 
     try:
         _wait_for_checkpoint_then(proc, os.path.join(run, "checkpoints"), stop_rank_one)
@@ -221,15 +222,10 @@ def test_sigusr1_to_one_rank_stops_every_rank_after_the_same_step(data, tmp_path
     # SLURM signals every task, but not at the same instant: the stop is voted on in the
     # per-step allreduce, so all ranks checkpoint after the same step and exit 75
     run = str(tmp_path / "run")
-    proc = subprocess.Popen([MPIEXEC, "-n", "2", PYTHON, "-m", "mpiconvnet.train"] + TINY +
-                            ["--data", data, "--global-batch", "16", "--epochs", "400", "--checkpoint-every", "2",
-                             "--out", run], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_long_run(data, run)
 
     def signal_one_rank():
-        out = subprocess.run(["pgrep", "-f", "mpiconvnet.train"], capture_output=True, text=True).stdout.split()
-        ranks = sorted(int(p) for p in out if int(p) != proc.pid and _is_descendant(int(p), proc.pid))
-        assert len(ranks) == 2, ranks
-        os.kill(ranks[-1], signal.SIGUSR1)
+        os.kill(rank_pids(proc)[-1], signal.SIGUSR1)
 
     _wait_for_checkpoint_then(proc, os.path.join(run, "checkpoints"), signal_one_rank)
     out, err = proc.communicate(timeout=60)
