@@ -11,10 +11,13 @@ Conventions pinned here (and tested against PyTorch in tests/test_numpy_ops.py):
   paper writes alpha without the /n; AlexNet uses k=2, n=5, alpha=1e-4, beta=0.75;
 - max pooling has no padding; a tie gives the gradient to the first maximum (row-major);
 - dropout is inverted (scaled by 1/(1-p) in training) with masks from `dropout_keep`, a
-  counter-based hash of (seed, counter, element index) that every backend reproduces.
+  counter-based hash of (seed, counter, offset + element index) that every backend
+  reproduces (numpy_ops/dropout.py gives the exact definition).
 
-Threads: `set_num_threads(n)` (default OMP_NUM_THREADS, else 1), see numpy_ops/threads.py.
-Importing this module raises glibc's malloc thresholds (numpy_ops/malloc.py).
+Each family of ops lives in numpy_ops/ (conv, lrn, pool, relu, dropout, dense, update).
+Threads: `set_num_threads(n)` (default OMP_NUM_THREADS, else 1) runs the ops over slices of
+the batch on n threads with BLAS single-threaded (numpy_ops/threads.py). Importing this
+module raises glibc's malloc thresholds so slice temporaries are recycled (numpy_ops/malloc.py).
 """
 import numpy as np
 
