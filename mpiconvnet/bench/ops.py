@@ -17,6 +17,9 @@ import numpy as np
 import mpiconvnet.backends.numpy_backend as B
 
 LRN = dict(size=5, alpha=1e-4, beta=0.75, k=2.0)
+ALEXNET_PARAMETERS = [(96, 3, 11, 11), (96,), (256, 48, 5, 5), (256,), (384, 256, 3, 3), (384,),
+                      (384, 192, 3, 3), (384,), (256, 192, 3, 3), (256,), (4096, 9216), (4096,),
+                      (4096, 4096), (4096,), (1000, 4096), (1000,)]     # 61 M parameters
 
 
 def alexnet_layers(batch):
@@ -44,6 +47,7 @@ def alexnet_layers(batch):
         ("drop7", "dropout", dict(x=(N, 4096))),
         ("fc8", "linear", dict(x=(N, 4096), w=(1000, 4096))),
         ("loss", "loss", dict(x=(N, 1000))),
+        ("sgd", "sgd", dict(x=(1,), shapes=ALEXNET_PARAMETERS)),   # the update, in the "fwd" column
     ]
 
 
@@ -110,6 +114,12 @@ def numpy_layer(kind, spec, rng):
     if kind == "loss":
         labels = rng.integers(0, x.shape[1], x.shape[0])
         return (lambda: B.softmax_cross_entropy(x, labels)), (lambda: None)
+    if kind == "sgd":
+        tensors = [(f32(shape), f32(shape), np.zeros(shape, np.float32)) for shape in spec["shapes"]]
+        def update():
+            for param, grad, velocity in tensors:
+                B.sgd_momentum_update(param, grad, velocity, 0.01, 0.9, 5e-4)
+        return update, (lambda: None)
     raise ValueError(kind)
 
 
@@ -138,6 +148,12 @@ def torch_layer(torch, kind, spec, rng):
     elif kind == "loss":
         labels = torch.tensor(rng.integers(0, spec["x"][1], spec["x"][0]))
         fn = lambda: F.cross_entropy(x, labels)
+    elif kind == "sgd":
+        params = [f32(shape, True) for shape in spec["shapes"]]
+        for param in params:
+            param.grad = f32(param.shape)
+        optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
+        return optimizer.step, (lambda: None)
     else:
         raise ValueError(kind)
     inputs = ([x] if x.requires_grad else []) + params
@@ -152,7 +168,7 @@ def torch_layer(torch, kind, spec, rng):
 
 def parse(argv):
     parser = argparse.ArgumentParser(prog="python -m mpiconvnet.bench ops", description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", type=int, default=1, help="threads for NumPy's BLAS and for torch")
+    parser.add_argument("--threads", type=int, default=1, help="threads for the NumPy backend's pool and for torch")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3, help="runs per op; the best is reported")
     parser.add_argument("--only", default="", help="comma-separated layer names (default: all)")
