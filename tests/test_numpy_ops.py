@@ -280,8 +280,9 @@ def test_alexnet_output_sizes():
     assert B.maxpool_forward(conv3, 3, 2).shape[2:] == (6, 6)
 
 
-def test_float32_stays_float32(rng):
-    f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dtype_is_kept(rng, dtype):
+    f32 = lambda *shape: rng.standard_normal(shape).astype(dtype)
     x, w, b = f32(2, 4, 8, 8), f32(6, 2, 3, 3), f32(6)
     y = B.conv_forward(x, w, b, 1, 1, 2)
     outputs = [y, B.conv_backward_data(y, w, x.shape, 1, 1, 2), B.conv_backward_filter(x, y, w.shape, 1, 1, 2),
@@ -293,7 +294,7 @@ def test_float32_stays_float32(rng):
                B.linear_forward(f32(3, 4), f32(5, 4), f32(5)), B.linear_backward_data(f32(3, 5), f32(5, 4)),
                B.linear_backward_filter(f32(3, 4), f32(3, 5)), B.linear_backward_bias(f32(3, 5)),
                B.softmax_cross_entropy(f32(3, 4), np.array([0, 1, 3]))[1]]
-    assert [o.dtype for o in outputs] == [np.float32] * len(outputs)
+    assert [o.dtype for o in outputs] == [dtype] * len(outputs)
 
 
 # ----------------------------------------------------------------------- dropout hash
