@@ -282,8 +282,8 @@ def test_alexnet_output_sizes():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_dtype_is_kept(rng, dtype):
-    f32 = lambda *shape: rng.standard_normal(shape).astype(dtype)
-    x, w, b = f32(2, 4, 8, 8), f32(6, 2, 3, 3), f32(6)
+    make = lambda *shape: rng.standard_normal(shape).astype(dtype)
+    x, w, b = make(2, 4, 8, 8), make(6, 2, 3, 3), make(6)
     y = B.conv_forward(x, w, b, 1, 1, 2)
     outputs = [y, B.conv_backward_data(y, w, x.shape, 1, 1, 2), B.conv_backward_filter(x, y, w.shape, 1, 1, 2),
                B.conv_backward_bias(y), B.relu_forward(x), B.relu_backward(x, x),
@@ -291,9 +291,9 @@ def test_dtype_is_kept(rng, dtype):
                B.maxpool_forward(x, 3, 2), B.maxpool_backward(x, B.maxpool_forward(x, 3, 2),
                                                              B.maxpool_forward(x, 3, 2), 3, 2),
                *B.dropout_forward(x, 0.5, 1, 2), B.dropout_backward(x, x, 0.5),
-               B.linear_forward(f32(3, 4), f32(5, 4), f32(5)), B.linear_backward_data(f32(3, 5), f32(5, 4)),
-               B.linear_backward_filter(f32(3, 4), f32(3, 5)), B.linear_backward_bias(f32(3, 5)),
-               B.softmax_cross_entropy(f32(3, 4), np.array([0, 1, 3]))[1]]
+               B.linear_forward(make(3, 4), make(5, 4), make(5)), B.linear_backward_data(make(3, 5), make(5, 4)),
+               B.linear_backward_filter(make(3, 4), make(3, 5)), B.linear_backward_bias(make(3, 5)),
+               B.softmax_cross_entropy(make(3, 4), np.array([0, 1, 3]))[1]]
     assert [o.dtype for o in outputs] == [dtype] * len(outputs)
 
 
