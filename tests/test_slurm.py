@@ -46,7 +46,8 @@ def _cluster_problem():
     except subprocess.TimeoutExpired:
         return "scontrol ping / sinfo hung"
     if ping.returncode != 0 or "UP" not in ping.stdout:
-        return f"scontrol ping: no slurmctld answers ({(ping.stdout + ping.stderr).strip()[:120]})"
+        said = (ping.stdout + ping.stderr).strip().splitlines() or ["nothing"]
+        return f"scontrol ping: no slurmctld answers (last words: {said[-1][:100]})"
     if not re.search(r"^(idle|mixed|allocated)", nodes.stdout, re.M):
         return f"sinfo: no node is up (states: {' '.join(nodes.stdout.split()) or 'none'})"
     return None
