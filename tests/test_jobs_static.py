@@ -90,6 +90,15 @@ def test_asked_to_run_outside_slurm_train_and_evaluate_scripts_work(data, tmp_pa
     assert result["images"] == 20 and 0 <= result["top1"] <= result["top5"] <= 1
 
 
+def test_an_out_flag_on_the_command_line_is_the_run_directory_the_script_reports(data, tmp_path):
+    run = str(tmp_path / "mine")
+    trained = run_script("jobs/train.sbatch", ["--data", data, "--max-steps", "1", "--out", run] + TINY,
+                         MPICONVNET_OUTSIDE_SLURM="1", MPICONVNET_RUN_DIR=str(tmp_path / "default"))
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+    assert f"training finished; run directory {run}\n" in trained.stdout
+    assert os.path.isdir(os.path.join(run, "checkpoints")) and not os.path.exists(tmp_path / "default")
+
+
 @pytest.mark.skipif(not os.path.exists(MPIEXEC), reason=f"no mpiexec next to {sys.executable}")
 def test_the_launcher_override_starts_that_many_ranks(data, tmp_path):
     trained = run_script("jobs/train.sbatch", ["--data", data, "--max-steps", "2"] + TINY,
