@@ -4,9 +4,9 @@
     python -m mpiconvnet.bench ops --threads 2 --batch 64 --repeat 3 --only conv2,lrn1
 
 Times every layer's forward and backward at AlexNet's shapes (Krizhevsky 2012, 227x227
-input, conv2/4/5 in two groups), the NumPy backend first and then PyTorch (when it imports)
-on the same thread count, and prints the best of --repeat runs, the GFLOP/s of the GEMM
-layers and the ratio torch time / numpy time (above 1: NumPy is faster).
+input, conv2/4/5 in two groups) with the NumPy backend and with PyTorch (when it imports)
+on the same thread count, the two taking turns, and prints the best of --repeat runs, the
+GFLOP/s of the GEMM layers and the ratio torch time / numpy time (above 1: NumPy is faster).
 """
 import argparse
 import sys
@@ -65,14 +65,18 @@ def gemm_flops(kind, spec):
     return 0, 0
 
 
-def best_time(fn, repeat, clock=time.perf_counter):
-    fn()                                                  # warm-up: allocations, page faults
-    times = []
+def best_times(functions, repeat, clock):
+    """The best of `repeat` timings of each function, taking turns: on a shared machine a
+    burst of someone else's work then slows every contender alike, not just one of them."""
+    for fn in functions:
+        fn()                                              # warm-up: allocations, page faults
+    best = [float("inf")] * len(functions)
     for _ in range(repeat):
-        start = clock()
-        fn()
-        times.append(clock() - start)
-    return min(times)
+        for i, fn in enumerate(functions):
+            start = clock()
+            fn()
+            best[i] = min(best[i], clock() - start)
+    return best
 
 
 def numpy_layer(kind, spec, rng):
@@ -194,26 +198,24 @@ def main(argv=None):
         print("bench ops: could not set the BLAS thread count (NumPy is not using OpenBLAS); "
               "set OMP_NUM_THREADS instead", file=sys.stderr)
 
-    clock = time.perf_counter if args.clock == "wall" else time.process_time
-    rng = np.random.default_rng(0)
-    results = {}
-    for name, kind, spec in layers:                      # all NumPy first: torch's threads stay idle
-        forward, backward = numpy_layer(kind, spec, rng)
-        results[name] = [best_time(forward, args.repeat, clock), best_time(backward, args.repeat, clock), None, None]
-        del forward, backward
-
     torch = None
     if not args.no_torch:
         try:
             import torch
+            torch.set_num_threads(args.threads)
         except ImportError:
             print("bench ops: torch does not import; timing NumPy only", file=sys.stderr)
-    if torch is not None:
-        torch.set_num_threads(args.threads)
-        for name, kind, spec in layers:
-            forward, backward = torch_layer(torch, kind, spec, rng)
-            results[name][2:] = best_time(forward, args.repeat, clock), best_time(backward, args.repeat, clock)
-            del forward, backward
+
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    rng = np.random.default_rng(0)
+    results = {}
+    for name, kind, spec in layers:                      # layer by layer: only one layer's arrays live
+        functions = list(numpy_layer(kind, spec, rng))
+        if torch is not None:
+            functions += torch_layer(torch, kind, spec, rng)
+        times = best_times(functions, args.repeat, clock)
+        results[name] = times if torch is not None else times + [None, None]
+        del functions
 
     print(f"AlexNet ops, batch {args.batch}, {args.threads} thread(s), float32, best of {args.repeat} ({args.clock} clock); "
           f"ms per call; ratio = torch / numpy (fwd + bwd)")
