@@ -107,4 +107,10 @@ def split(length, bytes_per_item):
     return [slice(start, min(start + per_slice, length)) for start in range(0, length, per_slice)]
 
 
-set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
+def _threads_from_environment():
+    """OMP_NUM_THREADS, as OpenMP reads it ("4", or "4,2" for nested levels); else 1."""
+    value = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return int(value) if value.isdigit() and int(value) > 0 else 1
+
+
+set_num_threads(_threads_from_environment())
