@@ -391,6 +391,22 @@ def test_sgd_momentum_update(rng, slicing):
     np.testing.assert_allclose(param, expected_param * 0.5, **FLOAT64)
 
 
+def test_thread_settings(monkeypatch):
+    with pytest.raises(ValueError, match="at least one thread"):
+        B.set_num_threads(0)
+    for value, expected in [("3", 3), ("4,2", 4), ("", 1), ("zero", 1)]:
+        monkeypatch.setenv("OMP_NUM_THREADS", value)
+        assert threads._threads_from_environment() == expected
+    # the pool covers every slice exactly once, in order
+    B.set_num_threads(2)
+    try:
+        assert threads.parallel_map(lambda part: list(range(10))[part], threads.split(10, 1 << 30)) == \
+            [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+        assert threads.parallel_sum(lambda part: np.arange(10)[part].sum(), threads.split(10, 1)) == 45
+    finally:
+        B.set_num_threads(1)
+
+
 def test_memory_helpers(slicing):
     flat = np.arange(10.0)
     a, b = B.flat_views(flat, [(2, 3), (4,)])
