@@ -397,12 +397,13 @@ def test_thread_settings(monkeypatch):
     for value, expected in [("3", 3), ("4,2", 4), ("", 1), ("zero", 1)]:
         monkeypatch.setenv("OMP_NUM_THREADS", value)
         assert threads._threads_from_environment() == expected
-    # the pool covers every slice exactly once, in order
+    # small items: one slice per thread; items bigger than CHUNK_BYTES: one slice each
     B.set_num_threads(2)
     try:
-        assert threads.parallel_map(lambda part: list(range(10))[part], threads.split(10, 1 << 30)) == \
+        assert threads.parallel_map(lambda part: list(range(10))[part], threads.split(10, 1)) == \
             [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
-        assert threads.parallel_sum(lambda part: np.arange(10)[part].sum(), threads.split(10, 1)) == 45
+        assert len(threads.split(10, 1 << 30)) == 10
+        assert threads.parallel_sum(lambda part: np.arange(10)[part].sum(), threads.split(10, 1 << 30)) == 45
     finally:
         B.set_num_threads(1)
 
