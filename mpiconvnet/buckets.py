@@ -90,6 +90,8 @@ class GradientReducer:
     # -- the communication thread ---------------------------------------------------
 
     def _serve(self):
+        if not self.staged:
+            self.ops.use_in_this_thread()   # a CUDA-aware MPI reads device memory from this thread
         while True:
             b = self.work.get()
             if b is None:

@@ -76,6 +76,7 @@ class Trainer:
         self.net = build_model(cfg.model, num_classes=train_set.num_classes, backend=cfg.backend,
                                dtype=cfg.dtype, seed=cfg.seed)
         ops = self.net.ops
+        ops.set_num_threads(cfg.threads)
         self.buckets = GradientBuckets(ops, self.net.param_shapes, self.net.dtype, int(cfg.bucket_mb * 2**20))
         self.net.use_gradient_arrays(self.buckets.views)
         self.heartbeat = Heartbeat(world, cfg.stall_timeout)

@@ -63,6 +63,14 @@ Update (in place, on one parameter tensor)
         param    = param - velocity
     scale_(array, factor)                     array *= factor (averaging after a sum)
 
+Threads
+    set_num_threads(n)                        CPU threads the backend's ops may use (NumPy: the
+                                              width of its pool over batch slices; CUDA: none,
+                                              the GPU does the work, so it is ignored)
+    use_in_this_thread()                      make the backend usable from the calling thread
+                                              (CUDA: make its context current there; NumPy:
+                                              nothing to do)
+
 Communication (how the trainer hands a flat gradient bucket to MPI)
     HOST_MEMORY: bool                         True when arrays live in host memory (NumPy):
                                               MPI reduces them in place

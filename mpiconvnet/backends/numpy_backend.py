@@ -108,6 +108,11 @@ def mpi_buffer(array):
     return array
 
 
+def use_in_this_thread():
+    # host arrays need no per-thread set-up
+    return None
+
+
 __all__ = [
     "NAME", "to_device", "to_host", "empty", "zeros", "copy_into", "flat_views", "synchronize",
     "conv_forward", "conv_backward_data", "conv_backward_filter", "conv_backward_bias",
@@ -116,5 +121,5 @@ __all__ = [
     "linear_forward", "linear_backward_data", "linear_backward_filter", "linear_backward_bias",
     "softmax_cross_entropy", "topk_correct", "sgd_momentum_update", "scale_",
     "HOST_MEMORY", "pinned_host_empty", "copy_to_host", "copy_from_host", "mpi_buffer",
-    "set_num_threads", "get_num_threads",
+    "set_num_threads", "get_num_threads", "use_in_this_thread",
 ]

@@ -26,6 +26,11 @@ from .update import scale_, sgd_momentum_update
 NAME = "cuda"
 
 
+def set_num_threads(n):
+    """The CPU thread count of the NumPy backend's ops; here the GPU does the work."""
+    return None
+
+
 def set_tf32(enabled):
     """Allow (True) or forbid (False, the default) TF32 tensor cores for float32 GEMMs and
     convolutions; takes effect for the next op."""
@@ -34,7 +39,7 @@ def set_tf32(enabled):
 
 
 __all__ = [
-    "NAME", "initialize", "is_initialized", "use_in_this_thread", "set_tf32", "cuda_aware_mpi",
+    "NAME", "initialize", "is_initialized", "use_in_this_thread", "set_tf32", "set_num_threads", "cuda_aware_mpi",
     "to_device", "to_host", "empty", "zeros", "copy_into", "flat_views", "synchronize",
     "conv_forward", "conv_backward_data", "conv_backward_filter", "conv_backward_bias",
     "relu_forward", "relu_backward", "lrn_forward", "lrn_backward", "maxpool_forward", "maxpool_backward",
