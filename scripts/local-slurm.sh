@@ -228,8 +228,29 @@ stop_slurm() {
       while [ $SECONDS -lt $deadline ] && [ -n "$(timeout 5 squeue -h 2>/dev/null)" ]; do sleep 1; done
     fi
   fi
+  kill_leftover_steps
   stop_process "$RUN/slurmd.pid" slurmd
   stop_process "$RUN/slurmctld.pid" slurmctld
+}
+
+# kill process $1 and everything below it, children first
+kill_tree() {
+  local child
+  for child in $(pgrep -P "$1" 2>/dev/null); do kill_tree "$child"; done
+  kill -9 "$1" 2>/dev/null || true
+}
+
+# Jobs that outlived the cancel (ignoring TERM, or requeued again) would be orphaned by
+# stopping slurmd. Ours are the slurmstepd processes holding a file under SLURM_DIR (the
+# slurmd log, the step sockets in the spool); a site's own slurmstepd never does.
+kill_leftover_steps() {
+  local pid
+  for pid in $(pgrep -x slurmstepd 2>/dev/null); do
+    if ls -l "/proc/$pid/fd" 2>/dev/null | grep -q -- "-> $SLURM_DIR/"; then
+      say "job step process $pid outlived the cancel; killing it and its tasks"
+      kill_tree "$pid"
+    fi
+  done
 }
 
 stop() {

@@ -295,6 +295,31 @@ def test_requeueing_stops_at_the_limit_and_says_how_to_continue(cluster, data, t
     assert any(name.startswith("ckpt-") for name in os.listdir(os.path.join(run, "checkpoints")))
 
 
+def test_scancel_ends_the_job_for_good_after_a_checkpoint(cluster, data, tmp_path):
+    # scancel sends TERM to the ranks and the batch shell; the ranks checkpoint and exit 75
+    # as for a time limit, but a job that requeued itself now could never be cancelled
+    run = str(tmp_path / "run")
+    job = Job(cluster, "jobs/train.sbatch", ["--data", data] + TRAIN + ["--epochs", "500"], tmp_path / "train.out",
+              MPICONVNET_RUN_DIR=run)
+    try:
+        first_line = os.path.join(run, "metrics.jsonl")
+        deadline = time.monotonic() + 120
+        while not (os.path.exists(first_line) and os.path.getsize(first_line)):
+            assert time.monotonic() < deadline and job.info()["JobState"] not in FINISHED, job.output()
+            time.sleep(0.1)
+        subprocess.run(["scancel", job.id], check=True, timeout=30)
+        job.wait(60)
+        time.sleep(3)   # a requeue would show by now as PENDING with Restarts=1
+        info = job.info()
+    finally:
+        job.cancel()
+    log = job.output()
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", log
+    assert re.search(r"stopped by SIGTERM after step \d+; checkpoint written", log), log
+    assert f"not requeueing; continue with MPICONVNET_RUN_DIR={run} sbatch jobs/train.sbatch (same flags)" in log
+    assert "attempt 2" not in log
+
+
 def median_steps_per_second(run):
     return float(np.median([r["images_per_s"] / 8 for r in metrics(run) if r["kind"] == "train"]))
 
