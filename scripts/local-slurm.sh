@@ -73,6 +73,11 @@ write_config() {
   hw=$(tr ' ' '\n' <<<"$detected" | grep -E '^(CPUs|Boards|SocketsPerBoard|CoresPerSocket|ThreadsPerCore)=' | tr '\n' ' ')
   mem=$(sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' <<<"$detected")
   mem=$((mem * 9 / 10))   # headroom: memory seen at run time varies and slurm drains on a shortfall
+  # Job ids must not repeat across restarts: MPICH names its shared-memory segment after the
+  # PMI job id (JOBID.STEP), and a segment left in /dev/shm by a killed rank of an earlier
+  # cluster's job 1 makes the next job 1 fail in MPI_Init ("UCX ERROR failed to unpack
+  # address") or hang. Starting from the clock keeps ids fresh and below MaxJobId (67 M).
+  local first_job_id=$(( $(date +%s) % 50000000 + 1000 ))
   cat >"$CONF" <<EOF
 # written by scripts/local-slurm.sh (mpiconvnet CI); deleted state on every start
 ClusterName=mpiconvnet-ci
@@ -117,6 +122,7 @@ AuthInfo=cred_expire=10
 KillWait=10
 Waittime=0
 JobRequeue=1
+FirstJobId=$first_job_id
 NodeName=$NODE NodeHostname=$NODE NodeAddr=127.0.0.1 ${hw}RealMemory=$mem State=UNKNOWN
 PartitionName=$PARTITION Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
