@@ -171,7 +171,7 @@ wait_for_node() {
     ours_alive "$RUN/slurmd.pid" slurmd || { tail -n 5 "$LOG/slurmd.log" >&2; die "slurmd died; see $LOG/slurmd.log"; }
     state=$(timeout 5 sinfo -h -n "$NODE" -o %T 2>/dev/null || true)
     case "$state" in
-      idle* | mixed* | allocated*) say "node $NODE is $state (partition $PARTITION, $(nproc) cores)"; return 0 ;;
+      idle* | mixed* | allocated*) say "node $NODE is $state (partition $PARTITION, $(timeout 5 sinfo -h -n "$NODE" -o %c) CPUs)"; return 0 ;;
       down* | drain*) timeout 5 scontrol update nodename="$NODE" state=resume 2>/dev/null || true ;;
     esac
     sleep 1
