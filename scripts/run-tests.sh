@@ -3,6 +3,7 @@
 #  1. the collective tests inside `mpiexec -n 2`, where the rank-valued checks see 2 ranks;
 #  2. every test in one process (MPI tests start their own `mpiexec -n 2/3` subprocesses);
 #  3. the SLURM tests against a real local cluster when one can be started (root + Debian).
+# The last summary printed is the SLURM run's where it runs, else the whole suite's.
 # pytest's exit code 5 (no tests collected) fails the run like any other failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,3 +13,14 @@ export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONUNBUFFER
 
 "$MPIEXEC" -n 2 "$PY" -m pytest -q -p no:cacheprovider tests/test_collectives.py
 "$PY" -m pytest -q -m "not slurm" tests
+
+# 3. SLURM: a real one-node cluster on localhost (needs root and Debian's packages, as CI
+#    has); every daemon it started is stopped on exit. Elsewhere the SLURM tests are skipped.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  trap 'bash scripts/local-slurm.sh stop' EXIT
+  bash scripts/local-slurm.sh start
+  eval "$(bash scripts/local-slurm.sh env)"
+  MPICONVNET_REQUIRE_SLURM=1 "$PY" -m pytest -q -p no:cacheprovider -m slurm tests/test_slurm.py
+else
+  echo "run-tests: not root with apt-get: the SLURM tests (tests/test_slurm.py) are skipped here"
+fi
