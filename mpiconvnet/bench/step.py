@@ -31,20 +31,15 @@ def forward_flops(net, batch):
     return sum(layer_flops(net, batch))
 
 
-def time_steps(step, steps, warmup, synchronize):
-    for _ in range(warmup):
-        step()
+def timed(step, synchronize):
+    start = time.perf_counter()
+    step()
     synchronize()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        synchronize()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return time.perf_counter() - start
 
 
-def bench_ours(args, x, labels):
+def make_ours(args, x, labels):
+    """(net, one training step, synchronize) of mpiconvnet on the chosen backend."""
     from mpiconvnet.models import build_model
     from mpiconvnet.optim import SGD
     net = build_model(args.model, num_classes=1000, backend=args.backend, dtype="float32", seed=0)
@@ -59,10 +54,11 @@ def bench_ours(args, x, labels):
         opt.step(grads, 0.001)
         state["step"] += 1
 
-    return net, time_steps(step, args.steps, args.warmup, net.ops.synchronize)
+    return net, step, net.ops.synchronize
 
 
-def bench_torch(args, net, x, labels):
+def make_torch(args, net, x, labels):
+    """(one training step, synchronize) of the same network in PyTorch."""
     import torch
     from mpiconvnet.bench.torch_twin import torch_twin
     device = "cuda" if args.backend == "cuda" else "cpu"
@@ -81,8 +77,7 @@ def bench_torch(args, net, x, labels):
         loss.backward()
         opt.step()
 
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    return time_steps(step, args.steps, args.warmup, sync)
+    return step, (torch.cuda.synchronize if device == "cuda" else (lambda: None))
 
 
 def main(argv):
@@ -98,29 +93,39 @@ def main(argv):
     p.add_argument("--json", action="store_true", help="also print one JSON line of the results")
     args = p.parse_args(argv)
 
+    from mpiconvnet.backends import get_backend
     from mpiconvnet.distributed import set_blas_threads
     set_blas_threads(args.threads)
-    if args.backend == "numpy":
-        from mpiconvnet.backends import numpy_backend
-        numpy_backend.set_num_threads(args.threads)
+    get_backend(args.backend).set_num_threads(args.threads)   # after: the NumPy backend keeps BLAS at 1
     rng = np.random.default_rng(0)
     from mpiconvnet.models import MODELS
     size = MODELS[args.model].input_size
     x = rng.normal(0, 1, size=(args.batch, 3, size, size)).astype(np.float32)
     labels = rng.integers(0, 1000, args.batch).astype(np.int64)
 
-    net, ours = bench_ours(args, x, labels)
+    net, our_step, our_sync = make_ours(args, x, labels)
     flops = 3 * forward_flops(net, args.batch)
-    rows = [("mpiconvnet " + args.backend, ours)]
-    theirs = None
+    contenders = [("mpiconvnet " + args.backend, our_step, our_sync)]
     if not args.no_torch:
         try:
             import torch
             torch.set_num_threads(args.threads)
-            theirs = bench_torch(args, net, x, labels)
-            rows.append((f"pytorch {torch.__version__} " + ("cuda" if args.backend == "cuda" else "cpu"), theirs))
+            contenders.append((f"pytorch {torch.__version__} " + ("cuda" if args.backend == "cuda" else "cpu"),)
+                              + make_torch(args, net, x, labels))
         except ImportError:
             print("torch is not importable: no baseline (pip install torch to compare)")
+    for _, step, sync in contenders:
+        for _ in range(args.warmup):
+            timed(step, sync)
+    # the two take turns step by step, so a burst of other load on a shared machine hits
+    # both alike; medians per implementation
+    times = {name: [] for name, _, _ in contenders}
+    for _ in range(args.steps):
+        for name, step, sync in contenders:
+            times[name].append(timed(step, sync))
+    rows = [(name, float(np.median(t))) for name, t in times.items()]
+    ours = rows[0][1]
+    theirs = rows[1][1] if len(rows) > 1 else None
     where = f"{args.threads} thread(s)" if args.backend == "numpy" else "1 GPU" + (" TF32" if args.tf32 else " FP32")
     print(f"{args.model}, batch {args.batch}, {where}, median of {args.steps} steps; "
           f"predicted work {flops / 1e9:.1f} GFLOP per step (3x forward)")
