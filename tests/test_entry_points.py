@@ -1,0 +1,86 @@
+"""The small entry points as users run them: models, evaluate, plot, bench."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.data_fixtures import write_tiny_dataset
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", *args], env=ENV, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    data = write_tiny_dataset(str(root / "shards"), 48, 20, 4, 64, shard_size=16)
+    result = run("mpiconvnet.train", "--data", data, "--out", str(root / "run"), "--model", "alexnet-mini",
+                 "--global-batch", "16", "--epochs", "2", "--workers", "0", "--progress", "false", "--log-every", "1")
+    assert result.returncode == 0, result.stderr
+    return data, str(root / "run")
+
+
+def test_models_lists_every_model_with_its_parameter_count():
+    result = run("mpiconvnet.models")
+    assert result.returncode == 0
+    assert "alexnet-owt" in result.stdout and "61,100,840" in result.stdout
+
+
+def test_evaluate_prints_json_for_a_run_directory(trained):
+    data, run_dir = trained
+    result = run("mpiconvnet.evaluate", "--data", data, "--checkpoint", run_dir, "--json", "--crops", "10")
+    assert result.returncode == 0, result.stderr
+    scores = json.loads(result.stdout)
+    assert scores["images"] == 20 and scores["crops"] == 10 and 0 <= scores["top1"] <= scores["top5"] <= 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--checkpoint", "/nonexistent.h5"], "checkpoint /nonexistent.h5 not found"),
+    (["--batch", "0"], "--batch 0 must be at least 1"),
+])
+def test_evaluate_bad_input_is_one_line_and_exit_2(trained, args, message):
+    data, run_dir = trained
+    result = run("mpiconvnet.evaluate", "--data", data, "--checkpoint", run_dir, *args)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_evaluate_refuses_a_data_set_with_other_classes(trained, tmp_path):
+    _, run_dir = trained
+    other = write_tiny_dataset(str(tmp_path / "other"), 16, 8, 7, 64)
+    result = run("mpiconvnet.evaluate", "--data", other, "--checkpoint", run_dir)
+    assert result.returncode == 2 and "has 7 classes" in result.stderr and "trained on 4" in result.stderr
+
+
+def test_plot_writes_a_png(trained, tmp_path):
+    _, run_dir = trained
+    out = tmp_path / "plot.png"
+    result = run("mpiconvnet.plot", run_dir, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_plot_names_a_directory_without_metrics(tmp_path):
+    result = run("mpiconvnet.plot", str(tmp_path))
+    assert result.returncode == 2 and f"{tmp_path}/metrics.jsonl not found" in result.stderr
+
+
+def test_bench_lists_the_benchmarks_and_refuses_an_unknown_one():
+    listing = run("mpiconvnet.bench", "--help")
+    assert listing.returncode == 0
+    for name in ("step", "allreduce", "scaling", "loader", "preprocess", "ops"):
+        assert name in listing.stdout
+    unknown = run("mpiconvnet.bench", "nope")
+    assert unknown.returncode == 2 and "unknown benchmark 'nope'" in unknown.stderr
+
+
+def test_bench_step_runs_a_tiny_model():
+    result = run("mpiconvnet.bench", "step", "--model", "alexnet-mini", "--batch", "4", "--threads", "1",
+                 "--steps", "1", "--warmup", "0", "--no-torch", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1])["ours_images_per_s"] > 0
