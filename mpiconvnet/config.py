@@ -7,7 +7,7 @@ into every checkpoint, so a run can always say how it was made.
 import dataclasses
 import json
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 
 class ConfigError(ValueError):

@@ -2,7 +2,6 @@
 validation labels go through meta.mat's leaf synsets, not ILSVRC2012_ID order."""
 import io
 import json
-import os
 import tarfile
 
 import h5py

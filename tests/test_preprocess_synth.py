@@ -1,5 +1,4 @@
 """The synthetic image set: varied sizes, separable classes, and a CLI with --help everywhere."""
-import io
 import subprocess
 import sys
 
