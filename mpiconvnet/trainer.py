@@ -1,8 +1,9 @@
 """Synchronous data-parallel SGD: the training loop behind `python -m mpiconvnet.train`.
 
-Each step every rank computes gradients on its slice of the global batch; the gradient
-buckets are averaged over ranks while backward still runs; every rank applies the same
-update, so the replicas never diverge. With float64 and the same data, N ranks and one
+Each step every rank computes gradients on its slice of the global batch, scaled so that
+they are its share of the global-batch mean; the gradient buckets are summed over ranks
+while backward still runs; every rank applies the same update, so the replicas never
+diverge. With float64 and the same data, N ranks and one
 rank with the same global batch compute the same weights (tests/test_train_mpi.py).
 """
 import json
