@@ -53,8 +53,7 @@ class Config:
 
     # distribution
     bucket_mb: float = 25.0         # gradient bucket size for allreduce (DDP's default)
-    overlap: bool = True            # reduce buckets from a thread while backward runs (on CPU
-    #                                 nodes whose ranks x threads fill every core, false is ~5 % faster)
+    overlap: bool = True            # reduce buckets while backward runs (false: ~5% faster where ranks fill every core)
     threads: int = 1                # BLAS threads per rank
     allow_gpu_sharing: bool = False  # cuda: let ranks on a node share a GPU
     stall_timeout: float = 300.0    # seconds without progress before naming the silent rank
