@@ -3,6 +3,7 @@
     python -m mpiconvnet.evaluate --data shards/ --checkpoint runs/a/checkpoints/ckpt-00001000.h5
     python -m mpiconvnet.evaluate --data shards/ --checkpoint runs/a --crops 10 --json
     mpirun -np 4 python -m mpiconvnet.evaluate --data shards/ --checkpoint runs/a --backend cuda
+    srun --mpi=pmi2 python -m mpiconvnet.evaluate --data shards/ --checkpoint runs/a   (or jobs/evaluate.sbatch)
 
 --checkpoint takes a checkpoint file, or a run directory (its newest checkpoint). Every
 image of the split is counted exactly once whatever the rank count. Exit 2 on bad input.
