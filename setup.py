@@ -10,7 +10,7 @@ setup(
     version="0.1.0",
     description="Data-parallel AlexNet training with MPI, a NumPy reference backend and a CUDA backend",
     packages=find_packages(include=["mpiconvnet", "mpiconvnet.*", "preprocess", "preprocess.*"]),
-    package_data={"mpiconvnet.backends.cuda": ["kernels/*.cu", "kernels/*.cuh"]},
+    package_data={"mpiconvnet.backends.cuda": ["kernels/*.cu", "kernels/*.cuh", "kernels/prebuilt/*.fatbin"]},
     python_requires=">=3.10",
     install_requires=[
         "numpy>=1.24",
