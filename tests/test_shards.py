@@ -79,6 +79,20 @@ def test_read_any_order_with_repeats(packed):
     ds.close()
 
 
+def test_read_into_a_reused_buffer(packed):
+    root, _ = packed
+    ds = ShardedDataset(root, "train")
+    order = [11, 0, 5, 5, 3]
+    buffer = np.full((8, SIZE, SIZE, 3), 77, np.uint8)     # poisoned, and larger than needed
+    images = ds.read(order, out=buffer)
+    assert images.base is buffer or images is buffer
+    np.testing.assert_array_equal(images, ds.read(order))
+    assert (buffer[len(order):] == 77).all()
+    with pytest.raises(ValueError, match="expected at least"):
+        ds.read(order, out=np.empty((2, SIZE, SIZE, 3), np.uint8))
+    ds.close()
+
+
 def test_statistics(packed):
     root, _ = packed
     ds = ShardedDataset(root, "train")
