@@ -10,6 +10,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 
 import numpy as np
@@ -88,7 +89,7 @@ class Trainer:
         self.steps_per_epoch = self._sampler(0).steps_per_epoch
         self.schedule = LearningRate(cfg, self.steps_per_epoch)
         self.step = 0
-        self.best = {}
+        self.progress = None     # rank 0's tqdm bar while run() runs
 
     def _sampler(self, epoch):
         return DistributedSampler(self.train_set.num_images, self.world.rank, self.world.size, self.cfg.seed,
@@ -149,6 +150,7 @@ class Trainer:
     def run(self, stop, progress=None, log=None):
         """Train until the last epoch, max_steps or a stop signal; returns an exit code."""
         cfg, world = self.cfg, self.world
+        self.progress = progress
         total_steps = cfg.epochs * self.steps_per_epoch
         if cfg.max_steps:
             total_steps = min(total_steps, cfg.max_steps)
@@ -229,8 +231,12 @@ class Trainer:
         record = {"kind": "eval", "step": self.step, "epoch": epoch, **result, "time": time.time()}
         if log is not None:
             log.write(record)
-        self.world.print(f"evaluation after step {self.step} (epoch {epoch}): top-1 {result['top1']:.4f}  "
-                         f"top-5 {result['top5']:.4f}  loss {result['loss']:.4f}  on {result['images']} images")
+        line = (f"evaluation after step {self.step} (epoch {epoch}): top-1 {result['top1']:.4f}  "
+                f"top-5 {result['top5']:.4f}  loss {result['loss']:.4f}  on {result['images']} images")
+        if self.progress is not None:
+            self.progress.write(line, file=sys.stdout)   # above the bar, not through it
+        else:
+            self.world.print(line)
         return result
 
     def close(self):
