@@ -109,6 +109,14 @@ class Job:
     def cancel(self):
         subprocess.run(["scancel", "--quiet", self.id], timeout=30)
 
+    def wait_for_first_metrics(self, run, timeout=120):
+        """Until training is under way: the run's first metrics.jsonl line is written."""
+        first_line = os.path.join(run, "metrics.jsonl")
+        deadline = time.monotonic() + timeout
+        while not (os.path.exists(first_line) and os.path.getsize(first_line)):
+            assert time.monotonic() < deadline and self.info()["JobState"] not in FINISHED, self.output()
+            time.sleep(0.1)
+
 
 def assert_completed(job, info):
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", \
@@ -247,11 +255,7 @@ def test_usr1_to_the_batch_shell_checkpoints_requeues_and_matches_the_uninterrup
               MPICONVNET_RUN_DIR=run)
     try:
         # signal once training is under way: the first metrics line comes at step 10 of 96
-        first_line = os.path.join(run, "metrics.jsonl")
-        deadline = time.monotonic() + 120
-        while not (os.path.exists(first_line) and os.path.getsize(first_line)):
-            assert time.monotonic() < deadline and job.info()["JobState"] not in FINISHED, job.output()
-            time.sleep(0.1)
+        job.wait_for_first_metrics(run)
         subprocess.run(["scancel", "--batch", "--signal=USR1", job.id], check=True, timeout=30)
         info = job.wait(180)
     finally:
@@ -279,11 +283,7 @@ def test_requeueing_stops_at_the_limit_and_says_how_to_continue(cluster, data, t
     job = Job(cluster, "jobs/train.sbatch", ["--data", data] + TRAIN + UNINTERRUPTED, tmp_path / "train.out",
               MPICONVNET_RUN_DIR=run, MPICONVNET_MAX_REQUEUES="0")
     try:
-        first_line = os.path.join(run, "metrics.jsonl")
-        deadline = time.monotonic() + 120
-        while not (os.path.exists(first_line) and os.path.getsize(first_line)):
-            assert time.monotonic() < deadline and job.info()["JobState"] not in FINISHED, job.output()
-            time.sleep(0.1)
+        job.wait_for_first_metrics(run)
         subprocess.run(["scancel", "--signal=USR1", job.id], check=True, timeout=30)
         info = job.wait(120)
     finally:
@@ -302,11 +302,7 @@ def test_scancel_ends_the_job_for_good_after_a_checkpoint(cluster, data, tmp_pat
     job = Job(cluster, "jobs/train.sbatch", ["--data", data] + TRAIN + ["--epochs", "500"], tmp_path / "train.out",
               MPICONVNET_RUN_DIR=run)
     try:
-        first_line = os.path.join(run, "metrics.jsonl")
-        deadline = time.monotonic() + 120
-        while not (os.path.exists(first_line) and os.path.getsize(first_line)):
-            assert time.monotonic() < deadline and job.info()["JobState"] not in FINISHED, job.output()
-            time.sleep(0.1)
+        job.wait_for_first_metrics(run)
         subprocess.run(["scancel", job.id], check=True, timeout=30)
         job.wait(60)
         time.sleep(3)   # a requeue would show by now as PENDING with Restarts=1
