@@ -24,9 +24,8 @@ from mpiconvnet.trainer import (EXIT_NONFINITE, EXIT_USAGE, MetricsLog, NonFinit
 
 
 def check_before_work(cfg, world, train_set):
-    """Everything that can be wrong with the inputs, found before the first step."""
-    if not cfg.data:
-        raise ConfigError("--data is required: a directory written by python -m preprocess")
+    """Everything that can be wrong with the inputs, found before the first step (--data
+    was checked before the data set was opened)."""
     if not cfg.out:
         raise ConfigError("--out is required: the run directory for config, metrics and checkpoints")
     if cfg.global_batch % world.size:

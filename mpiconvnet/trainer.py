@@ -90,6 +90,7 @@ class Trainer:
         self.schedule = LearningRate(cfg, self.steps_per_epoch)
         self.step = 0
         self.progress = None     # rank 0's tqdm bar while run() runs
+        self.evaluated_at = None  # the step of the last evaluation
 
     def _sampler(self, epoch):
         return DistributedSampler(self.train_set.num_images, self.world.rank, self.world.size, self.cfg.seed,
@@ -204,8 +205,7 @@ class Trainer:
                         self._evaluate(epoch, log)
                     if self.step == total_steps:
                         break
-        if not (cfg.eval_every and self.step % self.steps_per_epoch == 0
-                and (self.step // self.steps_per_epoch) % cfg.eval_every == 0):
+        if self.evaluated_at != self.step:
             self._evaluate(self.step // self.steps_per_epoch, log)   # the final evaluation, if not just done
         return EXIT_OK
 
@@ -223,6 +223,7 @@ class Trainer:
         window.update(loss=0.0, images=0, data=0.0, compute=0.0, comm=0.0, steps=0, t=time.perf_counter())
 
     def _evaluate(self, epoch, log):
+        self.evaluated_at = self.step
         if self.val_set is None:
             return None
         result = evaluate(self.net, self.world, self.cfg.data, self.batch_per_rank, crops=self.cfg.eval_crops,
