@@ -34,8 +34,10 @@ def evaluate(net, world, data_dir, batch_per_rank, crops=1, mean="channel", work
     with BatchLoader(data_dir, split=split, rank=world.rank, size=world.size, batch_per_rank=batch_per_rank,
                      epoch=0, start_step=0, seed=seed, crop_size=net.input_size, train=False, mean=mean,
                      divide_by_std=net.spec.standardize_input, workers=workers, crops=crops) as loader:
-        for _, images, labels in loader:
+        for batch in loader:
+            labels = batch.labels
             n = len(labels)
+            images = loader.model_input(batch, net.ops)
             probabilities = softmax(net.forward(images, train=False).astype(np.float64))
             if crops > 1:
                 # images arrive as crops consecutive per image: (n * crops, 3, H, W)

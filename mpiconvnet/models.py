@@ -250,7 +250,10 @@ class Net:
         if tuple(x.shape[1:]) != expected:
             raise ModelError(f"model {self.name} takes input (N, {', '.join(map(str, expected))}), "
                              f"got {tuple(x.shape)}")
-        return self.ops.to_device(x) if isinstance(x, np.ndarray) else x
+        if isinstance(x, np.ndarray):
+            return self.ops.to_device(x)
+        # a backend array (crop_flip_normalize makes float32): cast where it lives
+        return x if x.dtype == self.dtype else x.astype(self.dtype)
 
     def forward_device(self, x, train, step=0, sample_offset=0):
         """Logits as a backend array; keeps what backward needs when train=True."""

@@ -165,11 +165,12 @@ class Trainer:
                              drop_last=cfg.drop_last, workers=cfg.workers,
                              prefetch=cfg.prefetch) as loader:
                 waited = loader.time_waiting
-                for _, images, labels in loader:
+                for batch in loader:
                     self.heartbeat.beat(self.step)
                     lr = self.schedule.at(self.step)
                     t0 = time.perf_counter()
-                    loss, exposed = self.train_step(images, labels, lr)
+                    images = loader.model_input(batch, self.net.ops)     # counted as compute
+                    loss, exposed = self.train_step(images, batch.labels, lr)
                     # one small collective per step: the global loss and whether any rank
                     # was asked to stop, so every rank stops after the same step
                     loss_sum, stop_votes = world.allreduce_sum(np.array([loss, 1.0 if stop.received else 0.0]))

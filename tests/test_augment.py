@@ -50,7 +50,7 @@ def test_crop_flip_and_mean_match_the_reference(mean_kind):
         mean = mean_hwc = rng.uniform(0, 255, size=(SIZE, SIZE, 3)).astype(np.float32)
     choices = augment.draw_augmentation(rng, 6, SIZE, CROP, pca_lighting=False)
     choices.flips[:2] = [True, False]          # both cases present whatever the draw
-    out = augment.train_batch(images, choices, CROP, augment.mean_as_chw(mean))
+    out = augment.crop_batch(images, choices, CROP, augment.mean_as_chw(mean))
     assert out.shape == (6, 3, CROP, CROP) and out.dtype == np.float32
     for i in range(6):
         y, x = choices.offsets[i]
@@ -59,8 +59,8 @@ def test_crop_flip_and_mean_match_the_reference(mean_kind):
 
 def test_positions_of_a_flipped_crop():
     images = position_images(2)
-    choices = augment.Augmentation(np.array([[1, 3], [4, 0]]), np.array([False, True]), None)
-    out = augment.train_batch(images, choices, CROP, augment.mean_as_chw(np.zeros(3)))
+    choices = augment.CropPlan(np.arange(2), np.array([[1, 3], [4, 0]]), np.array([False, True]), None)
+    out = augment.crop_batch(images, choices, CROP, augment.mean_as_chw(np.zeros(3)))
     np.testing.assert_array_equal(out[0, 0, :, 0], np.arange(1, 1 + CROP))      # rows from y=1
     np.testing.assert_array_equal(out[0, 1, 0], np.arange(3, 3 + CROP))         # columns from x=3
     np.testing.assert_array_equal(out[1, 1, 0], np.arange(CROP)[::-1])          # mirrored: x=7..0
@@ -75,7 +75,7 @@ def test_mean_image_is_cropped_and_flipped_with_the_image():
     images = np.repeat(mean_image.astype(np.uint8)[None], 32, axis=0)
     choices = augment.draw_augmentation(rng, 32, SIZE, CROP, pca_lighting=False)
     assert choices.flips.any() and not choices.flips.all()
-    out = augment.train_batch(images, choices, CROP, augment.mean_as_chw(mean_image))
+    out = augment.crop_batch(images, choices, CROP, augment.mean_as_chw(mean_image))
     assert np.abs(out).max() == 0
     # a mean image that is not flat differs from its own mirror, so a missed flip would show
     assert np.abs(mean_image - mean_image[:, ::-1]).max() > 0
@@ -102,9 +102,9 @@ def test_lighting_and_std_are_applied_per_image(mean_kind):
     std = np.array([60.0, 55.0, 50.0], dtype=np.float32)
     choices = augment.draw_augmentation(rng, 4, SIZE, CROP, pca_lighting=True)
     assert choices.lighting.shape == (4, 3) and np.abs(choices.lighting).max() > 0.1
-    plain = augment.train_batch(images, augment.Augmentation(choices.offsets, choices.flips, None), CROP,
+    plain = augment.crop_batch(images, augment.CropPlan(choices.sources, choices.offsets, choices.flips, None), CROP,
                                 augment.mean_as_chw(mean))
-    lit = augment.train_batch(images, choices, CROP, augment.mean_as_chw(mean), std=std)
+    lit = augment.crop_batch(images, choices, CROP, augment.mean_as_chw(mean), std=std)
     want = (plain + choices.lighting[:, :, None, None]) / std[None, :, None, None]
     np.testing.assert_allclose(lit, want, rtol=1e-5, atol=1e-5)
 
@@ -119,11 +119,11 @@ def test_lighting_does_not_change_crops_or_flips():
 def test_centre_crop_and_ten_crop_order():
     images = position_images(3)
     zero = augment.mean_as_chw(np.zeros(3))
-    centre = augment.eval_batch(images, CROP, zero)
+    centre = augment.crop_batch(images, augment.eval_plan(3, SIZE, CROP), CROP, zero)
     assert centre.shape == (3, 3, CROP, CROP)
     np.testing.assert_array_equal(centre[1, 0, :, 0], np.arange(2, 2 + CROP))   # (12 - 8) / 2 = 2
     np.testing.assert_array_equal(centre[1, 1, 0], np.arange(2, 2 + CROP))      # not mirrored
-    ten = augment.eval_batch(images, CROP, zero, crops=10)
+    ten = augment.crop_batch(images, augment.eval_plan(3, SIZE, CROP, crops=10), CROP, zero)
     assert ten.shape == (30, 3, CROP, CROP)
     far = SIZE - CROP
     corners = [(0, 0), (0, far), (far, 0), (far, far), (2, 2)]
@@ -136,7 +136,7 @@ def test_centre_crop_and_ten_crop_order():
             columns = np.arange(x, x + CROP)
             np.testing.assert_array_equal(crop[1, 0], columns[::-1] if k >= 5 else columns)
     with pytest.raises(ValueError, match="crops"):
-        augment.eval_batch(images, CROP, zero, crops=5)
+        augment.eval_plan(3, SIZE, CROP, crops=5)
 
 
 def test_odd_margin_centre_crop():
@@ -169,6 +169,18 @@ def test_rank_slices_concatenate_to_the_one_rank_choices(size):
 def test_out_must_match():
     images = position_images(2)
     with pytest.raises(ValueError, match="out has shape"):
-        augment.eval_batch(images, CROP, augment.mean_as_chw(np.zeros(3)), out=np.empty((2, 3, 4, 4), np.float32))
+        augment.crop_batch(images, augment.eval_plan(2, SIZE, CROP), CROP, augment.mean_as_chw(np.zeros(3)),
+                           out=np.empty((2, 3, 4, 4), np.float32))
+    with pytest.raises(ValueError, match="crop sources outside 0..1"):
+        augment.crop_batch(images, augment.eval_plan(3, SIZE, CROP), CROP, augment.mean_as_chw(np.zeros(3)))
     with pytest.raises(ValueError, match="mean has shape"):
         augment.mean_as_chw(np.zeros((4, 4)))
+
+
+def test_a_plan_slice_keeps_its_sources():
+    plan = augment.batch_augmentation(5, 0, 1, 0, 6, 1, SIZE, CROP, pca_lighting=True)
+    part = plan[2:4]
+    assert len(part) == 2
+    np.testing.assert_array_equal(part.sources, [2, 3])
+    np.testing.assert_array_equal(part.offsets, plan.offsets[2:4])
+    np.testing.assert_array_equal(part.lighting, plan.lighting[2:4])

@@ -56,7 +56,7 @@ import ctypes  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from tests.tolerances import FLOAT64, REDUCTION_F32  # noqa: E402
+from tests.tolerances import ELEMENTWISE_F32, FLOAT64, REDUCTION_F32  # noqa: E402
 
 HOST_SHIM = r"""
 #include <math.h>
@@ -199,25 +199,33 @@ def test_lrn_kernels(host_kernels, size):
     np.testing.assert_allclose(dx, nb.lrn_backward(x, y_ref, dy, size, alpha, beta, k), **FLOAT64)
 
 
-def test_crop_flip_normalize_kernel(host_kernels):
+@pytest.mark.parametrize("lit", [False, True])
+def test_crop_flip_normalize_kernel(host_kernels, lit):
+    """The kernel against data/augment.py's crop_batch: bit for bit without lighting,
+    within float32 rounding with it (the kernel adds the shift after the mean)."""
+    from mpiconvnet.data import augment
     rng = np.random.default_rng(5)
     n, side, size = 3, 10, 7
     images = rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8)
-    tops = rng.integers(0, side - size + 1, n).astype(np.int32)
-    lefts = rng.integers(0, side - size + 1, n).astype(np.int32)
-    flips = np.array([1, 0, 1], np.uint8)
-    mean = rng.uniform(0, 255, (side, side, 3)).astype(np.float32)
-    inv_std = (1.0 / np.array([58.4, 57.1, 57.4])).astype(np.float32)
-    out = np.full((n, 3, size, size), np.nan, np.float32)
-    host_kernels["augment.cu"].crop_flip_normalize_f32(
-        _p(out), _p(images), _p(tops), _p(lefts), _p(flips), _p(mean), _p(inv_std), ctypes.c_longlong(n),
-        ctypes.c_int(side), ctypes.c_int(size))
-    for i in range(n):
-        crop = (images[i, tops[i]:tops[i] + size, lefts[i]:lefts[i] + size].astype(np.float32)
-                - mean[tops[i]:tops[i] + size, lefts[i]:lefts[i] + size])
-        if flips[i]:
-            crop = crop[:, ::-1]
-        np.testing.assert_array_equal(out[i], (crop * inv_std).transpose(2, 0, 1))
+    plan = augment.CropPlan(np.array([2, 0, 0, 1, 2]), rng.integers(0, side - size + 1, (5, 2)),
+                            np.array([True, False, True, True, False]),
+                            rng.normal(0, 5, (5, 3)).astype(np.float32) if lit else None)
+    mean_chw = augment.mean_as_chw(rng.uniform(0, 255, (side, side, 3)))
+    std = np.array([58.4, 57.1, 57.4], np.float32)
+    out = np.full((len(plan), 3, size, size), np.nan, np.float32)
+    # the kernel's arguments, each held in a name (_p keeps no reference to its array)
+    arguments = [out, images, plan.sources.astype(np.int32), np.ascontiguousarray(plan.offsets[:, 0], np.int32),
+                 np.ascontiguousarray(plan.offsets[:, 1], np.int32), plan.flips.astype(np.uint8),
+                 np.ascontiguousarray(mean_chw.transpose(1, 2, 0)),
+                 np.ascontiguousarray(plan.lighting if lit else np.zeros((len(plan), 3), np.float32)),
+                 (1.0 / std).astype(np.float32)]
+    host_kernels["augment.cu"].crop_flip_normalize_f32(*[_p(a) for a in arguments], ctypes.c_longlong(len(plan)),
+                                                       ctypes.c_int(side), ctypes.c_int(size))
+    expected = augment.crop_batch(images, plan, size, mean_chw, std)
+    if lit:
+        np.testing.assert_allclose(out, expected, **ELEMENTWISE_F32)
+    else:
+        np.testing.assert_array_equal(out, expected)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

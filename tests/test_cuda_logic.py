@@ -688,7 +688,10 @@ def test_every_op_runs_through_the_python_plumbing(fake_libs, monkeypatch):
             cb.sgd_momentum_update(w, w, w, 0.01, 0.9, 5e-4)
             cb.scale_(w, 0.5)
         images = rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
-        assert cb.crop_flip_normalize(images, [0, 1], [1, 0], [True, False], 6, [1, 2, 3], [4, 5, 6]).shape == (2, 3, 6, 6)
+        from mpiconvnet.data import augment
+        plan = augment.CropPlan(np.array([0, 1, 1]), np.array([[0, 1], [1, 0], [2, 2]]), np.array([True, False, True]),
+                                None)
+        assert cb.crop_flip_normalize(images, plan, 6, augment.mean_as_chw([1, 2, 3]), [4, 5, 6]).shape == (3, 3, 6, 6)
         cb.set_tf32(True)
         cb.set_tf32(False)
         import threading

@@ -314,27 +314,28 @@ def test_scale(cb, nb, rng, dtype):
 # --- augmentation -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mean_kind", ["channel", "image"])
-def test_crop_flip_normalize(cb, rng, mean_kind):
+@pytest.mark.parametrize("kind", ["train-mean-image", "train-channel-std", "eval-10-crops"])
+def test_crop_flip_normalize(cb, nb, rng, kind):
+    from mpiconvnet.data import augment
     n, side, size = 6, 20, 13
     images = rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8)
-    tops, lefts = rng.integers(0, side - size + 1, n), rng.integers(0, side - size + 1, n)
-    flips = rng.integers(0, 2, n).astype(bool)
-    mean = rng.uniform(50, 200, 3 if mean_kind == "channel" else (side, side, 3)).astype(np.float32)
-    std = np.array([58.4, 57.1, 57.4], np.float32)
-    expected = np.empty((n, 3, size, size), np.float32)
-    full_mean = np.broadcast_to(mean, (side, side, 3))
-    for i in range(n):
-        crop = images[i, tops[i]:tops[i] + size, lefts[i]:lefts[i] + size].astype(np.float32)
-        crop = crop - full_mean[tops[i]:tops[i] + size, lefts[i]:lefts[i] + size]
-        if flips[i]:
-            crop = crop[:, ::-1]
-        expected[i] = (crop * (1.0 / std.astype(np.float64)).astype(np.float32)).transpose(2, 0, 1)
+    std = None
+    if kind == "eval-10-crops":
+        plan = augment.eval_plan(n, side, size, crops=10)
+        mean_chw = augment.mean_as_chw(rng.uniform(50, 200, 3))
+    else:
+        plan = augment.batch_augmentation(1, 0, 3, 0, n, 1, side, size, pca_lighting=True)
+        if kind == "train-channel-std":
+            mean_chw, std = augment.mean_as_chw(rng.uniform(50, 200, 3)), np.array([58.4, 57.1, 57.4], np.float32)
+        else:
+            mean_chw = augment.mean_as_chw(rng.uniform(50, 200, (side, side, 3)))
+    expected = nb.crop_flip_normalize(images, plan, size, mean_chw, std)
     poison(cb, expected.shape, np.float32)
-    out = cb.crop_flip_normalize(images, tops, lefts, flips, size, mean, std)
+    out = cb.crop_flip_normalize(images, plan, size, mean_chw, std)
     np.testing.assert_allclose(cb.to_host(out), expected, **tol.ELEMENTWISE_F32)
-    with pytest.raises(ValueError):
-        cb.crop_flip_normalize(images, tops + side, lefts, flips, size, mean, std)
+    bad = augment.CropPlan(plan.sources, plan.offsets + side, plan.flips, plan.lighting)
+    with pytest.raises(ValueError, match="crop offsets outside"):
+        cb.crop_flip_normalize(images, bad, size, mean_chw, std)
 
 
 # --- a whole model ----------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 
+import mpiconvnet.backends.numpy_backend as numpy_backend
 from mpiconvnet.data import loader as loader_module
 from mpiconvnet.data.loader import BatchLoader, LoaderError
 from mpiconvnet.data.sampler import DistributedSampler
@@ -28,10 +29,14 @@ def raw_dataset(tmp_path):
 
 
 def collect(root, **options):
-    """Every batch of one loader, copied (the loader reuses its slots)."""
+    """(step, model input, labels) of every batch of one loader, as the NumPy backend
+    makes the model input, copied (the loader reuses its slots)."""
     options = {"batch_per_rank": 4, "crop_size": CROP, "epoch": 1, "seed": 3, **options}
     with BatchLoader(root, **options) as loader:
-        batches = [(step, images.copy(), labels.copy()) for step, images, labels in loader]
+        batches = []
+        for batch in loader:
+            assert batch.pixels.dtype == np.uint8 and batch.pixels.shape == (len(batch.labels), SIZE, SIZE, 3)
+            batches.append((batch.step, loader.model_input(batch, numpy_backend), batch.labels.copy()))
         assert len(batches) == len(loader)
         assert (loader.time_waiting > 0) == bool(batches)
     return batches
@@ -112,10 +117,10 @@ def test_ten_crop_evaluation_shapes_and_order(raw_dataset):
 def test_worker_exception_reaches_the_parent_with_its_traceback(raw_dataset, monkeypatch):
     real_fill = loader_module.BatchMaker.fill
 
-    def fill_failing_at_step_2(self, step, images_out, labels_out):
+    def fill_failing_at_step_2(self, step, pixels_out, labels_out):
         if step == 2:
             raise RuntimeError("disk on fire at step 2")
-        return real_fill(self, step, images_out, labels_out)
+        return real_fill(self, step, pixels_out, labels_out)
 
     # workers fork after this, so they run the patched method
     monkeypatch.setattr(loader_module.BatchMaker, "fill", fill_failing_at_step_2)

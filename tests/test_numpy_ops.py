@@ -391,6 +391,24 @@ def test_sgd_momentum_update(rng, slicing):
     np.testing.assert_allclose(param, expected_param * 0.5, **FLOAT64)
 
 
+@pytest.mark.parametrize("kind", ["train", "eval-10"])
+def test_crop_flip_normalize_is_crop_batch(rng, slicing, kind):
+    """The op is the augment.crop_batch reference, run over slices of the crops."""
+    from mpiconvnet.data import augment
+    size, crop = 12, 8
+    images = rng.integers(0, 256, size=(5, size, size, 3), dtype=np.uint8)
+    if kind == "train":
+        plan = augment.batch_augmentation(1, 0, 2, 0, 5, 1, size, crop, pca_lighting=True)
+        mean = augment.mean_as_chw(rng.uniform(0, 255, size=(size, size, 3)))
+    else:
+        plan = augment.eval_plan(5, size, crop, crops=10)
+        mean = augment.mean_as_chw([120.0, 110.0, 90.0])
+    std = np.array([60.0, 55.0, 50.0], dtype=np.float32)
+    x = B.crop_flip_normalize(images, plan, crop, mean, std)
+    assert x.shape == (len(plan), 3, crop, crop) and x.dtype == np.float32
+    np.testing.assert_array_equal(x, augment.crop_batch(images, plan, crop, mean, std))
+
+
 def test_thread_settings(monkeypatch):
     with pytest.raises(ValueError, match="at least one thread"):
         B.set_num_threads(0)

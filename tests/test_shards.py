@@ -167,3 +167,32 @@ def test_open_shards_stay_within_the_budget(tmp_path):
     for order in ([11, 0, 5], [4, 4, 9], np.arange(12)[::-1]):
         np.testing.assert_array_equal(ds.read(order), expected[order])
         assert len(ds._open) == 1
+
+
+def test_image_offsets_by_either_walk_of_the_chunk_index(tmp_path):
+    """chunk_iter (one walk) and get_chunk_info (older HDF5) find the same offsets, and the
+    memory-mapped read they serve returns the written pixels."""
+    import h5py
+
+    from mpiconvnet.data.shards import raw_image_offsets
+
+    class WithoutChunkIter:
+        """A dataset id that offers only get_num_chunks/get_chunk_info, as before HDF5 1.12.3."""
+        def __init__(self, dsid):
+            self.get_num_chunks, self.get_chunk_info = dsid.get_num_chunks, dsid.get_chunk_info
+
+    class Images:
+        def __init__(self, images):
+            self.shape, self.chunks, self.compression = images.shape, images.chunks, images.compression
+            self.id = WithoutChunkIter(images.id)
+
+    root = pack(tmp_path, "raw")
+    ds = ShardedDataset(root, "train")
+    with h5py.File(ds.shard_files[2], "r") as shard:
+        fast = raw_image_offsets(shard["images"])
+        assert fast is not None and len(fast) == 5 and len(set(fast.tolist())) == 5
+        np.testing.assert_array_equal(raw_image_offsets(Images(shard["images"])), fast)
+    raw = np.fromfile(ds.shard_files[2], dtype=np.uint8)
+    for local in range(5):
+        stored = raw[fast[local]:fast[local] + SIZE * SIZE * 3].reshape(SIZE, SIZE, 3)
+        np.testing.assert_array_equal(stored, known_image(100 + 7 + local))

@@ -50,6 +50,17 @@ Dense  x: (N, F)  w: (O, F)  b: (O,)  y: (N, O)   (PyTorch's nn.Linear layout)
     linear_backward_filter(x, dy) -> dw
     linear_backward_bias(dy) -> db
 
+Model input (what the loader's uint8 batch becomes; data/augment.py defines the maths)
+    crop_flip_normalize(images, plan, crop_size, mean_chw, std=None) -> x
+        images: host uint8 (n, S, S, 3); plan: a data.augment.CropPlan of m crops (host
+        arrays sources, offsets, flips, lighting); mean_chw: float32 (3, 1, 1) per channel
+        or (3, S, S) mean image; std: (3,) or None. x: float32 (m, 3, c, c) with
+        x[i] = (window of images[sources[i]] at offsets[i], mirrored where flips[i],
+                + lighting[i] - mean at the same source pixels) / std
+        The loader ships uint8 images (4x fewer bytes than float32 crops) and does no
+        pixel arithmetic; this op does it where the model lives (NumPy: crop_batch; CUDA:
+        one kernel after a uint8 copy).
+
 Loss and metrics
     softmax_cross_entropy(logits, labels) -> (loss, dlogits)
         labels: a host numpy int64 array (N,). loss is the mean over the batch (a Python float); dlogits is

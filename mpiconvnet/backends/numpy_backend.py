@@ -31,8 +31,9 @@ from mpiconvnet.backends.numpy_ops.lrn import lrn_backward, lrn_forward
 from mpiconvnet.backends.numpy_ops.malloc import keep_freed_memory
 from mpiconvnet.backends.numpy_ops.pool import maxpool_backward, maxpool_forward
 from mpiconvnet.backends.numpy_ops.relu import relu_backward, relu_forward
-from mpiconvnet.backends.numpy_ops.threads import get_num_threads, parallel_map, set_num_threads, split
+from mpiconvnet.backends.numpy_ops.threads import get_num_threads, output, parallel_map, set_num_threads, split
 from mpiconvnet.backends.numpy_ops.update import scale_, sgd_momentum_update
+from mpiconvnet.data.augment import crop_batch
 
 NAME = "numpy"
 
@@ -86,6 +87,17 @@ def synchronize():
     """NumPy runs every op to completion before returning: nothing is queued."""
 
 
+# ---------------------------------------------------------------------------- model input
+
+def crop_flip_normalize(images, plan, crop_size, mean_chw, std=None):
+    # crop_batch over slices of the crops, one slice per thread of the pool
+    out = output((len(plan), 3, crop_size, crop_size), np.float32)
+    bytes_per_crop = 3 * crop_size * crop_size * (1 + 4)
+    parallel_map(lambda part: crop_batch(images, plan[part], crop_size, mean_chw, std, out=out[part]),
+                 split(len(plan), bytes_per_crop))
+    return out
+
+
 # ---------------------------------------------------------------------------- communication
 
 HOST_MEMORY = True
@@ -119,7 +131,7 @@ __all__ = [
     "relu_forward", "relu_backward", "lrn_forward", "lrn_backward",
     "maxpool_forward", "maxpool_backward", "dropout_forward", "dropout_backward", "dropout_keep",
     "linear_forward", "linear_backward_data", "linear_backward_filter", "linear_backward_bias",
-    "softmax_cross_entropy", "topk_correct", "sgd_momentum_update", "scale_",
+    "crop_flip_normalize", "softmax_cross_entropy", "topk_correct", "sgd_momentum_update", "scale_",
     "HOST_MEMORY", "pinned_host_empty", "copy_to_host", "copy_from_host", "mpi_buffer",
     "set_num_threads", "get_num_threads", "use_in_this_thread",
 ]

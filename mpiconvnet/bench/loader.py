@@ -5,14 +5,18 @@
 
 Run from the repository root: without --data it packs a synthetic raw data set into a
 temporary folder with tests/data_fixtures.py (same HDF5 layout as python -m preprocess:
-one chunk per image). Measures, in one run:
-  read       ShardedDataset.read of one random batch (HDF5 -> uint8 NHWC), in one call
-             and one image per call (what the loader does, see loader.py); the floor is
-             plain h5py images[i] per image with the files held open
-  augment    random crop + flip + mean subtraction of that batch (uint8 -> float32 NCHW)
+one chunk per image). The loader moves uint8 images from the shards into shared memory;
+the crops, flips and float conversion happen where the model lives
+(backend.crop_flip_normalize: a kernel on CUDA). Measures, in one run:
+  read       ShardedDataset.read of one random batch into a reused buffer, in one call
+             and one image per call; the floor is plain h5py images[i] per image with
+             the files held open
   loader w=N BatchLoader with N worker processes (0: in-process), batches in step order
-  copy bound np.copyto of a uint8 batch of crops into float32: the bytes every loader
-             must at least read and write, with no HDF5, no cropping and no IPC
+  copy bound np.copyto of a uint8 batch of the same images into another buffer: the
+             bytes every loader must at least read and write, with no HDF5 and no IPC
+  crop       numpy_backend.crop_flip_normalize of that batch (1 thread): what the
+             trainer does per batch on the NumPy backend, against its own bound, np.copyto
+             of the uint8 crops into float32
 and prints images/s, images/s per loader process, and that divided by the copy bound
 (target >= 0.5).
 """
@@ -30,9 +34,11 @@ def parse_args(argv):
     parser.add_argument("--data", help="a packed data set to read (default: a synthetic raw set in a temp dir)")
     parser.add_argument("--images", type=int, default=2048, help="synthetic training images (default 2048)")
     parser.add_argument("--size", type=int, default=256, help="synthetic stored image size (default 256)")
-    parser.add_argument("--shard-size", type=int, default=32,
-                        help="synthetic images per shard (default 32: a batch then touches ~1 image per shard, "
-                             "as a 64-image batch of 1.28 M ImageNet images in 1,024-image shards does)")
+    parser.add_argument("--shard-size", type=int, default=1024,
+                        help="synthetic images per shard (default 1024, as python -m preprocess packs ImageNet: "
+                             "a loader process then opens a shard per ~1,000 images it reads, as it does on "
+                             "ImageNet; reads are one pread per image, so which shard an image is in does not "
+                             "matter)")
     parser.add_argument("--crop", type=int, default=227, help="crop size (default 227, AlexNet)")
     parser.add_argument("--batch", type=int, default=64, help="batch per rank (default 64)")
     parser.add_argument("--batches", type=int, default=24, help="batches timed per loader, after a warm-up of one batch per slot (default 24)")
@@ -115,45 +121,52 @@ def main(argv=None):
         print(f"synthetic set: {args.images} raw {args.size}px images in {time.perf_counter() - started:.1f} s")
     try:
         dataset = ShardedDataset(root, "train")
-        batch, crop = args.batch, args.crop
+        batch, crop, size = args.batch, args.crop, dataset.image_size
         rng = np.random.default_rng(0)
-        indices = rng.choice(dataset.num_images, size=batch, replace=False)
-        pixels = dataset.read(indices)                                  # uint8 (b, S, S, 3)
+        pixels = np.empty((batch, size, size, 3), dtype=np.uint8)
+        pixels_copy = np.empty_like(pixels)
         mean_chw = augment.mean_as_chw(dataset.mean)
-        out = np.empty((batch, 3, crop, crop), dtype=np.float32)
-        choices = augment.draw_augmentation(rng, batch, dataset.image_size, crop, pca_lighting=False)
-        source = rng.integers(0, 256, size=(batch, 3, crop, crop), dtype=np.uint8)
+        plan = augment.draw_augmentation(rng, batch, size, crop, pca_lighting=False)
+        crops_u8 = rng.integers(0, 256, size=(batch, 3, crop, crop), dtype=np.uint8)
+        crops_f32 = np.empty((batch, 3, crop, crop), dtype=np.float32)
+
+        def random_batch():
+            return rng.choice(dataset.num_images, size=batch, replace=False)
 
         rows = []   # (what, processes, images/s)
-        read_s = best_time(lambda: dataset.read(rng.choice(dataset.num_images, size=batch, replace=False)),
-                           args.repeats)
+        for number in range(len(dataset.shard_files)):
+            dataset.read(dataset.shard_offsets[number:number + 1], out=pixels)   # opened once, as in a long epoch
+        read_s = best_time(lambda: dataset.read(random_batch(), out=pixels), args.repeats)
         rows.append(("read (one read() call)", 1, batch / read_s))
-        single_s = best_time(lambda: [dataset.read([i]) for i in rng.choice(dataset.num_images, size=batch, replace=False)],
+        single_s = best_time(lambda: [dataset.read([i], out=pixels[k:k + 1]) for k, i in enumerate(random_batch())],
                              args.repeats)
         rows.append(("read (one image per call)", 1, batch / single_s))
         if dataset.format == "raw":
-            floor_s = best_time(lambda: read_with_h5py(dataset, rng.choice(dataset.num_images, size=batch,
-                                                                           replace=False), pixels), args.repeats)
-            rows.append(("h5py dataset[i] (floor)", 1, batch / floor_s))
+            floor_s = best_time(lambda: read_with_h5py(dataset, random_batch(), pixels), args.repeats)
+            rows.append(("h5py dataset[i]", 1, batch / floor_s))
         dataset.close()    # the loaders' workers open their own handles
         for images in _h5py_files.values():
             images.file.close()
         _h5py_files.clear()
-        augment_s = best_time(lambda: augment.train_batch(pixels, choices, crop, mean_chw, out=out), args.repeats)
-        rows.append(("augment (crop+flip+mean)", 1, batch / augment_s))
         for workers in [int(w) for w in args.workers.split(",")]:
             rate = time_loader(root, workers, args)
             rows.append((f"loader workers={workers}", max(workers, 1), rate))
-        copy_s = best_time(lambda: np.copyto(out, source), args.repeats)
-        copy_rate = batch / copy_s
+        copy_rate = batch / best_time(lambda: np.copyto(pixels_copy, pixels), args.repeats)
 
-        megabytes = batch * (dataset.image_size ** 2 * 3 + crop * crop * 3 * 4) / 1e6
-        print(f"batch {batch} x {dataset.image_size}px -> {crop}px float32 ({megabytes:.0f} MB read+written per batch), "
-              f"{os.cpu_count()} cpus")
+        from mpiconvnet.backends import numpy_backend
+        numpy_backend.set_num_threads(1)
+        crop_rate = batch / best_time(lambda: numpy_backend.crop_flip_normalize(pixels, plan, crop, mean_chw),
+                                      args.repeats)
+        crop_bound = batch / best_time(lambda: np.copyto(crops_f32, crops_u8), args.repeats)
+
+        megabytes = batch * size * size * 3 / 1e6
+        print(f"batch {batch} x {size}px uint8 ({megabytes:.1f} MB read and written per batch), {os.cpu_count()} cpus")
         print(f"{'what':<28}{'procs':>6}{'images/s':>11}{'per proc':>11}{'/ copy':>8}")
         for what, processes, rate in rows:
             print(f"{what:<28}{processes:>6}{rate:>11.0f}{rate / processes:>11.0f}{rate / processes / copy_rate:>8.2f}")
         print(f"{'copy bound (np.copyto)':<28}{1:>6}{copy_rate:>11.0f}{copy_rate:>11.0f}{1.0:>8.2f}")
+        print(f"crop+flip+mean on the NumPy backend ({crop}px float32, 1 thread, in the trainer): {crop_rate:.0f} images/s, "
+              f"{crop_rate / crop_bound:.2f} of its copy bound ({crop_bound:.0f} images/s uint8 -> float32)")
         loader_rows = [r for r in rows if r[0].startswith("loader workers=") and r[0] != "loader workers=0"]
         if loader_rows:
             best = max(rate / processes for _, processes, rate in loader_rows)

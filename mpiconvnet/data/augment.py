@@ -2,11 +2,15 @@
 (+ PCA lighting) for training, centre crop or 10 crops for evaluation, mean subtraction
 and optional division by the standard deviation.
 
-    aug = batch_augmentation(seed, epoch, step, rank, batch_per_rank, size,
-                             image_size=256, crop_size=227, pca_lighting=True)
-    x = crop_batch(images, np.arange(b), aug.offsets, aug.flips, 227,
-                   mean_as_chw(ds.mean_image()), shift=aug.lighting)  # (b, 3, 227, 227)
-    x = eval_batch(images, 227, mean_as_chw(ds.mean), crops=10)       # (b*10, 3, 227, 227)
+    plan = batch_augmentation(seed, epoch, step, rank, batch_per_rank, size,
+                              image_size=256, crop_size=227, pca_lighting=True)
+    x = crop_batch(images, plan, 227, mean_as_chw(ds.mean_image()))   # (b, 3, 227, 227)
+    x = crop_batch(images, eval_plan(b, 256, 227, crops=10), 227,
+                   mean_as_chw(ds.mean))                              # (b*10, 3, 227, 227)
+
+A CropPlan (which window of which image, mirrored or not, lit how) is drawn on the host;
+crop_batch is the reference that carries it out, and the backends' crop_flip_normalize
+does the same where the model lives (the loader ships uint8 images, see loader.py).
 
 Every output value is (pixel + lighting - mean) / std on the 0-255 scale, with the mean
 taken at the same source pixel as the image (per channel, or the mean image cropped and
@@ -31,11 +35,20 @@ PCA_ALPHA_STD = 0.1
 
 
 @dataclass
-class Augmentation:
-    """The random choices for one rank's batch."""
-    offsets: np.ndarray    # int64 (b, 2): top-left (y, x) of each crop
-    flips: np.ndarray      # bool (b,): mirror left-right
-    lighting: np.ndarray   # float32 (b, 3): RGB shift on the 0-255 scale, or None
+class CropPlan:
+    """The m windows a batch of n images becomes: crop i is image sources[i] at offsets[i]."""
+    sources: np.ndarray    # int64 (m,): which image of the batch
+    offsets: np.ndarray    # int64 (m, 2): top-left (y, x) of each crop
+    flips: np.ndarray      # bool (m,): mirror left-right
+    lighting: np.ndarray   # float32 (m, 3): RGB shift on the 0-255 scale, or None
+
+    def __len__(self):
+        return len(self.sources)
+
+    def __getitem__(self, part):
+        """The crops `part` (a slice) of this plan; sources still index the whole batch."""
+        lighting = None if self.lighting is None else self.lighting[part]
+        return CropPlan(self.sources[part], self.offsets[part], self.flips[part], lighting)
 
 
 def pca_lighting_shift(alpha):
@@ -60,7 +73,7 @@ def draw_augmentation(rng, n, image_size, crop_size, pca_lighting):
     flips = rng.random(n) < 0.5
     # drawn last, so turning lighting on or off leaves the crops and flips unchanged
     lighting = pca_lighting_shift(rng.normal(0.0, PCA_ALPHA_STD, size=(n, 3))) if pca_lighting else None
-    return Augmentation(offsets, flips, lighting)
+    return CropPlan(np.arange(n, dtype=np.int64), offsets, flips, lighting)
 
 
 def batch_augmentation(seed, epoch, step, rank, batch_per_rank, size, image_size, crop_size, pca_lighting):
@@ -76,7 +89,7 @@ def batch_augmentation(seed, epoch, step, rank, batch_per_rank, size, image_size
     whole = draw_augmentation(rng, batch_per_rank * size, image_size, crop_size, pca_lighting)
     mine = slice(rank * batch_per_rank, (rank + 1) * batch_per_rank)
     lighting = None if whole.lighting is None else whole.lighting[mine]
-    return Augmentation(whole.offsets[mine], whole.flips[mine], lighting)
+    return CropPlan(np.arange(batch_per_rank, dtype=np.int64), whole.offsets[mine], whole.flips[mine], lighting)
 
 
 def mean_as_chw(mean):
@@ -101,14 +114,13 @@ def ten_crop_offsets(image_size, crop_size):
     return np.array([(0, 0), (0, far), (far, 0), (far, far), center_offset(image_size, crop_size)], dtype=np.int64)
 
 
-def crop_batch(images, sources, offsets, flips, crop_size, mean_chw, shift=None, std=None, out=None):
-    """float32 (m, 3, crop, crop): crop m windows out of images and normalise them.
+def crop_batch(images, plan, crop_size, mean_chw, std=None, out=None):
+    """float32 (m, 3, crop, crop): the m windows of `plan` cut out of images, normalised.
 
-    images: uint8 (n, S, S, 3); sources: int (m,) which image each output crop comes
-    from; offsets: int (m, 2) top-left (y, x); flips: bool (m,); mean_chw: float32
-    (3, 1, 1) or (3, S, S) from mean_as_chw; shift: float32 (m, 3) lighting or None;
-    std: (3,) or None; out: float32 (m, 3, crop, crop) to fill (a shared-memory slot).
+    images: uint8 (n, S, S, 3); plan: a CropPlan of m crops; mean_chw: float32 (3, 1, 1)
+    or (3, S, S) from mean_as_chw; std: (3,) or None; out: float32 (m, 3, crop, crop) to fill.
     """
+    sources, offsets, flips, shift = plan.sources, plan.offsets, plan.flips, plan.lighting
     num_out = len(sources)
     size = images.shape[1]
     if out is None:
@@ -116,6 +128,8 @@ def crop_batch(images, sources, offsets, flips, crop_size, mean_chw, shift=None,
     if out.shape != (num_out, 3, crop_size, crop_size) or out.dtype != np.float32:
         raise ValueError(f"out has shape {out.shape} {out.dtype}, expected ({num_out}, 3, {crop_size}, {crop_size}) float32")
     offsets = np.asarray(offsets)
+    if num_out and (np.min(sources) < 0 or np.max(sources) >= len(images)):
+        raise ValueError(f"crop sources outside 0..{len(images) - 1} for a batch of {len(images)} images")
     if num_out and (offsets.min() < 0 or offsets.max() > size - crop_size):
         raise ValueError(f"crop offsets outside 0..{size - crop_size} for {crop_size}px crops of {size}px images")
     mean_is_image = mean_chw.shape[1] != 1
@@ -139,34 +153,24 @@ def crop_batch(images, sources, offsets, flips, crop_size, mean_chw, shift=None,
     return out
 
 
-def train_batch(images, augmentation, crop_size, mean_chw, std=None, out=None):
-    """float32 (b, 3, crop, crop): random crops, flips and lighting of a uint8 (b, S, S, 3) batch."""
-    sources = np.arange(len(images))
-    return crop_batch(images, sources, augmentation.offsets, augmentation.flips, crop_size,
-                      mean_chw, shift=augmentation.lighting, std=std, out=out)
+def eval_plan(count, image_size, crop_size, crops=1):
+    """The evaluation crops of `count` images: the centre (crops=1) or ten (crops=10).
 
-
-def eval_batch(images, crop_size, mean_chw, std=None, crops=1, out=None):
-    """float32 (b * crops, 3, crop, crop) from a uint8 (b, S, S, 3) batch.
-
-    crops=1: the centre crop. crops=10: per image, in this order, the top-left,
-    top-right, bottom-left, bottom-right and centre crops, then the same five windows
-    mirrored; image i owns rows [10 i, 10 i + 10), so scores average with
-    scores.reshape(b, 10, classes).mean(1).
+    With 10 crops, per image and in this order: the top-left, top-right, bottom-left,
+    bottom-right and centre crops, then the same five windows mirrored; image i owns
+    crops [10 i, 10 i + 10), so scores average with scores.reshape(b, 10, classes).mean(1).
     """
-    count = len(images)
-    size = images.shape[1]
-    if crop_size > size:
-        raise ValueError(f"crop size {crop_size} is larger than the stored images ({size}px); "
+    if crop_size > image_size:
+        raise ValueError(f"crop size {crop_size} is larger than the stored images ({image_size}px); "
                          f"use a smaller model input or re-pack with a larger --size")
     if crops == 1:
-        offsets = np.tile(np.array(center_offset(size, crop_size), dtype=np.int64), (count, 1))
+        offsets = np.tile(np.array(center_offset(image_size, crop_size), dtype=np.int64), (count, 1))
         flips = np.zeros(count, dtype=bool)
     elif crops == 10:
-        five = ten_crop_offsets(size, crop_size)
+        five = ten_crop_offsets(image_size, crop_size)
         offsets = np.tile(np.concatenate([five, five]), (count, 1))                # (b*10, 2)
         flips = np.tile(np.repeat([False, True], 5), count)                         # (b*10,)
     else:
         raise ValueError(f"crops is {crops}; evaluation uses 1 (centre) or 10 (corners, centre and mirrors)")
-    sources = np.repeat(np.arange(count), crops)
-    return crop_batch(images, sources, offsets, flips, crop_size, mean_chw, std=std, out=out)
+    sources = np.repeat(np.arange(count, dtype=np.int64), crops)
+    return CropPlan(sources, offsets, flips, None)

@@ -1,19 +1,28 @@
-"""Prefetching batch loader: worker processes read shards, crop and normalise into a ring
-of shared-memory slots; the trainer reads ready slots without copying.
+"""Prefetching batch loader: worker processes read shards into a ring of shared-memory
+slots of uint8 images; the trainer reads ready slots without copying and turns them into
+the model's float32 crops on its backend.
 
     from mpiconvnet.data.loader import BatchLoader
     with BatchLoader("/data/imagenet", rank=r, size=n, batch_per_rank=64, epoch=e,
                      start_step=s, seed=0, crop_size=227, workers=2) as loader:
-        for step_in_epoch, images, labels in loader:   # (64, 3, 227, 227) f32, (64,) i64
-            ...
+        for batch in loader:                  # batch.pixels: uint8 (64, 256, 256, 3)
+            x = loader.model_input(batch, ops) # float32 (64, 3, 227, 227) on ops' device
+            ... batch.labels (64,) int64, batch.step
     with BatchLoader(root, train=False, rank=r, size=n, batch_per_rank=50,
                      crop_size=227, crops=10) as loader:  # val split, each image once
-        for step, images, labels in loader:            # (b*10, 3, 227, 227), (b,)
-            ...
+        for batch in loader:
+            x = loader.model_input(batch, ops)           # (50*10, 3, 227, 227)
+
+Why uint8 and not finished crops: the crop/flip/cast/mean pass costs ~0.15 ms per 227 px
+image in NumPy (a strided per-element loop) while reading the image costs ~0.02 ms, so a
+loader that did it would be 5x slower than the bytes it moves; on a GPU the same pass is
+one kernel over a batch 4x smaller to copy than float32 crops. The random choices (a
+CropPlan) are drawn in the consumer from (seed, epoch, step, rank): tiny, and the same
+whoever draws them.
 
 One loader covers one epoch (from start_step). Batch k is a pure function of (seed,
 epoch, step, rank, size), so batches are identical for any `workers` and `prefetch`.
-The arrays it yields are views of a slot that is refilled once the next batch is asked
+The pixels it yields are a view of a slot that is refilled once the next batch is asked
 for: use them (or copy them to the GPU) before the next iteration.
 
 Processes start with fork, not spawn: spawn re-runs the trainer's main module in every
@@ -35,6 +44,7 @@ import os
 import signal
 import time
 import traceback
+from typing import NamedTuple
 
 import h5py  # noqa: F401  imported before fork on purpose, see above
 import numpy as np
@@ -55,43 +65,46 @@ class LoaderError(RuntimeError):
     """A loader worker failed; the message carries the worker's traceback."""
 
 
-class BatchMaker:
-    """Builds batch `step` into given arrays; the same code runs in-process (workers=0) and
-    in every worker, which is what makes the batches independent of the worker count."""
+class Batch(NamedTuple):
+    """One rank's batch: uint8 images and what the model should see of them."""
+    step: int               # step within the epoch
+    pixels: np.ndarray      # uint8 (count, S, S, 3), a view of a shared slot
+    labels: np.ndarray      # int64 (count,)
+    plan: augment.CropPlan  # the count (train) or count * crops (eval) windows to cut
 
-    def __init__(self, dataset, sampler, train, seed, crop_size, mean_chw, std, pca_lighting, crops):
+
+class BatchMaker:
+    """Reads batch `step` into given arrays and draws its crop plan; the same code runs
+    in-process (workers=0) and in every worker, which is what makes the batches
+    independent of the worker count."""
+
+    def __init__(self, dataset, sampler, train, seed, crop_size, pca_lighting, crops):
         self.dataset = dataset
         self.sampler = sampler
         self.train = train
         self.seed = seed
         self.crop_size = crop_size
-        self.mean_chw = mean_chw
-        self.std = std
         self.pca_lighting = pca_lighting
         self.crops = crops
         # read once in the parent (the reader closes the shards again), inherited by workers
         self.labels = dataset.labels
-        self._pixels = None      # uint8 (b, S, S, 3), reused batch to batch (no fresh page faults)
 
-    def fill(self, step, images_out, labels_out):
-        """Write batch `step` into images_out (>= count*crops, 3, c, c) and labels_out (>= count,); return count."""
+    def fill(self, step, pixels_out, labels_out):
+        """Read batch `step` into pixels_out (>= count, S, S, 3) and labels_out (>= count,); return count."""
         indices = self.sampler.indices_for_step(step)               # int64 (count,)
         count = len(indices)
-        size = self.dataset.image_size
-        if self._pixels is None or len(self._pixels) < count:
-            self._pixels = np.empty((count, size, size, 3), dtype=np.uint8)
-        pixels = self.dataset.read(indices, out=self._pixels)       # uint8 (count, S, S, 3)
+        self.dataset.read(indices, out=pixels_out[:count])
         labels_out[:count] = self.labels[indices]
-        if self.train:
-            sampler = self.sampler
-            choices = augment.batch_augmentation(self.seed, sampler.epoch, step, sampler.rank, sampler.batch_per_rank,
-                                                 sampler.size, self.dataset.image_size, self.crop_size,
-                                                 self.pca_lighting)
-            augment.train_batch(pixels, choices, self.crop_size, self.mean_chw, std=self.std, out=images_out[:count])
-        else:
-            augment.eval_batch(pixels, self.crop_size, self.mean_chw, std=self.std, crops=self.crops,
-                               out=images_out[:count * self.crops])
         return count
+
+    def plan(self, step, count):
+        """The crops of batch `step`, which holds `count` images."""
+        if not self.train:
+            return augment.eval_plan(count, self.dataset.image_size, self.crop_size, self.crops)
+        sampler = self.sampler
+        return augment.batch_augmentation(self.seed, sampler.epoch, step, sampler.rank, sampler.batch_per_rank,
+                                          sampler.size, self.dataset.image_size, self.crop_size,
+                                          self.pca_lighting)
 
 
 def _shared_array(shape, dtype):
@@ -101,7 +114,7 @@ def _shared_array(shape, dtype):
     return np.frombuffer(buffer, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
 
 
-def _worker_main(maker, connection, images, labels, parent_pid):
+def _worker_main(maker, connection, pixels, labels, parent_pid):
     """Loop in a worker: receive (step, slot), fill the slot, answer (step, slot, count)."""
     # ctrl-c reaches the whole process group; the parent handles it and closes us
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -119,7 +132,7 @@ def _worker_main(maker, connection, images, labels, parent_pid):
                 return
             step, slot = order
             try:
-                count = maker.fill(step, images[slot], labels[slot])
+                count = maker.fill(step, pixels[slot], labels[slot])
                 reply = ("ok", step, slot, count)
             except BaseException:
                 reply = ("error", step, traceback.format_exc())
@@ -169,18 +182,19 @@ class BatchLoader:
         self.batch_per_rank, self.crop_size = batch_per_rank, crop_size
         self.time_waiting = 0.0   # seconds next() spent waiting for (or, with workers=0, making) data
         mean_values = self.dataset.mean_image() if mean == "image" else self.dataset.mean
-        std = self.dataset.std if divide_by_std else None
-        self._maker = BatchMaker(self.dataset, self.sampler, train, seed, crop_size, augment.mean_as_chw(mean_values),
-                                 std, pca_lighting, crops)
+        self.mean_chw = augment.mean_as_chw(mean_values)
+        self.std = self.dataset.std if divide_by_std else None
+        self._maker = BatchMaker(self.dataset, self.sampler, train, seed, crop_size, pca_lighting, crops)
         self.workers = workers
         num_slots = max(prefetch, workers) + 1 if workers else 1
         self.num_slots = num_slots
-        image_shape = (num_slots, batch_per_rank * crops, 3, crop_size, crop_size)
+        image_size = self.dataset.image_size
+        pixel_shape = (num_slots, batch_per_rank, image_size, image_size, 3)
         if workers:
-            self._images = _shared_array(image_shape, np.float32)
+            self._pixels = _shared_array(pixel_shape, np.uint8)
             self._labels = _shared_array((num_slots, batch_per_rank), np.int64)
         else:
-            self._images = np.empty(image_shape, dtype=np.float32)
+            self._pixels = np.empty(pixel_shape, dtype=np.uint8)
             self._labels = np.empty((num_slots, batch_per_rank), dtype=np.int64)
         self._free_slots = list(range(num_slots))
         self._held_slot = None        # the slot whose views the consumer was last given
@@ -201,7 +215,7 @@ class BatchLoader:
         for worker_id in range(self.workers):
             parent_end, worker_end = context.Pipe(duplex=True)
             process = context.Process(target=_worker_main, name=f"mpiconvnet-loader-{worker_id}", daemon=True,
-                                      args=(self._maker, worker_end, self._images, self._labels, parent_pid))
+                                      args=(self._maker, worker_end, self._pixels, self._labels, parent_pid))
             process.start()
             worker_end.close()
             self._processes.append(process)
@@ -261,7 +275,7 @@ class BatchLoader:
         return self
 
     def __next__(self):
-        """(step_in_epoch, images float32 (count*crops, 3, c, c), labels int64 (count,))."""
+        """The next Batch, in step order."""
         if self._closed:
             raise StopIteration
         if self._held_slot is not None:
@@ -281,11 +295,16 @@ class BatchLoader:
             slot, count = self._ready.pop(step)
         else:
             slot = self._free_slots.pop(0)
-            count = self._maker.fill(step, self._images[slot], self._labels[slot])
+            count = self._maker.fill(step, self._pixels[slot], self._labels[slot])
         self.time_waiting += time.perf_counter() - started
         self._held_slot = slot
         self._next_step = step + 1
-        return step, self._images[slot, :count * self.crops], self._labels[slot, :count]
+        return Batch(step, self._pixels[slot, :count], self._labels[slot, :count], self._maker.plan(step, count))
+
+    def model_input(self, batch, ops):
+        """float32 (len(batch.plan), 3, c, c) on the backend `ops`: batch's crops, flipped,
+        lit and normalised with this loader's mean and std (ops.crop_flip_normalize)."""
+        return ops.crop_flip_normalize(batch.pixels, batch.plan, self.crop_size, self.mean_chw, self.std)
 
     # --- shutdown ----------------------------------------------------------------------
 

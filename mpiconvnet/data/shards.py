@@ -183,19 +183,33 @@ def raw_image_offsets(images):
     if dsid.get_num_chunks() != n:
         return None
     offsets = np.full(n, -1, dtype=np.int64)
-    for k in range(n):
-        info = dsid.get_chunk_info(k)
+    usable = [True]
+
+    def record(info):
         if info.filter_mask != 0 or info.size != size:
-            return None
-        offsets[info.chunk_offset[0]] = info.byte_offset
-    return None if (offsets < 0).any() else offsets
+            usable[0] = False
+        else:
+            offsets[info.chunk_offset[0]] = info.byte_offset
+
+    # one walk over the chunk index: get_chunk_info(k) walks it again for every k, which
+    # took 40 ms for a 1,024-image shard (50 s per loader process per ImageNet epoch)
+    # against 1.8 ms for chunk_iter (HDF5 >= 1.12.3)
+    if hasattr(dsid, "chunk_iter"):
+        dsid.chunk_iter(record)
+    else:
+        for k in range(n):
+            record(dsid.get_chunk_info(k))
+    return None if not usable[0] or (offsets < 0).any() else offsets
 
 
 class OpenShard:
     """One shard opened for reading in this process: the HDF5 file, and for jpeg shards
     the image offsets in the flat byte array; for raw shards stored one unfiltered chunk
-    per image, a plain descriptor and each image's file offset, so images are read with
-    one pread each instead of through h5py."""
+    per image, a plain descriptor and each image's file offset, so an image is one pread
+    instead of a trip through h5py: h5py's fancy selection costs ~30 ms per image on
+    one-image chunks, a plain images[i] ~0.4 ms, a pread ~20 us. (A memory map of the
+    file was tried: 1.2x slower than pread on pages a process touches for the first
+    time, which is every page of an epoch; docs/benchmarks-loader.md.)"""
 
     def __init__(self, path, attributes, num_images, image_format):
         self.file = open_shard(path)
@@ -313,28 +327,26 @@ class ShardedDataset:
             raise IndexError(f"image index out of range 0..{self.num_images - 1} "
                              f"(got {indices.min()}..{indices.max()}) in {self.split!r} of {self.root}")
         shard_of = np.searchsorted(self.shard_offsets, indices, side="right") - 1
-        for number in np.unique(shard_of):
-            positions = np.flatnonzero(shard_of == number)
-            local = indices[positions] - self.shard_offsets[number]
-            shard = self._shard(int(number))
-            if shard.fd is not None:
-                self._pread_into(int(number), shard, local, out, positions)
-            else:
-                # h5py fancy indexing needs strictly increasing indices: read each image once
-                # in sorted order, then scatter back to every position that asked for it
-                wanted, inverse = np.unique(local, return_inverse=True)
-                out[positions] = self._read_sorted(int(number), shard, wanted)[inverse]
-        return out
-
-    def _pread_into(self, number, shard, local, out, positions):
-        """Raw shard: one pread per image straight into its row of `out`. h5py's fancy
-        selection costs ~30 ms per image on one-image chunks, a plain images[i] ~0.35 ms,
-        this ~20 us (a page-cache copy)."""
-        for position, image in zip(positions, local):
-            row = out[position]
-            if os.preadv(shard.fd, [row], int(shard.offsets[image])) != row.nbytes:
-                raise DatasetError(f"{self.shard_files[number]}: image {image} is cut short; "
+        local_of = indices - self.shard_offsets[shard_of]
+        # raw shards: image by image, one pread each straight into its row of `out`; a
+        # batch of 1.28 M ImageNet images touches a different shard for almost every
+        # image, so grouping by shard would cost more than it saves
+        others = []
+        for position, (number, local) in enumerate(zip(shard_of.tolist(), local_of.tolist())):
+            shard = self._shard(number)
+            if shard.fd is None:
+                others.append(position)
+            elif os.preadv(shard.fd, [out[position]], int(shard.offsets[local])) != out[position].nbytes:
+                raise DatasetError(f"{self.shard_files[number]}: image {local} is cut short; "
                                    f"check it with python -m preprocess verify {self.root}")
+        others = np.array(others, dtype=np.int64)
+        for number in np.unique(shard_of[others]):
+            positions = others[shard_of[others] == number]
+            # h5py fancy indexing needs strictly increasing indices: read each image once
+            # in sorted order, then scatter back to every position that asked for it
+            wanted, inverse = np.unique(local_of[positions], return_inverse=True)
+            out[positions] = self._read_sorted(int(number), self._shard(int(number)), wanted)[inverse]
+        return out
 
     def _shard(self, number):
         if self._owner_pid != os.getpid():

@@ -34,7 +34,7 @@ KERNELS = {
     "maxpool_backward": ("pool.cu", "PPPqiiiiii"),
     "lrn_forward": ("lrn.cu", "PPqiqiFFF"),
     "lrn_backward": ("lrn.cu", "PPPPqiqiFFF"),
-    "crop_flip_normalize": ("augment.cu", "PPPPPPPqii"),
+    "crop_flip_normalize": ("augment.cu", "PPPPPPPPPqii"),
 }
 FLOAT32_ONLY = {"crop_flip_normalize"}
 
