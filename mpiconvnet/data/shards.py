@@ -332,11 +332,12 @@ class ShardedDataset:
         # batch of 1.28 M ImageNet images touches a different shard for almost every
         # image, so grouping by shard would cost more than it saves
         others = []
+        image_bytes = out[0].nbytes
         for position, (number, local) in enumerate(zip(shard_of.tolist(), local_of.tolist())):
             shard = self._shard(number)
             if shard.fd is None:
                 others.append(position)
-            elif os.preadv(shard.fd, [out[position]], int(shard.offsets[local])) != out[position].nbytes:
+            elif os.preadv(shard.fd, [out[position]], int(shard.offsets[local])) != image_bytes:
                 raise DatasetError(f"{self.shard_files[number]}: image {local} is cut short; "
                                    f"check it with python -m preprocess verify {self.root}")
         others = np.array(others, dtype=np.int64)
