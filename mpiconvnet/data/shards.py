@@ -221,6 +221,7 @@ class OpenShard:
             self.offsets = raw_image_offsets(self.file["images"])
             if self.offsets is not None:
                 self.fd = os.open(path, os.O_RDONLY)
+                self.offset_list = self.offsets.tolist()   # Python ints: no NumPy scalar per read
 
     def close(self):
         self.file.close()
@@ -337,7 +338,7 @@ class ShardedDataset:
             shard = self._shard(number)
             if shard.fd is None:
                 others.append(position)
-            elif os.preadv(shard.fd, [out[position]], int(shard.offsets[local])) != image_bytes:
+            elif os.preadv(shard.fd, [out[position]], shard.offset_list[local]) != image_bytes:
                 raise DatasetError(f"{self.shard_files[number]}: image {local} is cut short; "
                                    f"check it with python -m preprocess verify {self.root}")
         others = np.array(others, dtype=np.int64)
@@ -350,6 +351,10 @@ class ShardedDataset:
         return out
 
     def _shard(self, number):
+        shard = self._open.get(number)
+        if shard is not None and self._owner_pid == os.getpid():   # the common case, first
+            self._open.move_to_end(number)
+            return shard
         if self._owner_pid != os.getpid():
             # handles inherited through fork belong to the parent; drop them unused
             self._open = OrderedDict()
