@@ -41,9 +41,9 @@ def data(tmp_path_factory):
     return write_tiny_dataset(str(tmp_path_factory.mktemp("shards")), 96, 61, 5, 64, shard_size=20)
 
 
-def train(args, ranks=1, timeout=120, check=True):
+def train(args, ranks=1, timeout=120, check=True, env=None):
     command = ([MPIEXEC, "-n", str(ranks)] if ranks > 1 else []) + [PYTHON, "-m", "mpiconvnet.train"] + TINY + args
-    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(command, env=env or ENV, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
@@ -72,6 +72,36 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(data, tmp_path):
     for name in one:
         np.testing.assert_allclose(two[name], one[name], rtol=1e-12, atol=1e-14, err_msg=name)
     assert any(np.abs(v).max() > 0 for v in start.values())
+
+
+def visible_gpus():
+    """How many GPUs a fresh process sees through pycuda (0 without pycuda or a driver)."""
+    probe = "import pycuda.driver as d; d.init(); print(d.Device.count())"
+    result = subprocess.run([PYTHON, "-c", probe], capture_output=True, text=True, timeout=60)
+    return int(result.stdout.strip()) if result.returncode == 0 and result.stdout.strip().isdigit() else 0
+
+
+@pytest.mark.cuda
+@pytest.mark.mpi
+@needs_mpiexec
+def test_two_ranks_sharing_one_gpu_equal_one_rank_and_numpy(data, tmp_path):
+    """The CUDA backend under the trainer: 1 rank on the GPU against the NumPy reference,
+    and 2 ranks sharing that GPU against 1 rank, after a few float64 steps."""
+    if visible_gpus() < 1:
+        pytest.skip("no GPU visible to pycuda (needs pycuda and a CUDA driver); on a GPU node run scripts/gpu-check.sh")
+    args = ["--data", data, "--global-batch", "8", "--dtype", "float64", "--max-steps", "3", "--lr", "0.05"]
+    env = dict(ENV, MPICONVNET_ALLOW_GPU_SHARING="1", CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0])
+    train(args + ["--out", str(tmp_path / "numpy")])
+    train(args + ["--out", str(tmp_path / "gpu1"), "--backend", "cuda"], env=env)
+    train(args + ["--out", str(tmp_path / "gpu2"), "--backend", "cuda"], ranks=2, env=env)
+    reference, _ = params_at(tmp_path / "numpy", 3)
+    one, one_velocity = params_at(tmp_path / "gpu1", 3)
+    two, two_velocity = params_at(tmp_path / "gpu2", 3)
+    for name in reference:
+        # float64 throughout: only the order of cuDNN's / cuBLAS's sums differs
+        np.testing.assert_allclose(one[name], reference[name], rtol=1e-9, atol=1e-12, err_msg=name)
+        np.testing.assert_allclose(two[name], one[name], rtol=1e-9, atol=1e-12, err_msg=name)
+        np.testing.assert_allclose(two_velocity[name], one_velocity[name], rtol=1e-9, atol=1e-12, err_msg=name)
 
 
 @pytest.mark.mpi
