@@ -52,6 +52,8 @@ class Config:
     eval_crops: int = 1             # 1 (centre) or 10 (corners, centre and flips)
 
     # distribution
+    sync: str = "grads"             # grads: average gradients every step (synchronous SGD) | params: each rank steps alone, weights and momentum averaged every --average-every steps
+    average_every: int = 1          # sync=params: steps between averagings (1 equals sync=grads; theano_alexnet averaged every step)
     bucket_mb: float = 25.0         # gradient bucket size for allreduce (DDP's default)
     overlap: bool = True            # reduce buckets while backward runs (false: ~5% faster where ranks fill every core)
     threads: int = 1                # BLAS threads per rank
@@ -81,6 +83,7 @@ CHOICES = {
     "schedule": ("step", "multistep", "plateau", "constant"),
     "mean": ("channel", "image"),
     "eval_crops": (1, 10),
+    "sync": ("grads", "params"),
 }
 
 FIELD_TYPES = {f.name: f.type for f in fields(Config)}
@@ -118,7 +121,7 @@ def _check(cfg):
         if getattr(cfg, key) not in allowed:
             flag = "--" + key.replace("_", "-")
             raise ConfigError(f"{flag} {getattr(cfg, key)!r} is not one of {', '.join(map(str, allowed))}")
-    for key in ("epochs", "global_batch", "log_every", "keep_checkpoints", "threads"):
+    for key in ("epochs", "global_batch", "log_every", "keep_checkpoints", "threads", "average_every"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(cfg, key)}")
     for key in ("lr", "bucket_mb", "stall_timeout"):

@@ -1,10 +1,12 @@
-"""Synchronous data-parallel SGD: the training loop behind `python -m mpiconvnet.train`.
+"""Data-parallel SGD: the training loop behind `python -m mpiconvnet.train`.
 
 Each step every rank computes gradients on its slice of the global batch, scaled so that
 they are its share of the global-batch mean; the gradient buckets are summed over ranks
 while backward still runs; every rank applies the same update, so the replicas never
-diverge. With float64 and the same data, N ranks and one
-rank with the same global batch compute the same weights (tests/test_train_mpi.py).
+diverge (--sync grads, the default). With float64 and the same data, N ranks and one rank
+with the same global batch compute the same weights (tests/test_train.py). With
+--sync params each rank updates its own replica and the replicas are averaged every
+--average-every steps (averaging.py).
 """
 import json
 import math
@@ -16,6 +18,7 @@ import time
 import numpy as np
 
 from mpiconvnet import checkpoint
+from mpiconvnet.averaging import ReplicaAverager
 from mpiconvnet.buckets import GradientBuckets, GradientReducer
 from mpiconvnet.config import from_dict
 from mpiconvnet.data.loader import BatchLoader
@@ -82,10 +85,17 @@ class Trainer:
         self.buckets = GradientBuckets(ops, self.net.param_shapes, self.net.dtype, int(cfg.bucket_mb * 2**20))
         self.net.use_gradient_arrays(self.buckets.views)
         self.heartbeat = Heartbeat(world, cfg.stall_timeout)
-        self.reducer = GradientReducer(world, self.buckets, overlap=cfg.overlap,
-                                       cuda_aware=_cuda_aware(cfg.backend, world), timeout=cfg.stall_timeout,
-                                       on_stall=lambda: self.heartbeat.report_stall(self.step), average=False)
         self.optimizer = SGD(ops, self.net.params, cfg.momentum, cfg.weight_decay, cfg.bias_lr_mult)
+        cuda_aware = _cuda_aware(cfg.backend, world)
+        if cfg.sync == "grads":
+            self.reducer = GradientReducer(world, self.buckets, overlap=cfg.overlap, cuda_aware=cuda_aware,
+                                           timeout=cfg.stall_timeout, average=False,
+                                           on_stall=lambda: self.heartbeat.report_stall(self.step))
+            self.averager = None
+        else:
+            self.reducer = None
+            self.averager = ReplicaAverager(world, ops, [*self.net.params.values(), *self.optimizer.velocity.values()],
+                                            cuda_aware=cuda_aware)
         self.steps_per_epoch = self._sampler(0).steps_per_epoch
         self.schedule = LearningRate(cfg, self.steps_per_epoch)
         self.step = 0
@@ -108,6 +118,10 @@ class Trainer:
         self.net.load_state_dict(state)
 
     def save_checkpoint(self):
+        if self.averager is not None and self.step % self.cfg.average_every:
+            # replicas between averagings differ: the checkpoint holds their mean, which
+            # every scheduled checkpoint of an uninterrupted run takes too
+            self.averager.average()
         if self.world.is_root:
             meta = {"step": self.step, "epoch": self.step // self.steps_per_epoch,
                     "step_in_epoch": self.step % self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch,
@@ -137,7 +151,9 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------
 
     def train_step(self, images, labels, lr):
-        """One synchronous step; returns (mean loss over the global batch, exposed comm s)."""
+        """One step; returns (this rank's mean loss, exposed communication seconds)."""
+        if self.averager is not None:
+            return self._local_step(images, labels, lr)
         self.reducer.begin()
         # gradients scaled by 1/size: the allreduce's sum is then the global-batch mean
         loss, _ = self.net.loss_and_grads(images, labels, step=self.step,
@@ -146,6 +162,17 @@ class Trainer:
                                           grad_scale=1.0 / self.world.size)
         exposed = self.reducer.finish()
         self.optimizer.step(self.net.grads, lr)
+        return loss, exposed
+
+    def _local_step(self, images, labels, lr):
+        """--sync params: this rank's own gradient on its own replica, then every
+        average_every steps the mean of the replicas (averaging.py)."""
+        loss, _ = self.net.loss_and_grads(images, labels, step=self.step,
+                                          sample_offset=self.world.rank * self.batch_per_rank)
+        self.optimizer.step(self.net.grads, lr)
+        exposed = 0.0
+        if (self.step + 1) % self.cfg.average_every == 0:
+            exposed = self.averager.average()
         return loss, exposed
 
     def run(self, stop, progress=None, log=None):
@@ -242,7 +269,8 @@ class Trainer:
         return result
 
     def close(self):
-        self.reducer.close()
+        if self.reducer is not None:
+            self.reducer.close()
 
 
 def _cuda_aware(backend, world):

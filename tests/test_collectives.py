@@ -75,3 +75,17 @@ def test_local_rank_from_launcher_variables():
                                                     "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}) == (1, 2)
     assert distributed.local_rank_from_environment({"MPI_LOCALRANKID": "0", "MPI_LOCALNRANKS": "8"}) == (0, 8)
     assert distributed.local_rank_from_environment({}) == (None, None)
+
+
+def test_replica_averaging_gives_the_mean_of_the_ranks_twice(world):
+    """--sync params: rank r's replica holds r + k in every tensor; the average is
+    (size - 1) / 2 + k, in weights and momentum alike, on every rank."""
+    from mpiconvnet.averaging import ReplicaAverager
+    tensors = [np.empty(shape, np.float64) for shape in SHAPES.values()]
+    averager = ReplicaAverager(world, ops, tensors)
+    for k, _ in enumerate(range(2)):
+        for tensor in tensors:
+            tensor[...] = world.rank + k
+        averager.average()
+        for tensor in tensors:
+            np.testing.assert_array_equal(tensor, np.full(tensor.shape, (world.size - 1) / 2 + k))

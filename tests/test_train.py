@@ -106,6 +106,41 @@ def test_two_ranks_sharing_one_gpu_equal_one_rank_and_numpy(data, tmp_path):
 
 @pytest.mark.mpi
 @needs_mpiexec
+def test_averaging_parameters_every_step_equals_averaging_gradients(data, tmp_path):
+    # the update is linear in the gradient: the mean of updated replicas is the update
+    # with the mean gradient (theano_alexnet's parameter averaging is synchronous SGD)
+    args = ["--data", data, "--global-batch", "8", "--dtype", "float64", "--max-steps", "4", "--lr", "0.05"]
+    train(args + ["--out", str(tmp_path / "grads")], ranks=2)
+    train(args + ["--out", str(tmp_path / "params"), "--sync", "params", "--average-every", "1"], ranks=2)
+    grads, grads_velocity = params_at(tmp_path / "grads", 4)
+    params, params_velocity = params_at(tmp_path / "params", 4)
+    for name in grads:
+        np.testing.assert_allclose(params[name], grads[name], rtol=1e-12, atol=1e-14, err_msg=name)
+        np.testing.assert_allclose(params_velocity[name], grads_velocity[name], rtol=1e-12, atol=1e-14, err_msg=name)
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+def test_local_sgd_resumes_exactly_and_differs_from_synchronous_sgd(data, tmp_path):
+    # averaging every 2 steps, checkpoints every 3: the checkpoint at step 3 averages the
+    # replicas early, in the uninterrupted run and in the one that stops there alike
+    common = ["--data", data, "--global-batch", "8", "--lr", "0.05", "--checkpoint-every", "3"]
+    args = common + ["--sync", "params", "--average-every", "2"]
+    train(args + ["--out", str(tmp_path / "whole"), "--max-steps", "6"], ranks=2)
+    train(args + ["--out", str(tmp_path / "parts"), "--max-steps", "3"], ranks=2)
+    train(args + ["--out", str(tmp_path / "parts"), "--max-steps", "6", "--resume", "auto"], ranks=2)
+    whole, whole_velocity = params_at(tmp_path / "whole", 6)
+    parts, parts_velocity = params_at(tmp_path / "parts", 6)
+    for name in whole:
+        np.testing.assert_array_equal(parts[name], whole[name], err_msg=name)
+        np.testing.assert_array_equal(parts_velocity[name], whole_velocity[name], err_msg=name)
+    train(common + ["--out", str(tmp_path / "sync"), "--max-steps", "6"], ranks=2)
+    synchronous, _ = params_at(tmp_path / "sync", 6)
+    assert max(np.abs(synchronous[n] - whole[n]).max() for n in whole) > 1e-6
+
+
+@pytest.mark.mpi
+@needs_mpiexec
 def test_evaluation_counts_every_image_once_on_three_ranks(data, tmp_path):
     train(["--data", data, "--global-batch", "6", "--max-steps", "2", "--out", str(tmp_path / "run")], ranks=3)
     one = subprocess.run([PYTHON, "-m", "mpiconvnet.evaluate", "--data", data, "--checkpoint", str(tmp_path / "run"),

@@ -1,12 +1,16 @@
-"""Weak scaling of the synchronous training step: per-rank images/s at -np N ÷ at -np 1.
+"""Weak scaling of the training step: per-rank images/s at -np N ÷ at -np 1.
 
     python -m mpiconvnet.bench scaling [--model alexnet-mini] [--batch 64] [--ranks 2]
+    python -m mpiconvnet.bench scaling --sync params --average-every 4     # local SGD
 
 Each run is the trainer's own step (forward, backward with the bucketed allreduce
-overlapped, SGD update) on in-memory synthetic batches, one BLAS thread per rank, the
-same batch per rank at every rank count; the data loader has its own benchmark
-(`bench loader`). Target: >= 0.9 at 2 ranks. Run it on an otherwise idle machine: with
-ranks = cores, anything else running takes its time out of the ranks'.
+overlapped, SGD update; or, with --sync params, a local update and every K steps the
+averaging of weights and momentum) on in-memory synthetic batches, one BLAS thread per
+rank, the same batch per rank at every rank count; the data loader has its own benchmark
+(`bench loader`). Step time is the mean over the timed steps (a median would hide the
+averaging steps of --sync params), the median is printed beside it. Target: >= 0.9 at
+2 ranks. Run it on an otherwise idle machine: with ranks = cores, anything else running
+takes its time out of the ranks'.
 """
 import argparse
 import json
@@ -20,6 +24,7 @@ import numpy as np
 
 def worker(args):
     from mpiconvnet import distributed
+    from mpiconvnet.averaging import ReplicaAverager
     from mpiconvnet.buckets import GradientBuckets, GradientReducer
     from mpiconvnet.models import build_model
     from mpiconvnet.optim import SGD
@@ -28,8 +33,11 @@ def worker(args):
     net = build_model(args.model, num_classes=1000, seed=0)
     buckets = GradientBuckets(net.ops, net.param_shapes, np.float32, 25 * 2**20)
     net.use_gradient_arrays(buckets.views)
-    reducer = GradientReducer(world, buckets, overlap=args.overlap == "on", average=False)
     opt = SGD(net.ops, net.params)
+    if args.sync == "grads":
+        reducer = GradientReducer(world, buckets, overlap=args.overlap == "on", average=False)
+    else:
+        averager = ReplicaAverager(world, net.ops, [*net.params.values(), *opt.velocity.values()])
     rng = np.random.default_rng(world.rank)
     x = rng.normal(0, 1, size=(args.batch, 3, net.input_size, net.input_size)).astype(np.float32)
     labels = rng.integers(0, 1000, args.batch)
@@ -37,17 +45,28 @@ def worker(args):
     for step in range(args.warmup + args.steps):
         world.barrier()
         start = time.perf_counter()
-        reducer.begin()
-        net.loss_and_grads(x, labels, step=step, sample_offset=world.rank * args.batch,
-                           on_grads_ready=reducer.grads_ready, grad_scale=1.0 / world.size)
-        reducer.finish()
-        opt.step(net.grads, 0.001)
+        if args.sync == "grads":
+            reducer.begin()
+            net.loss_and_grads(x, labels, step=step, sample_offset=world.rank * args.batch,
+                               on_grads_ready=reducer.grads_ready, grad_scale=1.0 / world.size)
+            reducer.finish()
+            opt.step(net.grads, 0.001)
+        else:   # the trainer's --sync params step
+            net.loss_and_grads(x, labels, step=step, sample_offset=world.rank * args.batch)
+            opt.step(net.grads, 0.001)
+            if (step + 1) % args.average_every == 0:
+                averager.average()
         times.append(time.perf_counter() - start)
-    reducer.close()
-    step_time = float(np.median(times[args.warmup:]))
-    slowest = world.comm.allreduce(step_time, op=__import__("mpi4py").MPI.MAX) if world.size > 1 else step_time
+    if args.sync == "grads":
+        reducer.close()
+    timed = times[args.warmup:]
+    step_time, median = float(np.mean(timed)), float(np.median(timed))
+    if world.size > 1:
+        from mpi4py import MPI
+        step_time, median = (world.comm.allreduce(t, op=MPI.MAX) for t in (step_time, median))
     if world.is_root:
-        print("RESULT " + json.dumps({"ranks": world.size, "step_s": slowest, "per_rank_images_per_s": args.batch / slowest}))
+        print("RESULT " + json.dumps({"ranks": world.size, "step_s": step_time, "median_step_s": median,
+                                      "per_rank_images_per_s": args.batch / step_time}))
     return 0
 
 
@@ -55,7 +74,8 @@ def run_with(ranks, args):
     mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     command = [mpiexec, "-n", str(ranks), sys.executable, "-m", "mpiconvnet.bench", "scaling", "--worker",
                "--model", args.model, "--batch", str(args.batch), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--overlap", args.overlap]
+               "--warmup", str(args.warmup), "--overlap", args.overlap, "--sync", args.sync,
+               "--average-every", str(args.average_every)]
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
     out = subprocess.run(command, env=env, capture_output=True, text=True)
     if out.returncode != 0:
@@ -72,17 +92,27 @@ def main(argv):
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--overlap", choices=("on", "off"), default="on")
+    p.add_argument("--sync", choices=("grads", "params"), default="grads",
+                   help="grads: allreduce gradients every step; params: average weights and momentum every "
+                        "--average-every steps (the trainer's --sync)")
+    p.add_argument("--average-every", type=int, default=1, help="--sync params: steps between averagings")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.average_every < 1:
+        p.error(f"--average-every must be at least 1, got {args.average_every}")
+    if args.steps % args.average_every:
+        p.error(f"--steps {args.steps} is not a multiple of --average-every {args.average_every}: the mean step "
+                f"time would over- or under-count averagings")
     if args.worker:
         return worker(args)
     one = run_with(1, args)
     many = run_with(args.ranks, args)
-    print(f"{args.model}, batch {args.batch} per rank, 1 thread per rank, allreduce overlap {args.overlap}, "
-          f"median of {args.steps} steps")
-    print(f"{'ranks':>6}{'s/step':>10}{'images/s per rank':>20}{'images/s total':>16}")
+    mode = (f"allreduce overlap {args.overlap}" if args.sync == "grads"
+            else f"parameter averaging every {args.average_every} steps")
+    print(f"{args.model}, batch {args.batch} per rank, 1 thread per rank, {mode}, mean of {args.steps} steps")
+    print(f"{'ranks':>6}{'s/step':>10}{'median':>10}{'images/s per rank':>20}{'images/s total':>16}")
     for r in (one, many):
-        print(f"{r['ranks']:>6}{r['step_s']:>10.3f}{r['per_rank_images_per_s']:>20.1f}"
+        print(f"{r['ranks']:>6}{r['step_s']:>10.3f}{r['median_step_s']:>10.3f}{r['per_rank_images_per_s']:>20.1f}"
               f"{r['per_rank_images_per_s'] * r['ranks']:>16.1f}")
     ratio = many["per_rank_images_per_s"] / one["per_rank_images_per_s"]
     print(f"per-rank throughput at {args.ranks} ranks / 1 rank: {ratio:.2f}   (target >= 0.9)")
