@@ -39,12 +39,15 @@ class ShardWriter:
     1,024-image shard at S=256 is 200 MB, too much to hold per worker, and one h5py call
     per image costs more than the copy); JPEG bytes are collected and written as one flat
     array plus offsets. The content checksum is hashed as images arrive (pixels come first
-    in its definition), so nothing is read back. Per-shard sums for the training
-    statistics are kept as the dataset `sum_image` and the attribute
-    `channel_sum_squares`, so a resumed run merges statistics without decoding again.
+    in its definition), so nothing is read back. Per-shard sums for the training statistics are kept as the dataset
+    `sum_image` and the attribute `channel_sum_squares`, so a resumed run merges statistics
+    without decoding again. They are exact: summed in integers, narrow while they cannot
+    overflow (cheap to add), widened into uint64 every WIDEN_EVERY images.
     """
 
     BLOCK = 64
+    # 257 x 255 = 65,535 is the most a uint16 sum holds; 257 x 255^2 fits uint32 easily
+    WIDEN_EVERY = 257
 
     def __init__(self, out_dir, shard_file, split, classes, image_size, image_format, capacity):
         self.out_dir = out_dir
@@ -58,9 +61,15 @@ class ShardWriter:
         self.labels, self.sources, self.indices, self.skipped = [], [], [], []
         self.jpeg_sizes = []
         self.digest = hashlib.sha256()
-        # uint32 holds 255 x 16 M images exactly and adds twice as fast as float64
-        self.sum_image = np.zeros((image_size, image_size, 3), dtype=np.uint32)
-        self.channel_sum_squares = np.zeros(3, dtype=np.float64)
+        shape = (image_size, image_size, 3)
+        self.sum_image = np.zeros(shape, dtype=np.uint64)
+        self.channel_sum_squares = np.zeros(3, dtype=np.uint64)
+        # the last few images' sums: adding into uint16 and uint32 costs ~0.12 ms an image at
+        # S=256, against ~0.19 ms for uint32 plus float32 dot products (which also rounded)
+        self.recent_sum = np.zeros(shape, dtype=np.uint16)
+        self.recent_squares = np.zeros(shape, dtype=np.uint32)
+        self.recent_count = 0
+        self.squared = np.empty(shape, dtype=np.uint16)   # scratch: one image widened, then squared
         self.file = h5py.File(self.tmp_path, "w", locking=False)
         self.written = 0
         if image_format == "raw":
@@ -85,10 +94,23 @@ class ShardWriter:
         self.labels.append(label)
         self.sources.append(source)
         self.indices.append(index)
-        np.add(self.sum_image, pixels, out=self.sum_image)
-        # per-channel dot products through BLAS: ~4x cheaper than einsum on float64
-        channels = pixels.reshape(-1, 3).T.astype(np.float32)
-        self.channel_sum_squares += [float(channel @ channel) for channel in channels]
+        self._add_to_sums(pixels)
+
+    def _add_to_sums(self, pixels):
+        np.copyto(self.squared, pixels)
+        np.add(self.recent_sum, self.squared, out=self.recent_sum)
+        np.multiply(self.squared, self.squared, out=self.squared)   # 255^2 fits uint16
+        np.add(self.recent_squares, self.squared, out=self.recent_squares)
+        self.recent_count += 1
+        if self.recent_count == self.WIDEN_EVERY:
+            self._widen_sums()
+
+    def _widen_sums(self):
+        self.sum_image += self.recent_sum
+        self.channel_sum_squares += self.recent_squares.reshape(-1, 3).sum(axis=0, dtype=np.uint64)
+        self.recent_sum.fill(0)
+        self.recent_squares.fill(0)
+        self.recent_count = 0
 
     def _flush(self, count):
         if count:
@@ -127,10 +149,13 @@ class ShardWriter:
         shard.create_dataset("index", data=indices)
         shard.create_dataset("source", data=np.asarray(self.sources, dtype=object).reshape(count),
                              dtype=h5py.string_dtype("utf-8"))
+        self._widen_sums()
+        # float64 as the format says; still exact below 2^53, i.e. up to 2^53 / 255^2 = 1.4e11
+        # values per channel in a shard (2 M images at S=256)
         shard.create_dataset("sum_image", data=self.sum_image.astype(np.float64))
         for key, value in self.attributes.items():
             shard.attrs[key] = value
-        shard.attrs["channel_sum_squares"] = self.channel_sum_squares
+        shard.attrs["channel_sum_squares"] = self.channel_sum_squares.astype(np.float64)
         update_checksum_tail(self.digest, labels, indices, self.sources)
         shard.attrs["content_sha256"] = self.digest.hexdigest()
         shard.close()

@@ -8,12 +8,14 @@ import subprocess
 import sys
 import time
 
+import h5py
 import numpy as np
 import pytest
 from PIL import Image
 
 from mpiconvnet.data.shards import ShardedDataset, file_sha256
 from preprocess.__main__ import main
+from preprocess.writer import ShardWriter
 
 PACK = ["--image-size", "32", "--shard-size", "8", "--no-progress"]
 BAD = {  # file name -> (bytes, reason expected in skipped.tsv)
@@ -116,6 +118,24 @@ def test_jpeg_format_reads_back_close_to_raw(tree, tmp_path):
     difference = np.abs(a.read(order).astype(int) - b.read(order).astype(int))
     assert difference.mean() < 6     # noisy synthetic images at q95
     np.testing.assert_allclose(a.mean, b.mean)   # statistics come from the same pixels
+
+
+def test_shard_statistics_are_exact_integer_sums(tmp_path):
+    # more images than the writer's narrow running sums hold, the first ones all 255 so that
+    # a missed widening overflows; at S=32 a channel's sum of squares passes 2^24, beyond
+    # what float32 adds exactly
+    size, count = 32, 2 * ShardWriter.WIDEN_EVERY + 3
+    images = np.random.default_rng(0).integers(0, 256, size=(count, size, size, 3), dtype=np.uint8)
+    images[:ShardWriter.WIDEN_EVERY + 1] = 255
+    writer = ShardWriter(str(tmp_path), "train-00000.h5", "train", ["a"], size, "raw", capacity=count)
+    for position, image in enumerate(images):
+        writer.add(image, 0, f"{position}.jpg", position)
+    writer.finish()
+    with h5py.File(tmp_path / "train-00000.h5", "r") as shard:
+        np.testing.assert_array_equal(shard["sum_image"][()], images.sum(axis=0, dtype=np.int64))
+        np.testing.assert_array_equal(shard.attrs["channel_sum_squares"],
+                                      (images.astype(np.int64) ** 2).sum(axis=(0, 1, 2)))
+        np.testing.assert_array_equal(shard["images"][()], images)
 
 
 def preprocess_command(*argv):
