@@ -3,11 +3,12 @@
     python -m preprocess verify /data/imagenet-256
     python -m preprocess verify /data/imagenet-256 --no-decode     # skip decoding jpeg shards
 
-Checks, per split and shard: the file's sha256 against dataset.json, the shard's
-attributes and shapes, the content checksum over its datasets (which is what catches a
-flipped byte inside image data), labels in range, indices unique and within the split,
-counts adding up, jpeg offsets increasing and every jpeg decoding to S x S x 3; then the
-mean image. Exits 1 naming the first bad file, 2 when there is no data set at all.
+Checks, per split and shard: the file's sha256 against dataset.json (which catches a
+truncated file and a flipped byte anywhere, image data included), the shard's attributes
+and shapes, the content checksum of format version 1 shards (which carry one), labels
+in range, indices unique and within the split, counts adding up, jpeg offsets increasing
+and every jpeg decoding to S x S x 3; then the mean image. Exits 1 naming the first bad
+file, 2 when there is no data set at all.
 """
 import os
 import sys
@@ -28,12 +29,15 @@ def verify_shard(path, expected_sha256, attributes, num_images, num_classes, dec
                            f"after packing); delete it and re-run the same python -m preprocess command")
     with open_shard(path) as shard:
         check_shard(shard, path, attributes, num_images)
-        try:
-            checksum = content_checksum(shard)
-        except (OSError, KeyError) as error:
-            raise DatasetError(f"{path}: cannot read its data ({error}); {REPACK_HINT}") from None
-        if checksum != shard.attrs.get("content_sha256"):
-            raise DatasetError(f"{path}: content checksum mismatch (image or label data corrupted); {REPACK_HINT}")
+        # format version 1 shards also hashed their datasets; the file sha256 above covers
+        # the same bytes, so version 2 leaves it out (docs/data-format.md)
+        if "content_sha256" in shard.attrs:
+            try:
+                checksum = content_checksum(shard)
+            except (OSError, KeyError) as error:
+                raise DatasetError(f"{path}: cannot read its data ({error}); {REPACK_HINT}") from None
+            if checksum != shard.attrs["content_sha256"]:
+                raise DatasetError(f"{path}: content checksum mismatch (image or label data corrupted); {REPACK_HINT}")
         labels, index = shard["labels"][()], shard["index"][()]
         if num_images and (labels.min() < 0 or labels.max() >= num_classes):
             raise DatasetError(f"{path}: label outside 0..{num_classes - 1}; {REPACK_HINT}")

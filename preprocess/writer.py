@@ -5,7 +5,6 @@ a .tmp file, which the next run overwrites. Beside each shard the writer leaves 
 receipt in .pack/ (file sha256, image count, the inputs it had to skip) written *before*
 the rename, so the merge never needs to re-read shard files to build dataset.json.
 """
-import hashlib
 import io
 import json
 import os
@@ -13,7 +12,7 @@ import os
 import h5py
 import numpy as np
 
-from mpiconvnet.data.shards import TMP_SUFFIX, file_sha256, shard_attributes, update_checksum_tail
+from mpiconvnet.data.shards import TMP_SUFFIX, file_sha256, shard_attributes
 
 WORK_DIR = ".pack"   # per-shard receipts and the packing plan; inside the output directory
 
@@ -38,8 +37,7 @@ class ShardWriter:
     Raw pixels are written to the HDF5 dataset in blocks of BLOCK images as they arrive (a
     1,024-image shard at S=256 is 200 MB, too much to hold per worker, and one h5py call
     per image costs more than the copy); JPEG bytes are collected and written as one flat
-    array plus offsets. The content checksum is hashed as images arrive (pixels come first
-    in its definition), so nothing is read back. Per-shard sums for the training statistics are kept as the dataset
+    array plus offsets. Per-shard sums for the training statistics are kept as the dataset
     `sum_image` and the attribute `channel_sum_squares`, so a resumed run merges statistics
     without decoding again. They are exact: summed in integers, narrow while they cannot
     overflow (cheap to add), widened into uint64 every WIDEN_EVERY images.
@@ -60,7 +58,6 @@ class ShardWriter:
         self.image_format = image_format
         self.labels, self.sources, self.indices, self.skipped = [], [], [], []
         self.jpeg_sizes = []
-        self.digest = hashlib.sha256()
         shape = (image_size, image_size, 3)
         self.sum_image = np.zeros(shape, dtype=np.uint64)
         self.channel_sum_squares = np.zeros(3, dtype=np.uint64)
@@ -90,7 +87,6 @@ class ShardWriter:
         else:
             self.jpeg_stream.write(encoded)
             self.jpeg_sizes.append(len(encoded))
-        self.digest.update(encoded if self.image_format == "jpeg" else np.ascontiguousarray(pixels).data)
         self.labels.append(label)
         self.sources.append(source)
         self.indices.append(index)
@@ -125,7 +121,7 @@ class ShardWriter:
         return publish(self.close())
 
     def close(self):
-        """Write the small datasets and the checksum attribute and close the .tmp file.
+        """Write the small datasets and the statistics and close the .tmp file.
 
         Returns what publish() needs. Kept apart from publishing so that the slow part of
         making a shard durable (fsync, hashing the file) can overlap the next shard's decoding.
@@ -142,7 +138,6 @@ class ShardWriter:
             # contiguous: a reader fetches exactly one image's bytes, not a whole chunk
             shard.create_dataset("jpeg", data=flat, dtype=np.uint8)
             shard.create_dataset("jpeg_offsets", data=offsets)
-            self.digest.update(offsets.astype("<i8").tobytes())
         labels = np.asarray(self.labels, dtype=np.int64).reshape(count)
         indices = np.asarray(self.indices, dtype=np.int64).reshape(count)
         shard.create_dataset("labels", data=labels)
@@ -156,8 +151,6 @@ class ShardWriter:
         for key, value in self.attributes.items():
             shard.attrs[key] = value
         shard.attrs["channel_sum_squares"] = self.channel_sum_squares.astype(np.float64)
-        update_checksum_tail(self.digest, labels, indices, self.sources)
-        shard.attrs["content_sha256"] = self.digest.hexdigest()
         shard.close()
         return {"out_dir": self.out_dir, "file": self.shard_file, "num_images": count,
                 "skipped": [list(s) for s in self.skipped]}

@@ -3,9 +3,10 @@ import json
 import os
 
 import h5py
+import numpy as np
 import pytest
 
-from mpiconvnet.data.shards import file_sha256
+from mpiconvnet.data.shards import ShardedDataset, content_checksum, file_sha256
 from preprocess.__main__ import main
 
 
@@ -60,14 +61,46 @@ def test_a_flipped_byte_is_caught_by_the_file_checksum(packed, capsys):
     assert code == 1 and "val-00000.h5" in error
 
 
-def test_a_flipped_byte_is_caught_by_the_content_checksum_too(packed, capsys):
-    # someone "fixed" dataset.json after the damage: the checksum over the data still disagrees
-    path = packed / "train-00000.h5"
-    flip_a_pixel_byte(path)
+def as_format_version_1(path):
+    """Turn a shard into what packs of format version 1 (before 2026-11-24) wrote: the same
+    datasets plus the attribute content_sha256."""
+    with h5py.File(path, "r+") as shard:
+        shard.attrs["format_version"] = 1
+        shard.attrs["content_sha256"] = content_checksum(shard)
+
+
+def record_file_sha256s(packed, index_version=None):
+    """Rewrite dataset.json with the shards' present file sha256s (and a format_version)."""
     index_path = packed / "dataset.json"
     index = json.loads(index_path.read_text())
-    index["splits"]["train"]["shards"][0]["sha256"] = file_sha256(path)
+    for entry in index["splits"].values():
+        for shard in entry["shards"]:
+            shard["sha256"] = file_sha256(packed / shard["file"])
+    if index_version is not None:
+        index["format_version"] = index_version
     index_path.write_text(json.dumps(index))
+
+
+def test_a_format_version_1_data_set_is_still_read_and_verified(packed, capsys):
+    before = ShardedDataset(packed, "train").read(range(12))
+    for path in packed.glob("*.h5"):
+        as_format_version_1(path)
+    record_file_sha256s(packed, index_version=1)
+    assert main(["verify", str(packed)]) == 0
+    assert "all 21 images ok" in capsys.readouterr().out
+    np.testing.assert_array_equal(ShardedDataset(packed, "train").read(range(12)), before)
+
+
+def test_a_version_1_shards_content_checksum_is_still_checked(packed, capsys):
+    # one version-1 shard among version-2 ones, as a pack resumed across the change leaves
+    path = packed / "train-00000.h5"
+    as_format_version_1(path)
+    record_file_sha256s(packed)
+    assert main(["verify", str(packed)]) == 0
+    capsys.readouterr()
+    # someone "fixed" dataset.json after the damage: the checksum over the data still disagrees
+    flip_a_pixel_byte(path)
+    record_file_sha256s(packed)
     code, error = verify_error(packed, capsys)
     assert code == 1 and "train-00000.h5: content checksum mismatch" in error
 
