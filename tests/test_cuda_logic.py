@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import types
 
 import numpy as np
@@ -255,6 +256,14 @@ def test_choose_algo():
     assert cudnn.choose_algo(perfs, 4, tf32=True, workspace_limit=1 << 30) == (1, 1 << 20, cudnn.CUDNN_TENSOR_OP_MATH)
     with pytest.raises(cudnn.CudnnError, match="MPICONVNET_CUDNN_WORKSPACE_MB"):
         cudnn.choose_algo(perfs, 3, tf32=False, workspace_limit=1 << 30)
+    # the message names the real reason: a failure or tensor-op math is no workspace problem
+    with pytest.raises(cudnn.CudnnError) as e:
+        cudnn.choose_algo(perfs, 2, tf32=False, workspace_limit=1 << 30)
+    message = str(e.value)
+    assert "WORKSPACE" not in message and "status 3000" in message and "MPICONVNET_TF32=1" in message
+    assert "\n" not in message
+    with pytest.raises(cudnn.CudnnError, match="returned none"):
+        cudnn.choose_algo(perfs, 0, tf32=False, workspace_limit=1 << 30)
 
 
 def test_cudnn_shape_helpers():
@@ -278,6 +287,13 @@ def test_lrn_path_choice():
     assert layers.lrn_uses_cudnn(5) and layers.lrn_uses_cudnn(3)
     assert not layers.lrn_uses_cudnn(4)     # even: our kernel
     assert not layers.lrn_uses_cudnn(17)    # past cuDNN's maximum window
+    # cudnn_ops.h: window c - lookBehind .. c + lookAhead, lookBehind = (n-1)//2,
+    # lookAhead = n-1-lookBehind; the interface: c - n//2 .. c + (n-1)//2. Equal exactly
+    # for the odd sizes sent to cuDNN.
+    for n in range(cudnn.LRN_MIN_N, cudnn.LRN_MAX_N + 1):
+        behind = (n - 1) // 2
+        same = (behind, n - 1 - behind) == (n // 2, (n - 1) // 2)
+        assert layers.lrn_uses_cudnn(n) == same, n
 
 
 # --- kernels table vs the .cu sources -------------------------------------------------------
@@ -404,32 +420,55 @@ GEMM(cublasDgemm_v2, double)
 
 FAKE_CUDNN_CUSTOM = r"""
 #include <stddef.h>
+#include <stdlib.h>
 typedef struct {
     int algo; int status; float time; size_t memory; int determinism; int mathType; int reserved[3];
 } cudnnConvolutionFwdAlgoPerf_t;
+/* a convolution descriptor that remembers its math type, so the runs can be checked */
+typedef struct { int math; } fake_conv_t;
 static int last_requested = -1, last_conv_math = -1;
+/* per kind (0 forward, 1 data, 2 filter): the math type of the descriptor at the
+   workspace-size query and at the last run */
+static int size_math[3] = {-1, -1, -1}, run_math[3] = {-1, -1, -1};
 int fake_last_requested(void) { return last_requested; }
 int fake_last_conv_math(void) { return last_conv_math; }
+int fake_size_math(int kind) { return size_math[kind]; }
+int fake_run_math(int kind) { return run_math[kind]; }
 size_t cudnnGetVersion(void) { return 90600; }
 const char *cudnnGetErrorString(int status) { return status ? "CUDNN_STATUS_BAD_PARAM" : "CUDNN_STATUS_SUCCESS"; }
-int cudnnSetConvolutionMathType(void *d, int m) { last_conv_math = m; return 0; }
-#define FIND(NAME, SIZE_NAME)                                                                   \
-int NAME(void *h, void *a, void *b, void *c, void *d, int requested, int *returned,             \
+int cudnnCreateConvolutionDescriptor(fake_conv_t **d) { *d = calloc(1, sizeof **d); return 0; }
+int cudnnDestroyConvolutionDescriptor(fake_conv_t *d) { free(d); return 0; }
+int cudnnSetConvolutionMathType(fake_conv_t *d, int m) { d->math = m; last_conv_math = m; return 0; }
+/* the fastest result uses math type MATH0 (a different one per kind), then a failure,
+   then algorithm 0 with FMA math */
+#define FIND(NAME, SIZE_NAME, KIND, MATH0)                                                      \
+int NAME(void *h, void *a, void *b, fake_conv_t *c, void *d, int requested, int *returned,      \
          cudnnConvolutionFwdAlgoPerf_t *perf) {                                                 \
     last_requested = requested;                                                                 \
-    perf[0].algo = 1; perf[0].status = 0; perf[0].memory = 1 << 20; perf[0].mathType = 1;     \
+    perf[0].algo = 1; perf[0].status = 0; perf[0].memory = 1 << 20; perf[0].mathType = MATH0; \
     perf[1].algo = 7; perf[1].status = 3000; perf[1].memory = 0; perf[1].mathType = 3;         \
     perf[2].algo = 0; perf[2].status = 0; perf[2].memory = 4096; perf[2].mathType = 3;         \
     *returned = 3;                                                                              \
     return 0;                                                                                   \
 }                                                                                               \
-int SIZE_NAME(void *h, void *a, void *b, void *c, void *d, int algo, size_t *size) {            \
+int SIZE_NAME(void *h, void *a, void *b, fake_conv_t *c, void *d, int algo, size_t *size) {     \
+    size_math[KIND] = c->math;                                                                  \
     *size = algo == 0 ? 4096 : 1 << 20;                                                         \
     return 0;                                                                                   \
 }
-FIND(cudnnFindConvolutionForwardAlgorithm, cudnnGetConvolutionForwardWorkspaceSize)
-FIND(cudnnFindConvolutionBackwardDataAlgorithm, cudnnGetConvolutionBackwardDataWorkspaceSize)
-FIND(cudnnFindConvolutionBackwardFilterAlgorithm, cudnnGetConvolutionBackwardFilterWorkspaceSize)
+FIND(cudnnFindConvolutionForwardAlgorithm, cudnnGetConvolutionForwardWorkspaceSize, 0, 1)
+FIND(cudnnFindConvolutionBackwardDataAlgorithm, cudnnGetConvolutionBackwardDataWorkspaceSize, 1, 3)
+FIND(cudnnFindConvolutionBackwardFilterAlgorithm, cudnnGetConvolutionBackwardFilterWorkspaceSize, 2, 2)
+/* (handle, *alpha, desc, ptr, desc, ptr, convDesc, algo, ws, wsSize, *beta, desc, ptr) */
+#define RUN(NAME, KIND)                                                                         \
+int NAME(void *h, const void *alpha, void *ad, const void *a, void *bd, const void *b, fake_conv_t *c, \
+         int algo, void *ws, size_t ws_size, const void *beta, void *od, void *o) {             \
+    run_math[KIND] = c->math;                                                                   \
+    return 0;                                                                                   \
+}
+RUN(cudnnConvolutionForward, 0)
+RUN(cudnnConvolutionBackwardData, 1)
+RUN(cudnnConvolutionBackwardFilter, 2)
 int cudnnAddTensor(void *h, const float *alpha, void *ad, const float *A, const float *beta, void *cd, float *C) {
     C[0] = *alpha * A[0] + *beta * C[0];
     return 0;
@@ -516,27 +555,63 @@ def test_no_nvcc_and_no_prebuilt_is_a_one_line_error(monkeypatch, tmp_path):
 # "Device" memory is host memory here (so the stand-in cuBLAS really multiplies and copies
 # really copy); kernel launches are checked against their prepared signature but not run.
 # This walks every op's Python path: shapes, pointers, argument lists, descriptor caching.
+# Like PyCUDA's DeviceMemoryPool, the stand-in pool hands a freed block to the next
+# allocation of its size; a launch whose pointer arguments are not all in live blocks (memory
+# freed before the kernel that reads it was even queued) fails.
+
+class _FakePool:
+    def __init__(self):
+        self.free = {}   # nbytes -> [host buffers handed back]
+        self.live = {}   # address -> nbytes of the blocks in use
+
+    def allocate(self, nbytes):
+        return _FakeAllocation(self, nbytes)
+
+    def is_live(self, address):
+        return any(start <= address < start + n for start, n in self.live.items())
+
 
 class _FakeAllocation:
-    def __init__(self, nbytes):
-        self.buffer = np.zeros(max(int(nbytes), 1) + 64, np.uint8)
+    def __init__(self, pool, nbytes):
+        self.pool, self.nbytes = pool, max(int(nbytes), 1)
+        recycled = pool.free.get(self.nbytes)
+        self.buffer = recycled.pop() if recycled else np.zeros(self.nbytes + 64, np.uint8)
         self.address = self.buffer.ctypes.data
+        pool.live[self.address] = self.nbytes
 
     def __int__(self):
         return self.address
 
     __index__ = __int__
 
+    def __del__(self):
+        self.pool.live.pop(self.address, None)
+        self.pool.free.setdefault(self.nbytes, []).append(self.buffer)
+
+
+class _FakeContext:
+    """A primary context; PyCUDA keeps one context stack per thread."""
+    depth = {}   # thread ident -> how many times this context is on that thread's stack
+
+    def push(self):
+        ident = threading.get_ident()
+        _FakeContext.depth[ident] = _FakeContext.depth.get(ident, 0) + 1
+
+    @staticmethod
+    def pop():
+        ident = threading.get_ident()
+        assert _FakeContext.depth.get(ident, 0) > 0, "pop from an empty context stack"
+        _FakeContext.depth[ident] -= 1
+
+    def detach(self):
+        pass
+
 
 def _fake_pycuda(launches):
     import struct
 
-    keep = []
-
-    def allocate(nbytes):
-        a = _FakeAllocation(nbytes)
-        keep.append(a)
-        return a
+    pool = _FakePool()
+    allocate = pool.allocate
 
     class GPUArray:
         def __init__(self, shape, dtype, allocator=None, gpudata=None, base=None):
@@ -574,6 +649,9 @@ def _fake_pycuda(launches):
         def prepared_async_call(self, grid, block, stream, *args):
             assert len(grid) == 2 and len(block) == 3 and isinstance(stream, Stream)
             struct.pack(self.fmt, *args)  # wrong count or type raises struct.error
+            for kind, arg in zip(self.fmt, args):
+                assert kind != "P" or pool.is_live(int(arg)), \
+                    f"{self.name}: a pointer argument points into memory already handed back to the pool"
             launches.append(self.name)
 
     class Module:
@@ -586,16 +664,6 @@ def _fake_pycuda(launches):
         def synchronize(self):
             pass
 
-    class Context:
-        def push(self):
-            pass
-
-        def pop(self):
-            pass
-
-        def detach(self):
-            pass
-
     class Device:
         def __init__(self, ordinal):
             self.ordinal = ordinal
@@ -605,7 +673,7 @@ def _fake_pycuda(launches):
             return 1
 
         def retain_primary_context(self):
-            return Context()
+            return _FakeContext()
 
     drv = types.ModuleType("pycuda.driver")
     drv.init = lambda: None
@@ -619,7 +687,7 @@ def _fake_pycuda(launches):
     gpuarray = types.ModuleType("pycuda.gpuarray")
     gpuarray.GPUArray = GPUArray
     tools = types.ModuleType("pycuda.tools")
-    tools.DeviceMemoryPool = lambda: types.SimpleNamespace(allocate=allocate, stop_holding=lambda: None)
+    tools.DeviceMemoryPool = lambda: types.SimpleNamespace(allocate=allocate, stop_holding=lambda: None, fake=pool)
     compiler = types.ModuleType("pycuda.compiler")
     compiler.DEFAULT_NVCC_FLAGS = []
     compiler.SourceModule = lambda source, **kwargs: Module()
@@ -629,82 +697,136 @@ def _fake_pycuda(launches):
             "pycuda.compiler": compiler}
 
 
-def test_every_op_runs_through_the_python_plumbing(fake_libs, monkeypatch):
+@pytest.fixture
+def fake_backend(fake_libs, monkeypatch):
+    """The CUDA backend over the stand-in pycuda, cuBLAS and cuDNN; yields (backend, launches)."""
     launches = []
     for name, module in _fake_pycuda(launches).items():
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(context, "_state", None)
     monkeypatch.setattr(mpi_cuda, "_cached", None)
+    monkeypatch.setattr(_FakeContext, "depth", {})
     import mpiconvnet.backends.cuda as cb
-    rng = np.random.default_rng(3)
     try:
-        assert cb.initialize(0, 1, False) == 0
-        # memory: real copies through the stand-in driver
-        a = rng.standard_normal((3, 4)).astype(np.float32)
-        d = cb.to_device(a)
-        np.testing.assert_array_equal(cb.to_host(d), a)
-        np.testing.assert_array_equal(cb.to_host(cb.zeros((5,), np.float64)), np.zeros(5))
-        flat = cb.zeros((10,), np.float32)
-        v1, v2 = cb.flat_views(flat, [(2, 2), (3, 2)])
-        cb.copy_into(v2, cb.to_device(np.arange(6, dtype=np.float32).reshape(3, 2)))
-        np.testing.assert_array_equal(cb.to_host(flat), np.r_[np.zeros(4), np.arange(6)].astype(np.float32))
-        pinned = cb.pinned_host_empty((10,), np.float32)
-        cb.copy_to_host(pinned, flat)
-        cb.copy_from_host(v1, np.ones((2, 2), np.float32))
-        np.testing.assert_array_equal(cb.to_host(flat)[:4], np.ones(4))
-        assert cb.mpi_buffer(flat).__cuda_array_interface__["data"][0] == flat.ptr
-        cb.synchronize()
-        # dense: the stand-in GEMM computes for real; the bias kernel is not run
-        x, w, b = rng.standard_normal((4, 6)), rng.standard_normal((3, 6)), rng.standard_normal(3)
-        dy = rng.standard_normal((4, 3))
-        xd, wd, dyd = cb.to_device(x), cb.to_device(w), cb.to_device(dy)
-        np.testing.assert_allclose(cb.to_host(cb.linear_forward(xd, wd, cb.to_device(b))), x @ w.T)
-        np.testing.assert_allclose(cb.to_host(cb.linear_backward_data(dyd, wd)), dy @ w)
-        np.testing.assert_allclose(cb.to_host(cb.linear_backward_filter(xd, dyd)), dy.T @ x)
-        assert cb.linear_backward_bias(dyd).shape == (3,)
-        # convolution and the rest: shapes and argument lists
-        for dtype in (np.float32, np.float64):
-            x = cb.to_device(rng.standard_normal((2, 4, 9, 9)).astype(dtype))
-            w = cb.to_device(rng.standard_normal((6, 2, 3, 3)).astype(dtype))
-            y = cb.conv_forward(x, w, cb.zeros((6,), dtype), 2, 1, 2)
-            assert y.shape == (2, 6, 5, 5) and y.dtype == dtype
-            assert cb.conv_backward_data(y, w, x.shape, 2, 1, 2).shape == x.shape
-            assert cb.conv_backward_filter(x, y, w.shape, 2, 1, 2).shape == w.shape
-            assert cb.conv_backward_bias(y).shape == (6,)
-            assert cb.relu_backward(cb.relu_forward(x), x).shape == x.shape
-            for size in (5, 4):
-                out = cb.lrn_forward(x, size, 1e-4, 0.75, 2.0)
-                assert cb.lrn_backward(x, out, out, size, 1e-4, 0.75, 2.0).shape == x.shape
-            pooled = cb.maxpool_forward(x, 3, 2)
-            assert pooled.shape == (2, 4, 4, 4)
-            assert cb.maxpool_backward(x, pooled, pooled, 3, 2).shape == x.shape
-            out, mask = cb.dropout_forward(x, 0.5, 1, 2, 3)
-            assert out.shape == mask.shape == x.shape and mask.dtype == dtype
-            assert cb.dropout_backward(out, mask, 0.5).shape == x.shape
-            logits = cb.to_device(rng.standard_normal((5, 10)).astype(dtype))
-            loss, dlogits = cb.softmax_cross_entropy(logits, np.arange(5))
-            assert isinstance(loss, float) and dlogits.shape == (5, 10)
-            assert len(cb.topk_correct(logits, np.arange(5), (1, 5))) == 2
-            cb.sgd_momentum_update(w, w, w, 0.01, 0.9, 5e-4)
-            cb.scale_(w, 0.5)
-        images = rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
-        from mpiconvnet.data import augment
-        plan = augment.CropPlan(np.array([0, 1, 1]), np.array([[0, 1], [1, 0], [2, 2]]), np.array([True, False, True]),
-                                None)
-        assert cb.crop_flip_normalize(images, plan, 6, augment.mean_as_chw([1, 2, 3]), [4, 5, 6]).shape == (3, 3, 6, 6)
-        cb.set_tf32(True)
-        cb.set_tf32(False)
-        import threading
-        worker = threading.Thread(target=cb.use_in_this_thread)
-        worker.start()
-        worker.join()
-        expected = {"bias_add_rows_f64", "sum_rows_f64", "lrn_forward_f32", "lrn_backward_f64", "maxpool_backward_f64",
-                    "dropout_forward_f32", "dropout_apply_f64", "softmax_xent_f64", "label_rank_f32", "sgd_momentum_f64",
-                    "scale_f32", "crop_flip_normalize_f32"}
-        assert expected <= set(launches)
-        assert cb.cuda_aware_mpi(libraries=[]) is False
+        yield cb, launches
     finally:
         context._state = None
+
+
+def test_every_op_runs_through_the_python_plumbing(fake_backend):
+    cb, launches = fake_backend
+    rng = np.random.default_rng(3)
+    assert cb.initialize(0, 1, False) == 0
+    # memory: real copies through the stand-in driver
+    a = rng.standard_normal((3, 4)).astype(np.float32)
+    d = cb.to_device(a)
+    np.testing.assert_array_equal(cb.to_host(d), a)
+    np.testing.assert_array_equal(cb.to_host(cb.zeros((5,), np.float64)), np.zeros(5))
+    flat = cb.zeros((10,), np.float32)
+    v1, v2 = cb.flat_views(flat, [(2, 2), (3, 2)])
+    cb.copy_into(v2, cb.to_device(np.arange(6, dtype=np.float32).reshape(3, 2)))
+    np.testing.assert_array_equal(cb.to_host(flat), np.r_[np.zeros(4), np.arange(6)].astype(np.float32))
+    pinned = cb.pinned_host_empty((10,), np.float32)
+    cb.copy_to_host(pinned, flat)
+    cb.copy_from_host(v1, np.ones((2, 2), np.float32))
+    np.testing.assert_array_equal(cb.to_host(flat)[:4], np.ones(4))
+    assert cb.mpi_buffer(flat).__cuda_array_interface__["data"][0] == flat.ptr
+    cb.synchronize()
+    # dense: the stand-in GEMM computes for real; the bias kernel is not run
+    x, w, b = rng.standard_normal((4, 6)), rng.standard_normal((3, 6)), rng.standard_normal(3)
+    dy = rng.standard_normal((4, 3))
+    xd, wd, dyd = cb.to_device(x), cb.to_device(w), cb.to_device(dy)
+    np.testing.assert_allclose(cb.to_host(cb.linear_forward(xd, wd, cb.to_device(b))), x @ w.T)
+    np.testing.assert_allclose(cb.to_host(cb.linear_backward_data(dyd, wd)), dy @ w)
+    np.testing.assert_allclose(cb.to_host(cb.linear_backward_filter(xd, dyd)), dy.T @ x)
+    assert cb.linear_backward_bias(dyd).shape == (3,)
+    # convolution and the rest: shapes and argument lists
+    for dtype in (np.float32, np.float64):
+        x = cb.to_device(rng.standard_normal((2, 4, 9, 9)).astype(dtype))
+        w = cb.to_device(rng.standard_normal((6, 2, 3, 3)).astype(dtype))
+        y = cb.conv_forward(x, w, cb.zeros((6,), dtype), 2, 1, 2)
+        assert y.shape == (2, 6, 5, 5) and y.dtype == dtype
+        assert cb.conv_backward_data(y, w, x.shape, 2, 1, 2).shape == x.shape
+        assert cb.conv_backward_filter(x, y, w.shape, 2, 1, 2).shape == w.shape
+        assert cb.conv_backward_bias(y).shape == (6,)
+        assert cb.relu_backward(cb.relu_forward(x), x).shape == x.shape
+        for size in (5, 4):
+            out = cb.lrn_forward(x, size, 1e-4, 0.75, 2.0)
+            assert cb.lrn_backward(x, out, out, size, 1e-4, 0.75, 2.0).shape == x.shape
+        pooled = cb.maxpool_forward(x, 3, 2)
+        assert pooled.shape == (2, 4, 4, 4)
+        assert cb.maxpool_backward(x, pooled, pooled, 3, 2).shape == x.shape
+        out, mask = cb.dropout_forward(x, 0.5, 1, 2, 3)
+        assert out.shape == mask.shape == x.shape and mask.dtype == dtype
+        assert cb.dropout_backward(out, mask, 0.5).shape == x.shape
+        logits = cb.to_device(rng.standard_normal((5, 10)).astype(dtype))
+        loss, dlogits = cb.softmax_cross_entropy(logits, np.arange(5))
+        assert isinstance(loss, float) and dlogits.shape == (5, 10)
+        assert len(cb.topk_correct(logits, np.arange(5), (1, 5))) == 2
+        cb.sgd_momentum_update(w, w, w, 0.01, 0.9, 5e-4)
+        cb.scale_(w, 0.5)
+    images = rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    from mpiconvnet.data import augment
+    plan = augment.CropPlan(np.array([0, 1, 1]), np.array([[0, 1], [1, 0], [2, 2]]), np.array([True, False, True]),
+                            None)
+    assert cb.crop_flip_normalize(images, plan, 6, augment.mean_as_chw([1, 2, 3]), [4, 5, 6]).shape == (3, 3, 6, 6)
+    cb.set_tf32(True)
+    cb.set_tf32(False)
+    import threading
+    worker = threading.Thread(target=cb.use_in_this_thread)
+    worker.start()
+    worker.join()
+    expected = {"bias_add_rows_f64", "sum_rows_f64", "lrn_forward_f32", "lrn_backward_f64", "maxpool_backward_f64",
+                "dropout_forward_f32", "dropout_apply_f64", "softmax_xent_f64", "label_rank_f32", "sgd_momentum_f64",
+                "scale_f32", "crop_flip_normalize_f32"}
+    assert expected <= set(launches)
+    assert cb.cuda_aware_mpi(libraries=[]) is False
+
+
+def test_use_in_this_thread_pushes_once_and_pops_when_the_thread_ends(fake_backend):
+    # PyCUDA aborts the process when a thread ends with a context on its stack, and the
+    # gradient-reduction thread of a CUDA-aware run calls use_in_this_thread() then ends
+    cb, _ = fake_backend
+    cb.initialize(0, 1, False)
+    main = threading.get_ident()
+    assert _FakeContext.depth[main] == 1
+    cb.use_in_this_thread()               # the initialising thread: already current
+    assert _FakeContext.depth[main] == 1
+    inside = {}
+
+    def communication_thread():
+        cb.use_in_this_thread()
+        cb.use_in_this_thread()           # idempotent
+        inside["ident"], inside["depth"] = threading.get_ident(), _FakeContext.depth[threading.get_ident()]
+
+    worker = threading.Thread(target=communication_thread)
+    worker.start()
+    worker.join()
+    assert inside["depth"] == 1
+    assert _FakeContext.depth[inside["ident"]] == 0, "the context is still pushed on a thread that ended"
+
+
+def test_tf32_each_convolution_kind_runs_with_the_math_type_its_search_chose(fake_backend):
+    # the stand-in cuDNN's fastest result has tensor-op math (1) for forward, FMA (3) for
+    # backward data and tensor-op-with-conversion (2) for backward filter; with TF32 allowed
+    # each kind must run, step after step, with the math type its workspace was sized for
+    cb, _ = fake_backend
+    cb.initialize(0, 1, False)
+    cb.set_tf32(True)
+    lib = cudnn.lib()
+    x = cb.to_device(np.ones((2, 4, 9, 9), np.float32))
+    w = cb.to_device(np.ones((6, 2, 3, 3), np.float32))
+    expected = {0: 1, 1: 3, 2: 2}
+    for _ in range(2):   # the second step reuses the plan: the first step's searches are done
+        y = cb.conv_forward(x, w, cb.zeros((6,), np.float32), 1, 1, 2)
+        assert lib.fake_run_math(0) == lib.fake_size_math(0) == expected[0]
+        cb.conv_backward_data(y, w, x.shape, 1, 1, 2)
+        assert lib.fake_run_math(1) == lib.fake_size_math(1) == expected[1]
+        cb.conv_backward_filter(x, y, w.shape, 1, 1, 2)
+        assert lib.fake_run_math(2) == lib.fake_size_math(2) == expected[2]
+    cb.set_tf32(False)
+    cb.conv_forward(x, w, cb.zeros((6,), np.float32), 1, 1, 2)
+    assert lib.fake_run_math(0) == cudnn.CUDNN_FMA_MATH   # TF32 off: FMA, the plan rebuilt
 
 
 def test_missing_pycuda_is_a_one_line_error(monkeypatch):

@@ -47,10 +47,15 @@ def crop_flip_normalize(images, plan, crop_size, mean_chw, std=None):
     out = empty((m, 3, size, size), np.float32)
     if m == 0:
         return out
-    st.launch("crop_flip_normalize", np.float32, out.size, out.ptr, to_device(np.ascontiguousarray(images)).ptr,
-              to_device(sources.astype(np.int32)).ptr, to_device(np.ascontiguousarray(offsets[:, 0], np.int32)).ptr,
-              to_device(np.ascontiguousarray(offsets[:, 1], np.int32)).ptr,
-              to_device(np.asarray(plan.flips, dtype=bool).astype(np.uint8)).ptr,
-              _mean_image(st, mean_chw, side).ptr, to_device(np.ascontiguousarray(shift)).ptr,
-              to_device(inv_std).ptr, m, side, size)
+    # the device inputs are held in names until the launch is queued: a temporary whose .ptr
+    # is taken goes back to the memory pool at once, and the next upload of the same size
+    # (sources, tops and lefts are all m int32) would get that block and overwrite it
+    inputs = [to_device(np.ascontiguousarray(images)), to_device(sources.astype(np.int32)),
+              to_device(np.ascontiguousarray(offsets[:, 0], np.int32)),
+              to_device(np.ascontiguousarray(offsets[:, 1], np.int32)),
+              to_device(np.asarray(plan.flips, dtype=bool).astype(np.uint8)), _mean_image(st, mean_chw, side),
+              to_device(np.ascontiguousarray(shift)), to_device(inv_std)]
+    # after the launch they may go back to the pool: whatever reuses them is queued behind
+    # this kernel on the same stream
+    st.launch("crop_flip_normalize", np.float32, out.size, out.ptr, *(a.ptr for a in inputs), m, side, size)
     return out

@@ -11,6 +11,7 @@ stream, which waits for our (blocking) stream, so mixing them is safe.
 """
 import atexit
 import os
+import threading
 
 import numpy as np
 
@@ -82,6 +83,7 @@ class State:
 
         self.drv = drv
         self.ordinal = ordinal
+        self.thread = threading.get_ident()   # the thread whose context stack holds our context
         self.device = drv.Device(ordinal)
         # the primary context is the one the CUDA runtime (cuBLAS, cuDNN, a CUDA-aware
         # MPI) uses for this device, so all of them share our allocations and stream
@@ -222,11 +224,36 @@ def initialize(local_rank=0, local_size=1, allow_sharing=False):
     return ordinal
 
 
+class _ThreadContext:
+    """The backend's context pushed on one thread's PyCUDA context stack, popped again when
+    that thread ends: PyCUDA aborts the whole process ("The context stack was not empty
+    upon module cleanup") when a thread exits with a context still on its stack."""
+
+    def __init__(self, context):
+        context.push()
+        self.context = context
+
+    def __del__(self):
+        # runs in the ending thread, when Python clears its thread-locals (before the
+        # C++ thread-local stack is destroyed)
+        try:
+            self.context.pop()
+        except Exception:
+            pass  # the driver may already be shutting down at interpreter exit
+
+
+_threads = threading.local()
+
+
 def use_in_this_thread():
     """Make the backend's context current in the calling thread (CUDA contexts are
     per-thread): for a thread other than the one that called initialize() that queues
-    work or hands device buffers to a CUDA-aware MPI."""
-    get().context.push()
+    work or hands device buffers to a CUDA-aware MPI. Idempotent; a no-op on the
+    initialising thread; the context is popped when the thread ends."""
+    st = get()
+    if threading.get_ident() == st.thread or getattr(_threads, "pushed", None) is not None:
+        return
+    _threads.pushed = _ThreadContext(st.context)
 
 
 def get():

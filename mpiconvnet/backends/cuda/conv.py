@@ -33,16 +33,21 @@ class ConvPlan:
         self.y = cudnn.TensorDesc(self.y_shape, dtype)
         self.w = cudnn.FilterDesc(w_shape, dtype)
         self.b = cudnn.TensorDesc((w_shape[0],), dtype)
-        self.conv = cudnn.ConvDesc(stride, pad, groups, dtype, cudnn.conv_math_type(st.tf32))
+        # one convolution descriptor per kind: with TF32 each kind runs with the math type
+        # its own search measured, which one shared descriptor could not hold (the last
+        # search would set it for all three, and the workspace sizes would no longer fit)
+        self.conv = {kind: cudnn.ConvDesc(stride, pad, groups, dtype, cudnn.conv_math_type(st.tf32))
+                     for kind in _KINDS}
         self.algos = {}
 
     def _operands(self, kind):
         # the descriptor order of each kind's find / get / workspace functions
+        conv = self.conv[kind].ptr
         if kind == "forward":
-            return (self.x.ptr, self.w.ptr, self.conv.ptr, self.y.ptr)
+            return (self.x.ptr, self.w.ptr, conv, self.y.ptr)
         if kind == "data":
-            return (self.w.ptr, self.y.ptr, self.conv.ptr, self.x.ptr)
-        return (self.x.ptr, self.y.ptr, self.conv.ptr, self.w.ptr)
+            return (self.w.ptr, self.y.ptr, conv, self.x.ptr)
+        return (self.x.ptr, self.y.ptr, conv, self.w.ptr)
 
     def algorithm(self, st, kind):
         """(algo, workspace bytes) for `kind`, searched once."""
@@ -56,7 +61,7 @@ class ConvPlan:
             algo, _, math_type = cudnn.choose_algo(perfs, returned.value, self.tf32, st.workspace_limit)
             if self.tf32:
                 # run with the math type the search measured (cuDNN's advice)
-                self.conv.set_math_type(math_type)
+                self.conv[kind].set_math_type(math_type)
             size = ctypes.c_size_t(0)
             cudnn.call(size_fn, st.dnn.ptr, *self._operands(kind), algo, ctypes.byref(size))
             self.algos[kind] = (algo, int(size.value))
@@ -96,7 +101,7 @@ def conv_forward(x, w, b, stride, pad, groups):
     y = empty(plan.y_shape, dtype)
     one, zero = cudnn.scalars(dtype)
     cudnn.call("cudnnConvolutionForward", st.dnn.ptr, cudnn.ptr(one), plan.x.ptr, _void(x), plan.w.ptr, _void(w),
-               plan.conv.ptr, algo, ctypes.c_void_p(st.workspace_ptr(ws_bytes)), ws_bytes, cudnn.ptr(zero),
+               plan.conv["forward"].ptr, algo, ctypes.c_void_p(st.workspace_ptr(ws_bytes)), ws_bytes, cudnn.ptr(zero),
                plan.y.ptr, _void(y))
     # y += b, the (1, K, 1, 1) bias broadcast over N, P, Q
     cudnn.call("cudnnAddTensor", st.dnn.ptr, cudnn.ptr(one), plan.b.ptr, _void(b), cudnn.ptr(one), plan.y.ptr, _void(y))
@@ -112,7 +117,7 @@ def conv_backward_data(dy, w, x_shape, stride, pad, groups):
     dx = empty(x_shape, dtype)
     one, zero = cudnn.scalars(dtype)
     cudnn.call("cudnnConvolutionBackwardData", st.dnn.ptr, cudnn.ptr(one), plan.w.ptr, _void(w), plan.y.ptr,
-               _void(dy), plan.conv.ptr, algo, ctypes.c_void_p(st.workspace_ptr(ws_bytes)), ws_bytes,
+               _void(dy), plan.conv["data"].ptr, algo, ctypes.c_void_p(st.workspace_ptr(ws_bytes)), ws_bytes,
                cudnn.ptr(zero), plan.x.ptr, _void(dx))
     return dx
 
@@ -126,7 +131,7 @@ def conv_backward_filter(x, dy, w_shape, stride, pad, groups):
     dw = empty(w_shape, dtype)
     one, zero = cudnn.scalars(dtype)
     cudnn.call("cudnnConvolutionBackwardFilter", st.dnn.ptr, cudnn.ptr(one), plan.x.ptr, _void(x), plan.y.ptr,
-               _void(dy), plan.conv.ptr, algo, ctypes.c_void_p(st.workspace_ptr(ws_bytes)), ws_bytes,
+               _void(dy), plan.conv["filter"].ptr, algo, ctypes.c_void_p(st.workspace_ptr(ws_bytes)), ws_bytes,
                cudnn.ptr(zero), plan.w.ptr, _void(dw))
     return dw
 

@@ -310,11 +310,25 @@ def choose_algo(perfs, count, tf32, workspace_limit):
     first by cuDNN): the first that succeeded, fits the workspace limit, and (unless TF32
     is allowed) does not use tensor-op math. Returns (algo, workspace bytes, math type).
     """
+    failed, too_big, tensor_op = [], 0, 0
     for p in perfs[:count]:
-        if p.status != CUDNN_STATUS_SUCCESS or p.memory > workspace_limit:
-            continue
-        if not tf32 and p.mathType in (CUDNN_TENSOR_OP_MATH, CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION):
-            continue
-        return p.algo, int(p.memory), p.mathType
-    raise CudnnError(f"no cuDNN convolution algorithm fits in a {workspace_limit >> 20} MiB workspace "
-                     f"(tf32={'on' if tf32 else 'off'}); raise MPICONVNET_CUDNN_WORKSPACE_MB")
+        if p.status != CUDNN_STATUS_SUCCESS:
+            failed.append(p.status)
+        elif p.memory > workspace_limit:
+            too_big += 1
+        elif not tf32 and p.mathType in (CUDNN_TENSOR_OP_MATH, CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION):
+            tensor_op += 1
+        else:
+            return p.algo, int(p.memory), p.mathType
+    # say why each candidate was passed over: only a workspace miss is fixed by a larger workspace
+    reasons = []
+    if too_big:
+        reasons.append(f"{too_big} need more than the {workspace_limit >> 20} MiB workspace "
+                       f"(raise MPICONVNET_CUDNN_WORKSPACE_MB)")
+    if tensor_op:
+        reasons.append(f"{tensor_op} use tensor-op math, which TF32 off forbids (MPICONVNET_TF32=1 allows it)")
+    if failed:
+        codes = ", ".join(str(s) for s in sorted(set(failed)))
+        reasons.append(f"{len(failed)} failed with cuDNN status {codes}")
+    raise CudnnError(f"no usable cuDNN convolution algorithm among the {count} returned"
+                     + (": " + "; ".join(reasons) if reasons else "; cuDNN returned none for this shape"))

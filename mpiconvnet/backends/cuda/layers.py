@@ -69,8 +69,10 @@ def relu_backward(y, dy):
 
 def lrn_uses_cudnn(size):
     """cuDNN for odd windows (centred, the same as the interface's); our kernel for even
-    ones, where the interface puts the extra channel before c (PyTorch) and cuDNN's
-    split is not documented to match. Also our kernel past cuDNN's maximum window."""
+    ones: cudnn_ops.h gives cuDNN's window as c - lookBehind .. c + lookAhead with
+    lookBehind = (n-1)//2, lookAhead = n-1-lookBehind, which puts the extra channel of an
+    even window after c, where the interface (PyTorch) puts it before. Also our kernel
+    past cuDNN's maximum window."""
     return size % 2 == 1 and cudnn.LRN_MIN_N <= size <= cudnn.LRN_MAX_N
 
 

@@ -4,8 +4,8 @@
 //   dx[c] = dy[c] * s[c]^-beta
 //           - 2*alpha*beta/size * x[c] * sum_{j : c in window(j)} dy[j] * y[j] / s[j]
 // The backend sends odd sizes (AlexNet's 5) to cuDNN, whose window is centred; for even
-// sizes cuDNN's look-behind/look-ahead split is not documented to be the interface's
-// (PyTorch's), so these kernels take over. Checked against numpy_backend.lrn_forward /
+// sizes cuDNN looks behind (n-1)/2 and ahead n/2 channels (cudnn_ops.h), the opposite of
+// the interface's (PyTorch's) split, so these kernels take over. Checked against numpy_backend.lrn_forward /
 // lrn_backward on the host for sizes 1, 2, 4, 5 (tests/test_cuda_compile.py) and on the GPU
 // for sizes 3, 4, 5 (tests/test_cuda_ops.py).
 #include "common.cuh"
