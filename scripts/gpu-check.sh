@@ -18,7 +18,8 @@
 # Environment:
 #   PYTHON=python3.11     interpreter the venv is made from (default python3)
 #   VENV=.venv-gpu        the venv (an existing one is reused)
-#   OFFLINE=1             never use a package index, only vendor/ (auto when none is reachable)
+#   OFFLINE=1             never use a package index, only vendor/ (auto when pip's index,
+#                         PIP_INDEX_URL / pip.conf or else pypi.org, does not answer)
 #   CUDA_WHEELS=cu12|cu13 which nvidia-* wheels to install if the libraries are missing (cu12)
 #   SKIP_BENCH=1          skip the benchmark
 set -uo pipefail
@@ -69,7 +70,13 @@ step machine machine
 
 # --- 2. environment ---------------------------------------------------------------------------
 if [ -z "${OFFLINE:-}" ]; then
-    if "$PYTHON" -c "import urllib.request; urllib.request.urlopen('https://pypi.org/simple/pip/', timeout=5)" >/dev/null 2>&1; then
+    # ask the index pip would use (a site mirror from PIP_INDEX_URL or pip.conf), not only
+    # pypi.org: a node that reaches only its mirror is not offline; `timeout` also bounds a
+    # DNS lookup that never answers, which urlopen's own timeout does not cover
+    INDEX_URL=${PIP_INDEX_URL:-$("$PYTHON" -m pip config get global.index-url 2>/dev/null || true)}
+    INDEX_URL=${INDEX_URL:-https://pypi.org/simple}
+    if timeout 20 "$PYTHON" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)" \
+            "${INDEX_URL%/}/pip/" >/dev/null 2>&1; then
         OFFLINE=0
     else
         OFFLINE=1

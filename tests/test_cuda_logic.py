@@ -38,6 +38,21 @@ def test_sharing_goes_round_robin():
     assert [device.choose_device(r, 6, 4, allow_sharing=True) for r in range(6)] == [0, 1, 2, 3, 0, 1]
 
 
+def test_gpus_bound_per_task_by_srun():
+    # srun --gpus-per-task=1: each of the node's 4 ranks sees one GPU, its own
+    for value in ("1", "a100:1"):
+        assert [device.choose_device(r, 4, 1, environ={"SLURM_GPUS_PER_TASK": value}) for r in range(4)] == [0] * 4
+    assert device.gpus_bound_per_task({"SLURM_GPUS_PER_TASK": "h100:2"}) == 2
+    assert device.gpus_bound_per_task({}) is None and device.gpus_bound_per_task({"SLURM_GPUS_PER_TASK": "x"}) is None
+    # one visible GPU without a per-task binding, or fewer than the binding gives: oversubscribed
+    with pytest.raises(device.DeviceChoiceError):
+        device.choose_device(1, 4, 1, environ={})
+    with pytest.raises(device.DeviceChoiceError):
+        device.choose_device(1, 4, 1, environ={"SLURM_GPUS_PER_TASK": "2"})
+    # --gpu-bind=none: every rank sees the node's GPUs and takes its own by local rank
+    assert device.choose_device(2, 4, 4, environ={"SLURM_GPUS_PER_TASK": "1"}) == 2
+
+
 def test_no_gpu_and_bad_rank():
     with pytest.raises(device.DeviceChoiceError, match="no CUDA device visible"):
         device.choose_device(0, 1, 0)

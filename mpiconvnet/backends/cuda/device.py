@@ -57,13 +57,28 @@ def visible_device_count(physical_count, environ=None):
     return count
 
 
-def choose_device(local_rank, local_size, device_count, allow_sharing=False):
+def gpus_bound_per_task(environ=None):
+    """G when the launcher gives each task its own G GPUs, else None.
+
+    srun --gpus-per-task=G (SLURM_GPUS_PER_TASK, "G" or "type:G") binds G GPUs to each
+    task unless --gpu-bind says otherwise (Slurm's implicit --gpu-bind=per_task:G, or the
+    device cgroup), so a rank then sees only its own GPUs, not the node's.
+    """
+    environ = os.environ if environ is None else environ
+    value = environ.get("SLURM_GPUS_PER_TASK", "").strip()
+    count = value.rsplit(":", 1)[-1]
+    return int(count) if count.isdigit() and int(count) > 0 else None
+
+
+def choose_device(local_rank, local_size, device_count, allow_sharing=False, environ=None):
     """The device ordinal (among the visible ones) for node-local rank `local_rank`.
 
     device_count: devices this process sees (pycuda.driver.Device.count(), which already
-    honours CUDA_VISIBLE_DEVICES). One rank per GPU: rank r gets device r. When the node
-    runs more ranks than it has GPUs, that is an error unless sharing is allowed, in which
-    case ranks go round-robin (rank r gets r % device_count).
+    honours CUDA_VISIBLE_DEVICES). One rank per GPU: rank r gets device r. When the
+    launcher bound GPUs per task (srun --gpus-per-task) and this rank sees exactly its
+    share, its first visible device is its own. When the node runs more ranks than it has
+    GPUs, that is an error unless sharing is allowed, in which case ranks go round-robin
+    (rank r gets r % device_count).
     """
     if not 0 <= local_rank < local_size:
         raise ValueError(f"local rank {local_rank} outside 0..{local_size - 1}")
@@ -72,6 +87,9 @@ def choose_device(local_rank, local_size, device_count, allow_sharing=False):
         hint = f" (CUDA_VISIBLE_DEVICES={shown!r})" if shown is not None else ""
         raise DeviceChoiceError(f"no CUDA device visible{hint}; run on a GPU node, fix "
                                 f"CUDA_VISIBLE_DEVICES, or use --backend numpy")
+    if local_size > device_count and gpus_bound_per_task(environ) == device_count:
+        # every rank of the node sees only the GPUs bound to it: not oversubscription
+        return 0
     if local_size > device_count and not allow_sharing:
         raise DeviceChoiceError(
             f"{local_size} ranks on this node but {device_count} visible GPU(s); start at most "
