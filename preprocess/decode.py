@@ -5,9 +5,10 @@ holds 22 CMYK JPEGs and a PNG named .JPEG, and grayscale, palette, RGBA and 16-b
 turn up in class-folder trees.
 
 Ordinary JPEGs (the bulk) go through simplejpeg (libjpeg-turbo) with DCT-domain scaling:
-the decoder itself shrinks by 1/2, 1/4 or 1/8 to the smallest size still at least S, which
-measured ~1.4x faster than Pillow on 500x375 JPEGs (Pillow's `draft` cannot help there,
-since at S=256 no scale below 1 fits). Everything else goes through Pillow.
+the decoder itself shrinks by M/8 (M = 1..6) to the smallest size still at least S, which
+measured ~1.4x faster than Pillow on 500x375 JPEGs (Pillow's `draft` cannot help there:
+it only scales by 1/2, 1/4 and 1/8, and at S=256 none of those fits). Everything else
+goes through Pillow.
 """
 import io
 import warnings
@@ -72,8 +73,15 @@ def decode_jpeg_fast(data, size, resize, max_pixels):
         raise BadImage(f"decompression bomb: {width}x{height} pixels exceeds --max-pixels {max_pixels}")
     if colorspace not in ("YCbCr", "Gray", "RGB"):
         return None
-    # ask for the smallest DCT scale whose output still covers S along the sides that matter
-    if resize == "squash":
+    # ask for the smallest DCT scale M/8 whose output still covers S along the sides that
+    # matter, unless that is 7/8: libjpeg-turbo's 7/8 inverse DCT is plain C, and decoding
+    # whole then resizing measured 13 % faster there (1.92 against 2.21 ms at S=256 for
+    # shorter sides of 293-341 px) and 5 dB closer to a Lanczos resize of the whole image;
+    # at 6/8 and below scaling pays (6/8: 2.49 against 2.67 ms). Both resize modes are
+    # bound by the shorter side (docs/benchmarks-preprocess.md).
+    if (min(width, height) * 6 + 7) // 8 < size:   # libjpeg rounds scaled sizes up
+        min_height, min_width = 0, 0
+    elif resize == "squash":
         min_height, min_width = size, size
     elif height <= width:
         min_height, min_width = size, 0

@@ -38,6 +38,17 @@ def test_jpeg_fast_path_matches_pillow_path(resize):
     assert np.abs(fast.astype(int) - slow.astype(int)).mean() < 2.0
 
 
+@pytest.mark.parametrize("shorter_side, scaled_in_the_dct", [(320, False), (400, True)])
+def test_dct_scaling_only_where_it_pays(shorter_side, scaled_in_the_dct):
+    # at S=256 a 320 px side would scale by 7/8, slower than decoding whole; 400 px by 6/8
+    import simplejpeg
+    noise = np.random.default_rng(shorter_side).integers(0, 256, (shorter_side, shorter_side * 4 // 3, 3))
+    data = saved(Image.fromarray(noise.astype(np.uint8)), "JPEG", quality=90)
+    whole = Image.fromarray(simplejpeg.decode_jpeg(data, colorspace="RGB"))
+    from_whole = np.asarray(whole.resize((256, 256), Image.Resampling.BILINEAR, box=crop_box(*whole.size, "shorter-crop")))
+    assert np.array_equal(decode_image(data, 256), from_whole) != scaled_in_the_dct
+
+
 def test_shorter_side_crop_keeps_the_centre_and_squash_keeps_everything():
     assert crop_box(500, 375, "shorter-crop") == (62.5, 0.0, 437.5, 375.0)
     assert crop_box(375, 500, "shorter-crop") == (0.0, 62.5, 375.0, 437.5)
