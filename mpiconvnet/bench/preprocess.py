@@ -9,7 +9,8 @@ S x S raw shards by
           centre crop -> np.asarray, written into one HDF5 dataset (what theano_alexnet-
           style scripts do), on one core;
   ours:   the full `python -m preprocess folder` command (planning, decoding, shard
-          writing, checksums, statistics, index) with --workers N for each N asked.
+          writing, the shard files' sha256, exact statistics, fsync, index) with
+          --workers N for each N asked.
 Runs are interleaved (naive, ours x N, naive, ...) and the best of --repeats kept, because
 the machine may be shared: the best run is the one least disturbed by other load.
 Reported: wall images/s, images/s per core, ours/naive per core (target >= 1.5), the speed-up
@@ -98,7 +99,7 @@ def decode_stage(paths, size, repeats):
         best["ours"] = min(best["ours"], timed(lambda: [decode_image(b, size) for b in blobs])[1])
     naive_ms, ours_ms = (1e3 * best[key] / len(blobs) for key in ("naive", "ours"))
     print(f"decode + resize only, CPU ms per image: naive {naive_ms:.2f}, ours {ours_ms:.2f} "
-          f"({naive_ms / ours_ms:.2f}x); the rest of ours is checksums, statistics, HDF5 and fsync")
+          f"({naive_ms / ours_ms:.2f}x); the rest of ours is the file sha256, statistics, HDF5 and fsync")
 
 
 def main(argv):
