@@ -161,6 +161,7 @@ def main(argv=None):
         bound_repeats = max(20, 4 * args.repeats)
         hot_rate = batch / best_time(lambda: np.copyto(pixels_copy, pixels), bound_repeats)
         pool = dataset.read(np.arange(min(args.pool, dataset.num_images)))
+        dataset.close()
         del pixels_copy
 
         def copy_from_pool():
