@@ -114,6 +114,18 @@ def ten_crop_offsets(image_size, crop_size):
     return np.array([(0, 0), (0, far), (far, 0), (far, far), center_offset(image_size, crop_size)], dtype=np.int64)
 
 
+def check_plan(plan, num_images, image_size, crop_size):
+    """Raise ValueError unless every crop of plan lies inside one of the num_images images."""
+    if not len(plan):
+        return
+    sources, offsets = np.asarray(plan.sources), np.asarray(plan.offsets)
+    if sources.min() < 0 or sources.max() >= num_images:
+        raise ValueError(f"crop sources outside 0..{num_images - 1} for a batch of {num_images} images")
+    if offsets.min() < 0 or offsets.max() > image_size - crop_size:
+        raise ValueError(f"crop offsets outside 0..{image_size - crop_size} for {crop_size}px crops of "
+                         f"{image_size}px images")
+
+
 def crop_batch(images, plan, crop_size, mean_chw, std=None, out=None):
     """float32 (m, 3, crop, crop): the m windows of `plan` cut out of images, normalised.
 
@@ -127,11 +139,7 @@ def crop_batch(images, plan, crop_size, mean_chw, std=None, out=None):
         out = np.empty((num_out, 3, crop_size, crop_size), dtype=np.float32)
     if out.shape != (num_out, 3, crop_size, crop_size) or out.dtype != np.float32:
         raise ValueError(f"out has shape {out.shape} {out.dtype}, expected ({num_out}, 3, {crop_size}, {crop_size}) float32")
-    offsets = np.asarray(offsets)
-    if num_out and (np.min(sources) < 0 or np.max(sources) >= len(images)):
-        raise ValueError(f"crop sources outside 0..{len(images) - 1} for a batch of {len(images)} images")
-    if num_out and (offsets.min() < 0 or offsets.max() > size - crop_size):
-        raise ValueError(f"crop offsets outside 0..{size - crop_size} for {crop_size}px crops of {size}px images")
+    check_plan(plan, len(images), size, crop_size)
     mean_is_image = mean_chw.shape[1] != 1
     inv_std = None if std is None else (1.0 / np.asarray(std, dtype=np.float32)).reshape(3, 1, 1)
     for i in range(num_out):

@@ -358,23 +358,20 @@ class ShardedDataset:
         return out
 
     def _shard(self, number):
-        shard = self._open.get(number)
-        if shard is not None and self._owner_pid == os.getpid():   # the common case, first
-            self._open.move_to_end(number)
-            return shard
         if self._owner_pid != os.getpid():
             # handles inherited through fork belong to the parent; drop them unused
             self._open = OrderedDict()
             self._owner_pid = os.getpid()
             self._max_open = open_file_budget()
-        if number in self._open:
+        shard = self._open.get(number)
+        if shard is not None:
             self._open.move_to_end(number)
-        else:
-            if len(self._open) >= self._max_open:
-                self._open.popitem(last=False)[1].close()
-            self._open[number] = OpenShard(self.shard_files[number], self._attributes,
-                                           int(self.shard_sizes[number]), self.format)
-        return self._open[number]
+            return shard
+        if len(self._open) >= self._max_open:
+            self._open.popitem(last=False)[1].close()
+        shard = self._open[number] = OpenShard(self.shard_files[number], self._attributes,
+                                               int(self.shard_sizes[number]), self.format)
+        return shard
 
     def _read_sorted(self, number, shard, wanted):
         if self.format == "jpeg":

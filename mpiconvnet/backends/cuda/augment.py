@@ -8,6 +8,8 @@ crop. This is what keeps the host loader to moving bytes.
 """
 import numpy as np
 
+from mpiconvnet.data.augment import check_plan
+
 from . import context
 from .memory import empty, to_device
 
@@ -35,12 +37,9 @@ def crop_flip_normalize(images, plan, crop_size, mean_chw, std=None):
         raise ValueError(f"images must be (N, S, S, 3) uint8, got {images.shape} {images.dtype}")
     n, side = images.shape[0], images.shape[1]
     m, size = len(plan), int(crop_size)
+    check_plan(plan, n, side, size)
     sources = np.asarray(plan.sources, dtype=np.int64)
     offsets = np.asarray(plan.offsets, dtype=np.int64).reshape(m, 2)
-    if m and (sources.min() < 0 or sources.max() >= n):
-        raise ValueError(f"crop sources outside 0..{n - 1} for a batch of {n} images")
-    if m and (offsets.min() < 0 or offsets.max() > side - size):
-        raise ValueError(f"crop offsets outside 0..{side - size} for {size}px crops of {side}px images")
     shift = np.zeros((m, 3), np.float32) if plan.lighting is None else np.asarray(plan.lighting, np.float32)
     # the reciprocal exactly as crop_batch takes it, so unlit crops agree bit for bit
     inv_std = np.ones(3, np.float32) if std is None else (1.0 / np.asarray(std, dtype=np.float32)).reshape(3)
