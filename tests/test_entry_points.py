@@ -79,6 +79,18 @@ def test_bench_lists_the_benchmarks_and_refuses_an_unknown_one():
     assert unknown.returncode == 2 and "unknown benchmark 'nope'" in unknown.stderr
 
 
+def test_bench_loader_divides_each_row_by_the_copy_into_the_same_destination():
+    result = run("mpiconvnet.bench", "loader", "--images", "256", "--shard-size", "128", "--batch", "16",
+                 "--batches", "12", "--workers", "0,1", "--pool", "64", "--repeats", "1")
+    assert result.returncode == 0, result.stderr
+    rows = {line[:28].strip(): line.split() for line in result.stdout.splitlines()}
+    assert rows["loader workers=0"][-3:-1] == ["one", "buffer"]   # in-process: one private slot
+    assert rows["loader workers=1"][-2] == "ring"              # a worker: the shared ring
+    for name in ("loader workers=0", "loader workers=1", "copy bound, ring of 3", "copy bound, one buffer"):
+        assert float(rows[name][-1]) > 0, result.stdout
+    assert "ratio (best loader images/s per worker process / copy bound into its ring of 3)" in result.stdout
+
+
 def test_bench_step_runs_a_tiny_model():
     result = run("mpiconvnet.bench", "step", "--model", "alexnet-mini", "--batch", "4", "--threads", "1",
                  "--steps", "1", "--warmup", "0", "--no-torch", "--json")

@@ -13,15 +13,20 @@ the crops, flips and float conversion happen where the model lives
              the files held open
   loader w=N BatchLoader with N worker processes (0: in-process), batches in step order
   copy bound np.copyto of the batch's images, picked at random from an in-memory copy of
-             the data set (up to --pool images), into the batch buffer: the bytes every
-             loader must at least read and write, from memory the CPU caches do not hold
-             (as the page cache is not), with no HDF5 and no IPC. Also printed: the same
-             copy from a cache-hot batch, an upper bound no reader of a data set reaches
+             the data set (up to --pool images), into the next buffer of a ring as large
+             as a 1-worker loader's (--prefetch + 1 batches, a shared mapping like the
+             loader's): the bytes every loader must at least read and write, from and to
+             memory the CPU caches do not hold (the page cache is not in them, and a ring
+             of 3 batches of 12.6 MB is larger than a 32 MB L3), with no HDF5 and no IPC;
+             and the same copy into one buffer, which stays in the L3 from copy to copy
+             (~1.5x faster here), the bound of the rows that fill one buffer (the reads,
+             workers=0). Also printed: the copy of a cache-hot batch, which no reader of
+             a data set reaches
   crop       numpy_backend.crop_flip_normalize of that batch (1 thread): what the
              trainer does per batch on the NumPy backend, against its own bound, np.copyto
              of the uint8 crops into float32
-and prints images/s, images/s per loader process, and that divided by the copy bound
-(target >= 0.5).
+and prints images/s, images/s per loader process, and that divided by the copy bound into
+the same kind of destination (target >= 0.5 for the loader's worker processes).
 """
 import argparse
 import os
@@ -49,6 +54,9 @@ def parse_args(argv):
     parser.add_argument("--pool", type=int, default=2048,
                         help="images held in memory for the copy bound (default 2048: 400 MB at 256 px, "
                              "far beyond the CPU caches)")
+    parser.add_argument("--prefetch", type=int, default=2,
+                        help="batches each loader prepares ahead (default 2, the trainer's default); a loader "
+                             "with 1 worker then fills a ring of prefetch + 1 slots, and so does the copy bound")
     parser.add_argument("--repeats", type=int, default=5, help="repeats of the read/augment/copy timings (best kept)")
     return parser.parse_args(argv)
 
@@ -96,7 +104,7 @@ def time_loader(root, workers, args):
     """
     from mpiconvnet.data.loader import BatchLoader
     with BatchLoader(root, batch_per_rank=args.batch, crop_size=args.crop, epoch=0, seed=0,
-                     workers=workers, prefetch=2, drop_last=False) as loader:
+                     workers=workers, prefetch=args.prefetch, drop_last=False) as loader:
         skipped = loader.num_slots
         timed = min(args.batches, len(loader) - skipped)
         if timed < 4 * skipped:
@@ -115,6 +123,7 @@ def time_loader(root, workers, args):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from mpiconvnet.data import augment
+    from mpiconvnet.data.loader import shared_array
     from mpiconvnet.data.shards import ShardedDataset
 
     temporary = None
@@ -139,36 +148,43 @@ def main(argv=None):
         def random_batch():
             return rng.choice(dataset.num_images, size=batch, replace=False)
 
-        rows = []   # (what, processes, images/s)
+        rows = []   # (what, processes, images/s, destination: "one buffer" or "ring")
         for number in range(len(dataset.shard_files)):
             dataset.read(dataset.shard_offsets[number:number + 1], out=pixels)   # opened once, as in a long epoch
         read_s = best_time(lambda: dataset.read(random_batch(), out=pixels), args.repeats)
-        rows.append(("read (one read() call)", 1, batch / read_s))
+        rows.append(("read (one read() call)", 1, batch / read_s, "one buffer"))
         single_s = best_time(lambda: [dataset.read([i], out=pixels[k:k + 1]) for k, i in enumerate(random_batch())],
                              args.repeats)
-        rows.append(("read (one image per call)", 1, batch / single_s))
+        rows.append(("read (one image per call)", 1, batch / single_s, "one buffer"))
         if dataset.format == "raw":
             floor_s = best_time(lambda: read_with_h5py(dataset, random_batch(), pixels), args.repeats)
-            rows.append(("h5py dataset[i]", 1, batch / floor_s))
+            rows.append(("h5py dataset[i]", 1, batch / floor_s, "one buffer"))
         dataset.close()    # the loaders' workers open their own handles
         for images in _h5py_files.values():
             images.file.close()
         _h5py_files.clear()
         for workers in [int(w) for w in args.workers.split(",")]:
             rate = time_loader(root, workers, args)
-            rows.append((f"loader workers={workers}", max(workers, 1), rate))
+            # workers=0 fills one private slot in the consumer; workers fill a shared ring
+            rows.append((f"loader workers={workers}", max(workers, 1), rate, "ring" if workers else "one buffer"))
         # bounds are the best a plain copy ever does: more repeats (each takes a millisecond)
         bound_repeats = max(20, 4 * args.repeats)
         hot_rate = batch / best_time(lambda: np.copyto(pixels_copy, pixels), bound_repeats)
         pool = dataset.read(np.arange(min(args.pool, dataset.num_images)))
         dataset.close()
         del pixels_copy
+        # the same kind of memory a 1-worker loader fills: a shared mapping of prefetch + 1 slots
+        ring = shared_array((args.prefetch + 1,) + pixels.shape, np.uint8)
+        ring.fill(0)   # map every page now, not inside the timed copies
+        turn = iter(range(10 ** 9))
 
-        def copy_from_pool():
+        def copy_from_pool(destination):
+            out = ring[next(turn) % len(ring)] if destination == "ring" else pixels
             for k, i in enumerate(rng.choice(len(pool), size=batch, replace=False)):
-                np.copyto(pixels[k], pool[i])
-        copy_rate = batch / best_time(copy_from_pool, bound_repeats)
-        del pool
+                np.copyto(out[k], pool[i])
+        bounds = {destination: batch / best_time(lambda: copy_from_pool(destination), bound_repeats)
+                  for destination in ("ring", "one buffer")}
+        del pool, ring
 
         from mpiconvnet.backends import numpy_backend
         numpy_backend.set_num_threads(1)
@@ -177,19 +193,26 @@ def main(argv=None):
         crop_bound = batch / best_time(lambda: np.copyto(crops_f32, crops_u8), args.repeats)
 
         megabytes = batch * size * size * 3 / 1e6
-        print(f"batch {batch} x {size}px uint8 ({megabytes:.1f} MB read and written per batch), {os.cpu_count()} cpus")
-        print(f"{'what':<28}{'procs':>6}{'images/s':>11}{'per proc':>11}{'/ copy':>8}")
-        for what, processes, rate in rows:
-            print(f"{what:<28}{processes:>6}{rate:>11.0f}{rate / processes:>11.0f}{rate / processes / copy_rate:>8.2f}")
-        print(f"{'copy bound (from memory)':<28}{1:>6}{copy_rate:>11.0f}{copy_rate:>11.0f}{1.0:>8.2f}")
-        print(f"{'copy, cache-hot batch':<28}{1:>6}{hot_rate:>11.0f}{hot_rate:>11.0f}{hot_rate / copy_rate:>8.2f}")
+        print(f"batch {batch} x {size}px uint8 ({megabytes:.1f} MB read and written per batch), {os.cpu_count()} cpus; "
+              f"each row against the copy bound into the same destination")
+        print(f"{'what':<28}{'procs':>6}{'images/s':>11}{'per proc':>11}{'destination':>13}{'/ bound':>9}")
+        for what, processes, rate, destination in rows:
+            print(f"{what:<28}{processes:>6}{rate:>11.0f}{rate / processes:>11.0f}{destination:>13}"
+                  f"{rate / processes / bounds[destination]:>9.2f}")
+        ring_name = f"ring of {args.prefetch + 1}"
+        print(f"{'copy bound, ' + ring_name:<28}{1:>6}{bounds['ring']:>11.0f}{bounds['ring']:>11.0f}{ring_name:>13}"
+              f"{1.0:>9.2f}")
+        print(f"{'copy bound, one buffer':<28}{1:>6}{bounds['one buffer']:>11.0f}{bounds['one buffer']:>11.0f}"
+              f"{'one buffer':>13}{1.0:>9.2f}")
+        print(f"{'copy, cache-hot batch':<28}{1:>6}{hot_rate:>11.0f}{hot_rate:>11.0f}")
         print(f"crop+flip+mean on the NumPy backend ({crop}px float32, 1 thread, in the trainer): {crop_rate:.0f} images/s, "
               f"{crop_rate / crop_bound:.2f} of its copy bound ({crop_bound:.0f} images/s uint8 -> float32)")
         loader_rows = [r for r in rows if r[0].startswith("loader workers=") and r[0] != "loader workers=0"]
         if loader_rows:
-            best = max(rate / processes for _, processes, rate in loader_rows)
-            print(f"ratio (best loader images/s per process / copy bound): {best / copy_rate:.2f}  (target >= 0.5; "
-                  f"{best / hot_rate:.2f} of the cache-hot copy)")
+            best = max(rate / processes for _, processes, rate, _ in loader_rows)
+            print(f"ratio (best loader images/s per worker process / copy bound into its {ring_name}): "
+                  f"{best / bounds['ring']:.2f}  (target >= 0.5; {best / bounds['one buffer']:.2f} of the copy into one "
+                  f"buffer, which the L3 helps; {best / hot_rate:.2f} of the cache-hot copy)")
     finally:
         if temporary is not None:
             temporary.cleanup()

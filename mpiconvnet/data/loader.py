@@ -107,7 +107,7 @@ class BatchMaker:
                                           self.pca_lighting)
 
 
-def _shared_array(shape, dtype):
+def shared_array(shape, dtype):
     """A zeroed array in an anonymous shared mapping: forked children write, the parent sees."""
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     buffer = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
@@ -191,8 +191,8 @@ class BatchLoader:
         image_size = self.dataset.image_size
         pixel_shape = (num_slots, batch_per_rank, image_size, image_size, 3)
         if workers:
-            self._pixels = _shared_array(pixel_shape, np.uint8)
-            self._labels = _shared_array((num_slots, batch_per_rank), np.int64)
+            self._pixels = shared_array(pixel_shape, np.uint8)
+            self._labels = shared_array((num_slots, batch_per_rank), np.int64)
         else:
             self._pixels = np.empty(pixel_shape, dtype=np.uint8)
             self._labels = np.empty((num_slots, batch_per_rank), dtype=np.int64)
