@@ -34,16 +34,17 @@ def write_atomic_text(path, text):
 class ShardWriter:
     """Collects one shard's images, then writes and publishes it.
 
-    Raw pixels are written to the HDF5 dataset in blocks of BLOCK images as they arrive (a
-    1,024-image shard at S=256 is 200 MB, too much to hold per worker, and one h5py call
-    per image costs more than the copy); JPEG bytes are collected and written as one flat
+    Raw pixels are written as they arrive, each image as its own chunk with
+    write_direct_chunk (a 1,024-image shard at S=256 is 200 MB, too much to hold per
+    worker; the chunk is the image's bytes unfiltered, so HDF5 has nothing to do but one
+    pwrite: 0.03 ms an image, against 0.11 for block writes through h5py's selection and
+    chunk cache plus the copy into the block); JPEG bytes are collected and written as one flat
     array plus offsets. Per-shard sums for the training statistics are kept as the dataset
     `sum_image` and the attribute `channel_sum_squares`, so a resumed run merges statistics
     without decoding again. They are exact: summed in integers, narrow while they cannot
     overflow (cheap to add), widened into uint64 every WIDEN_EVERY images.
     """
 
-    BLOCK = 64
     # 257 x 255 = 65,535 is the most a uint16 sum holds; 257 x 255^2 fits uint32 easily
     WIDEN_EVERY = 257
 
@@ -68,22 +69,22 @@ class ShardWriter:
         self.recent_count = 0
         self.squared = np.empty(shape, dtype=np.uint16)   # scratch: one image widened, then squared
         self.file = h5py.File(self.tmp_path, "w", locking=False)
-        self.written = 0
         if image_format == "raw":
             shape = (capacity, image_size, image_size, 3)
             self.images = self.file.create_dataset("images", shape=shape, maxshape=shape, dtype=np.uint8,
                                                    chunks=(1, image_size, image_size, 3))
-            self.block = np.empty((min(self.BLOCK, max(capacity, 1)), image_size, image_size, 3), dtype=np.uint8)
         else:
             self.jpeg_stream = io.BytesIO()
 
     def add(self, pixels, label, source, index, encoded=None):
         """Append one decoded image (uint8 S x S x 3); `encoded` holds its JPEG bytes for jpeg shards."""
+        if pixels.shape != self.squared.shape or pixels.dtype != np.uint8:
+            raise ValueError(f"image of shape {pixels.shape} and type {pixels.dtype}; the shard holds uint8 "
+                             f"{self.squared.shape}")
         if self.image_format == "raw":
-            slot = len(self.labels) - self.written
-            self.block[slot] = pixels
-            if slot + 1 == len(self.block):
-                self._flush(slot + 1)
+            # chunk k holds image k: the layout the raw reader maps (one chunk per image).
+            # A raw chunk write checks no shape, hence the check above.
+            self.images.id.write_direct_chunk((len(self.labels), 0, 0, 0), np.ascontiguousarray(pixels))
         else:
             self.jpeg_stream.write(encoded)
             self.jpeg_sizes.append(len(encoded))
@@ -110,11 +111,6 @@ class ShardWriter:
         self.recent_squares.fill(0)
         self.recent_count = 0
 
-    def _flush(self, count):
-        if count:
-            self.images[self.written:self.written + count] = self.block[:count]
-            self.written += count
-
     def skip(self, source, reason):
         self.skipped.append((source, reason))
 
@@ -131,7 +127,6 @@ class ShardWriter:
         count = len(self.labels)
         shard = self.file
         if self.image_format == "raw":
-            self._flush(count - self.written)
             self.images.resize(count, axis=0)
         else:
             offsets = np.zeros(count + 1, dtype=np.int64)
