@@ -70,7 +70,7 @@ def _fsync_dir(folder):
 def load(path):
     """(params, velocity, meta) from a checkpoint file."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} not found; give an existing file or --resume auto")
+        raise CheckpointError(f"checkpoint {path} not found")
     try:
         with h5py.File(path, "r") as f:
             version = int(f.attrs.get("format_version", -1))

@@ -101,8 +101,15 @@ def launched_by_mpi(environ=os.environ):
     return False
 
 
+class SetupError(RuntimeError):
+    """This rank cannot start: no pycuda or CUDA driver, no GPU left for it, libraries not
+    found, or an MPI without the thread level the overlap needs. str() is one line, with
+    the fix; entry points print it and exit 2."""
+
+
 def init(backend="numpy", threads=1, allow_gpu_sharing=False, need_threads=True):
     """Set up MPI (when launched under it), pick this rank's GPU, and install the abort hook.
+    Raises SetupError when this rank cannot start.
 
     `need_threads`: the gradient allreduce runs from a communication thread while the
     main thread computes, so MPI must allow calls from more than one thread (the main
@@ -121,8 +128,8 @@ def init(backend="numpy", threads=1, allow_gpu_sharing=False, need_threads=True)
         from mpi4py import MPI
         provided = MPI.Query_thread()
         if need_threads and provided < MPI.THREAD_SERIALIZED:
-            raise RuntimeError(f"MPI gives thread level {provided}, the overlapped allreduce needs "
-                               f"MPI_THREAD_SERIALIZED or better; run with --overlap false")
+            raise SetupError(f"MPI gives thread level {provided}, the overlapped allreduce needs "
+                             f"MPI_THREAD_SERIALIZED or better; run with --overlap false")
         comm = MPI.COMM_WORLD.Dup()
         if local_rank is None or local_size is None:
             node = comm.Split_type(MPI.COMM_TYPE_SHARED)
@@ -140,7 +147,12 @@ def init(backend="numpy", threads=1, allow_gpu_sharing=False, need_threads=True)
 
 def _initialize_gpu(local_rank, local_size, allow_sharing):
     from mpiconvnet.backends import get_backend
-    get_backend("cuda").initialize(local_rank, local_size, allow_sharing)
+    try:
+        get_backend("cuda").initialize(local_rank, local_size, allow_sharing)
+    except RuntimeError as e:
+        # the CUDA backend's set-up errors (import_driver, choose_device, the library
+        # search, cuDNN/cuBLAS handles) are RuntimeErrors whose message says what to do
+        raise SetupError(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
 
 
 class Heartbeat:

@@ -43,6 +43,10 @@ def main(argv=None):
             print(f"mpiconvnet.evaluate: {path} holds no checkpoints/ckpt-*.h5; give a checkpoint file", file=sys.stderr)
             return 2
         path = found[-1]
+    elif not os.path.isfile(path):
+        print(f"mpiconvnet.evaluate: --checkpoint {path}: no such file or directory; give a checkpoint file or a "
+              f"run directory", file=sys.stderr)
+        return 2
     if args.batch < 1:
         print(f"mpiconvnet.evaluate: --batch {args.batch} must be at least 1", file=sys.stderr)
         return 2
@@ -57,7 +61,7 @@ def main(argv=None):
                              f"{meta['num_classes']}; evaluate on the data set it was trained on")
         net = build_model(cfg.model, num_classes=meta["num_classes"], backend=backend, dtype=cfg.dtype, seed=cfg.seed)
         net.load_state_dict(params, source=path)
-    except (checkpoint.CheckpointError, DatasetError, ModelError) as e:
+    except (checkpoint.CheckpointError, DatasetError, ModelError, distributed.SetupError) as e:
         print(f"mpiconvnet.evaluate: {e}", file=sys.stderr)
         return 2
     result = evaluate(net, world, args.data, args.batch, crops=args.crops, mean=cfg.mean, workers=args.workers,

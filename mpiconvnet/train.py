@@ -49,7 +49,12 @@ def main(argv=None):
     except ConfigError as e:
         print(f"mpiconvnet.train: {e}", file=sys.stderr)
         return EXIT_USAGE
-    world = distributed.init(cfg.backend, cfg.threads, cfg.allow_gpu_sharing, need_threads=cfg.overlap)
+    try:
+        world = distributed.init(cfg.backend, cfg.threads, cfg.allow_gpu_sharing, need_threads=cfg.overlap)
+    except distributed.SetupError as e:
+        # every rank says it: a rank with no GPU left may be the only one that fails
+        print(f"mpiconvnet.train: {e}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         # every rank runs the same checks on the same inputs, so all of them stop together
         if not cfg.data:

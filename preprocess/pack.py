@@ -209,11 +209,12 @@ def pack(args, gather):
     started = time.perf_counter()
 
     def plan_everything():
-        os.makedirs(out_dir, exist_ok=True)
         classes, class_names, splits = gather(args)
         if not classes:
             raise InputError("no classes found; check --train")
         plan = make_plan(args, classes, class_names, splits)
+        # only now: bad inputs must leave no empty --out folder behind
+        os.makedirs(out_dir, exist_ok=True)
         record_plan(out_dir, plan)
         return plan, splits
 

@@ -82,7 +82,8 @@ def verify_dataset(root, decode=True, log=print):
                                f"images, its shards hold {total}; {REPACK_HINT}")
         if len(np.unique(positions)) != len(positions):
             raise DatasetError(f"{root}: split {split!r} holds an input twice; {REPACK_HINT}")
-        log(f"verify: {split}: {total} images in {len(entry['shards'])} shards ok")
+        count = len(entry["shards"])
+        log(f"verify: {split}: {total} images in {count} shard{'' if count == 1 else 's'} ok")
     mean_path = os.path.join(root, index.get("mean_image", MEAN_IMAGE_FILE))
     if not os.path.isfile(mean_path):
         raise DatasetError(f"{mean_path} not found; {REPACK_HINT}")

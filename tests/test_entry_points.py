@@ -40,7 +40,7 @@ def test_evaluate_prints_json_for_a_run_directory(trained):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--checkpoint", "/nonexistent.h5"], "checkpoint /nonexistent.h5 not found"),
+    (["--checkpoint", "/nonexistent.h5"], "--checkpoint /nonexistent.h5: no such file or directory"),
     (["--batch", "0"], "--batch 0 must be at least 1"),
 ])
 def test_evaluate_bad_input_is_one_line_and_exit_2(trained, args, message):
@@ -89,6 +89,18 @@ def test_bench_loader_divides_each_row_by_the_copy_into_the_same_destination():
     for name in ("loader workers=0", "loader workers=1", "copy bound, ring of 3", "copy bound, one buffer"):
         assert float(rows[name][-1]) > 0, result.stdout
     assert "ratio (best loader images/s per worker process / copy bound into its ring of 3)" in result.stdout
+
+
+def test_bench_step_on_cuda_without_pycuda_is_one_line_and_exit_2():
+    try:
+        import pycuda  # noqa: F401
+        pytest.skip("pycuda is installed here: the missing-pycuda message cannot show")
+    except ImportError:
+        pass
+    result = run("mpiconvnet.bench", "step", "--model", "alexnet-mini", "--batch", "4", "--backend", "cuda",
+                 "--steps", "1", "--no-torch")
+    assert result.returncode == 2 and result.stderr.strip().startswith("bench step: --backend cuda needs pycuda")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_bench_step_runs_a_tiny_model():

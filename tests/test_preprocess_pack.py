@@ -76,6 +76,7 @@ def test_nothing_usable_exits_non_zero(tmp_path):
     (tmp_path / "train" / "a" / "x.jpg").write_bytes(b"")
     assert main(["folder", "--train", str(tmp_path / "train"), "--out", str(tmp_path / "out")] + PACK) == 1
     assert main(["folder", "--train", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")] + PACK) == 2
+    assert not (tmp_path / "o2").exists()   # a refused command leaves no --out folder behind
 
 
 def test_bad_flags_are_one_line_errors(tree, tmp_path, capsys):

@@ -288,6 +288,33 @@ def test_bad_input_is_one_line_and_exit_2(data, tmp_path, args, message):
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
+def test_backend_cuda_without_pycuda_is_one_line_and_exit_2(data, tmp_path):
+    try:
+        import pycuda  # noqa: F401
+        pytest.skip("pycuda is installed here: the missing-pycuda message cannot show")
+    except ImportError:
+        pass
+    result = train(["--data", data, "--out", str(tmp_path / "run"), "--backend", "cuda"], check=False)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--backend cuda needs pycuda" in lines[0] and "--backend numpy" in lines[0]
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_gpu_set_up_failure_becomes_a_setup_error_with_its_first_line(monkeypatch):
+    from mpiconvnet import distributed
+    from mpiconvnet.backends import cuda
+    from mpiconvnet.backends.cuda import device
+
+    def no_gpu_left(local_rank, local_size, allow_sharing):
+        raise device.DeviceChoiceError("rank with local rank 2 has no GPU: 2 visible; run fewer ranks per node\n"
+                                       "(details)")
+    monkeypatch.setattr(cuda, "initialize", no_gpu_left)
+    with pytest.raises(distributed.SetupError) as e:
+        distributed._initialize_gpu(2, 3, False)
+    assert str(e.value) == "rank with local rank 2 has no GPU: 2 visible; run fewer ranks per node"
+
+
 @pytest.mark.mpi
 @needs_mpiexec
 def test_a_global_batch_that_does_not_divide_by_the_ranks_is_refused(data, tmp_path):

@@ -10,6 +10,7 @@ shows the GFLOP/s each implementation reaches.
 """
 import argparse
 import json
+import sys
 import time
 
 import numpy as np
@@ -94,7 +95,13 @@ def main(argv):
     args = p.parse_args(argv)
 
     from mpiconvnet.backends import get_backend
-    from mpiconvnet.distributed import set_blas_threads
+    from mpiconvnet.distributed import SetupError, init, set_blas_threads
+    if args.backend == "cuda":
+        try:
+            init("cuda", args.threads, need_threads=False)   # one process: device 0, or a one-line error
+        except SetupError as e:
+            print(f"bench step: {e}", file=sys.stderr)
+            return 2
     set_blas_threads(args.threads)
     get_backend(args.backend).set_num_threads(args.threads)   # after: the NumPy backend keeps BLAS at 1
     rng = np.random.default_rng(0)
