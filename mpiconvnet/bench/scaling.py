@@ -11,6 +11,11 @@ rank, the same batch per rank at every rank count; the data loader has its own b
 averaging steps of --sync params), the median is printed beside it. Target: >= 0.9 at
 2 ranks. Run it on an otherwise idle machine: with ranks = cores, anything else running
 takes its time out of the ranks'.
+
+Also measured, as a control: the same N ranks computing the same steps with no
+communication at all. Its ratio to 1 rank is what the machine itself allows N processes
+(shared memory bandwidth, caches, clocks), a bound for any synchronous method; the
+target's ratio divided by it is what communication costs.
 """
 import argparse
 import json
@@ -45,7 +50,10 @@ def worker(args):
     for step in range(args.warmup + args.steps):
         world.barrier()
         start = time.perf_counter()
-        if args.sync == "grads":
+        if args.no_communication:   # the control: each rank on its own, the same work
+            net.loss_and_grads(x, labels, step=step, sample_offset=world.rank * args.batch)
+            opt.step(net.grads, 0.001)
+        elif args.sync == "grads":
             reducer.begin()
             net.loss_and_grads(x, labels, step=step, sample_offset=world.rank * args.batch,
                                on_grads_ready=reducer.grads_ready, grad_scale=1.0 / world.size)
@@ -70,12 +78,12 @@ def worker(args):
     return 0
 
 
-def run_with(ranks, args):
+def run_with(ranks, args, communicate=True):
     mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     command = [mpiexec, "-n", str(ranks), sys.executable, "-m", "mpiconvnet.bench", "scaling", "--worker",
                "--model", args.model, "--batch", str(args.batch), "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--overlap", args.overlap, "--sync", args.sync,
-               "--average-every", str(args.average_every)]
+               "--average-every", str(args.average_every)] + ([] if communicate else ["--no-communication"])
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
     out = subprocess.run(command, env=env, capture_output=True, text=True)
     if out.returncode != 0:
@@ -97,6 +105,7 @@ def main(argv):
                         "--average-every steps (the trainer's --sync)")
     p.add_argument("--average-every", type=int, default=1, help="--sync params: steps between averagings")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--no-communication", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.average_every < 1:
         p.error(f"--average-every must be at least 1, got {args.average_every}")
@@ -107,6 +116,7 @@ def main(argv):
         return worker(args)
     one = run_with(1, args)
     many = run_with(args.ranks, args)
+    alone = run_with(args.ranks, args, communicate=False)
     mode = (f"allreduce overlap {args.overlap}" if args.sync == "grads"
             else f"parameter averaging every {args.average_every} steps")
     print(f"{args.model}, batch {args.batch} per rank, 1 thread per rank, {mode}, mean of {args.steps} steps")
@@ -114,6 +124,12 @@ def main(argv):
     for r in (one, many):
         print(f"{r['ranks']:>6}{r['step_s']:>10.3f}{r['median_step_s']:>10.3f}{r['per_rank_images_per_s']:>20.1f}"
               f"{r['per_rank_images_per_s'] * r['ranks']:>16.1f}")
+    r = alone
+    print(f"{r['ranks']:>6}{r['step_s']:>10.3f}{r['median_step_s']:>10.3f}{r['per_rank_images_per_s']:>20.1f}"
+          f"{r['per_rank_images_per_s'] * r['ranks']:>16.1f}   control: no communication")
     ratio = many["per_rank_images_per_s"] / one["per_rank_images_per_s"]
+    bound = alone["per_rank_images_per_s"] / one["per_rank_images_per_s"]
     print(f"per-rank throughput at {args.ranks} ranks / 1 rank: {ratio:.2f}   (target >= 0.9)")
+    print(f"the machine's own bound ({args.ranks} ranks without communication / 1 rank): {bound:.2f}; "
+          f"communication keeps {ratio / bound:.2f} of it")
     return 0
