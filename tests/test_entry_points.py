@@ -103,6 +103,17 @@ def test_bench_step_on_cuda_without_pycuda_is_one_line_and_exit_2():
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+@pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(sys.executable), "mpiexec")),
+                    reason="no mpiexec next to this Python")
+def test_bench_scaling_reports_the_ratio_and_the_control_without_communication():
+    result = run("mpiconvnet.bench", "scaling", "--batch", "4", "--steps", "2", "--warmup", "0")
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [row[0] for row in rows] == ["1", "2", "2"] and rows[2][-3:] == ["control:", "no", "communication"]
+    assert "per-rank throughput at 2 ranks / 1 rank:" in result.stdout
+    assert "the machine's own bound (2 ranks without communication / 1 rank):" in result.stdout
+
+
 def test_bench_step_runs_a_tiny_model():
     result = run("mpiconvnet.bench", "step", "--model", "alexnet-mini", "--batch", "4", "--threads", "1",
                  "--steps", "1", "--warmup", "0", "--no-torch", "--json")
