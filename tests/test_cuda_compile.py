@@ -115,13 +115,11 @@ def _suffix(dtype):
 @pytest.mark.parametrize("p, seed, counter, offset", [(0.5, 1, 0, 0), (0.3, 2 ** 40 + 3, 17, 12345), (0.9, 7, 5, 2 ** 32 - 10)])
 def test_dropout_kernel_bit_for_bit(host_kernels, dtype, p, seed, counter, offset):
     from mpiconvnet.backends import numpy_backend as nb
-    from mpiconvnet.backends.cuda.layers import dropout_base, dropout_threshold
     x = np.random.default_rng(0).standard_normal((7, 50)).astype(dtype)
     y, mask = np.full_like(x, np.nan), np.full_like(x, np.nan)
     scale = float(np.dtype(dtype).type(1.0 / (1.0 - p)))
-    getattr(host_kernels["dropout.cu"], "dropout_forward" + _suffix(dtype))(
-        _p(y), _p(mask), _p(x), ctypes.c_longlong(x.size), ctypes.c_uint32(dropout_base(seed, counter)),
-        ctypes.c_uint32(offset & 0xFFFFFFFF), ctypes.c_uint32(dropout_threshold(p)), _scalar(dtype, scale))
+    # the plain case: one row of n elements (cols = n, row_stride = 0), index = offset + i
+    _host_dropout_forward(host_kernels, y, mask, x, x.size, 0, seed, counter, offset, p)
     y_ref, mask_ref = nb.dropout_forward(x, p, seed, counter, offset)
     np.testing.assert_array_equal(mask, mask_ref)
     np.testing.assert_array_equal(y, y_ref)
@@ -129,6 +127,83 @@ def test_dropout_kernel_bit_for_bit(host_kernels, dtype, p, seed, counter, offse
     getattr(host_kernels["dropout.cu"], "dropout_apply" + _suffix(dtype))(
         _p(dx), _p(x), _p(mask), ctypes.c_longlong(x.size), _scalar(dtype, scale))
     np.testing.assert_array_equal(dx, nb.dropout_backward(x, mask_ref, p))
+
+
+def _host_dropout_forward(host_kernels, y, mask, x, cols, row_stride, seed, counter, offset, p):
+    from mpiconvnet.backends.cuda.layers import dropout_base, dropout_threshold
+    scale = float(x.dtype.type(1.0 / (1.0 - p)))
+    getattr(host_kernels["dropout.cu"], "dropout_forward" + _suffix(x.dtype))(
+        _p(y), _p(mask), _p(x), ctypes.c_longlong(x.size), ctypes.c_longlong(cols), ctypes.c_uint32(row_stride),
+        ctypes.c_uint32(dropout_base(seed, counter)), ctypes.c_uint32(offset & 0xFFFFFFFF),
+        ctypes.c_uint32(dropout_threshold(p)), _scalar(x.dtype, scale))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("p, seed, counter, offset", [(0.5, 1, 0, 0), (0.3, 2 ** 40 + 3, 17, 12345), (0.9, 7, 5, 2 ** 32 - 10)])
+def test_dropout_kernel_row_stride_bit_for_bit(host_kernels, dtype, p, seed, counter, offset):
+    # columns 13 to 40 of a (7, 50) matrix: the kernel draws the reference's mask for that
+    # slice, which is the whole matrix's mask in those columns
+    from mpiconvnet.backends import numpy_backend as nb
+    whole = np.random.default_rng(1).standard_normal((7, 50)).astype(dtype)
+    start, stop = 13, 41
+    x = np.ascontiguousarray(whole[:, start:stop])
+    y, mask = np.full_like(x, np.nan), np.full_like(x, np.nan)
+    _host_dropout_forward(host_kernels, y, mask, x, x.shape[1], whole.shape[1], seed, counter, offset + start, p)
+    y_ref, mask_ref = nb.dropout_forward(x, p, seed, counter, offset + start, row_stride=whole.shape[1])
+    np.testing.assert_array_equal(mask, mask_ref)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(mask, nb.dropout_forward(whole, p, seed, counter, offset)[1][:, start:stop])
+
+
+class _HostArray(np.ndarray):
+    """A host array with the .ptr the CUDA backend's wrappers pass to kernels."""
+
+    @property
+    def ptr(self):
+        return self.ctypes.data
+
+
+class _HostState:
+    """Stands in for the CUDA backend's state: launch() calls the host-compiled kernel with
+    the argument types context.KERNELS declares, so the wrapper's arguments are checked too."""
+
+    def __init__(self, libs):
+        self.libs = libs
+
+    def launch(self, name, dtype, n, *args):
+        from mpiconvnet.backends.cuda.context import KERNELS
+        filename, signature = KERNELS[name]
+        kernel = getattr(self.libs[filename], name + _suffix(dtype))
+        floating = ctypes.c_float if np.dtype(dtype) == np.float32 else ctypes.c_double
+        types = {"P": ctypes.c_void_p, "q": ctypes.c_longlong, "i": ctypes.c_int, "I": ctypes.c_uint32, "F": floating}
+        kernel.argtypes = [types[kind] for kind in signature]
+        kernel(*args)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cuda_dropout_wrapper_matches_reference_on_the_host(host_kernels, monkeypatch, dtype):
+    # cuda.layers.dropout_forward with its kernel run on the host: the plain and the
+    # row_stride cases against the reference, outputs poisoned with NaN
+    from mpiconvnet.backends import numpy_backend as nb
+    from mpiconvnet.backends.cuda import layers
+    monkeypatch.setattr(layers.context, "get", lambda: _HostState(host_kernels))
+    monkeypatch.setattr(layers, "empty", lambda shape, dt: np.full(shape, np.nan, dt).view(_HostArray))
+    whole = np.random.default_rng(2).standard_normal((5, 3, 40)).astype(dtype).view(_HostArray)
+    p, seed, counter, offset = 0.4, 2 ** 35 + 9, 21, 2 ** 32 - 30
+    y, mask = layers.dropout_forward(whole, p, seed, counter, offset)
+    y_ref, mask_ref = nb.dropout_forward(np.asarray(whole), p, seed, counter, offset)
+    np.testing.assert_array_equal(mask, mask_ref)
+    np.testing.assert_array_equal(y, y_ref)
+    matrix = np.asarray(whole).reshape(5, 120)
+    start, stop = 70, 110
+    x = np.ascontiguousarray(matrix[:, start:stop]).view(_HostArray)
+    y, mask = layers.dropout_forward(x, p, seed, counter, offset + start, row_stride=120)
+    y_ref, mask_ref = nb.dropout_forward(np.asarray(x), p, seed, counter, offset + start, row_stride=120)
+    np.testing.assert_array_equal(mask, mask_ref)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(mask, nb.dropout_forward(matrix, p, seed, counter, offset)[1][:, start:stop])
+    with pytest.raises(ValueError, match="row_stride=120 needs a 2-D x"):
+        layers.dropout_forward(whole, p, seed, counter, row_stride=120)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

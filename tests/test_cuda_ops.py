@@ -225,6 +225,25 @@ def test_dropout_matches_reference_bit_for_bit(cb, nb, rng, dtype, p, seed, coun
     np.testing.assert_array_equal(cb.to_host(dx), nb.dropout_backward(dy, mask_ref, p))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p, seed, counter, offset", [(0.5, 1, 0, 0), (0.3, 2 ** 40 + 3, 17, 12345),
+                                                      (0.9, 7, 2 ** 33, 2 ** 32 - 10)])
+def test_dropout_row_stride_matches_reference_bit_for_bit(cb, nb, rng, dtype, p, seed, counter, offset):
+    # a rank holding columns 100 to 249 of an (8, 300) activation draws the reference's mask
+    # for that slice, which is the whole matrix's mask in those columns
+    whole = rng.standard_normal((8, 300)).astype(dtype)
+    start, stop = 100, 250
+    x = np.ascontiguousarray(whole[:, start:stop])
+    y_ref, mask_ref = nb.dropout_forward(x, p, seed, counter, offset + start, row_stride=whole.shape[1])
+    np.testing.assert_array_equal(mask_ref, nb.dropout_forward(whole, p, seed, counter, offset)[1][:, start:stop])
+    poison(cb, x.shape, dtype, copies=4)
+    y, mask = cb.dropout_forward(cb.to_device(x), p, seed, counter, offset + start, row_stride=whole.shape[1])
+    np.testing.assert_array_equal(cb.to_host(mask), mask_ref)
+    np.testing.assert_array_equal(cb.to_host(y), y_ref)
+    with pytest.raises(ValueError, match="needs a 2-D x"):
+        cb.dropout_forward(cb.to_device(x.reshape(2, 4, -1)), p, seed, counter, row_stride=whole.shape[1])
+
+
 # --- dense ------------------------------------------------------------------------------------
 
 

@@ -334,6 +334,40 @@ def test_dropout_offset_splits_the_batch():
     np.testing.assert_array_equal(np.concatenate([top, bottom]), whole)
 
 
+@pytest.mark.parametrize("trial", range(4))
+def test_dropout_row_stride_splits_the_columns(trial):
+    # ranks holding column slices of a (B, H) activation draw exactly the columns of the
+    # mask one rank holding the whole matrix draws (offset = first column + the sample
+    # offset, row_stride = H); the sample offset near 2**32 makes the index wrap
+    rng = np.random.default_rng(trial)
+    rows, width = int(rng.integers(1, 9)), int(rng.integers(6, 70))
+    sample_offset = int(rng.choice([0, int(rng.integers(0, 10**6)), 2**32 - int(rng.integers(1, 200))]))
+    seed, counter, p = int(rng.integers(0, 2**40)), int(rng.integers(0, 2**33)), float(rng.uniform(0.1, 0.9))
+    x = rng.standard_normal((rows, width)).astype(np.float32)
+    y_whole, whole = B.dropout_forward(x, p, seed, counter, sample_offset)
+    # the whole matrix with row_stride = its own width is the plain flat-index mask
+    np.testing.assert_array_equal(B.dropout_forward(x, p, seed, counter, sample_offset, row_stride=width)[1], whole)
+    parts = int(rng.integers(2, 4))
+    bounds = [0, *sorted(rng.choice(np.arange(1, width), parts - 1, replace=False).tolist()), width]
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        y, mask = B.dropout_forward(np.ascontiguousarray(x[:, start:stop]), p, seed, counter,
+                                    sample_offset + start, row_stride=width)
+        np.testing.assert_array_equal(mask, whole[:, start:stop])
+        np.testing.assert_array_equal(y, y_whole[:, start:stop])
+    # and the definition itself, element by element
+    start = bounds[1]
+    keep = B.dropout_keep(seed, counter, (rows, width - start), p, sample_offset + start, row_stride=width)
+    threshold = int(p * 2**32)
+    expected = [[scalar_hash(seed % 2**32, counter % 2**32, (sample_offset + start + r * width + c) % 2**32) >= threshold
+                 for c in range(width - start)] for r in range(rows)]
+    np.testing.assert_array_equal(keep, expected)
+
+
+def test_dropout_row_stride_needs_a_matrix():
+    with pytest.raises(ValueError, match=r"row_stride=12 needs a 2-D x .*\(2, 3, 4\)"):
+        B.dropout_forward(np.ones((2, 3, 4), dtype=np.float32), 0.5, 1, 2, row_stride=12)
+
+
 def test_dropout_masks():
     x = np.ones((1000, 1000), dtype=np.float32)
     y, mask = B.dropout_forward(x, 0.5, seed=11, counter=4)

@@ -35,13 +35,17 @@ Elementwise and pooling
     maxpool_forward(x, size, stride) -> y     no padding, floor division of sizes
     maxpool_backward(x, y, dy, size, stride) -> dx
         ties: the gradient goes to the first maximum in row-major window order.
-    dropout_forward(x, p, seed, counter, offset=0) -> (y, mask)
+    dropout_forward(x, p, seed, counter, offset=0, row_stride=None) -> (y, mask)
         inverted dropout: y = x * mask / (1 - p). mask (same shape as x, x's dtype, 0 or 1)
-        is a pure function of (seed, counter, offset + flat element index) through the
-        counter-based hash `dropout_keep(seed, counter, n, p, offset)` in numpy_backend, so
-        every backend draws the same mask, a resumed run draws the masks it would have
-        drawn, and rank r (offset = its first sample's position in the global batch times
-        the features per sample) draws the rows one rank with the whole batch would draw.
+        is a pure function of (seed, counter, i) through the counter-based hash
+        `dropout_keep(seed, counter, shape, p, offset, row_stride)` in numpy_backend, with
+        i = offset + flat element index, or, given row_stride, x: (rows, cols) and
+        i = offset + r * row_stride + c for element (r, c) (uint32 arithmetic). So every
+        backend draws the same mask, a resumed run draws the masks it would have drawn,
+        rank r (offset = its first sample's position in the global batch times the
+        features per sample) draws the rows one rank with the whole batch would draw, and
+        a rank holding columns c0.. of a (rows, H) activation (offset = c0, row_stride = H)
+        draws those columns of the whole matrix's mask.
     dropout_backward(dy, mask, p) -> dx
 
 Dense  x: (N, F)  w: (O, F)  b: (O,)  y: (N, O)   (PyTorch's nn.Linear layout)

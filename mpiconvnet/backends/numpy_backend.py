@@ -12,7 +12,9 @@ Conventions pinned here (and tested against PyTorch in tests/test_numpy_ops.py):
 - max pooling has no padding; a tie gives the gradient to the first maximum (row-major);
 - dropout is inverted (scaled by 1/(1-p) in training) with masks from `dropout_keep`, a
   counter-based hash of (seed, counter, offset + element index) that every backend
-  reproduces (numpy_ops/dropout.py gives the exact definition).
+  reproduces; with row_stride, element (r, c) of a 2-D x has index r * row_stride + c, so
+  a column slice draws its columns of the whole matrix's mask (numpy_ops/dropout.py gives
+  the exact definition).
 
 Each family of ops lives in numpy_ops/ (conv, lrn, pool, relu, dropout, dense, update).
 Threads: `set_num_threads(n)` (default OMP_NUM_THREADS, else 1) runs the ops over slices of

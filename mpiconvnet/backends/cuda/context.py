@@ -26,7 +26,7 @@ PREBUILT_DIR = os.path.join(KERNEL_DIR, "prebuilt")
 KERNELS = {
     "bias_add_rows": ("bias.cu", "PPqi"),
     "sum_rows": ("bias.cu", "PPii"),
-    "dropout_forward": ("dropout.cu", "PPPqIIIF"),
+    "dropout_forward": ("dropout.cu", "PPPqqIIIIF"),
     "dropout_apply": ("dropout.cu", "PPPqF"),
     "sgd_momentum": ("sgd.cu", "PPPqFFF"),
     "scale": ("sgd.cu", "PqF"),

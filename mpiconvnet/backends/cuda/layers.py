@@ -177,15 +177,23 @@ def dropout_threshold(p):
     return min(int(np.floor(p * 2.0 ** 32)), MASK32)
 
 
-def dropout_forward(x, p, seed, counter, offset=0):
+def dropout_forward(x, p, seed, counter, offset=0, row_stride=None):
     st = context.get()
     threshold = dropout_threshold(p)
+    if row_stride is None:
+        # one row of n elements: index = offset + flat index, as in the reference
+        cols, row_stride = int(x.size), 0
+    elif len(x.shape) == 2:
+        cols = int(x.shape[1])
+    else:
+        raise ValueError(f"dropout: row_stride={row_stride} needs a 2-D x (rows, cols), got shape {tuple(x.shape)}; "
+                         f"reshape x to 2-D or leave row_stride=None")
     y = empty(x.shape, x.dtype)
     mask = empty(x.shape, x.dtype)
     # the reference multiplies by 1/(1-p) rounded to x's dtype; so do we, for equal bits
     scale = float(x.dtype.type(1.0 / (1.0 - p)))
-    st.launch("dropout_forward", x.dtype, x.size, y.ptr, mask.ptr, x.ptr, int(x.size), dropout_base(seed, counter),
-              int(offset) & MASK32, threshold, scale)
+    st.launch("dropout_forward", x.dtype, x.size, y.ptr, mask.ptr, x.ptr, int(x.size), cols, int(row_stride) & MASK32,
+              dropout_base(seed, counter), int(offset) & MASK32, threshold, scale)
     return y, mask
 
 
