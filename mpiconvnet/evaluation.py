@@ -34,6 +34,13 @@ def evaluate(net, world, data_dir, batch_per_rank, crops=1, mean="channel", work
     with BatchLoader(data_dir, split=split, rank=world.rank, size=world.size, batch_per_rank=batch_per_rank,
                      epoch=0, start_step=0, seed=seed, crop_size=net.input_size, train=False, mean=mean,
                      divide_by_std=net.spec.standardize_input, workers=workers, crops=crops) as loader:
+        missing_steps = 0
+        if net.shards is not None and world.size > 1:
+            # a split model's forward is a collective: a rank whose share of the split runs
+            # out first (shares differ by at most one image) joins the others' last steps
+            # with no images. Agreed on before the first step, as a collective of its own.
+            from mpi4py import MPI
+            missing_steps = world.comm.allreduce(len(loader), op=MPI.MAX) - len(loader)
         for batch in loader:
             labels = batch.labels
             n = len(labels)
@@ -44,6 +51,8 @@ def evaluate(net, world, data_dir, batch_per_rank, crops=1, mean="channel", work
                 probabilities = probabilities.reshape(n, crops, -1).mean(axis=1)
             top1, top5, loss = score_batch(probabilities, labels)
             totals += (top1, top5, loss, n)
+        for _ in range(missing_steps):
+            net.forward(np.zeros((0, 3, net.input_size, net.input_size), net.dtype), train=False)
     top1, top5, loss, images = world.allreduce_sum(totals)
     images = max(images, 1)
     return {"top1": top1 / images, "top5": top5 / images, "loss": loss / images, "images": int(images)}

@@ -134,8 +134,11 @@ class Dropout(Layer):
     so N ranks draw exactly the masks one rank with the whole batch would draw.
     """
 
-    def __init__(self, ops, p, index):
+    def __init__(self, ops, p, index, columns=None):
         self.ops, self.p, self.index = ops, p, index
+        # (start, width): x holds columns start.. of a (global batch, width) activation split
+        # across ranks (--parallel hybrid); its mask is those columns of the whole one's
+        self.columns = columns
 
     def output_shape(self, shape):
         return shape
@@ -144,9 +147,13 @@ class Dropout(Layer):
         if not ctx.train or self.p == 0:
             self.mask = None
             return x
+        counter = ctx.dropout_counter(self.index)
+        if self.columns is not None:
+            start, width = self.columns
+            y, self.mask = self.ops.dropout_forward(x, self.p, ctx.seed, counter, start, row_stride=width)
+            return y
         per_sample = int(np.prod(x.shape[1:]))
-        y, self.mask = self.ops.dropout_forward(x, self.p, ctx.seed, ctx.dropout_counter(self.index),
-                                                ctx.sample_offset * per_sample)
+        y, self.mask = self.ops.dropout_forward(x, self.p, ctx.seed, counter, ctx.sample_offset * per_sample)
         return y
 
     def backward(self, dy, need_dx):

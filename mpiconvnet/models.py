@@ -28,6 +28,7 @@ import numpy as np
 
 from mpiconvnet.backends import get_backend
 from mpiconvnet.layers import LRN, Conv, Dropout, Flatten, Linear, MaxPool, ReLU
+from mpiconvnet.model_parallel import GatherBatch, GatherColumns, LocalRows
 
 
 @dataclass
@@ -136,20 +137,35 @@ class ModelError(ValueError):
 
 # --------------------------------------------------------------------------- the network
 
-def build_layers(name, num_classes, ops, dropout=0.5):
-    """The layers of model `name` over backend module `ops`, and its parameter shapes."""
+def build_layers(name, num_classes, ops, dropout=0.5, shards=None):
+    """The layers of model `name` over backend module `ops`, and its parameter shapes.
+
+    With `shards` (model_parallel.Shards, --parallel hybrid) each fully connected layer
+    holds this rank's rows only and gathers are put around them (model_parallel.py); the
+    shapes are then this rank's.
+    """
     if name not in MODELS:
         raise ModelError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     spec = MODELS[name]
     layers, shape, dropouts = [], (1, 3, spec.input_size, spec.input_size), 0
+    split_width = None   # full width of the split activation between two split fc layers
     for item in spec.features + spec.classifier:
         kind = item[0]
+        if kind == "fc" and shards is not None:
+            layers.append(GatherBatch(shards) if split_width is None else GatherColumns(shards))
+            shape = layers[-1].output_shape(shape)
         if kind == "conv":
             _, lname, out_ch, k, stride, pad, groups = item
             layer = Conv(ops, lname, shape[1], out_ch, k, stride, pad, groups)
         elif kind == "fc":
             _, lname, out = item
-            layer = Linear(ops, lname, shape[1], out or num_classes)
+            out = out or num_classes
+            if shards is not None:
+                if out % shards.size:
+                    raise ModelError(f"--parallel hybrid splits {lname}'s {out} outputs over {shards.size} ranks; "
+                                     f"use a rank count that divides {out}, or --parallel data")
+                split_width, out = out, out // shards.size
+            layer = Linear(ops, lname, shape[1], out)
         elif kind == "relu":
             layer = ReLU(ops)
         elif kind == "lrn":
@@ -157,12 +173,15 @@ def build_layers(name, num_classes, ops, dropout=0.5):
         elif kind == "pool":
             layer = MaxPool(ops)
         elif kind == "dropout":
-            layer = Dropout(ops, dropout, dropouts)
+            columns = None if split_width is None else (shards.share(split_width)[0], split_width)
+            layer = Dropout(ops, dropout, dropouts, columns)
             dropouts += 1
         else:
             layer = Flatten(ops)
         shape = layer.output_shape(shape)
         layers.append(layer)
+    if shards is not None:
+        layers += [GatherColumns(shards), LocalRows(shards)]
     param_shapes = {}          # name -> shape, in forward order
     for layer in layers:
         if layer.params:
@@ -172,26 +191,37 @@ def build_layers(name, num_classes, ops, dropout=0.5):
 
 
 class Net:
-    """A sequential convnet whose parameters live on one backend."""
+    """A sequential convnet whose parameters live on one backend.
 
-    def __init__(self, name, num_classes, backend, dtype, seed, dropout=0.5):
+    With `shards` (--parallel hybrid) the fully connected layers hold this rank's rows
+    only (`split_names`); `state_dict` and `load_state_dict` still speak whole arrays, so
+    checkpoints are the same whichever way the model ran, and are then collectives.
+    """
+
+    def __init__(self, name, num_classes, backend, dtype, seed, dropout=0.5, shards=None):
         self.name, self.num_classes, self.seed = name, num_classes, seed
         self.backend_name = backend
         self.ops = get_backend(backend)
         self.dtype = np.dtype(dtype)
-        self.layers, self.param_shapes = build_layers(name, num_classes, self.ops, dropout)
+        self.shards = shards
+        self.layers, self.param_shapes = build_layers(name, num_classes, self.ops, dropout, shards)
+        self.full_shapes = build_layers(name, num_classes, None, dropout)[1]
+        self.split_names = set()   # parameters of which this rank holds some rows only
+        if shards is not None:
+            self.split_names = {n for layer in self.layers if isinstance(layer, Linear) for n in layer.params}
         self.spec = MODELS[name]
         self.input_size = self.spec.input_size
-        self.params = {n: self.ops.to_device(a) for n, a in self._initial_values(self.spec.init, seed).items()}
+        initial = self._initial_values(self.spec.init, seed)
+        self.params = {n: self.ops.to_device(self.local_part(n, a)) for n, a in initial.items()}
         self.use_gradient_arrays({n: self.ops.zeros(s, self.dtype) for n, s in self.param_shapes.items()})
 
     def _initial_values(self, init, seed):
-        # parameters are drawn in float64 on the host, in forward order, from one generator:
-        # the same seed gives the same weights on every backend and dtype
+        # parameters are drawn whole in float64 on the host, in forward order, from one
+        # generator: the same seed gives the same weights on every backend, dtype and split
         rng = np.random.default_rng(seed)
         values = {}
-        for pname, shape in self.param_shapes.items():
-            fan_in = int(np.prod(self.param_shapes[pname.replace(".bias", ".weight")][1:]))
+        for pname, shape in self.full_shapes.items():
+            fan_in = int(np.prod(self.full_shapes[pname.replace(".bias", ".weight")][1:]))
             if init == "paper":
                 value = _paper_init(rng, pname, shape)
             elif init == "caffe":
@@ -207,7 +237,23 @@ class Net:
 
     @property
     def num_parameters(self):
-        return int(sum(np.prod(s) for s in self.param_shapes.values()))
+        return int(sum(np.prod(s) for s in self.full_shapes.values()))
+
+    def local_part(self, name, full):
+        """This rank's rows of parameter `name` (a host array of its whole shape)."""
+        if name not in self.split_names:
+            return full
+        start, stop = self.shards.share(self.full_shapes[name][0])
+        return np.ascontiguousarray(full[start:stop])
+
+    def whole(self, name, part):
+        """Parameter `name` whole, from every rank's rows (a host array of this rank's
+        rows, e.g. its momentum); a collective for split names."""
+        if name not in self.split_names or self.shards.size == 1:
+            return part
+        out = np.empty((self.shards.size,) + part.shape, dtype=part.dtype)
+        self.shards.comm.Allgather(np.ascontiguousarray(part), out)
+        return out.reshape(self.full_shapes[name])
 
     def use_gradient_arrays(self, grads):
         """Have backward write gradients into these arrays (e.g. views into allreduce buckets)."""
@@ -219,21 +265,24 @@ class Net:
             layer.grads = grads
 
     def state_dict(self):
-        """{name: numpy array} on the host, PyTorch names and layouts."""
-        return {n: self.ops.to_host(a) for n, a in self.params.items()}
+        """{name: numpy array} on the host, PyTorch names and layouts, whole arrays (a
+        collective when the model is split)."""
+        return {n: self.whole(n, self.ops.to_host(a)) for n, a in self.params.items()}
 
     def load_state_dict(self, state, source="state dict"):
-        names = set(self.param_shapes)
+        """Whole arrays in; a split model keeps its rows."""
+        names = set(self.full_shapes)
         if set(state) != names:
             extra, missing = sorted(set(state) - names), sorted(names - set(state))
             raise ModelError(f"{source}: does not fit model {self.name} (missing {missing}, unexpected {extra})")
-        for pname, shape in self.param_shapes.items():
+        for pname, shape in self.full_shapes.items():
             value = np.asarray(state[pname])
             if tuple(value.shape) != tuple(shape):
                 raise ModelError(f"{source}: {pname} has shape {tuple(value.shape)}, model {self.name} "
                                  f"with {self.num_classes} classes expects {tuple(shape)}")
         for pname in self.param_shapes:
-            self.ops.copy_into(self.params[pname], self.ops.to_device(np.asarray(state[pname], self.dtype)))
+            value = self.local_part(pname, np.asarray(state[pname], self.dtype))
+            self.ops.copy_into(self.params[pname], self.ops.to_device(value))
 
     def save_npz(self, path):
         np.savez(path, **self.state_dict())
@@ -259,7 +308,14 @@ class Net:
         """Logits as a backend array; keeps what backward needs when train=True."""
         ctx = StepContext(self.params, train, self.seed, step, sample_offset)
         x = self._input(x)
-        for layer in self.layers:
+        layers = self.layers
+        if x.shape[0] == 0 and self.shards is not None:
+            # a rank out of evaluation images still takes part in the gathers: it brings
+            # no rows to the first, and skips the convolutions (no kernel runs on 0 images)
+            first = next(i for i, layer in enumerate(layers) if isinstance(layer, GatherBatch))
+            features = int(np.prod(self.full_shapes[layers[first + 1].params[0]][1:]))
+            x, layers = self.ops.zeros((0, features), self.dtype), layers[first:]
+        for layer in layers:
             x = layer.forward(x, ctx)
         return x
 
@@ -294,8 +350,8 @@ class Net:
         return loss, self.grads
 
 
-def build_model(name, num_classes=1000, backend="numpy", dtype="float32", seed=0, dropout=0.5):
-    return Net(name, num_classes, backend, dtype, seed, dropout)
+def build_model(name, num_classes=1000, backend="numpy", dtype="float32", seed=0, dropout=0.5, shards=None):
+    return Net(name, num_classes, backend, dtype, seed, dropout, shards)
 
 
 def describe(num_classes=1000):

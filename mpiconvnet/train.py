@@ -81,6 +81,7 @@ def main(argv=None):
     log = MetricsLog(cfg.out, world.is_root, trainer.step if resume_from else None)
     world.print(f"mpiconvnet: {cfg.model} ({trainer.net.num_parameters:,} parameters) on {world.size} rank(s), "
                 f"backend {cfg.backend}, global batch {cfg.global_batch}, {trainer.steps_per_epoch} steps/epoch"
+                + (", fc layers split across the ranks" if cfg.parallel == "hybrid" else "")
                 + (f", resuming at step {trainer.step} from {resume_from}" if resume_from else ""))
     progress = None
     if world.is_root and cfg.progress:

@@ -6,7 +6,9 @@ while backward still runs; every rank applies the same update, so the replicas n
 diverge (--sync grads, the default). With float64 and the same data, N ranks and one rank
 with the same global batch compute the same weights (tests/test_train.py). With
 --sync params each rank updates its own replica and the replicas are averaged every
---average-every steps (averaging.py).
+--average-every steps (averaging.py). With --parallel hybrid the fully connected layers
+are split across the ranks instead of replicated (model_parallel.py); the convolutions'
+gradients are reduced as above.
 """
 import json
 import math
@@ -19,6 +21,7 @@ import numpy as np
 
 from mpiconvnet import checkpoint
 from mpiconvnet.averaging import ReplicaAverager
+from mpiconvnet.backends import get_backend
 from mpiconvnet.buckets import GradientBuckets, GradientReducer
 from mpiconvnet.config import from_dict
 from mpiconvnet.data.loader import BatchLoader
@@ -26,6 +29,7 @@ from mpiconvnet.data.sampler import DistributedSampler
 from mpiconvnet.data.shards import ShardedDataset, load_index
 from mpiconvnet.distributed import Heartbeat
 from mpiconvnet.evaluation import evaluate
+from mpiconvnet.model_parallel import Shards
 from mpiconvnet.models import build_model
 from mpiconvnet.optim import SGD, LearningRate
 
@@ -78,12 +82,14 @@ class Trainer:
         self.cfg, self.world = cfg, world
         self.train_set, self.val_set = train_set, val_set
         self.batch_per_rank = cfg.global_batch // world.size
+        shards = None
+        if cfg.parallel == "hybrid":   # fc layers split across the ranks (model_parallel.py)
+            shards = Shards(world.comm, world.rank, world.size, get_backend(cfg.backend))
         self.net = build_model(cfg.model, num_classes=train_set.num_classes, backend=cfg.backend,
-                               dtype=cfg.dtype, seed=cfg.seed)
+                               dtype=cfg.dtype, seed=cfg.seed, shards=shards)
         ops = self.net.ops
         ops.set_num_threads(cfg.threads)
-        self.buckets = GradientBuckets(ops, self.net.param_shapes, self.net.dtype, int(cfg.bucket_mb * 2**20))
-        self.net.use_gradient_arrays(self.buckets.views)
+        self.buckets = attach_gradient_buckets(self.net, int(cfg.bucket_mb * 2**20))
         self.heartbeat = Heartbeat(world, cfg.stall_timeout)
         self.optimizer = SGD(ops, self.net.params, cfg.momentum, cfg.weight_decay, cfg.bias_lr_mult)
         cuda_aware = _cuda_aware(cfg.backend, world)
@@ -122,14 +128,16 @@ class Trainer:
             # replicas between averagings differ: the checkpoint holds their mean, which
             # every scheduled checkpoint of an uninterrupted run takes too
             self.averager.average()
+        # whole arrays: for a split model, gathering them is a collective of every rank
+        params = self.net.state_dict()
+        velocity = {n: self.net.whole(n, v) for n, v in self.optimizer.state_dict().items()}
         if self.world.is_root:
             meta = {"step": self.step, "epoch": self.step // self.steps_per_epoch,
                     "step_in_epoch": self.step % self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch,
                     "model": self.cfg.model, "num_classes": self.net.num_classes, "world_size": self.world.size,
                     "config": self.cfg.to_dict(), "schedule": self.schedule.state_dict(),
                     "rng": {"seed": self.cfg.seed, "note": "all draws are functions of (seed, epoch, step, rank)"}}
-            checkpoint.save(self.cfg.out, self.step, self.net.state_dict(), self.optimizer.state_dict(), meta,
-                            self.cfg.keep_checkpoints)
+            checkpoint.save(self.cfg.out, self.step, params, velocity, meta, self.cfg.keep_checkpoints)
         self.world.barrier()
 
     def restore(self, path):
@@ -144,7 +152,7 @@ class Trainer:
             raise checkpoint.CheckpointError(f"checkpoint {path}: {meta['steps_per_epoch']} steps per epoch, this "
                                              f"data set gives {self.steps_per_epoch}; resume on the same data")
         self.net.load_state_dict(params, source=path)
-        self.optimizer.load_state_dict(velocity, source=path)
+        self.optimizer.load_state_dict({n: self.net.local_part(n, v) for n, v in velocity.items()}, source=path)
         self.schedule.load_state_dict(meta["schedule"])
         self.step = int(meta["step"])
 
@@ -158,11 +166,14 @@ class Trainer:
         # gradients scaled by 1/size: the allreduce's sum is then the global-batch mean
         loss, _ = self.net.loss_and_grads(images, labels, step=self.step,
                                           sample_offset=self.world.rank * self.batch_per_rank,
-                                          on_grads_ready=self.reducer.grads_ready,
+                                          on_grads_ready=self._reduce_when_ready,
                                           grad_scale=1.0 / self.world.size)
         exposed = self.reducer.finish()
         self.optimizer.step(self.net.grads, lr)
         return loss, exposed
+
+    def _reduce_when_ready(self, names):
+        self.reducer.grads_ready(replicated(self.net, names))
 
     def _local_step(self, images, labels, lr):
         """--sync params: this rank's own gradient on its own replica, then every
@@ -271,6 +282,22 @@ class Trainer:
     def close(self):
         if self.reducer is not None:
             self.reducer.close()
+
+
+def attach_gradient_buckets(net, bucket_bytes):
+    """Allreduce buckets for the model's replicated parameters, made its gradient arrays.
+    The split fc layers of --parallel hybrid get arrays of their own: their gradients are
+    whole where they are made, and are not reduced."""
+    buckets = GradientBuckets(net.ops, {n: s for n, s in net.param_shapes.items() if n not in net.split_names},
+                              net.dtype, bucket_bytes)
+    split = {n: net.ops.zeros(net.param_shapes[n], net.dtype) for n in net.split_names}
+    net.use_gradient_arrays({**buckets.views, **split})
+    return buckets
+
+
+def replicated(net, names):
+    """The names among `names` whose gradients the buckets reduce."""
+    return [n for n in names if n not in net.split_names]
 
 
 def _cuda_aware(backend, world):

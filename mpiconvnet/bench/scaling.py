@@ -30,14 +30,19 @@ import numpy as np
 def worker(args):
     from mpiconvnet import distributed
     from mpiconvnet.averaging import ReplicaAverager
-    from mpiconvnet.buckets import GradientBuckets, GradientReducer
+    from mpiconvnet.backends import get_backend
+    from mpiconvnet.buckets import GradientReducer
+    from mpiconvnet.model_parallel import Shards
     from mpiconvnet.models import build_model
     from mpiconvnet.optim import SGD
+    from mpiconvnet.trainer import attach_gradient_buckets, replicated
 
     world = distributed.init("numpy", threads=1)
-    net = build_model(args.model, num_classes=1000, seed=0)
-    buckets = GradientBuckets(net.ops, net.param_shapes, np.float32, 25 * 2**20)
-    net.use_gradient_arrays(buckets.views)
+    shards = None
+    if args.parallel == "hybrid":
+        shards = Shards(world.comm, world.rank, world.size, get_backend("numpy"))
+    net = build_model(args.model, num_classes=1000, seed=0, shards=shards)
+    buckets = attach_gradient_buckets(net, 25 * 2**20)
     opt = SGD(net.ops, net.params)
     if args.sync == "grads":
         reducer = GradientReducer(world, buckets, overlap=args.overlap == "on", average=False)
@@ -56,7 +61,8 @@ def worker(args):
         elif args.sync == "grads":
             reducer.begin()
             net.loss_and_grads(x, labels, step=step, sample_offset=world.rank * args.batch,
-                               on_grads_ready=reducer.grads_ready, grad_scale=1.0 / world.size)
+                               on_grads_ready=lambda names: reducer.grads_ready(replicated(net, names)),
+                               grad_scale=1.0 / world.size)
             reducer.finish()
             opt.step(net.grads, 0.001)
         else:   # the trainer's --sync params step
@@ -83,7 +89,9 @@ def run_with(ranks, args, communicate=True):
     command = [mpiexec, "-n", str(ranks), sys.executable, "-m", "mpiconvnet.bench", "scaling", "--worker",
                "--model", args.model, "--batch", str(args.batch), "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--overlap", args.overlap, "--sync", args.sync,
-               "--average-every", str(args.average_every)] + ([] if communicate else ["--no-communication"])
+               "--average-every", str(args.average_every)]
+    # the control runs whole models: a split one cannot run without its collectives
+    command += ["--parallel", args.parallel] if communicate else ["--parallel", "data", "--no-communication"]
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
     out = subprocess.run(command, env=env, capture_output=True, text=True)
     if out.returncode != 0:
@@ -104,11 +112,15 @@ def main(argv):
                    help="grads: allreduce gradients every step; params: average weights and momentum every "
                         "--average-every steps (the trainer's --sync)")
     p.add_argument("--average-every", type=int, default=1, help="--sync params: steps between averagings")
+    p.add_argument("--parallel", choices=("data", "hybrid"), default="data",
+                   help="hybrid: fc layers split across the ranks (the trainer's --parallel)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no-communication", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.average_every < 1:
         p.error(f"--average-every must be at least 1, got {args.average_every}")
+    if args.parallel == "hybrid" and args.sync != "grads":
+        p.error("--parallel hybrid needs --sync grads")
     if args.steps % args.average_every:
         p.error(f"--steps {args.steps} is not a multiple of --average-every {args.average_every}: the mean step "
                 f"time would over- or under-count averagings")
@@ -119,6 +131,7 @@ def main(argv):
     alone = run_with(args.ranks, args, communicate=False)
     mode = (f"allreduce overlap {args.overlap}" if args.sync == "grads"
             else f"parameter averaging every {args.average_every} steps")
+    mode += ", fc layers split across ranks" if args.parallel == "hybrid" else ""
     print(f"{args.model}, batch {args.batch} per rank, 1 thread per rank, {mode}, mean of {args.steps} steps")
     print(f"{'ranks':>6}{'s/step':>10}{'median':>10}{'images/s per rank':>20}{'images/s total':>16}")
     for r in (one, many):

@@ -1,0 +1,161 @@
+"""Hybrid parallelism (`--parallel hybrid`): convolutions data-parallel, fully connected
+layers split across the ranks by output neuron (Krizhevsky 2014, "One weird trick for
+parallelizing convolutional neural networks").
+
+The convolutions hold ~5 % of AlexNet's weights and do ~90 % of its arithmetic; the
+fully connected layers the reverse. So each rank keeps a whole copy of the convolutions
+and runs them on its own images (their gradients are summed with the bucketed
+allreduce, as in `--parallel data`), but holds only 1/size of the rows of fc6, fc7 and
+fc8, applied to the whole global batch. Per step, instead of 58.6 M fully connected
+gradients (234 MB) every rank moves activations: the global batch's conv features
+(B x 9216) and fc outputs (B x 4096, B x classes) once forward and once backward.
+
+With size ranks, b images each and B = size * b, the classifier runs as
+
+    conv features (b, F) --GatherBatch--> (B, F) --fc6 rows of this rank--> (B, H/size)
+      relu, dropout on this rank's columns --GatherColumns--> (B, H) --fc7 rows--> ...
+      --fc8 rows--> (B, C/size) --GatherColumns--> (B, C) --LocalRows--> (b, C)
+
+and backward runs each step's adjoint: an all-gather's adjoint is a reduce-scatter. A
+split Linear's input gradient dy_part @ W_part is this rank's share of a sum, which the
+gather before it reduces: GatherColumns sums over ranks and keeps this rank's columns,
+GatherBatch sums and keeps this rank's rows. LocalRows pads its gradient with zeros for
+the other ranks' rows, so the reduction after fc8 assembles the whole (B, C) gradient.
+The maths is that of one rank with the whole batch (tests/test_hybrid.py, float64).
+
+Collectives pass through host NumPy arrays (`ops.to_host`), like the pinned-host path of
+the gradient allreduce; none of them overlaps with the gradient buckets' communication
+thread, which starts only when conv5's gradients are ready, after the last of them.
+"""
+import numpy as np
+
+from mpiconvnet.layers import Layer
+
+
+class Shards:
+    """This rank's share of the split layers, and the collectives the split needs."""
+
+    def __init__(self, comm, rank, size, ops):
+        self.comm, self.rank, self.size, self.ops = comm, rank, size, ops
+        self.row_counts = [0] * size   # rows each rank brought to the last GatherBatch
+
+    def share(self, count):
+        """(start, stop): this rank's part of `count` neurons (rows of a split weight,
+        columns of a split activation), split evenly across the ranks."""
+        part = count // self.size
+        return self.rank * part, (self.rank + 1) * part
+
+    def own_rows(self):
+        start = sum(self.row_counts[:self.rank])
+        return start, start + self.row_counts[self.rank]
+
+    def _mpi(self):
+        from mpi4py import MPI
+        return MPI
+
+    def allgather_rows(self, x):
+        """x: (b, F) on this rank -> (B, F): every rank's rows in rank order (b may differ)."""
+        host = np.ascontiguousarray(self.ops.to_host(x))
+        if self.size == 1:
+            self.row_counts = [host.shape[0]]
+            return x
+        self.row_counts = self.comm.allgather(host.shape[0])
+        width = host.shape[1]
+        out = np.empty((sum(self.row_counts), width), dtype=host.dtype)
+        self.comm.Allgatherv(host, [out, [n * width for n in self.row_counts]])
+        return self.ops.to_device(out)
+
+    def reduce_scatter_rows(self, dx):
+        """dx: (B, F), this rank's share of a sum -> (b, F): the sum's rows of this rank."""
+        if self.size == 1:
+            return dx
+        host = np.ascontiguousarray(self.ops.to_host(dx))
+        width = host.shape[1]
+        out = np.empty((self.row_counts[self.rank], width), dtype=host.dtype)
+        self.comm.Reduce_scatter(host, out, [n * width for n in self.row_counts], op=self._mpi().SUM)
+        return self.ops.to_device(out)
+
+    def allgather_columns(self, y):
+        """y: (B, w), this rank's columns -> (B, size * w), the ranks' columns side by side."""
+        if self.size == 1:
+            return y
+        host = np.ascontiguousarray(self.ops.to_host(y))
+        parts = np.empty((self.size,) + host.shape, dtype=host.dtype)    # (size, B, w)
+        self.comm.Allgather(host, parts)
+        return self.ops.to_device(np.ascontiguousarray(parts.transpose(1, 0, 2)).reshape(host.shape[0], -1))
+
+    def reduce_scatter_columns(self, dy):
+        """dy: (B, W), this rank's share of a sum -> (B, W / size): the sum's columns of this rank."""
+        if self.size == 1:
+            return dy
+        host = self.ops.to_host(dy)
+        rows, width = host.shape
+        # the ranks' column blocks one after another, as Reduce_scatter_block cuts its buffer
+        blocks = np.ascontiguousarray(host.reshape(rows, self.size, width // self.size).transpose(1, 0, 2))
+        out = np.empty((rows, width // self.size), dtype=host.dtype)
+        self.comm.Reduce_scatter_block(blocks, out, op=self._mpi().SUM)
+        return self.ops.to_device(out)
+
+
+class GatherBatch(Layer):
+    """(b, F) of this rank's images -> (B, F) of the global batch; backward sums the
+    ranks' shares of dL/dx and keeps this rank's rows."""
+
+    def __init__(self, shards):
+        self.shards = shards
+
+    def output_shape(self, shape):
+        return (shape[0] * self.shards.size, shape[1])
+
+    def forward(self, x, ctx):
+        return self.shards.allgather_rows(x)
+
+    def backward(self, dy, need_dx):
+        return self.shards.reduce_scatter_rows(dy)
+
+
+class GatherColumns(Layer):
+    """(B, w) of this rank's neurons -> (B, size * w) of all; backward sums the ranks'
+    shares and keeps this rank's columns."""
+
+    def __init__(self, shards):
+        self.shards = shards
+
+    def output_shape(self, shape):
+        return (shape[0], shape[1] * self.shards.size)
+
+    def forward(self, x, ctx):
+        return self.shards.allgather_columns(x)
+
+    def backward(self, dy, need_dx):
+        return self.shards.reduce_scatter_columns(dy)
+
+
+class LocalRows(Layer):
+    """(B, C) logits of the global batch -> (b, C) of this rank's images, so the loss,
+    evaluation and everything after the model see what --parallel data gives them.
+    Backward puts dL/dlogits in this rank's rows of a zero (B, C): the other ranks' rows
+    arrive through the reduction of the GatherColumns before."""
+
+    def __init__(self, shards):
+        self.shards = shards
+
+    def output_shape(self, shape):
+        return (shape[0] // self.shards.size, shape[1])
+
+    def forward(self, x, ctx):
+        self.rows = x.shape[0]
+        start, stop = self.shards.own_rows()
+        if self.shards.size == 1:
+            return x
+        host = self.shards.ops.to_host(x)
+        return self.shards.ops.to_device(np.ascontiguousarray(host[start:stop]))
+
+    def backward(self, dy, need_dx):
+        if self.shards.size == 1:
+            return dy
+        local = self.shards.ops.to_host(dy)
+        padded = np.zeros((self.rows, local.shape[1]), dtype=local.dtype)
+        start, stop = self.shards.own_rows()
+        padded[start:stop] = local
+        return self.shards.ops.to_device(padded)

@@ -1,0 +1,105 @@
+"""--parallel hybrid (model_parallel.py): convolutions data-parallel, fc layers split across
+ranks. The maths must be that of one rank holding the whole model and the whole batch,
+dropout included; checkpoints hold whole arrays, so they are the same as --parallel data's.
+Every run is a subprocess (python -m mpiconvnet.train), under mpiexec -n 2 where it matters."""
+import os
+
+import numpy as np
+import pytest
+
+from tests.data_fixtures import write_tiny_dataset
+from tests.test_train import ENV, evaluations, needs_mpiexec, params_at, train, visible_gpus
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    # 6 classes and alexnet-mini's 256 hidden units split over 2 ranks; 61 validation
+    # images: ranks hold 30 and 31, so with 2 images a step one rank runs out first
+    return write_tiny_dataset(str(tmp_path_factory.mktemp("shards")), 96, 61, 6, 64, shard_size=20)
+
+
+FLOAT64 = ["--dtype", "float64", "--lr", "0.05"]
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+def test_two_hybrid_ranks_equal_one_rank_holding_the_whole_model(data, tmp_path):
+    # 4 steps with dropout on fc6 and fc7's outputs (alexnet-mini has both), then an
+    # evaluation in which one rank has a step with no images
+    args = ["--data", data, "--global-batch", "4", "--max-steps", "4"] + FLOAT64
+    train(args + ["--out", str(tmp_path / "data")])
+    train(args + ["--out", str(tmp_path / "hybrid"), "--parallel", "hybrid"], ranks=2)
+    whole, whole_velocity = params_at(tmp_path / "data", 4)
+    split, split_velocity = params_at(tmp_path / "hybrid", 4)
+    assert set(split) == set(whole) and split["fc6.weight"].shape == whole["fc6.weight"].shape
+    for name in whole:
+        np.testing.assert_allclose(split[name], whole[name], rtol=1e-12, atol=1e-14, err_msg=name)
+        np.testing.assert_allclose(split_velocity[name], whole_velocity[name], rtol=1e-12, atol=1e-14, err_msg=name)
+    assert all(np.abs(v).max() > 0 for v in whole_velocity.values())   # every layer learned
+    (one,), (two,) = evaluations(tmp_path / "data"), evaluations(tmp_path / "hybrid")
+    assert two["images"] == one["images"] == 61
+    assert two["top1"] == one["top1"] and two["top5"] == one["top5"]
+    np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-12)
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+def test_a_hybrid_run_resumes_bit_for_bit(data, tmp_path):
+    args = ["--data", data, "--global-batch", "8", "--checkpoint-every", "2"] + FLOAT64
+    train(args + ["--out", str(tmp_path / "straight"), "--max-steps", "4", "--parallel", "hybrid"], ranks=2)
+    train(args + ["--out", str(tmp_path / "resumed"), "--max-steps", "2", "--parallel", "hybrid"], ranks=2)
+    train(args + ["--out", str(tmp_path / "resumed"), "--max-steps", "4", "--parallel", "hybrid",
+                  "--resume", "auto"], ranks=2)
+    straight, straight_velocity = params_at(tmp_path / "straight", 4)
+    resumed, resumed_velocity = params_at(tmp_path / "resumed", 4)
+    for name in straight:
+        np.testing.assert_array_equal(resumed[name], straight[name], err_msg=name)
+        np.testing.assert_array_equal(resumed_velocity[name], straight_velocity[name], err_msg=name)
+
+
+@pytest.mark.cuda
+@pytest.mark.mpi
+@needs_mpiexec
+def test_two_hybrid_ranks_sharing_one_gpu_equal_numpy(data, tmp_path):
+    if visible_gpus() < 1:
+        pytest.skip("no GPU visible to pycuda (needs pycuda and a CUDA driver); on a GPU node run scripts/gpu-check.sh")
+    args = ["--data", data, "--global-batch", "4", "--max-steps", "3"] + FLOAT64
+    env = dict(ENV, MPICONVNET_ALLOW_GPU_SHARING="1",
+               CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0])
+    train(args + ["--out", str(tmp_path / "numpy")])
+    train(args + ["--out", str(tmp_path / "gpu"), "--backend", "cuda", "--parallel", "hybrid"], ranks=2, env=env)
+    reference, _ = params_at(tmp_path / "numpy", 3)
+    split, _ = params_at(tmp_path / "gpu", 3)
+    for name in reference:
+        # float64 throughout: only the order of cuDNN's / cuBLAS's sums differs
+        np.testing.assert_allclose(split[name], reference[name], rtol=1e-9, atol=1e-12, err_msg=name)
+
+
+def test_one_hybrid_rank_is_the_data_parallel_model(data, tmp_path):
+    # size 1: the gathers are identities, the split is the whole layer
+    args = ["--data", data, "--global-batch", "4", "--max-steps", "2"] + FLOAT64
+    train(args + ["--out", str(tmp_path / "data")])
+    train(args + ["--out", str(tmp_path / "hybrid"), "--parallel", "hybrid"])
+    whole, _ = params_at(tmp_path / "data", 2)
+    split, _ = params_at(tmp_path / "hybrid", 2)
+    for name in whole:
+        np.testing.assert_array_equal(split[name], whole[name], err_msg=name)
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+def test_a_split_that_does_not_divide_is_one_line_and_exit_2(tmp_path):
+    five_classes = write_tiny_dataset(str(tmp_path / "shards"), 16, 4, 5, 64, shard_size=16)
+    result = train(["--data", five_classes, "--out", str(tmp_path / "run"), "--global-batch", "4",
+                    "--parallel", "hybrid"], ranks=2, check=False)
+    assert result.returncode == 2, result.stderr
+    assert "--parallel hybrid splits fc8's 5 outputs over 2 ranks" in result.stderr
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_hybrid_with_parameter_averaging_is_refused(data, tmp_path):
+    result = train(["--data", data, "--out", str(tmp_path / "run"), "--parallel", "hybrid", "--sync", "params"],
+                   check=False)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--parallel hybrid needs --sync grads" in lines[0]
