@@ -57,6 +57,24 @@ def test_a_hybrid_run_resumes_bit_for_bit(data, tmp_path):
         np.testing.assert_array_equal(resumed_velocity[name], straight_velocity[name], err_msg=name)
 
 
+@pytest.mark.mpi
+@needs_mpiexec
+def test_a_data_parallel_checkpoint_resumes_split_and_back(data, tmp_path):
+    # checkpoints hold whole arrays: a run may change --parallel when it resumes
+    args = ["--data", data, "--global-batch", "4", "--checkpoint-every", "2"] + FLOAT64
+    train(args + ["--out", str(tmp_path / "straight"), "--max-steps", "6"], ranks=2)
+    train(args + ["--out", str(tmp_path / "mixed"), "--max-steps", "2"], ranks=2)
+    train(args + ["--out", str(tmp_path / "mixed"), "--max-steps", "4", "--parallel", "hybrid", "--resume", "auto"],
+          ranks=2)
+    train(args + ["--out", str(tmp_path / "mixed"), "--max-steps", "6", "--resume", "auto"], ranks=2)
+    straight, straight_velocity = params_at(tmp_path / "straight", 6)
+    mixed, mixed_velocity = params_at(tmp_path / "mixed", 6)
+    for name in straight:
+        np.testing.assert_allclose(mixed[name], straight[name], rtol=1e-12, atol=1e-14, err_msg=name)
+        np.testing.assert_allclose(mixed_velocity[name], straight_velocity[name], rtol=1e-12, atol=1e-14,
+                                   err_msg=name)
+
+
 @pytest.mark.cuda
 @pytest.mark.mpi
 @needs_mpiexec
