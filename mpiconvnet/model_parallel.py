@@ -55,10 +55,10 @@ class Shards:
 
     def allgather_rows(self, x):
         """x: (b, F) on this rank -> (B, F): every rank's rows in rank order (b may differ)."""
-        host = np.ascontiguousarray(self.ops.to_host(x))
         if self.size == 1:
-            self.row_counts = [host.shape[0]]
+            self.row_counts = [x.shape[0]]
             return x
+        host = np.ascontiguousarray(self.ops.to_host(x))
         self.row_counts = self.comm.allgather(host.shape[0])
         width = host.shape[1]
         out = np.empty((sum(self.row_counts), width), dtype=host.dtype)
