@@ -5,16 +5,17 @@ parallelizing convolutional neural networks").
 The convolutions hold ~5 % of AlexNet's weights and do ~90 % of its arithmetic; the
 fully connected layers the reverse. So each rank keeps a whole copy of the convolutions
 and runs them on its own images (their gradients are summed with the bucketed
-allreduce, as in `--parallel data`), but holds only 1/size of the rows of fc6, fc7 and
-fc8, applied to the whole global batch. Per step, instead of 58.6 M fully connected
+allreduce, as in `--parallel data`), but holds only its share of the rows of fc6, fc7
+and fc8 (1/size, give or take a row, so any rank count up to a layer's width splits it),
+applied to the whole global batch. Per step, instead of 58.6 M fully connected
 gradients (234 MB) every rank moves activations: the global batch's conv features
 (B x 9216) and fc outputs (B x 4096, B x classes) once forward and once backward.
 
 With size ranks, b images each and B = size * b, the classifier runs as
 
-    conv features (b, F) --GatherBatch--> (B, F) --fc6 rows of this rank--> (B, H/size)
+    conv features (b, F) --GatherBatch--> (B, F) --fc6 rows of this rank--> (B, ~H/size)
       relu, dropout on this rank's columns --GatherColumns--> (B, H) --fc7 rows--> ...
-      --fc8 rows--> (B, C/size) --GatherColumns--> (B, C) --LocalRows--> (b, C)
+      --fc8 rows--> (B, ~C/size) --GatherColumns--> (B, C) --LocalRows--> (b, C)
 
 and backward runs each step's adjoint: an all-gather's adjoint is a reduce-scatter. A
 split Linear's input gradient dy_part @ W_part is this rank's share of a sum, which the
@@ -39,11 +40,15 @@ class Shards:
         self.comm, self.rank, self.size, self.ops = comm, rank, size, ops
         self.row_counts = [0] * size   # rows each rank brought to the last GatherBatch
 
+    def bounds(self, count):
+        """[0, ..., count]: rank j holds neurons bounds[j]:bounds[j+1] of `count` (rows of a
+        split weight, columns of a split activation); shares differ by at most one."""
+        return [j * count // self.size for j in range(self.size + 1)]
+
     def share(self, count):
-        """(start, stop): this rank's part of `count` neurons (rows of a split weight,
-        columns of a split activation), split evenly across the ranks."""
-        part = count // self.size
-        return self.rank * part, (self.rank + 1) * part
+        """(start, stop): this rank's neurons of `count`."""
+        bounds = self.bounds(count)
+        return bounds[self.rank], bounds[self.rank + 1]
 
     def own_rows(self):
         start = sum(self.row_counts[:self.rank])
@@ -75,25 +80,33 @@ class Shards:
         self.comm.Reduce_scatter(host, out, [n * width for n in self.row_counts], op=self._mpi().SUM)
         return self.ops.to_device(out)
 
-    def allgather_columns(self, y):
-        """y: (B, w), this rank's columns -> (B, size * w), the ranks' columns side by side."""
+    def allgather_columns(self, y, width):
+        """y: (B, w), this rank's columns of `width` -> (B, width), the ranks' columns side by side."""
         if self.size == 1:
             return y
         host = np.ascontiguousarray(self.ops.to_host(y))
-        parts = np.empty((self.size,) + host.shape, dtype=host.dtype)    # (size, B, w)
-        self.comm.Allgather(host, parts)
-        return self.ops.to_device(np.ascontiguousarray(parts.transpose(1, 0, 2)).reshape(host.shape[0], -1))
+        rows, bounds = host.shape[0], self.bounds(width)
+        widths = [int(w) for w in np.diff(bounds)]
+        blocks = np.empty(rows * width, dtype=host.dtype)   # the ranks' (B, w_j) blocks in turn
+        self.comm.Allgatherv(host, [blocks, [rows * w for w in widths]])
+        out = np.empty((rows, width), dtype=host.dtype)
+        for j, start in enumerate(bounds[:-1]):
+            out[:, start:start + widths[j]] = blocks[rows * start:rows * (start + widths[j])].reshape(rows, widths[j])
+        return self.ops.to_device(out)
 
     def reduce_scatter_columns(self, dy):
-        """dy: (B, W), this rank's share of a sum -> (B, W / size): the sum's columns of this rank."""
+        """dy: (B, W), this rank's share of a sum -> (B, w): the sum's columns of this rank."""
         if self.size == 1:
             return dy
         host = self.ops.to_host(dy)
         rows, width = host.shape
-        # the ranks' column blocks one after another, as Reduce_scatter_block cuts its buffer
-        blocks = np.ascontiguousarray(host.reshape(rows, self.size, width // self.size).transpose(1, 0, 2))
-        out = np.empty((rows, width // self.size), dtype=host.dtype)
-        self.comm.Reduce_scatter_block(blocks, out, op=self._mpi().SUM)
+        bounds = self.bounds(width)
+        # the ranks' column blocks one after another, as Reduce_scatter cuts its buffer
+        blocks = np.concatenate([host[:, a:b].ravel() for a, b in zip(bounds[:-1], bounds[1:])])
+        start, stop = self.share(width)
+        out = np.empty((rows, stop - start), dtype=host.dtype)
+        self.comm.Reduce_scatter(blocks, out, [rows * (b - a) for a, b in zip(bounds[:-1], bounds[1:])],
+                                 op=self._mpi().SUM)
         return self.ops.to_device(out)
 
 
@@ -105,7 +118,7 @@ class GatherBatch(Layer):
         self.shards = shards
 
     def output_shape(self, shape):
-        return (shape[0] * self.shards.size, shape[1])
+        return shape   # rows are not tracked in shapes, features are unchanged
 
     def forward(self, x, ctx):
         return self.shards.allgather_rows(x)
@@ -115,17 +128,17 @@ class GatherBatch(Layer):
 
 
 class GatherColumns(Layer):
-    """(B, w) of this rank's neurons -> (B, size * w) of all; backward sums the ranks'
+    """(B, w) of this rank's neurons -> (B, width) of all; backward sums the ranks'
     shares and keeps this rank's columns."""
 
-    def __init__(self, shards):
-        self.shards = shards
+    def __init__(self, shards, width):
+        self.shards, self.width = shards, width
 
     def output_shape(self, shape):
-        return (shape[0], shape[1] * self.shards.size)
+        return (shape[0], self.width)
 
     def forward(self, x, ctx):
-        return self.shards.allgather_columns(x)
+        return self.shards.allgather_columns(x, self.width)
 
     def backward(self, dy, need_dx):
         return self.shards.reduce_scatter_columns(dy)
@@ -141,7 +154,7 @@ class LocalRows(Layer):
         self.shards = shards
 
     def output_shape(self, shape):
-        return (shape[0] // self.shards.size, shape[1])
+        return shape
 
     def forward(self, x, ctx):
         self.rows = x.shape[0]

@@ -152,7 +152,7 @@ def build_layers(name, num_classes, ops, dropout=0.5, shards=None):
     for item in spec.features + spec.classifier:
         kind = item[0]
         if kind == "fc" and shards is not None:
-            layers.append(GatherBatch(shards) if split_width is None else GatherColumns(shards))
+            layers.append(GatherBatch(shards) if split_width is None else GatherColumns(shards, split_width))
             shape = layers[-1].output_shape(shape)
         if kind == "conv":
             _, lname, out_ch, k, stride, pad, groups = item
@@ -161,10 +161,11 @@ def build_layers(name, num_classes, ops, dropout=0.5, shards=None):
             _, lname, out = item
             out = out or num_classes
             if shards is not None:
-                if out % shards.size:
-                    raise ModelError(f"--parallel hybrid splits {lname}'s {out} outputs over {shards.size} ranks; "
-                                     f"use a rank count that divides {out}, or --parallel data")
-                split_width, out = out, out // shards.size
+                if out < shards.size:
+                    raise ModelError(f"--parallel hybrid splits {lname}'s {out} outputs over {shards.size} ranks, "
+                                     f"leaving some with none; use at most {out} ranks, or --parallel data")
+                start, stop = shards.share(out)
+                split_width, out = out, stop - start
             layer = Linear(ops, lname, shape[1], out)
         elif kind == "relu":
             layer = ReLU(ops)
@@ -181,7 +182,7 @@ def build_layers(name, num_classes, ops, dropout=0.5, shards=None):
         shape = layer.output_shape(shape)
         layers.append(layer)
     if shards is not None:
-        layers += [GatherColumns(shards), LocalRows(shards)]
+        layers += [GatherColumns(shards, split_width), LocalRows(shards)]
     param_shapes = {}          # name -> shape, in forward order
     for layer in layers:
         if layer.params:
@@ -251,9 +252,12 @@ class Net:
         rows, e.g. its momentum); a collective for split names."""
         if name not in self.split_names or self.shards.size == 1:
             return part
-        out = np.empty((self.shards.size,) + part.shape, dtype=part.dtype)
-        self.shards.comm.Allgather(np.ascontiguousarray(part), out)
-        return out.reshape(self.full_shapes[name])
+        shape = self.full_shapes[name]
+        per_row = int(np.prod(shape[1:]))
+        counts = [int(rows) * per_row for rows in np.diff(self.shards.bounds(shape[0]))]
+        out = np.empty(shape, dtype=part.dtype)
+        self.shards.comm.Allgatherv(np.ascontiguousarray(part), [out, counts])
+        return out
 
     def use_gradient_arrays(self, grads):
         """Have backward write gradients into these arrays (e.g. views into allreduce buckets)."""

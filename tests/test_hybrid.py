@@ -106,12 +106,30 @@ def test_one_hybrid_rank_is_the_data_parallel_model(data, tmp_path):
 
 @pytest.mark.mpi
 @needs_mpiexec
-def test_a_split_that_does_not_divide_is_one_line_and_exit_2(tmp_path):
-    five_classes = write_tiny_dataset(str(tmp_path / "shards"), 16, 4, 5, 64, shard_size=16)
-    result = train(["--data", five_classes, "--out", str(tmp_path / "run"), "--global-batch", "4",
-                    "--parallel", "hybrid"], ranks=2, check=False)
+@pytest.mark.parametrize("ranks, classes", [(2, 5), (3, 6)])
+def test_uneven_splits_equal_one_rank(tmp_path, ranks, classes):
+    # fc8's 5 outputs over 2 ranks (2 + 3); alexnet-mini's 256 hidden units over 3 (85, 85, 86)
+    data = write_tiny_dataset(str(tmp_path / "shards"), 24, 7, classes, 64, shard_size=12)
+    args = ["--data", data, "--global-batch", str(2 * ranks), "--max-steps", "3"] + FLOAT64
+    train(args + ["--out", str(tmp_path / "data")])
+    train(args + ["--out", str(tmp_path / "hybrid"), "--parallel", "hybrid"], ranks=ranks)
+    whole, whole_velocity = params_at(tmp_path / "data", 3)
+    split, split_velocity = params_at(tmp_path / "hybrid", 3)
+    for name in whole:
+        np.testing.assert_allclose(split[name], whole[name], rtol=1e-12, atol=1e-14, err_msg=name)
+        np.testing.assert_allclose(split_velocity[name], whole_velocity[name], rtol=1e-12, atol=1e-14, err_msg=name)
+    (one,), (many,) = evaluations(tmp_path / "data"), evaluations(tmp_path / "hybrid")
+    assert many["images"] == one["images"] == 7 and many["top1"] == one["top1"]
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+def test_more_ranks_than_outputs_is_one_line_and_exit_2(tmp_path):
+    two_classes = write_tiny_dataset(str(tmp_path / "shards"), 12, 4, 2, 64, shard_size=12)
+    result = train(["--data", two_classes, "--out", str(tmp_path / "run"), "--global-batch", "3",
+                    "--parallel", "hybrid"], ranks=3, check=False)
     assert result.returncode == 2, result.stderr
-    assert "--parallel hybrid splits fc8's 5 outputs over 2 ranks" in result.stderr
+    assert "--parallel hybrid splits fc8's 2 outputs over 3 ranks" in result.stderr
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
