@@ -10,7 +10,7 @@
 #    cuBLAS / cuDNN wheels only when no usable copy is found (see docs/gpu.md);
 # 3. runs the CUDA tests (logic, nvcc compile, every op against the NumPy reference);
 # 4. trains alexnet-mini for 2 epochs on synthetic shards with --backend cuda (and on 2
-#    ranks with mpiexec when the node has 2 GPUs);
+#    ranks with mpiexec when the node has 2 GPUs, with --parallel data and hybrid);
 # 5. runs the step benchmark against PyTorch's AlexNet on the same GPU (float32, then TF32);
 # and writes OUTDIR/report.md with every step's status, time and log. The exit status is
 # non-zero when any step failed. Steps keep going after a failure so one run shows all.
@@ -182,6 +182,11 @@ if [ "${GPUS:-0}" -ge 2 ] && [ -n "$MPIEXEC" ]; then
             --backend cuda --epochs 2 --global-batch 64
     }
     step train-2gpu train_two_gpus
+    train_two_gpus_hybrid() {   # fc layers split across the two GPUs (--parallel hybrid)
+        "$MPIEXEC" -n 2 "$PY" -m mpiconvnet.train --data "$DATA/shards" --out "$DATA/run-2gpu-hybrid" \
+            --model alexnet-mini --backend cuda --epochs 2 --global-batch 64 --parallel hybrid
+    }
+    step train-2gpu-hybrid train_two_gpus_hybrid
 else
     echo "| train-2gpu | skipped ($GPUS GPU(s) or no mpiexec) | 0 | |" >> "$REPORT"
 fi
