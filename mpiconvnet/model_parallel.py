@@ -24,9 +24,11 @@ GatherBatch sums and keeps this rank's rows. LocalRows pads its gradient with ze
 the other ranks' rows, so the reduction after fc8 assembles the whole (B, C) gradient.
 The maths is that of one rank with the whole batch (tests/test_hybrid.py, float64).
 
-Collectives pass through host NumPy arrays (`ops.to_host`), like the pinned-host path of
-the gradient allreduce; none of them overlaps with the gradient buckets' communication
-thread, which starts only when conv5's gradients are ready, after the last of them.
+Collectives pass through host NumPy arrays (`ops.to_host`; pageable, where the gradient
+buckets keep persistent pinned buffers). None of them runs while the gradient buckets'
+communication thread does: that thread starts when conv5's gradients are ready, after
+the last of them (GatherBatch's backward), and is done before the next forward, so MPI's
+SERIALIZED thread level is enough.
 """
 import numpy as np
 
