@@ -52,6 +52,18 @@ class Shards:
         bounds = self.bounds(count)
         return bounds[self.rank], bounds[self.rank + 1]
 
+    def widths(self, count):
+        """Every rank's number of neurons of `count`."""
+        return [int(w) for w in np.diff(self.bounds(count))]
+
+    def gather_host_rows(self, host, counts):
+        """host: (counts[rank], ...) on this rank -> (sum(counts), ...): every rank's rows in
+        rank order, a host array (activations, or a split parameter made whole)."""
+        per_row = int(np.prod(host.shape[1:]))
+        out = np.empty((sum(counts),) + host.shape[1:], dtype=host.dtype)
+        self.comm.Allgatherv(np.ascontiguousarray(host), [out, [n * per_row for n in counts]])
+        return out
+
     def own_rows(self):
         start = sum(self.row_counts[:self.rank])
         return start, start + self.row_counts[self.rank]
@@ -65,12 +77,8 @@ class Shards:
         if self.size == 1:
             self.row_counts = [x.shape[0]]
             return x
-        host = np.ascontiguousarray(self.ops.to_host(x))
-        self.row_counts = self.comm.allgather(host.shape[0])
-        width = host.shape[1]
-        out = np.empty((sum(self.row_counts), width), dtype=host.dtype)
-        self.comm.Allgatherv(host, [out, [n * width for n in self.row_counts]])
-        return self.ops.to_device(out)
+        self.row_counts = self.comm.allgather(x.shape[0])
+        return self.ops.to_device(self.gather_host_rows(self.ops.to_host(x), self.row_counts))
 
     def reduce_scatter_rows(self, dx):
         """dx: (B, F), this rank's share of a sum -> (b, F): the sum's rows of this rank."""
@@ -87,8 +95,7 @@ class Shards:
         if self.size == 1:
             return y
         host = np.ascontiguousarray(self.ops.to_host(y))
-        rows, bounds = host.shape[0], self.bounds(width)
-        widths = [int(w) for w in np.diff(bounds)]
+        rows, bounds, widths = host.shape[0], self.bounds(width), self.widths(width)
         blocks = np.empty(rows * width, dtype=host.dtype)   # the ranks' (B, w_j) blocks in turn
         self.comm.Allgatherv(host, [blocks, [rows * w for w in widths]])
         out = np.empty((rows, width), dtype=host.dtype)
@@ -102,13 +109,11 @@ class Shards:
             return dy
         host = self.ops.to_host(dy)
         rows, width = host.shape
-        bounds = self.bounds(width)
+        bounds, widths = self.bounds(width), self.widths(width)
         # the ranks' column blocks one after another, as Reduce_scatter cuts its buffer
         blocks = np.concatenate([host[:, a:b].ravel() for a, b in zip(bounds[:-1], bounds[1:])])
-        start, stop = self.share(width)
-        out = np.empty((rows, stop - start), dtype=host.dtype)
-        self.comm.Reduce_scatter(blocks, out, [rows * (b - a) for a, b in zip(bounds[:-1], bounds[1:])],
-                                 op=self._mpi().SUM)
+        out = np.empty((rows, widths[self.rank]), dtype=host.dtype)
+        self.comm.Reduce_scatter(blocks, out, [rows * w for w in widths], op=self._mpi().SUM)
         return self.ops.to_device(out)
 
 
@@ -160,9 +165,9 @@ class LocalRows(Layer):
 
     def forward(self, x, ctx):
         self.rows = x.shape[0]
-        start, stop = self.shards.own_rows()
         if self.shards.size == 1:
             return x
+        start, stop = self.shards.own_rows()
         host = self.shards.ops.to_host(x)
         return self.shards.ops.to_device(np.ascontiguousarray(host[start:stop]))
 

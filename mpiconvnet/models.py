@@ -252,12 +252,7 @@ class Net:
         rows, e.g. its momentum); a collective for split names."""
         if name not in self.split_names or self.shards.size == 1:
             return part
-        shape = self.full_shapes[name]
-        per_row = int(np.prod(shape[1:]))
-        counts = [int(rows) * per_row for rows in np.diff(self.shards.bounds(shape[0]))]
-        out = np.empty(shape, dtype=part.dtype)
-        self.shards.comm.Allgatherv(np.ascontiguousarray(part), [out, counts])
-        return out
+        return self.shards.gather_host_rows(part, self.shards.widths(self.full_shapes[name][0]))
 
     def use_gradient_arrays(self, grads):
         """Have backward write gradients into these arrays (e.g. views into allreduce buckets)."""

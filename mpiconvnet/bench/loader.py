@@ -29,6 +29,7 @@ and prints images/s, images/s per loader process, and that divided by the copy b
 the same kind of destination (target >= 0.5 for the loader's worker processes).
 """
 import argparse
+import itertools
 import os
 import sys
 import tempfile
@@ -176,7 +177,7 @@ def main(argv=None):
         # the same kind of memory a 1-worker loader fills: a shared mapping of prefetch + 1 slots
         ring = shared_array((args.prefetch + 1,) + pixels.shape, np.uint8)
         ring.fill(0)   # map every page now, not inside the timed copies
-        turn = iter(range(10 ** 9))
+        turn = itertools.count()
 
         def copy_from_pool(destination):
             out = ring[next(turn) % len(ring)] if destination == "ring" else pixels
