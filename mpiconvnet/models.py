@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mpiconvnet.backends import get_backend
+from mpiconvnet.backends import get_backend, mean_loss
 from mpiconvnet.layers import LRN, Conv, Dropout, Flatten, Linear, MaxPool, ReLU
 from mpiconvnet.model_parallel import GatherBatch, GatherColumns, LocalRows
 
@@ -342,11 +342,13 @@ class Net:
         global batch passes 1/size, so the sum over ranks is the global-batch mean.
         """
         logits = self.forward_device(x, True, step, sample_offset)
-        loss, dlogits = self.ops.softmax_cross_entropy(logits, np.asarray(labels, np.int64))
+        loss_rows, dlogits = self.ops.softmax_cross_entropy_rows(logits, np.asarray(labels, np.int64))
         if grad_scale != 1.0:
             self.ops.scale_(dlogits, grad_scale)   # (N, classes): far cheaper than scaling every gradient
         self.backward(dlogits, on_grads_ready)
-        return loss, self.grads
+        # read the loss only now: on a GPU the read waits for the queue, and reading it before
+        # the backward pass was queued left the GPU idle while Python queued it
+        return mean_loss(self.ops.to_host(loss_rows)), self.grads
 
 
 def build_model(name, num_classes=1000, backend="numpy", dtype="float32", seed=0, dropout=0.5, shards=None):

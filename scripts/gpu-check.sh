@@ -9,9 +9,10 @@
 #    the project, pycuda (built from vendor/pycuda-*.tar.gz when there is no index), and
 #    cuBLAS / cuDNN wheels only when no usable copy is found (see docs/gpu.md);
 # 3. runs the CUDA tests (logic, nvcc compile, every op against the NumPy reference);
-# 4. trains alexnet-mini for 2 epochs on synthetic shards with --backend cuda (and on 2
-#    ranks with mpiexec when the node has 2 GPUs, with --parallel data and hybrid);
-# 5. runs the step benchmark against PyTorch's AlexNet on the same GPU (float32, then TF32);
+# 4. trains alexnet-mini for 2 epochs on synthetic shards with --backend cuda, then on 2
+#    ranks with mpiexec, --parallel data and hybrid (2 GPUs, or 2 ranks sharing 1 GPU);
+# 5. runs the step benchmark against PyTorch on the same GPU (alexnet and alexnet-owt,
+#    float32, then TF32);
 # and writes OUTDIR/report.md with every step's status, time and log. The exit status is
 # non-zero when any step failed. Steps keep going after a failure so one run shows all.
 #
@@ -87,7 +88,21 @@ PIP_SOURCES=(--find-links "$ROOT/vendor")
 echo "package index: $([ "$OFFLINE" = 1 ] && echo "none (vendor/ only)" || echo "reachable (vendor/ first)")" | tee -a "$OUT/machine.log"
 
 make_venv() {
-    [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv --system-site-packages "$VENV"
+    if [ ! -x "$VENV/bin/python" ]; then
+        "$PYTHON" -m venv --system-site-packages "$VENV" || return 1
+        # --system-site-packages shows the *base* interpreter's packages. When PYTHON is
+        # itself a venv (an image's or a module's PyTorch venv), its packages, PyTorch and the
+        # CUDA library wheels among them, would be invisible: list them in a .pth file, which
+        # puts them after the new venv's own packages and before the base interpreter's.
+        "$PYTHON" - "$VENV/bin/python" <<'EOF'
+import pathlib, site, subprocess, sys
+if sys.prefix != sys.base_prefix:
+    target = subprocess.check_output(
+        [sys.argv[1], "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip()
+    pathlib.Path(target, "_parent_venv.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    print("the packages of", sys.prefix, "are visible through", target + "/_parent_venv.pth")
+EOF
+    fi
     "$VENV/bin/python" -m pip --version
 }
 step venv make_venv || { echo "cannot create the venv $VENV; see $OUT/venv.log"; exit 1; }
@@ -141,10 +156,13 @@ step cuda-libraries install_cuda_libraries
 
 # --- 3. tests ---------------------------------------------------------------------------------
 cuda_tests() {
-    "$PY" -m pytest -q -rs -p no:cacheprovider --junitxml="$OUT/cuda-tests.xml" \
-        tests/test_cuda_logic.py tests/test_cuda_compile.py tests/test_cuda_ops.py || return 1
-    # every cuda-marked test elsewhere in the suite (models, trainer) too
-    "$PY" -m pytest -q -rs -p no:cacheprovider -m cuda tests || [ $? -eq 5 ] || return 1
+    local status=0
+    # -X faulthandler: a crash, even at interpreter exit, prints the Python stacks
+    "$PY" -X faulthandler -m pytest -q -rs -p no:cacheprovider --junitxml="$OUT/cuda-tests.xml" \
+        tests/test_cuda_logic.py tests/test_cuda_compile.py tests/test_cuda_ops.py || status=1
+    # every cuda-marked test elsewhere in the suite (models, trainer) too, even after a failure above
+    "$PY" -X faulthandler -m pytest -q -rs -p no:cacheprovider -m cuda tests || [ $? -eq 5 ] || status=1
+    [ $status -eq 0 ] || return 1
     # a run where the GPU tests all skipped proves nothing
     "$PY" - "$OUT/cuda-tests.xml" <<'EOF'
 import sys, xml.etree.ElementTree as ET
@@ -175,6 +193,18 @@ step train-1gpu train_one_gpu
 GPUS=$("$PY" -c "import pycuda.driver as d; d.init(); print(d.Device.count())" 2>/dev/null || echo 0)
 MPIEXEC="$(dirname "$PY")/mpiexec"
 command -v "$MPIEXEC" >/dev/null || MPIEXEC=$(command -v mpiexec || true)
+if [ "${GPUS:-0}" -eq 1 ] && [ -n "$MPIEXEC" ]; then
+    # one GPU: two ranks share it, which still runs the MPI path (staging, buckets, and the
+    # gathers of --parallel hybrid) end to end
+    train_two_ranks_shared() {
+        for parallel in data hybrid; do
+            MPICONVNET_ALLOW_GPU_SHARING=1 "$MPIEXEC" -n 2 "$PY" -m mpiconvnet.train --data "$DATA/shards" \
+                --out "$DATA/run-2rank-$parallel" --model alexnet-mini --backend cuda --epochs 2 --global-batch 64 \
+                --parallel $parallel || return 1
+        done
+    }
+    step train-2rank-1gpu train_two_ranks_shared
+fi
 if [ "${GPUS:-0}" -ge 2 ] && [ -n "$MPIEXEC" ]; then
     train_two_gpus() {
         "$PY" -c "from mpi4py import MPI; from mpiconvnet.backends.cuda import cuda_aware_mpi; print('CUDA-aware MPI:', cuda_aware_mpi())"
@@ -193,15 +223,18 @@ fi
 
 # --- 5. benchmark -----------------------------------------------------------------------------
 if [ -z "${SKIP_BENCH:-}" ]; then
-    step bench-fp32 "$PY" -m mpiconvnet.bench step --model alexnet --batch 128 --backend cuda --json
-    step bench-tf32 "$PY" -m mpiconvnet.bench step --model alexnet --batch 128 --backend cuda --tf32 --json
+    # alexnet has LRN, which PyTorch computes from generic ops; alexnet-owt (torchvision's) has none
+    for model in alexnet alexnet-owt; do
+        step bench-$model-fp32 "$PY" -m mpiconvnet.bench step --model $model --batch 128 --backend cuda --json
+        step bench-$model-tf32 "$PY" -m mpiconvnet.bench step --model $model --batch 128 --backend cuda --tf32 --json
+    done
 fi
 
 {
     echo ""
     echo "## machine"; echo '```'; cat "$OUT/machine.log"; echo '```'
     echo "## libraries"; echo '```'; cat "$OUT/cuda-libraries.log" 2>/dev/null; echo '```'
-    for name in cuda-tests bench-fp32 bench-tf32; do
+    for name in cuda-tests bench-alexnet-fp32 bench-alexnet-tf32 bench-alexnet-owt-fp32 bench-alexnet-owt-tf32; do
         [ -f "$OUT/$name.log" ] || continue
         echo "## $name (last 40 lines)"; echo '```'; tail -n 40 "$OUT/$name.log"; echo '```'
     done

@@ -238,6 +238,18 @@ def test_bias_kernels(host_kernels):
         lib.sum_rows_f64(_p(db), _p(y), ctypes.c_int(5), ctypes.c_int(7))
     lib.host_set_thread(0, 0, 1, 1)
     np.testing.assert_allclose(db, nb.linear_backward_bias(y), **FLOAT64)
+    # the convolution bias gradient: sum_rows over the batch, then sum_cols over each
+    # channel's pixels (one warp per channel; on the host a warp is one lane)
+    dy = rng.standard_normal((3, 4, 5, 6))
+    over_batch, conv_db = np.full(4 * 30, np.nan), np.full(4, np.nan)
+    for col in range(4 * 30):
+        lib.host_set_thread(col, 0, 1, 4 * 30)
+        lib.sum_rows_f64(_p(over_batch), _p(dy), ctypes.c_int(3), ctypes.c_int(4 * 30))
+    for row in range(5):   # one past the end must do nothing
+        lib.host_set_thread(row, 0, 1, 5)
+        lib.sum_cols_f64(_p(conv_db), _p(over_batch), ctypes.c_int(4), ctypes.c_int(30))
+    lib.host_set_thread(0, 0, 1, 1)
+    np.testing.assert_allclose(conv_db, nb.conv_backward_bias(dy), **FLOAT64)
 
 
 @pytest.mark.parametrize("shape, size, stride", [((2, 3, 13, 13), 3, 2), ((1, 2, 8, 9), 2, 2), ((1, 4, 7, 7), 3, 1)])
@@ -249,9 +261,11 @@ def test_maxpool_backward_kernel(host_kernels, shape, size, stride, ties):
     y = nb.maxpool_forward(x, size, stride)
     dy = rng.standard_normal(y.shape)
     dx = np.full_like(x, np.nan)
+    first_max = np.full(y.size, -1, np.int32)
     n, c, h, w = shape
-    host_kernels["pool.cu"].maxpool_backward_f64(_p(dx), _p(x), _p(dy), ctypes.c_longlong(n * c), *map(ctypes.c_int, (
-        h, w, y.shape[2], y.shape[3], size, stride)))
+    sizes = [ctypes.c_longlong(n * c)] + [ctypes.c_int(v) for v in (h, w, y.shape[2], y.shape[3], size, stride)]
+    host_kernels["pool.cu"].maxpool_first_max_f64(_p(first_max), _p(x), *sizes)
+    host_kernels["pool.cu"].maxpool_backward_f64(_p(dx), _p(first_max), _p(dy), *sizes)
     np.testing.assert_allclose(dx, nb.maxpool_backward(x, y, dy, size, stride), **FLOAT64)
 
 

@@ -791,7 +791,8 @@ def test_every_op_runs_through_the_python_plumbing(fake_backend):
     worker = threading.Thread(target=cb.use_in_this_thread)
     worker.start()
     worker.join()
-    expected = {"bias_add_rows_f64", "sum_rows_f64", "lrn_forward_f32", "lrn_backward_f64", "maxpool_backward_f64",
+    expected = {"bias_add_rows_f64", "sum_rows_f64", "sum_cols_f64", "lrn_forward_f32", "lrn_backward_f64",
+                "maxpool_first_max_f64", "maxpool_backward_f64",
                 "dropout_forward_f32", "dropout_apply_f64", "softmax_xent_f64", "label_rank_f32", "sgd_momentum_f64",
                 "scale_f32", "crop_flip_normalize_f32"}
     assert expected <= set(launches)
@@ -850,3 +851,15 @@ def test_missing_pycuda_is_a_one_line_error(monkeypatch):
     with pytest.raises(RuntimeError) as e:
         context.import_driver()
     assert "\n" not in str(e.value) and "pip install pycuda" in str(e.value) and "--backend numpy" in str(e.value)
+
+
+def test_exit_closes_the_state_current_at_exit_only(monkeypatch):
+    # a state swapped in and out again (the stand-in backend above) must not be closed at
+    # exit: its handles would reach the real cuBLAS, which crashed pytest on a GPU node
+    closed = []
+    monkeypatch.setattr(context, "_state", types.SimpleNamespace(close=lambda: closed.append("current")))
+    context._close_at_exit()
+    assert closed == ["current"]
+    monkeypatch.setattr(context, "_state", None)
+    context._close_at_exit()
+    assert closed == ["current"]

@@ -67,8 +67,12 @@ Model input (what the loader's uint8 batch becomes; data/augment.py defines the 
 
 Loss and metrics
     softmax_cross_entropy(logits, labels) -> (loss, dlogits)
-        labels: a host numpy int64 array (N,). loss is the mean over the batch (a Python float); dlogits is
-        the gradient of that mean (softmax - onehot) / N. Numerically stable (max shift).
+        labels: a host numpy int64 array (N,). loss is the mean over the batch (a Python float,
+        mean_loss below); dlogits is the gradient of that mean (softmax - onehot) / N.
+        Numerically stable (max shift).
+    softmax_cross_entropy_rows(logits, labels) -> (loss_rows, dlogits)
+        the same, with each row's loss left where it was computed (an array (N,)): reading it
+        waits for the GPU, so a training step reads it after queueing the backward pass
     topk_correct(logits, labels, ks) -> tuple of ints, how many labels are in the top k
 
 Update (in place, on one parameter tensor)
@@ -104,6 +108,14 @@ BACKENDS = {
     "numpy": "mpiconvnet.backends.numpy_backend",
     "cuda": "mpiconvnet.backends.cuda",
 }
+
+
+def mean_loss(loss_rows):
+    """The batch's loss from its rows' losses (a host array): summed in float64, in a fixed
+    order, so both backends report the same number for the same rows."""
+    import numpy as np
+    rows = np.asarray(loss_rows, np.float64)
+    return float(rows.sum() / rows.size) if rows.size else float("nan")
 
 
 def get_backend(name):

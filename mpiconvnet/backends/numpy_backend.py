@@ -27,7 +27,8 @@ from mpiconvnet.backends.numpy_ops.conv import (conv_backward_bias, conv_backwar
                                                 conv_backward_filter, conv_forward)
 from mpiconvnet.backends.numpy_ops.dense import (linear_backward_bias, linear_backward_data,
                                                  linear_backward_filter, linear_forward,
-                                                 softmax_cross_entropy, topk_correct)
+                                                 softmax_cross_entropy, softmax_cross_entropy_rows,
+                                                 topk_correct)
 from mpiconvnet.backends.numpy_ops.dropout import dropout_backward, dropout_forward, dropout_keep
 from mpiconvnet.backends.numpy_ops.lrn import lrn_backward, lrn_forward
 from mpiconvnet.backends.numpy_ops.malloc import keep_freed_memory
@@ -133,7 +134,7 @@ __all__ = [
     "relu_forward", "relu_backward", "lrn_forward", "lrn_backward",
     "maxpool_forward", "maxpool_backward", "dropout_forward", "dropout_backward", "dropout_keep",
     "linear_forward", "linear_backward_data", "linear_backward_filter", "linear_backward_bias",
-    "crop_flip_normalize", "softmax_cross_entropy", "topk_correct", "sgd_momentum_update", "scale_",
+    "crop_flip_normalize", "softmax_cross_entropy", "softmax_cross_entropy_rows", "topk_correct", "sgd_momentum_update", "scale_",
     "HOST_MEMORY", "pinned_host_empty", "copy_to_host", "copy_from_host", "mpi_buffer",
     "set_num_threads", "get_num_threads", "use_in_this_thread",
 ]

@@ -87,12 +87,20 @@ def main(argv):
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=2, help="CPU threads for both implementations")
     p.add_argument("--backend", choices=("numpy", "cuda"), default="numpy")
-    p.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, help="timed steps, the median is reported (default 5 on numpy, 30 on cuda)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default 2 on numpy, 5 on cuda: cuDNN's "
+                                                 "algorithm searches run in the first steps)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 in both (cuda only)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
     p.add_argument("--json", action="store_true", help="also print one JSON line of the results")
+    p.add_argument("--profile", action="store_true",
+                   help="also print each implementation's GPU kernels and how busy the GPU was (cuda; needs torch)")
     args = p.parse_args(argv)
+    # a GPU step takes milliseconds: more of them cost nothing and steady the median
+    if args.steps is None:
+        args.steps = 30 if args.backend == "cuda" else 5
+    if args.warmup is None:
+        args.warmup = 5 if args.backend == "cuda" else 2
 
     from mpiconvnet.backends import get_backend
     from mpiconvnet.distributed import SetupError, init, set_blas_threads
@@ -147,4 +155,37 @@ def main(argv):
         print(f"ratio mpiconvnet / pytorch: {ratio:.2f}x")
     if args.json:
         print(json.dumps(result))
+    if args.profile and args.backend == "cuda":
+        for name, step, sync in contenders:
+            print_kernel_profile(name, step, sync, args.steps)
+    return 0
+
+
+def print_kernel_profile(name, step, synchronize, steps, rows=15):
+    """Time in GPU kernels per step, by kernel, through PyTorch's profiler (CUPTI sees every
+    kernel of the process, ours from PyCUDA, cuDNN and cuBLAS included), and the fraction of
+    the step's wall time the GPU was busy: what is left is launch overhead and waiting."""
+    from torch.profiler import ProfilerActivity, profile
+    synchronize()
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        synchronize()
+    wall = (time.perf_counter() - start) / steps
+    kernels = [e for e in prof.key_averages() if _device_time(e) > 0]
+    kernels.sort(key=_device_time, reverse=True)
+    busy = sum(_device_time(e) for e in kernels) / 1e6 / steps
+    print(f"\n{name}: {wall * 1e3:.2f} ms per step (profiled), GPU busy {busy * 1e3:.2f} ms ({busy / wall:.0%})")
+    print(f"{'ms/step':>9}{'calls':>7}  kernel")
+    for e in kernels[:rows]:
+        print(f"{_device_time(e) / 1e3 / steps:>9.3f}{e.count // steps:>7}  {e.key[:110]}")
+
+
+def _device_time(event):
+    """An event's own time on the GPU in microseconds (the attribute's name changed in torch 2.4)."""
+    for attribute in ("self_device_time_total", "self_cuda_time_total"):
+        value = getattr(event, attribute, None)
+        if value is not None:
+            return value
     return 0

@@ -26,12 +26,14 @@ PREBUILT_DIR = os.path.join(KERNEL_DIR, "prebuilt")
 KERNELS = {
     "bias_add_rows": ("bias.cu", "PPqi"),
     "sum_rows": ("bias.cu", "PPii"),
+    "sum_cols": ("bias.cu", "PPii"),
     "dropout_forward": ("dropout.cu", "PPPqqIIIIF"),
     "dropout_apply": ("dropout.cu", "PPPqF"),
     "sgd_momentum": ("sgd.cu", "PPPqFFF"),
     "scale": ("sgd.cu", "PqF"),
     "softmax_xent": ("loss.cu", "PPPPiiF"),
     "label_rank": ("loss.cu", "PPPii"),
+    "maxpool_first_max": ("pool.cu", "PPqiiiiii"),
     "maxpool_backward": ("pool.cu", "PPPqiiiiii"),
     "lrn_forward": ("lrn.cu", "PPqiqiFFF"),
     "lrn_backward": ("lrn.cu", "PPPPqiqiFFF"),
@@ -139,7 +141,7 @@ class State:
         self.function(name, dtype).prepared_async_call(grid, block, self.stream, *args)
 
     def launch_warps(self, name, dtype, rows, *args):
-        """Queue a one-warp-per-row kernel (loss.cu) over `rows` rows."""
+        """Queue a one-warp-per-row kernel (loss.cu, sum_cols) over `rows` rows."""
         warps_per_block = THREADS // 32
         grid = ((int(rows) + warps_per_block - 1) // warps_per_block or 1, 1)
         self.function(name, dtype).prepared_async_call(grid, (THREADS, 1, 1), self.stream, *args)
@@ -220,8 +222,16 @@ def initialize(local_rank=0, local_size=1, allow_sharing=False):
                                f"initialize() was called again for device {ordinal}")
         return ordinal
     _state = State(ordinal, allow_sharing)
-    atexit.register(_state.close)
     return ordinal
+
+
+@atexit.register
+def _close_at_exit():
+    # the state current at exit, not the one of the first initialize(): the tests swap in
+    # a state over stand-in libraries and take it out again, and closing that one against
+    # the real cuBLAS at exit crashed the interpreter on a GPU node
+    if _state is not None:
+        _state.close()
 
 
 class _ThreadContext:

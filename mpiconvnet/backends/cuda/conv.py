@@ -1,4 +1,5 @@
-"""Convolution (with groups) through cuDNN: forward, backward data / filter / bias.
+"""Convolution (with groups) through cuDNN: forward, backward data / filter; the bias
+gradient is ours (bias.cu).
 
 x: (N, C, H, W)  w: (K, C/groups, R, S)  b: (K,)  y: (N, K, P, Q)
 One `ConvPlan` per distinct (shapes, stride, pad, groups, dtype, tf32) holds the
@@ -7,6 +8,8 @@ MPICONVNET_CUDNN_FIND=0 asks for the heuristic cudnnGet*_v7), so the search runs
 per layer shape, not once per step.
 """
 import ctypes
+
+import numpy as np
 
 from . import context, cudnn
 from .memory import empty
@@ -137,15 +140,16 @@ def conv_backward_filter(x, dy, w_shape, stride, pad, groups):
 
 
 def conv_backward_bias(dy):
-    """db[k] = sum over N, P, Q of dy[:, k]."""
+    """db[k] = sum over N, P, Q of dy[:, k]: two passes of our kernels (bias.cu), over the
+    batch, then over each channel's pixels. Not cudnnConvolutionBackwardBias, which took
+    2.2 ms of an AlexNet step on an H100 against ~0.1 ms for reading dy once."""
     st = context.get()
-    dtype = dy.dtype
-    key = ("bias", tuple(dy.shape), dtype.char)
-    if key not in st.descriptors:
-        st.descriptors[key] = (cudnn.TensorDesc(dy.shape, dtype), cudnn.TensorDesc((dy.shape[1],), dtype))
-    dy_desc, db_desc = st.descriptors[key]
-    db = empty((dy.shape[1],), dtype)
-    one, zero = cudnn.scalars(dtype)
-    cudnn.call("cudnnConvolutionBackwardBias", st.dnn.ptr, cudnn.ptr(one), dy_desc.ptr, _void(dy),
-               cudnn.ptr(zero), db_desc.ptr, _void(db))
+    n, k = int(dy.shape[0]), int(dy.shape[1])
+    pixels = int(np.prod(dy.shape[2:]))
+    over_batch = empty((k * pixels,), dy.dtype)
+    grid = ((k * pixels + context.THREADS - 1) // context.THREADS, 1)
+    st.function("sum_rows", dy.dtype).prepared_async_call(grid, (context.THREADS, 1, 1), st.stream,
+                                                          over_batch.ptr, dy.ptr, n, k * pixels)
+    db = empty((k,), dy.dtype)
+    st.launch_warps("sum_cols", dy.dtype, k, db.ptr, over_batch.ptr, k, pixels)
     return db

@@ -112,7 +112,6 @@ def _declare(L):
         # (handle, *alpha, xDesc, x, dyDesc, dy, convDesc, algo, ws, wsSize, *beta, dwDesc, dw)
         "cudnnConvolutionBackwardFilter": ([vp, vp, vp, vp, vp, vp, vp, i, vp, sz, vp, vp, vp], i),
         # (handle, *alpha, dyDesc, dy, *beta, dbDesc, db)
-        "cudnnConvolutionBackwardBias": ([vp, vp, vp, vp, vp, vp, vp], i),
         # (handle, *alpha, aDesc, A, *beta, cDesc, C): C = alpha*A + beta*C, A broadcast
         "cudnnAddTensor": ([vp, vp, vp, vp, vp, vp, vp], i),
         "cudnnCreatePoolingDescriptor": ([P(vp)], i),

@@ -139,14 +139,18 @@ def maxpool_forward(x, size, stride):
 
 
 def maxpool_backward(x, y, dy, size, stride):
-    """Our gather kernel (pool.cu): the first maximum in row-major window order gets the
-    gradient, deterministically. y is not needed: the kernel recomputes each window's
-    first maximum from x."""
+    """Our two kernels (pool.cu): each window's first maximum in row-major order, then a
+    gather in which that element gets the window's gradient, deterministically. y is not
+    needed: the first maxima are found from x."""
     st = context.get()
     n, c, h, w = (int(s) for s in x.shape)
     p, q = int(dy.shape[2]), int(dy.shape[3])
+    first_max = empty((n * c * p * q,), np.int32)
+    st.launch("maxpool_first_max", x.dtype, first_max.size, first_max.ptr, x.ptr, n * c, h, w, p, q,
+              int(size), int(stride))
     dx = empty(x.shape, x.dtype)
-    st.launch("maxpool_backward", x.dtype, x.size, dx.ptr, x.ptr, dy.ptr, n * c, h, w, p, q, int(size), int(stride))
+    st.launch("maxpool_backward", x.dtype, x.size, dx.ptr, first_max.ptr, dy.ptr, n * c, h, w, p, q,
+              int(size), int(stride))
     return dx
 
 

@@ -4,6 +4,7 @@ logits: (N, classes)  labels: host int64 (N,)
 """
 import numpy as np
 
+from .. import mean_loss
 from . import context
 from .memory import empty, to_device, to_host
 
@@ -17,8 +18,8 @@ def _labels_on_device(labels, n, classes):
     return to_device(host.astype(np.int64, copy=False))
 
 
-def softmax_cross_entropy(logits, labels):
-    """(mean loss as a Python float, dlogits = (softmax - onehot) / N)."""
+def softmax_cross_entropy_rows(logits, labels):
+    """(each row's loss, on the GPU; dlogits = (softmax - onehot) / N). Nothing waits."""
     st = context.get()
     n, classes = (int(s) for s in logits.shape)
     labels_d = _labels_on_device(labels, n, classes)
@@ -26,8 +27,14 @@ def softmax_cross_entropy(logits, labels):
     dlogits = empty(logits.shape, logits.dtype)
     st.launch_warps("softmax_xent", logits.dtype, n, loss_rows.ptr, dlogits.ptr, logits.ptr, labels_d.ptr, n, classes,
                     1.0 / n)
+    return loss_rows, dlogits
+
+
+def softmax_cross_entropy(logits, labels):
+    """(mean loss as a Python float, dlogits = (softmax - onehot) / N)."""
+    loss_rows, dlogits = softmax_cross_entropy_rows(logits, labels)
     # the mean in float64 on the host: N values, and the order of the sum is fixed
-    return float(to_host(loss_rows).astype(np.float64).sum() / n), dlogits
+    return mean_loss(to_host(loss_rows)), dlogits
 
 
 def topk_correct(logits, labels, ks):

@@ -7,6 +7,7 @@ batch rows would each stream all of them through the cache again.
 """
 import numpy as np
 
+from mpiconvnet.backends import mean_loss
 from mpiconvnet.backends.numpy_ops.threads import get_num_threads, output, parallel_map
 
 # a few blocks per thread: a thread the OS deschedules delays one block, not half the GEMM
@@ -59,20 +60,27 @@ def _check_labels(logits, labels):
                          f"got {labels.min()}..{labels.max()} (check the data set's class count)")
 
 
-def softmax_cross_entropy(logits, labels):
-    # logits: (N, classes)  labels: (N,) int -> loss: float (mean over N), dlogits: (N, classes)
+def softmax_cross_entropy_rows(logits, labels):
+    # logits: (N, classes)  labels: (N,) int -> loss_rows: (N,), dlogits: (N, classes), the
+    # gradient of the rows' mean
     _check_labels(logits, labels)
     N = logits.shape[0]
     rows = np.arange(N)
     shifted = logits - logits.max(axis=1, keepdims=True)   # max shift: exp never overflows
     exp = np.exp(shifted)
     total = exp.sum(axis=1)                                 # (N,), >= 1
-    loss = float(np.mean(np.log(total) - shifted[rows, labels]))
+    loss_rows = np.log(total) - shifted[rows, labels]
     dlogits = exp
     dlogits /= total[:, None]                               # softmax
     dlogits[rows, labels] -= 1
     dlogits /= N
-    return loss, dlogits
+    return loss_rows, dlogits
+
+
+def softmax_cross_entropy(logits, labels):
+    # -> loss: float (mean over N), dlogits: (N, classes)
+    loss_rows, dlogits = softmax_cross_entropy_rows(logits, labels)
+    return mean_loss(loss_rows), dlogits
 
 
 def topk_correct(logits, labels, ks):
