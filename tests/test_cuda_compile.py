@@ -78,7 +78,7 @@ extern "C" void host_set_thread(unsigned block, unsigned thread, unsigned block_
     blockIdx.x = block; threadIdx.x = thread; blockDim.x = block_dim; gridDim.x = grid_dim;
 }
 """
-HOST_RUN = ["dropout.cu", "sgd.cu", "bias.cu", "pool.cu", "lrn.cu", "augment.cu", "loss.cu"]
+HOST_RUN = ["dropout.cu", "sgd.cu", "bias.cu", "relu.cu", "pool.cu", "lrn.cu", "augment.cu", "loss.cu"]
 CXX = shutil.which("g++") or shutil.which("c++")
 
 
@@ -250,6 +250,31 @@ def test_bias_kernels(host_kernels):
         lib.sum_cols_f64(_p(conv_db), _p(over_batch), ctypes.c_int(4), ctypes.c_int(30))
     lib.host_set_thread(0, 0, 1, 1)
     np.testing.assert_allclose(conv_db, nb.conv_backward_bias(dy), **FLOAT64)
+    # the convolution bias add: y[n, k, p, q] += b[k]
+    conv_y, conv_b = rng.standard_normal((3, 4, 5, 6)), rng.standard_normal(4)
+    expected = conv_y + conv_b[:, None, None]
+    lib.bias_add_channels_f64(_p(conv_y), _p(conv_b), ctypes.c_longlong(3 * 4), ctypes.c_int(4), ctypes.c_int(30))
+    np.testing.assert_array_equal(conv_y, expected)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_kernels(host_kernels, dtype):
+    from mpiconvnet.backends import numpy_backend as nb
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((4, 3, 5, 5)).astype(dtype)
+    x.flat[:4] = [np.nan, -0.0, 0.0, -np.inf]          # what np.maximum(x, 0) keeps or zeroes
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    dy.flat[4:6] = [np.nan, np.inf]                       # where x < 0: dy * 0 is still NaN
+    x.flat[4:6] = -1.0
+    lib = host_kernels["relu.cu"]
+    y, dx = np.full_like(x, 7.0), np.full_like(x, 7.0)
+    getattr(lib, "relu_forward" + _suffix(dtype))(_p(y), _p(x), ctypes.c_longlong(x.size))
+    getattr(lib, "relu_backward" + _suffix(dtype))(_p(dx), _p(y), _p(dy), ctypes.c_longlong(x.size))
+    y_ref = nb.relu_forward(x)
+    np.testing.assert_array_equal(y.view(np.uint8), y_ref.view(np.uint8))   # bit for bit, -0 and NaN included
+    with np.errstate(invalid="ignore"):                   # inf * 0 in the reference, on purpose
+        dx_ref = nb.relu_backward(y_ref, dy)
+    np.testing.assert_array_equal(dx.view(np.uint8), dx_ref.view(np.uint8))
 
 
 @pytest.mark.parametrize("shape, size, stride", [((2, 3, 13, 13), 3, 2), ((1, 2, 8, 9), 2, 2), ((1, 4, 7, 7), 3, 1)])

@@ -95,6 +95,8 @@ def main(argv):
     p.add_argument("--json", action="store_true", help="also print one JSON line of the results")
     p.add_argument("--profile", action="store_true",
                    help="also print each implementation's GPU kernels and how busy the GPU was (cuda; needs torch)")
+    p.add_argument("--host-profile", action="store_true",
+                   help="also print where our step spends its host (Python) time, by function (cProfile)")
     args = p.parse_args(argv)
     # a GPU step takes milliseconds: more of them cost nothing and steady the median
     if args.steps is None:
@@ -155,10 +157,29 @@ def main(argv):
         print(f"ratio mpiconvnet / pytorch: {ratio:.2f}x")
     if args.json:
         print(json.dumps(result))
+    if args.host_profile:
+        print_host_profile(contenders[0][1], contenders[0][2], args.steps)
     if args.profile and args.backend == "cuda":
         for name, step, sync in contenders:
             print_kernel_profile(name, step, sync, args.steps)
     return 0
+
+
+def print_host_profile(step, synchronize, steps, rows=25):
+    """Our step under cProfile: on a GPU the host's own time per step is what bounds small
+    batches (the GPU waits while Python queues the next kernel)."""
+    import cProfile
+    import pstats
+    synchronize()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        step()
+    synchronize()
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    print(f"\nhost time of our step by function, over {steps} steps (tottime: the function's own time)")
+    stats.sort_stats("tottime").print_stats(rows)
 
 
 def print_kernel_profile(name, step, synchronize, steps, rows=15):

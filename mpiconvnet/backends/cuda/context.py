@@ -25,6 +25,7 @@ PREBUILT_DIR = os.path.join(KERNEL_DIR, "prebuilt")
 # type of the variant (f for _f32, d for _f64); P pointer, q int64, i int32, I uint32.
 KERNELS = {
     "bias_add_rows": ("bias.cu", "PPqi"),
+    "bias_add_channels": ("bias.cu", "PPqii"),
     "sum_rows": ("bias.cu", "PPii"),
     "sum_cols": ("bias.cu", "PPii"),
     "dropout_forward": ("dropout.cu", "PPPqqIIIIF"),
@@ -33,6 +34,8 @@ KERNELS = {
     "scale": ("sgd.cu", "PqF"),
     "softmax_xent": ("loss.cu", "PPPPiiF"),
     "label_rank": ("loss.cu", "PPPii"),
+    "relu_forward": ("relu.cu", "PPq"),
+    "relu_backward": ("relu.cu", "PPPq"),
     "maxpool_first_max": ("pool.cu", "PPqiiiiii"),
     "maxpool_backward": ("pool.cu", "PPPqiiiiii"),
     "lrn_forward": ("lrn.cu", "PPqiqiFFF"),

@@ -35,8 +35,6 @@ CUDNN_POOLING_MAX = 0
 CUDNN_POOLING_MAX_DETERMINISTIC = 3
 # cudnnLRNMode_t
 CUDNN_LRN_CROSS_CHANNEL_DIM1 = 0
-# cudnnActivationMode_t
-CUDNN_ACTIVATION_RELU = 1
 # cudnnDeterminism_t
 CUDNN_DETERMINISTIC = 1
 # algorithm counts (cudnnConvolution*Algo_t has 8 / 6 / 7 real members)
@@ -111,9 +109,6 @@ def _declare(L):
         "cudnnConvolutionBackwardData": ([vp, vp, vp, vp, vp, vp, vp, i, vp, sz, vp, vp, vp], i),
         # (handle, *alpha, xDesc, x, dyDesc, dy, convDesc, algo, ws, wsSize, *beta, dwDesc, dw)
         "cudnnConvolutionBackwardFilter": ([vp, vp, vp, vp, vp, vp, vp, i, vp, sz, vp, vp, vp], i),
-        # (handle, *alpha, dyDesc, dy, *beta, dbDesc, db)
-        # (handle, *alpha, aDesc, A, *beta, cDesc, C): C = alpha*A + beta*C, A broadcast
-        "cudnnAddTensor": ([vp, vp, vp, vp, vp, vp, vp], i),
         "cudnnCreatePoolingDescriptor": ([P(vp)], i),
         "cudnnDestroyPoolingDescriptor": ([vp], i),
         # (desc, mode, nanOpt, windowH, windowW, padH, padW, strideH, strideW)
@@ -128,14 +123,6 @@ def _declare(L):
         "cudnnLRNCrossChannelForward": ([vp, vp, i, vp, vp, vp, vp, vp, vp], i),
         # (handle, lrnDesc, mode, *alpha, yDesc, y, dyDesc, dy, xDesc, x, *beta, dxDesc, dx)
         "cudnnLRNCrossChannelBackward": ([vp, vp, i, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp], i),
-        "cudnnCreateActivationDescriptor": ([P(vp)], i),
-        "cudnnDestroyActivationDescriptor": ([vp], i),
-        # (desc, mode, reluNanOpt, double coef)
-        "cudnnSetActivationDescriptor": ([vp, i, i, d], i),
-        # (handle, actDesc, *alpha, xDesc, x, *beta, yDesc, y)
-        "cudnnActivationForward": ([vp, vp, vp, vp, vp, vp, vp, vp], i),
-        # (handle, actDesc, *alpha, yDesc, y, dyDesc, dy, xDesc, x, *beta, dxDesc, dx)
-        "cudnnActivationBackward": ([vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp], i),
     }
     for name, (argtypes, restype) in sigs.items():
         f = getattr(L, name)
@@ -268,14 +255,6 @@ class LRNDesc(_Descriptor):
         # cuDNN divides alpha by the window size itself, like Caffe (whose cuDNN LRN layer
         # passes its alpha unchanged and is tested against its own alpha/size formula)
         call("cudnnSetLRNDescriptor", self.ptr, size, float(alpha), float(beta), float(k))
-
-
-class ActivationDesc(_Descriptor):
-    _create, _destroy = "cudnnCreateActivationDescriptor", "cudnnDestroyActivationDescriptor"
-
-    def __init__(self):
-        super().__init__()
-        call("cudnnSetActivationDescriptor", self.ptr, CUDNN_ACTIVATION_RELU, CUDNN_PROPAGATE_NAN, 0.0)
 
 
 def shape4(shape):

@@ -1,5 +1,5 @@
-"""ReLU, LRN and max pooling (cuDNN, with our kernels where the interface's exact rule
-differs from what cuDNN documents), and dropout (our counter-based kernel).
+"""ReLU (our kernel), LRN and max pooling (cuDNN, with our kernels where the interface's
+exact rule differs from what cuDNN documents), and dropout (our counter-based kernel).
 
 Shapes follow the interface: x, y, dy, dx are (N, C, H, W) for pooling and LRN, any shape
 for ReLU and dropout.
@@ -10,26 +10,6 @@ import numpy as np
 
 from . import context, cudnn
 from .memory import empty
-
-# --- ReLU ---------------------------------------------------------------------------------
-
-
-def _activation(st):
-    if "relu" not in st.descriptors:
-        st.descriptors["relu"] = cudnn.ActivationDesc()
-    return st.descriptors["relu"]
-
-
-def _flat_desc(st, array):
-    # elementwise ops only need the element count; describe (N, C, H, W) and (N, F) arrays
-    # by their own shape (the layouts cuDNN is built for) and anything else as (1, size, 1, 1)
-    shape = tuple(int(s) for s in array.shape)
-    shape = cudnn.shape4(shape) if len(shape) in (1, 2, 4) else (1, int(array.size), 1, 1)
-    key = ("elementwise", shape, array.dtype.char)
-    if key not in st.descriptors:
-        st.descriptors[key] = cudnn.TensorDesc(shape, array.dtype)
-    return st.descriptors[key]
-
 
 def _nchw_desc(st, shape, dtype):
     key = ("nchw", tuple(int(s) for s in shape), dtype.char)
@@ -43,24 +23,18 @@ def _void(array):
 
 
 def relu_forward(x):
+    """y = max(x, 0): our kernel (relu.cu), whose launch costs the host far less than a cuDNN call."""
     st = context.get()
     y = empty(x.shape, x.dtype)
-    d = _flat_desc(st, x)
-    one, zero = cudnn.scalars(x.dtype)
-    cudnn.call("cudnnActivationForward", st.dnn.ptr, _activation(st).ptr, cudnn.ptr(one), d.ptr, _void(x),
-               cudnn.ptr(zero), d.ptr, _void(y))
+    st.launch("relu_forward", x.dtype, x.size, y.ptr, x.ptr, x.size)
     return y
 
 
 def relu_backward(y, dy):
-    """dx = dy where y > 0, else 0. cuDNN's ReLU backward also takes x; y stands in for it
-    (y > 0 exactly where x > 0)."""
+    """dx = dy * (y > 0) (relu.cu): y > 0 exactly where x > 0."""
     st = context.get()
     dx = empty(y.shape, y.dtype)
-    d = _flat_desc(st, y)
-    one, zero = cudnn.scalars(y.dtype)
-    cudnn.call("cudnnActivationBackward", st.dnn.ptr, _activation(st).ptr, cudnn.ptr(one), d.ptr, _void(y),
-               d.ptr, _void(dy), d.ptr, _void(y), cudnn.ptr(zero), d.ptr, _void(dx))
+    st.launch("relu_backward", y.dtype, y.size, dx.ptr, y.ptr, dy.ptr, y.size)
     return dx
 
 

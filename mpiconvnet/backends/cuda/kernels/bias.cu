@@ -1,5 +1,6 @@
-// bias.cu: the bias terms of the dense layers.
+// bias.cu: the bias terms of the dense and convolution layers.
 //   bias_add_rows:   y[n, o] += b[o]             (linear_forward, after the cuBLAS GEMM)
+//   bias_add_channels: y[n, k, p, q] += b[k]     (conv_forward, after cuDNN's convolution)
 //   sum_rows:        db[o] = sum_n dy[n, o]      (linear_backward_bias; conv_backward_bias's
 //                                                 first pass, over the batch)
 //   sum_cols:        out[r] = sum_c x[r, c]      (conv_backward_bias's second pass, over
@@ -14,6 +15,18 @@
 template <typename T>
 __device__ void bias_add_rows(T* y, const T* b, long long rows, int cols) {
     GRID_STRIDE_LOOP(i, rows * cols) { y[i] += b[i % cols]; }
+}
+
+// a block per (n, k) plane, its threads along the plane's pixels: the channel comes from
+// one division per plane, where a grid-stride loop over elements would divide (64-bit,
+// emulated on the GPU) for every element
+template <typename T>
+__device__ void bias_add_channels(T* y, const T* b, long long planes, int channels, int pixels) {
+    for (long long plane = blockIdx.x; plane < planes; plane += gridDim.x) {
+        T bias = b[plane % channels];
+        T* yp = y + plane * pixels;
+        for (int p = threadIdx.x; p < pixels; p += blockDim.x) yp[p] += bias;
+    }
 }
 
 // one thread per column walks down the rows: neighbouring threads read neighbouring
@@ -47,3 +60,10 @@ extern "C" __global__ void sum_rows_f32(float* out, const float* x, int rows, in
 extern "C" __global__ void sum_rows_f64(double* out, const double* x, int rows, int cols) { sum_rows(out, x, rows, cols); }
 extern "C" __global__ void sum_cols_f32(float* out, const float* x, int rows, int cols) { sum_cols(out, x, rows, cols); }
 extern "C" __global__ void sum_cols_f64(double* out, const double* x, int rows, int cols) { sum_cols(out, x, rows, cols); }
+extern "C" __global__ void bias_add_channels_f32(float* y, const float* b, long long planes, int channels, int pixels) {
+    bias_add_channels(y, b, planes, channels, pixels);
+}
+extern "C" __global__ void bias_add_channels_f64(double* y, const double* b, long long planes, int channels,
+                                                 int pixels) {
+    bias_add_channels(y, b, planes, channels, pixels);
+}
