@@ -119,3 +119,12 @@ def test_bench_step_runs_a_tiny_model():
                  "--steps", "1", "--warmup", "0", "--no-torch", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1])["ours_images_per_s"] > 0
+
+
+def test_bench_step_host_profile_names_our_functions_and_profile_needs_cuda():
+    result = run("mpiconvnet.bench", "step", "--model", "alexnet-mini", "--batch", "2", "--threads", "1",
+                 "--steps", "1", "--warmup", "0", "--no-torch", "--host-profile")
+    assert result.returncode == 0, result.stderr
+    assert "host time of our step by function" in result.stdout and "mpiconvnet/backends/numpy_ops" in result.stdout
+    refused = run("mpiconvnet.bench", "step", "--profile", "--no-torch")
+    assert refused.returncode == 2 and "use it with --backend cuda" in refused.stderr

@@ -104,6 +104,8 @@ Communication (how the trainer hands a flat gradient bucket to MPI)
 
 import importlib
 
+import numpy as np
+
 BACKENDS = {
     "numpy": "mpiconvnet.backends.numpy_backend",
     "cuda": "mpiconvnet.backends.cuda",
@@ -113,7 +115,6 @@ BACKENDS = {
 def mean_loss(loss_rows):
     """The batch's loss from its rows' losses (a host array): summed in float64, in a fixed
     order, so both backends report the same number for the same rows."""
-    import numpy as np
     rows = np.asarray(loss_rows, np.float64)
     return float(rows.sum() / rows.size) if rows.size else float("nan")
 

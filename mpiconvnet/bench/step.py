@@ -98,6 +98,13 @@ def main(argv):
     p.add_argument("--host-profile", action="store_true",
                    help="also print where our step spends its host (Python) time, by function (cProfile)")
     args = p.parse_args(argv)
+    if args.profile and args.backend != "cuda":
+        p.error("--profile reads the GPU's kernel timeline: use it with --backend cuda (--host-profile works on both)")
+    if args.profile:
+        try:
+            import torch.profiler  # noqa: F401
+        except ImportError:
+            p.error("--profile needs PyTorch (its profiler reads the kernel timeline): pip install torch")
     # a GPU step takes milliseconds: more of them cost nothing and steady the median
     if args.steps is None:
         args.steps = 30 if args.backend == "cuda" else 5

@@ -8,8 +8,9 @@
 // conv_backward_bias was cuDNN's cudnnConvolutionBackwardBias, which took 2.2 ms of an
 // AlexNet step on an H100 (batch 128), more than any convolution; the two passes here read
 // dy once.
-// Checked against numpy_backend.linear_forward / linear_backward_bias in
-// tests/test_cuda_ops.py (float32 and float64) and on the host in tests/test_cuda_compile.py.
+// Checked against numpy_backend.linear_forward / linear_backward_bias / conv_forward /
+// conv_backward_bias in tests/test_cuda_ops.py (float32 and float64) and on the host in
+// tests/test_cuda_compile.py.
 #include "common.cuh"
 
 template <typename T>
