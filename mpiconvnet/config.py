@@ -53,8 +53,9 @@ class Config:
 
     # distribution
     parallel: str = "data"          # data: every rank holds the whole model | hybrid: convolutions data-parallel, fc layers split across ranks by output neuron (Krizhevsky 2014)
-    sync: str = "grads"             # grads: average gradients every step (synchronous SGD) | params: each rank steps alone, weights and momentum averaged every --average-every steps
+    sync: str = "grads"             # grads: average gradients every step (synchronous SGD) | params: each rank steps alone, weights and momentum averaged every --average-every steps | async: rank 0 serves the weights, the others push gradients without waiting for each other (Paine 2013)
     average_every: int = 1          # sync=params: steps between averagings (1 equals sync=grads; theano_alexnet averaged every step)
+    async_every: int = 1            # sync=async: batches a worker sums before each push to the server (Downpour's n_push)
     bucket_mb: float = 25.0         # gradient bucket size for allreduce (DDP's default)
     overlap: bool = True            # reduce buckets while backward runs (false: ~5% faster where ranks fill every core)
     threads: int = 1                # BLAS threads per rank
@@ -84,7 +85,7 @@ CHOICES = {
     "schedule": ("step", "multistep", "plateau", "constant"),
     "mean": ("channel", "image"),
     "eval_crops": (1, 10),
-    "sync": ("grads", "params"),
+    "sync": ("grads", "params", "async"),
     "parallel": ("data", "hybrid"),
 }
 
@@ -123,7 +124,7 @@ def _check(cfg):
         if getattr(cfg, key) not in allowed:
             flag = "--" + key.replace("_", "-")
             raise ConfigError(f"{flag} {getattr(cfg, key)!r} is not one of {', '.join(map(str, allowed))}")
-    for key in ("epochs", "global_batch", "log_every", "keep_checkpoints", "threads", "average_every"):
+    for key in ("epochs", "global_batch", "log_every", "keep_checkpoints", "threads", "average_every", "async_every"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(cfg, key)}")
     for key in ("lr", "bucket_mb", "stall_timeout"):

@@ -28,9 +28,13 @@ def check_before_work(cfg, world, train_set):
     was checked before the data set was opened)."""
     if not cfg.out:
         raise ConfigError("--out is required: the run directory for config, metrics and checkpoints")
-    if cfg.global_batch % world.size:
-        raise ConfigError(f"--global-batch {cfg.global_batch} does not divide by {world.size} ranks; "
-                          f"use a multiple of {world.size}")
+    if cfg.sync == "async" and world.size < 2:
+        raise ConfigError("--sync async needs at least 2 ranks: rank 0 serves the weights, the others train "
+                          "(mpirun -np 3 or more for several workers)")
+    workers = world.size - 1 if cfg.sync == "async" else world.size
+    if cfg.global_batch % workers:
+        raise ConfigError(f"--global-batch {cfg.global_batch} does not divide by {workers} "
+                          f"{'workers' if cfg.sync == 'async' else 'ranks'}; use a multiple of {workers}")
     input_size = MODELS[cfg.model].input_size
     if train_set.image_size < input_size:
         raise ConfigError(f"{cfg.data}: images are {train_set.image_size}px, model {cfg.model} crops "
@@ -82,6 +86,8 @@ def main(argv=None):
     world.print(f"mpiconvnet: {cfg.model} ({trainer.net.num_parameters:,} parameters) on {world.size} rank(s), "
                 f"backend {cfg.backend}, global batch {cfg.global_batch}, {trainer.steps_per_epoch} steps/epoch"
                 + (", fc layers split across the ranks" if cfg.parallel == "hybrid" else "")
+                + (f", asynchronous: rank 0 serves the weights to {world.size - 1} worker(s)"
+                   if cfg.sync == "async" else "")
                 + (f", resuming at step {trainer.step} from {resume_from}" if resume_from else ""))
     progress = None
     if world.is_root and cfg.progress:

@@ -6,9 +6,10 @@ while backward still runs; every rank applies the same update, so the replicas n
 diverge (--sync grads, the default). With float64 and the same data, N ranks and one rank
 with the same global batch compute the same weights (tests/test_train.py). With
 --sync params each rank updates its own replica and the replicas are averaged every
---average-every steps (averaging.py). With --parallel hybrid the fully connected layers
-are split across the ranks instead of replicated (model_parallel.py); the convolutions'
-gradients are reduced as above.
+--average-every steps (averaging.py). With --sync async rank 0 serves the weights and
+the other ranks push gradients to it without waiting for each other (async_sgd.py). With
+--parallel hybrid the fully connected layers are split across the ranks instead of
+replicated (model_parallel.py); the convolutions' gradients are reduced as above.
 """
 import json
 import math
@@ -19,7 +20,7 @@ import time
 
 import numpy as np
 
-from mpiconvnet import checkpoint
+from mpiconvnet import async_sgd, checkpoint
 from mpiconvnet.averaging import ReplicaAverager
 from mpiconvnet.backends import get_backend
 from mpiconvnet.buckets import GradientBuckets, GradientReducer
@@ -81,7 +82,10 @@ class Trainer:
     def __init__(self, cfg, world, train_set, val_set):
         self.cfg, self.world = cfg, world
         self.train_set, self.val_set = train_set, val_set
-        self.batch_per_rank = cfg.global_batch // world.size
+        # the ranks that read training data: all of them, but for --sync async's server
+        self.workers = world.size - 1 if cfg.sync == "async" else world.size
+        self.worker_index = max(world.rank - 1, 0) if cfg.sync == "async" else world.rank
+        self.batch_per_rank = cfg.global_batch // self.workers
         shards = None
         if cfg.parallel == "hybrid":   # fc layers split across the ranks (model_parallel.py)
             shards = Shards(world.comm, world.rank, world.size, get_backend(cfg.backend))
@@ -93,13 +97,12 @@ class Trainer:
         self.heartbeat = Heartbeat(world, cfg.stall_timeout)
         self.optimizer = SGD(ops, self.net.params, cfg.momentum, cfg.weight_decay, cfg.bias_lr_mult)
         cuda_aware = _cuda_aware(cfg.backend, world)
+        self.reducer, self.averager = None, None
         if cfg.sync == "grads":
             self.reducer = GradientReducer(world, self.buckets, overlap=cfg.overlap, cuda_aware=cuda_aware,
                                            timeout=cfg.stall_timeout, average=False,
                                            on_stall=lambda: self.heartbeat.report_stall(self.step))
-            self.averager = None
-        else:
-            self.reducer = None
+        elif cfg.sync == "params":
             self.averager = ReplicaAverager(world, ops, [*self.net.params.values(), *self.optimizer.velocity.values()],
                                             cuda_aware=cuda_aware)
         self.steps_per_epoch = self._sampler(0).steps_per_epoch
@@ -107,9 +110,10 @@ class Trainer:
         self.step = 0
         self.progress = None     # rank 0's tqdm bar while run() runs
         self.evaluated_at = None  # the step of the last evaluation
+        self.saved_at = None      # the step of the last checkpoint
 
     def _sampler(self, epoch):
-        return DistributedSampler(self.train_set.num_images, self.world.rank, self.world.size, self.cfg.seed,
+        return DistributedSampler(self.train_set.num_images, self.worker_index, self.workers, self.cfg.seed,
                                   epoch, self.batch_per_rank, self.cfg.drop_last)
 
     # -- state ---------------------------------------------------------------------
@@ -132,13 +136,18 @@ class Trainer:
         params = self.net.state_dict()
         velocity = {n: self.net.whole(n, v) for n, v in self.optimizer.state_dict().items()}
         if self.world.is_root:
-            meta = {"step": self.step, "epoch": self.step // self.steps_per_epoch,
-                    "step_in_epoch": self.step % self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch,
-                    "model": self.cfg.model, "num_classes": self.net.num_classes, "world_size": self.world.size,
-                    "config": self.cfg.to_dict(), "schedule": self.schedule.state_dict(),
-                    "rng": {"seed": self.cfg.seed, "note": "all draws are functions of (seed, epoch, step, rank)"}}
-            checkpoint.save(self.cfg.out, self.step, params, velocity, meta, self.cfg.keep_checkpoints)
+            self.write_checkpoint(params, velocity)
         self.world.barrier()
+
+    def write_checkpoint(self, params, velocity):
+        """Rank 0's part of a checkpoint (--sync async's server calls it alone)."""
+        meta = {"step": self.step, "epoch": self.step // self.steps_per_epoch,
+                "step_in_epoch": self.step % self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch,
+                "model": self.cfg.model, "num_classes": self.net.num_classes, "world_size": self.world.size,
+                "config": self.cfg.to_dict(), "schedule": self.schedule.state_dict(),
+                "rng": {"seed": self.cfg.seed, "note": "all draws are functions of (seed, epoch, step, rank)"}}
+        checkpoint.save(self.cfg.out, self.step, params, velocity, meta, self.cfg.keep_checkpoints)
+        self.saved_at = self.step
 
     def restore(self, path):
         params, velocity, meta = checkpoint.load(path)
@@ -190,6 +199,8 @@ class Trainer:
         """Train until the last epoch, max_steps or a stop signal; returns an exit code."""
         cfg, world = self.cfg, self.world
         self.progress = progress
+        if cfg.sync == "async":
+            return EXIT_PREEMPTED if async_sgd.run(self, stop, progress, log) == "preempted" else EXIT_OK
         total_steps = cfg.epochs * self.steps_per_epoch
         if cfg.max_steps:
             total_steps = min(total_steps, cfg.max_steps)
@@ -260,6 +271,10 @@ class Trainer:
         if progress is not None:
             progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.3g}", img_s=f"{record['images_per_s']:.0f}")
         window.update(loss=0.0, images=0, data=0.0, compute=0.0, comm=0.0, steps=0, t=time.perf_counter())
+
+    def evaluate_now(self, log):
+        """An evaluation of the current weights by every rank (a collective)."""
+        return self._evaluate(self.step // self.steps_per_epoch, log)
 
     def _evaluate(self, epoch, log):
         self.evaluated_at = self.step

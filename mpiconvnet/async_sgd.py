@@ -1,0 +1,361 @@
+"""Asynchronous SGD with a parameter server (`--sync async`): the GPU asynchronous SGD of
+Paine et al. 2013, after Downpour SGD (Dean et al. 2012).
+
+Rank 0 is the server: it holds the weights and the momentum and applies every update.
+Ranks 1..N-1 are workers: each reads its own share of the training set, computes the
+gradient of a batch of global_batch / workers images on the weights it last received, and
+every --async-every batches pushes the mean of those gradients. The server applies it at
+once (SGD with momentum, the run's learning-rate schedule) and sends the new weights back
+to that worker only. No rank waits for the others: a gradient may come from weights a few
+updates old (its staleness), which is the price of never waiting for the slowest rank.
+
+Steps, epochs, the schedule and checkpoints count global-batch equivalents: `workers`
+pushed batches make one step, so an epoch sees every image once, as in the synchronous
+modes. With one worker and --async-every 1 this is synchronous SGD on one rank, update
+for update (tests/test_async.py checks it to 1e-12 in float64, and an exact resume).
+
+What the synchronous modes have and this one does not: evaluations during training (the
+run evaluates once at the end; `python -m mpiconvnet.evaluate` reads any checkpoint), and
+an exact resume with more than one worker: a resumed run starts every worker at the
+checkpoint's step, since which batches each worker had done is not recorded (their order
+of arrival is not reproducible anyway). Stalls are caught as in the other modes: the
+server names a worker it has not heard from for --stall-timeout seconds, a worker says
+when the server has not answered, and either aborts all ranks (exit 3).
+
+Messages (point-to-point, each waited for at most --stall-timeout seconds; the server
+receives headers from any worker):
+  worker -> server  header [kind, batches, loss sum, data s, compute s, comm s] (float64),
+                    then, for PUSH, the summed gradients as one flat array
+  server -> worker  a reply [GO | STOP | FAILED], then, for GO, the weights as one flat array
+"""
+import math
+import sys
+import time
+
+import numpy as np
+
+from mpiconvnet import checkpoint
+from mpiconvnet.data.loader import BatchLoader
+
+TAG_HEADER, TAG_GRADS, TAG_REPLY, TAG_PARAMS = 301, 302, 303, 304
+PUSH, DONE, STOPPED = 0.0, 1.0, 2.0     # header kinds
+GO, STOP, FAILED = 0.0, 1.0, 2.0        # replies
+HEADER_SIZE = 6
+
+
+class FlatParameters:
+    """The model's parameters (or gradients) as one host array, in the model's order:
+    one message per exchange instead of one per tensor."""
+
+    def __init__(self, net):
+        self.ops = net.ops
+        self.shapes = dict(net.param_shapes)
+        sizes = [int(np.prod(s)) for s in self.shapes.values()]
+        self.buffer = net.ops.pinned_host_empty((sum(sizes),), np.dtype(net.dtype))
+        self.views, offset = {}, 0
+        for (name, shape), size in zip(self.shapes.items(), sizes):
+            self.views[name] = self.buffer[offset:offset + size].reshape(shape)
+            offset += size
+
+    def gather(self, arrays):
+        """Copy backend arrays {name: array} into the buffer (complete on return)."""
+        for name, view in self.views.items():
+            self.ops.copy_to_host(view, arrays[name])
+        return self.buffer
+
+    def scatter(self, arrays):
+        """Copy the buffer into backend arrays {name: array}."""
+        for name, view in self.views.items():
+            self.ops.copy_from_host(arrays[name], view)
+        self.ops.synchronize()   # the buffer may be refilled as soon as this returns
+
+
+class ParameterServer:
+    """Rank 0: applies the workers' gradients as they arrive, writes the checkpoints and
+    the metrics."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.comm = trainer.world.comm
+        net = trainer.net
+        self.weights = FlatParameters(net)
+        self.received = FlatParameters(net)
+        self.grads = {name: net.ops.zeros(shape, net.dtype) for name, shape in self.weights.shapes.items()}
+        self.batches = trainer.step * trainer.workers      # worker batches applied so far
+
+    def run(self, stop, progress, log, total_steps):
+        """Serve until every worker is done or stopped; returns ("done" | "preempted" | None,
+        the failure's message or None)."""
+        from mpi4py import MPI
+        t, cfg = self.trainer, self.trainer.cfg
+        self.weights.gather(t.net.params)
+        for worker in range(1, t.world.size):
+            self._to(worker, self.weights.buffer, TAG_PARAMS)
+        active = set(range(1, t.world.size))
+        stopping, failure = None, None
+        window = _Window()
+        header, status = np.empty(HEADER_SIZE), MPI.Status()
+        heard = {worker: time.monotonic() for worker in active}   # when each worker last spoke
+        while active:
+            request = self.comm.Irecv(header, source=MPI.ANY_SOURCE, tag=TAG_HEADER)
+            # wake up when the longest-silent worker's time is up, even if no one writes
+            arrived = _wait(request, min(heard[w] for w in active) + cfg.stall_timeout, status)
+            if arrived:
+                heard[status.Get_source()] = time.monotonic()
+            # and check after every message: the others' pushes must not hide a silent one
+            silent = sorted(w for w in active if time.monotonic() - heard[w] > cfg.stall_timeout)
+            if silent or not arrived:
+                _die(t.world, f"rank 0: workers {silent} sent nothing for {cfg.stall_timeout:.0f} s at step "
+                              f"{t.step} (dead, hung or stuck in I/O); aborting all ranks")
+            worker, kind = status.Get_source(), header[0]
+            if kind != PUSH:
+                active.discard(worker)
+                if kind == STOPPED and stopping is None:
+                    stopping = stop.received or "a signal on another rank"
+                continue
+            _complete(self.comm.Irecv(self.received.buffer, source=worker, tag=TAG_GRADS), cfg.stall_timeout,
+                      t.world, f"rank 0: worker {worker} sent a header but not its gradients for "
+                               f"{cfg.stall_timeout:.0f} s at step {t.step}; aborting all ranks")
+            batches, loss = int(header[1]), header[2] / header[1]
+            if stopping is None and not math.isfinite(loss):
+                failure = (f"loss became {loss} at step {t.step} (a push from worker {worker}); last good checkpoint "
+                           f"kept in {checkpoint.checkpoint_dir(cfg.out)}; lower --lr or check the data's mean")
+                stopping = "failure"
+            if stopping is None and stop.received:
+                stopping = stop.received
+            if stopping is not None:   # gradients that arrive after the decision are dropped
+                self._to(worker, np.array([FAILED if failure else STOP]), TAG_REPLY)
+                active.discard(worker)
+                continue
+            self._apply(batches)
+            window.add(header, cfg.global_batch // t.workers)
+            self._to(worker, np.array([GO]), TAG_REPLY)
+            self._to(worker, self.weights.gather(t.net.params), TAG_PARAMS)
+            before, t.step = t.step, min(self.batches // t.workers, total_steps)
+            if progress is not None and t.step > before:
+                progress.update(t.step - before)
+                progress.set_postfix(loss=f"{loss:.3f}")
+            if _crossed(before, t.step, cfg.log_every) or t.step == total_steps:
+                window.write(t, log, progress)
+            if _crossed(before, t.step, cfg.checkpoint_every) or _crossed(before, t.step, t.steps_per_epoch):
+                self.save()
+            if t.step >= total_steps:
+                stopping = "the last step"   # max_steps: the others stop at their next push
+        if failure:
+            return None, failure
+        if stopping not in (None, "the last step"):
+            self.save()
+            t.world.print(f"stopped by {stopping} after step {t.step}; checkpoint written, continue with "
+                          f"--resume auto")
+            return "preempted", None
+        self.save()
+        return "done", None
+
+    def _to(self, worker, buffer, tag):
+        """Send to a worker, or name it after --stall-timeout if it never takes the message."""
+        timeout = self.trainer.cfg.stall_timeout
+        _complete(self.comm.Isend(buffer, dest=worker, tag=tag), timeout, self.trainer.world,
+                  f"rank 0: worker {worker} took nothing for {timeout:.0f} s at step {self.trainer.step} "
+                  f"(dead, hung or stuck in I/O); aborting all ranks")
+
+    def _apply(self, batches):
+        t = self.trainer
+        # the mean of the pushed gradients: each is already the mean over its batch
+        if batches > 1:
+            self.received.buffer /= batches
+        self.received.scatter(self.grads)
+        t.optimizer.step(self.grads, t.schedule.at(self.batches // t.workers))
+        self.batches += batches
+
+    def save(self):
+        t = self.trainer
+        if t.saved_at != t.step:
+            t.write_checkpoint(t.net.state_dict(), t.optimizer.state_dict())
+
+
+class AsyncWorker:
+    """Ranks 1..N-1: compute gradients on their share of the data with the weights they
+    last received, push every --async-every batches."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.comm = trainer.world.comm
+        self.weights = FlatParameters(trainer.net)
+        self.pushed = FlatParameters(trainer.net)
+        self.summed = np.zeros_like(self.pushed.buffer)
+        self.pending = 0          # batches summed since the last push
+        self.loss_sum = 0.0
+        self.times = np.zeros(3)  # data, compute, communication seconds since the last push
+
+    def run(self, stop):
+        """Train until this worker's epochs are done or the server says stop; returns
+        "done", "preempted" or "failed"."""
+        t, cfg = self.trainer, self.trainer.cfg
+        self._from_server(self.weights.buffer, TAG_PARAMS)
+        self.weights.scatter(t.net.params)
+        step = t.step   # this worker's own batch count: the dropout masks' step
+        total = cfg.epochs * t.steps_per_epoch
+        if cfg.max_steps:
+            total = min(total, cfg.max_steps)
+        while step < total:
+            epoch, start = divmod(step, t.steps_per_epoch)
+            with BatchLoader(cfg.data, split="train", rank=t.worker_index, size=t.workers,
+                             batch_per_rank=t.batch_per_rank, epoch=epoch, start_step=start, seed=cfg.seed,
+                             crop_size=t.net.input_size, train=True, mean=cfg.mean,
+                             divide_by_std=t.net.spec.standardize_input, pca_lighting=cfg.pca_lighting,
+                             drop_last=cfg.drop_last, workers=cfg.workers, prefetch=cfg.prefetch) as loader:
+                waited = loader.time_waiting
+                for batch in loader:
+                    started = time.perf_counter()
+                    images = loader.model_input(batch, t.net.ops)
+                    loss, grads = t.net.loss_and_grads(images, batch.labels, step=step,
+                                                       sample_offset=t.worker_index * t.batch_per_rank)
+                    self._add(loss, grads)
+                    self.times += (loader.time_waiting - waited, time.perf_counter() - started, 0.0)
+                    waited = loader.time_waiting
+                    step += 1
+                    if stop.received:
+                        self._send_header(STOPPED)
+                        return "preempted"
+                    last = step % t.steps_per_epoch == 0 or step == total
+                    if self.pending == cfg.async_every or last:
+                        reply = self._exchange()
+                        if reply != GO:
+                            return "failed" if reply == FAILED else "preempted"
+                    if step == total:
+                        break
+        self._send_header(DONE)
+        return "done"
+
+    def _add(self, loss, grads):
+        buffer = self.pushed.gather(grads)
+        if self.pending == 0:
+            self.summed[...] = buffer
+        else:
+            self.summed += buffer
+        self.pending += 1
+        self.loss_sum += loss
+
+    def _send_header(self, kind):
+        header = np.array([kind, self.pending, self.loss_sum, *self.times])
+        self._to_server(header, TAG_HEADER)
+
+    def _exchange(self):
+        started = time.perf_counter()
+        self._send_header(PUSH)
+        self._to_server(self.summed, TAG_GRADS)
+        self.pending, self.loss_sum, self.times[:] = 0, 0.0, 0.0
+        reply = np.empty(1)
+        self._from_server(reply, TAG_REPLY)
+        if reply[0] == GO:
+            self._from_server(self.weights.buffer, TAG_PARAMS)
+            self.weights.scatter(self.trainer.net.params)
+        self.times[2] += time.perf_counter() - started   # reported with the next push
+        return reply[0]
+
+
+    def _to_server(self, buffer, tag):
+        self._within_timeout(self.comm.Isend(buffer, dest=0, tag=tag))
+
+    def _from_server(self, buffer, tag):
+        self._within_timeout(self.comm.Irecv(buffer, source=0, tag=tag))
+
+    def _within_timeout(self, request):
+        t = self.trainer
+        _complete(request, t.cfg.stall_timeout, t.world,
+                  f"rank {t.world.rank}: no answer from the parameter server (rank 0) for {t.cfg.stall_timeout:.0f} s; "
+                  f"aborting all ranks")
+
+
+class _Window:
+    """The server's running sums between two metrics lines."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.batches, self.loss, self.images, self.times = 0, 0.0, 0, np.zeros(3)
+        self.started = time.perf_counter()
+
+    def add(self, header, batch_images):
+        batches = int(header[1])
+        self.batches += batches
+        self.loss += header[2]
+        self.images += batches * batch_images
+        self.times += header[3:6]
+
+    def write(self, trainer, log, progress):
+        if not self.batches:
+            return
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        per_batch = self.times / self.batches
+        record = {"kind": "train", "step": trainer.step, "epoch": trainer.step // trainer.steps_per_epoch,
+                  "loss": self.loss / self.batches, "lr": trainer.schedule.at(trainer.step),
+                  "images_per_s": self.images / elapsed, "time_data": per_batch[0], "time_compute": per_batch[1],
+                  "time_comm": per_batch[2], "time": time.time()}
+        if log is not None:
+            log.write(record)
+        if progress is not None:
+            progress.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_s']:.0f}")
+        self.reset()
+
+
+def _wait(request, deadline, status=None):
+    """Poll `request` until it completes (True) or the monotonic deadline passes (False).
+    The pause between polls grows to 1 ms at most: a push is answered within about a
+    millisecond, and the waiting rank does not spin a core the workers need."""
+    pause = 1e-5
+    while not request.Test(status):
+        if time.monotonic() > deadline:
+            request.Cancel()
+            return False
+        time.sleep(pause)
+        pause = min(pause * 2, 1e-3)
+    return True
+
+
+def _complete(request, timeout, world, message):
+    """Wait for a non-blocking MPI request; abort all ranks with `message` after `timeout` s."""
+    if not _wait(request, time.monotonic() + timeout):
+        _die(world, message)
+
+
+def _die(world, message):
+    from mpiconvnet.trainer import EXIT_STALLED
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+    world.abort(EXIT_STALLED)
+
+
+def _crossed(before, after, every):
+    """Whether a multiple of `every` lies in (before, after]."""
+    return every > 0 and after // every > before // every
+
+
+def run(trainer, stop, progress, log):
+    """--sync async on every rank: the server on rank 0, workers elsewhere, then one
+    evaluation of the final weights by all ranks. Returns "done", "preempted" or raises
+    the failure (as trainer.NonFiniteLoss) on every rank."""
+    from mpiconvnet.trainer import NonFiniteLoss
+    t, cfg = trainer, trainer.cfg
+    total_steps = cfg.epochs * t.steps_per_epoch
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    if t.world.is_root:
+        outcome, failure = ParameterServer(t).run(stop, progress, log, total_steps)
+    else:
+        outcome, failure = AsyncWorker(t).run(stop), None
+    # every rank learns the outcome and the final weights, then they evaluate together
+    outcome, failure, step = t.world.broadcast_object((outcome, failure, t.step))
+    t.step = step
+    if outcome == "failed" or failure:
+        raise NonFiniteLoss(failure or "the loss became NaN or Inf on a worker")
+    if outcome == "preempted":
+        return outcome
+    weights = FlatParameters(t.net)
+    if t.world.is_root:
+        weights.gather(t.net.params)
+    t.world.comm.Bcast(weights.buffer, root=0)
+    weights.scatter(t.net.params)
+    t.evaluate_now(log)
+    return outcome

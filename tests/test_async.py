@@ -1,0 +1,164 @@
+"""--sync async (async_sgd.py): a parameter server on rank 0, workers on the others, run
+as users run it (mpiexec subprocesses)."""
+import json
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from tests.test_train import (ENV, MPIEXEC, PYTHON, TINY, _is_descendant, evaluations, needs_mpiexec, params_at,
+                              remove_leftover_mpich_segments, train, visible_gpus)  # noqa: F401 (a fixture)
+from tests.data_fixtures import write_tiny_dataset
+
+pytestmark = [pytest.mark.mpi, needs_mpiexec]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_tiny_dataset(str(tmp_path_factory.mktemp("shards")), 96, 61, 5, 64, shard_size=20)
+
+
+def train_records(run):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["kind"] == "train"]
+
+
+def test_one_worker_pushing_every_batch_is_synchronous_sgd_and_resumes_exactly(data, tmp_path):
+    # the server applies each gradient as it comes, and with one worker they come in order:
+    # the same updates as one rank alone, in float64 to rounding
+    args = ["--data", data, "--global-batch", "8", "--dtype", "float64", "--lr", "0.05", "--checkpoint-every", "3"]
+    train(args + ["--out", str(tmp_path / "one"), "--max-steps", "6"])
+    train(args + ["--out", str(tmp_path / "async"), "--max-steps", "6", "--sync", "async"], ranks=2)
+    one, one_velocity = params_at(tmp_path / "one", 6)
+    served, served_velocity = params_at(tmp_path / "async", 6)
+    for name in one:
+        np.testing.assert_allclose(served[name], one[name], rtol=1e-12, atol=1e-14, err_msg=name)
+        np.testing.assert_allclose(served_velocity[name], one_velocity[name], rtol=1e-12, atol=1e-14, err_msg=name)
+    assert [r["step"] for r in train_records(tmp_path / "async")] == list(range(1, 7))
+    assert evaluations(tmp_path / "async")[-1]["images"] == 61   # the final evaluation, by both ranks
+    # stopped at step 3 and resumed: the same weights as the straight run
+    train(args + ["--out", str(tmp_path / "parts"), "--max-steps", "3", "--sync", "async"], ranks=2)
+    result = train(args + ["--out", str(tmp_path / "parts"), "--max-steps", "6", "--sync", "async",
+                           "--resume", "auto"], ranks=2)
+    assert "resuming at step 3" in result.stdout
+    parts, _ = params_at(tmp_path / "parts", 6)
+    for name in served:
+        np.testing.assert_array_equal(parts[name], served[name], err_msg=name)
+
+
+@pytest.mark.cuda
+def test_one_worker_on_a_gpu_equals_one_rank_on_the_gpu(data, tmp_path):
+    """The exchange through host buffers (FlatParameters) on the CUDA backend: server and
+    worker share one GPU; float64, so only the order of cuDNN's and cuBLAS's sums differs."""
+    if visible_gpus() < 1:
+        pytest.skip("no GPU visible to pycuda (needs pycuda and a CUDA driver); on a GPU node run scripts/gpu-check.sh")
+    args = ["--data", data, "--global-batch", "8", "--dtype", "float64", "--max-steps", "3", "--lr", "0.05",
+            "--backend", "cuda"]
+    env = dict(ENV, MPICONVNET_ALLOW_GPU_SHARING="1",
+               CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0])
+    train(args + ["--out", str(tmp_path / "one")], env=env)
+    train(args + ["--out", str(tmp_path / "async"), "--sync", "async"], ranks=2, env=env)
+    one, one_velocity = params_at(tmp_path / "one", 3)
+    served, served_velocity = params_at(tmp_path / "async", 3)
+    for name in one:
+        np.testing.assert_allclose(served[name], one[name], rtol=1e-9, atol=1e-12, err_msg=name)
+        np.testing.assert_allclose(served_velocity[name], one_velocity[name], rtol=1e-9, atol=1e-12, err_msg=name)
+
+
+def test_two_workers_train_every_batch_of_every_epoch(data, tmp_path):
+    run = tmp_path / "run"
+    # 96 images, global batch 16: each worker gets 8 images a batch, 6 batches an epoch;
+    # the server counts 2 pushed batches as one step
+    result = train(["--data", data, "--global-batch", "16", "--epochs", "2", "--lr", "0.02", "--sync", "async",
+                    "--async-every", "2", "--out", str(run)], ranks=3)
+    assert "asynchronous: rank 0 serves the weights to 2 worker(s)" in result.stdout
+    assert sorted(int(f[5:13]) for f in os.listdir(run / "checkpoints")) == [6, 12]
+    records = train_records(run)
+    assert records[-1]["step"] == 12 and all(np.isfinite(r["loss"]) for r in records)
+    assert all(r["time_compute"] > 0 for r in records)
+    first, last = params_at(run, 6)[0], params_at(run, 12)[0]
+    assert max(np.abs(first[n] - last[n]).max() for n in first) > 0
+    assert evaluations(run)[-1]["images"] == 61
+
+
+def start_long_run(run, args):
+    """3 ranks training far longer than any test, in the background; returns once the
+    first checkpoint exists."""
+    proc = subprocess.Popen([MPIEXEC, "-n", "3", PYTHON, "-m", "mpiconvnet.train"] + TINY + args + ["--out", run],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    folder = os.path.join(run, "checkpoints")
+    deadline = time.monotonic() + 60
+    while not (os.path.isdir(folder) and os.listdir(folder)):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.1)
+    return proc
+
+
+def test_sigterm_stops_every_rank_with_a_checkpoint_and_the_run_resumes(data, tmp_path):
+    run = str(tmp_path / "run")
+    args = ["--data", data, "--global-batch", "16", "--epochs", "400", "--checkpoint-every", "2", "--sync", "async"]
+    proc = start_long_run(run, args)
+    folder = os.path.join(run, "checkpoints")
+    proc.send_signal(signal.SIGTERM)   # mpiexec passes it on to every rank, as SLURM does
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err
+    assert "checkpoint written, continue with --resume auto" in out
+    stopped_at = max(int(f[5:13]) for f in os.listdir(folder))
+    result = train(args + ["--out", run, "--resume", "auto", "--max-steps", str(stopped_at + 2)], ranks=3)
+    assert f"resuming at step {stopped_at}" in result.stdout
+    params_at(run, stopped_at + 2)
+
+
+def mpi_rank_of(pid):
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+    return int(env[b"PMI_RANK"])
+
+
+@pytest.mark.parametrize("hung, message", [
+    (2, "rank 0: workers [2] sent nothing for 3 s"),          # while worker 1 keeps pushing
+    (0, "no answer from the parameter server (rank 0) for 3 s"),
+])
+def test_a_hung_rank_is_named_after_the_stall_timeout(data, tmp_path, hung, message):
+    run = str(tmp_path / "run")
+    proc = start_long_run(run, ["--data", data, "--global-batch", "16", "--epochs", "400", "--checkpoint-every", "2",
+                                "--sync", "async", "--stall-timeout", "3"])
+    out = subprocess.run(["pgrep", "-f", "mpiconvnet.train"], capture_output=True, text=True).stdout.split()
+    ranks = {mpi_rank_of(int(p)): int(p) for p in out if int(p) != proc.pid and _is_descendant(int(p), proc.pid)}
+    assert sorted(ranks) == [0, 1, 2], ranks
+    stopped = ranks[hung]
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        try:
+            os.kill(stopped, signal.SIGCONT)
+            os.kill(stopped, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode != 0
+    assert message in err, err
+
+
+def test_a_nonfinite_loss_ends_every_rank_with_exit_4(data, tmp_path):
+    result = train(["--data", data, "--global-batch", "16", "--epochs", "3", "--lr", "1e6", "--sync", "async",
+                    "--out", str(tmp_path / "run")], ranks=3, check=False)
+    assert result.returncode == 4, result.stderr
+    assert "loss became" in result.stderr
+
+
+@pytest.mark.parametrize("ranks, extra, message", [
+    (1, [], "--sync async needs at least 2 ranks"),
+    (3, ["--global-batch", "15"], "--global-batch 15 does not divide by 2 workers"),
+    (2, ["--parallel", "hybrid"], "--parallel hybrid needs --sync grads"),
+    (2, ["--async-every", "0"], "--async-every must be at least 1"),
+])
+def test_refusals_are_one_line_and_exit_2(data, tmp_path, ranks, extra, message):
+    result = train(["--data", data, "--out", str(tmp_path / "run"), "--global-batch", "16", "--sync", "async"] + extra,
+                   ranks=ranks, check=False)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and len(set(result.stderr.strip().splitlines())) == 1, result.stderr
