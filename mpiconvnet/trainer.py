@@ -273,8 +273,9 @@ class Trainer:
         window.update(loss=0.0, images=0, data=0.0, compute=0.0, comm=0.0, steps=0, t=time.perf_counter())
 
     def evaluate_now(self, log):
-        """An evaluation of the current weights by every rank (a collective)."""
-        return self._evaluate(self.step // self.steps_per_epoch, log)
+        """An evaluation of the current weights by every rank (a collective), labelled with
+        the epoch of the last step done, as the evaluations at epoch ends are."""
+        return self._evaluate(max(self.step - 1, 0) // self.steps_per_epoch, log)
 
     def _evaluate(self, epoch, log):
         self.evaluated_at = self.step
