@@ -253,7 +253,6 @@ class AsyncWorker:
         self.times[2] += time.perf_counter() - started   # reported with the next push
         return reply[0]
 
-
     def _to_server(self, buffer, tag):
         self._within_timeout(self.comm.Isend(buffer, dest=0, tag=tag))
 

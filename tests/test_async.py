@@ -4,12 +4,12 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import numpy as np
 import pytest
 
-from tests.test_train import (ENV, MPIEXEC, PYTHON, TINY, _is_descendant, evaluations, needs_mpiexec, params_at,
+from tests.test_train import (ENV, MPIEXEC, PYTHON, TINY, _is_descendant, _wait_for_checkpoint_then,
+                              assert_same_state, evaluations, needs_mpiexec, params_at,
                               remove_leftover_mpich_segments, train, visible_gpus)  # noqa: F401 (a fixture)
 from tests.data_fixtures import write_tiny_dataset
 
@@ -32,11 +32,7 @@ def test_one_worker_pushing_every_batch_is_synchronous_sgd_and_resumes_exactly(d
     args = ["--data", data, "--global-batch", "8", "--dtype", "float64", "--lr", "0.05", "--checkpoint-every", "3"]
     train(args + ["--out", str(tmp_path / "one"), "--max-steps", "6"])
     train(args + ["--out", str(tmp_path / "async"), "--max-steps", "6", "--sync", "async"], ranks=2)
-    one, one_velocity = params_at(tmp_path / "one", 6)
-    served, served_velocity = params_at(tmp_path / "async", 6)
-    for name in one:
-        np.testing.assert_allclose(served[name], one[name], rtol=1e-12, atol=1e-14, err_msg=name)
-        np.testing.assert_allclose(served_velocity[name], one_velocity[name], rtol=1e-12, atol=1e-14, err_msg=name)
+    assert_same_state(tmp_path / "async", tmp_path / "one", 6)
     assert [r["step"] for r in train_records(tmp_path / "async")] == list(range(1, 7))
     assert evaluations(tmp_path / "async")[-1]["images"] == 61   # the final evaluation, by both ranks
     # stopped at step 3 and resumed: the same weights as the straight run
@@ -44,9 +40,7 @@ def test_one_worker_pushing_every_batch_is_synchronous_sgd_and_resumes_exactly(d
     result = train(args + ["--out", str(tmp_path / "parts"), "--max-steps", "6", "--sync", "async",
                            "--resume", "auto"], ranks=2)
     assert "resuming at step 3" in result.stdout
-    parts, _ = params_at(tmp_path / "parts", 6)
-    for name in served:
-        np.testing.assert_array_equal(parts[name], served[name], err_msg=name)
+    assert_same_state(tmp_path / "parts", tmp_path / "async", 6, rtol=0, atol=0)
 
 
 @pytest.mark.cuda
@@ -61,11 +55,7 @@ def test_one_worker_on_a_gpu_equals_one_rank_on_the_gpu(data, tmp_path):
                CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0])
     train(args + ["--out", str(tmp_path / "one")], env=env)
     train(args + ["--out", str(tmp_path / "async"), "--sync", "async"], ranks=2, env=env)
-    one, one_velocity = params_at(tmp_path / "one", 3)
-    served, served_velocity = params_at(tmp_path / "async", 3)
-    for name in one:
-        np.testing.assert_allclose(served[name], one[name], rtol=1e-9, atol=1e-12, err_msg=name)
-        np.testing.assert_allclose(served_velocity[name], one_velocity[name], rtol=1e-9, atol=1e-12, err_msg=name)
+    assert_same_state(tmp_path / "async", tmp_path / "one", 3, rtol=1e-9, atol=1e-12)
 
 
 def test_two_workers_train_every_batch_of_every_epoch(data, tmp_path):
@@ -89,12 +79,7 @@ def start_long_run(run, args):
     first checkpoint exists."""
     proc = subprocess.Popen([MPIEXEC, "-n", "3", PYTHON, "-m", "mpiconvnet.train"] + TINY + args + ["--out", run],
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    folder = os.path.join(run, "checkpoints")
-    deadline = time.monotonic() + 60
-    while not (os.path.isdir(folder) and os.listdir(folder)):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.1)
+    _wait_for_checkpoint_then(proc, os.path.join(run, "checkpoints"), lambda: None)
     return proc
 
 

@@ -54,6 +54,14 @@ def params_at(run, step):
         return {k: f["params"][k][()] for k in f["params"]}, {k: f["velocity"][k][()] for k in f["velocity"]}
 
 
+def assert_same_state(run, expected_run, step, rtol=1e-12, atol=1e-14):
+    """The weights and momentum in two runs' checkpoints of `step` agree to the tolerance."""
+    (params, velocity), (expected, expected_velocity) = params_at(run, step), params_at(expected_run, step)
+    for name in expected:
+        np.testing.assert_allclose(params[name], expected[name], rtol=rtol, atol=atol, err_msg=name)
+        np.testing.assert_allclose(velocity[name], expected_velocity[name], rtol=rtol, atol=atol, err_msg=name)
+
+
 def evaluations(run):
     with open(os.path.join(run, "metrics.jsonl")) as f:
         return [r for r in map(json.loads, f) if r["kind"] == "eval"]
@@ -112,11 +120,7 @@ def test_averaging_parameters_every_step_equals_averaging_gradients(data, tmp_pa
     args = ["--data", data, "--global-batch", "8", "--dtype", "float64", "--max-steps", "4", "--lr", "0.05"]
     train(args + ["--out", str(tmp_path / "grads")], ranks=2)
     train(args + ["--out", str(tmp_path / "params"), "--sync", "params", "--average-every", "1"], ranks=2)
-    grads, grads_velocity = params_at(tmp_path / "grads", 4)
-    params, params_velocity = params_at(tmp_path / "params", 4)
-    for name in grads:
-        np.testing.assert_allclose(params[name], grads[name], rtol=1e-12, atol=1e-14, err_msg=name)
-        np.testing.assert_allclose(params_velocity[name], grads_velocity[name], rtol=1e-12, atol=1e-14, err_msg=name)
+    assert_same_state(tmp_path / "params", tmp_path / "grads", 4)
 
 
 @pytest.mark.mpi
