@@ -52,7 +52,7 @@ class Config:
     eval_crops: int = 1             # 1 (centre) or 10 (corners, centre and flips)
 
     # distribution
-    parallel: str = "data"          # data: every rank holds the whole model | hybrid: convolutions data-parallel, fc layers split across ranks by output neuron (Krizhevsky 2014)
+    parallel: str = "data"          # data: every rank holds the whole model | hybrid: convolutions data-parallel, fc layers split across ranks by output neuron (Krizhevsky 2014) | model: every layer split by output unit, every rank runs the whole batch (Yadan 2013)
     sync: str = "grads"             # grads: average gradients every step (synchronous SGD) | params: each rank steps alone, weights and momentum averaged every --average-every steps | async: rank 0 serves the weights, the others push gradients without waiting for each other (Paine 2013)
     average_every: int = 1          # sync=params: steps between averagings (1 equals sync=grads; theano_alexnet averaged every step)
     async_every: int = 1            # sync=async: batches a worker sums before each push to the server (Downpour's n_push)
@@ -86,7 +86,7 @@ CHOICES = {
     "mean": ("channel", "image"),
     "eval_crops": (1, 10),
     "sync": ("grads", "params", "async"),
-    "parallel": ("data", "hybrid"),
+    "parallel": ("data", "hybrid", "model"),
 }
 
 FIELD_TYPES = {f.name: f.type for f in fields(Config)}
@@ -130,8 +130,8 @@ def _check(cfg):
     for key in ("lr", "bucket_mb", "stall_timeout"):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"--{key.replace('_', '-')} must be positive, got {getattr(cfg, key)}")
-    if cfg.parallel == "hybrid" and cfg.sync != "grads":
-        raise ConfigError("--parallel hybrid needs --sync grads: the split fc layers have no replicas to average")
+    if cfg.parallel != "data" and cfg.sync != "grads":
+        raise ConfigError(f"--parallel {cfg.parallel} needs --sync grads: the split layers have no replicas to average")
     if cfg.lr_milestones:
         try:
             [int(m) for m in cfg.lr_milestones.split(",")]

@@ -31,11 +31,15 @@ def score_batch(probabilities, labels):
 def evaluate(net, world, data_dir, batch_per_rank, crops=1, mean="channel", workers=1, split="val", seed=0):
     """{'top1', 'top5', 'loss', 'images'} over the whole split, identical on every rank."""
     totals = np.zeros(4)   # top-1 correct, top-5 correct, summed loss, images
-    with BatchLoader(data_dir, split=split, rank=world.rank, size=world.size, batch_per_rank=batch_per_rank,
+    # --parallel model: every rank runs every image (its share of each layer), so every
+    # rank reads them all, and their counts, the same everywhere, are not summed
+    same_images = net.shards is not None and net.shards.split_convs
+    rank, size = (0, 1) if same_images else (world.rank, world.size)
+    with BatchLoader(data_dir, split=split, rank=rank, size=size, batch_per_rank=batch_per_rank,
                      epoch=0, start_step=0, seed=seed, crop_size=net.input_size, train=False, mean=mean,
                      divide_by_std=net.spec.standardize_input, workers=workers, crops=crops) as loader:
         missing_steps = 0
-        if net.shards is not None and world.size > 1:
+        if net.shards is not None and world.size > 1 and not same_images:
             # a split model's forward is a collective: a rank whose share of the split runs
             # out first (shares differ by at most one image) joins the others' last steps
             # with no images. Agreed on before the first step, as a collective of its own.
@@ -53,6 +57,6 @@ def evaluate(net, world, data_dir, batch_per_rank, crops=1, mean="channel", work
             totals += (top1, top5, loss, n)
         for _ in range(missing_steps):
             net.forward(np.zeros((0, 3, net.input_size, net.input_size), net.dtype), train=False)
-    top1, top5, loss, images = world.allreduce_sum(totals)
+    top1, top5, loss, images = totals if same_images else world.allreduce_sum(totals)
     images = max(images, 1)
     return {"top1": top1 / images, "top5": top5 / images, "loss": loss / images, "images": int(images)}

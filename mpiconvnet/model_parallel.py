@@ -1,6 +1,8 @@
 """Hybrid parallelism (`--parallel hybrid`): convolutions data-parallel, fully connected
 layers split across the ranks by output neuron (Krizhevsky 2014, "One weird trick for
-parallelizing convolutional neural networks").
+parallelizing convolutional neural networks"). And model parallelism (`--parallel
+model`, Yadan et al. 2013; Krizhevsky 2012's two GPUs): every layer split by output
+unit, every rank running the whole global batch.
 
 The convolutions hold ~5 % of AlexNet's weights and do ~90 % of its arithmetic; the
 fully connected layers the reverse. So each rank keeps a whole copy of the convolutions
@@ -24,6 +26,16 @@ GatherBatch sums and keeps this rank's rows. LocalRows pads its gradient with ze
 the other ranks' rows, so the reduction after fc8 assembles the whole (B, C) gradient.
 The maths is that of one rank with the whole batch (tests/test_hybrid.py, float64).
 
+--parallel model splits the convolutions by output channel too. Every rank holds the
+whole global batch, so no rows move: before a layer that needs every channel (a
+convolution, LRN, the flattening for fc6) GatherChannels assembles them, and before a
+grouped convolution ChannelSlice takes the input channels of the group this rank's
+output channels belong to (a rank's share must lie in one group). ReLU and pooling work
+on this rank's channels. Each rank computes the same loss on the same logits, with
+gradients scaled by 1/size, so the gathers' reductions add up to one loss's gradient.
+Nothing is replicated, so nothing else is reduced. The maths is again one rank's
+(tests/test_hybrid.py).
+
 Collectives pass through host NumPy arrays (`ops.to_host`; pageable, where the gradient
 buckets keep persistent pinned buffers). None of them runs while the gradient buckets'
 communication thread does: that thread starts when conv5's gradients are ready, after
@@ -36,10 +48,13 @@ from mpiconvnet.layers import Layer
 
 
 class Shards:
-    """This rank's share of the split layers, and the collectives the split needs."""
+    """This rank's share of the split layers, and the collectives the split needs.
+    split_convs: --parallel model (every layer split, every rank holding the whole batch)
+    rather than --parallel hybrid (fc layers split, each rank its own images)."""
 
-    def __init__(self, comm, rank, size, ops):
+    def __init__(self, comm, rank, size, ops, split_convs=False):
         self.comm, self.rank, self.size, self.ops = comm, rank, size, ops
+        self.split_convs = split_convs
         self.row_counts = [0] * size   # rows each rank brought to the last GatherBatch
 
     def bounds(self, count):
@@ -90,12 +105,18 @@ class Shards:
         self.comm.Reduce_scatter(host, out, [n * width for n in self.row_counts], op=self._mpi().SUM)
         return self.ops.to_device(out)
 
-    def allgather_columns(self, y, width):
+    def column_bounds(self, width, unit=1):
+        """Every rank's first column of `width`, then width: the split is of width // unit
+        neurons of `unit` columns each (a channel of an (N, C*H*W) activation is H*W columns)."""
+        return [b * unit for b in self.bounds(width // unit)]
+
+    def allgather_columns(self, y, width, unit=1):
         """y: (B, w), this rank's columns of `width` -> (B, width), the ranks' columns side by side."""
         if self.size == 1:
             return y
         host = np.ascontiguousarray(self.ops.to_host(y))
-        rows, bounds, widths = host.shape[0], self.bounds(width), self.widths(width)
+        rows, bounds = host.shape[0], self.column_bounds(width, unit)
+        widths = [int(w) for w in np.diff(bounds)]
         blocks = np.empty(rows * width, dtype=host.dtype)   # the ranks' (B, w_j) blocks in turn
         self.comm.Allgatherv(host, [blocks, [rows * w for w in widths]])
         out = np.empty((rows, width), dtype=host.dtype)
@@ -103,13 +124,14 @@ class Shards:
             out[:, start:start + widths[j]] = blocks[rows * start:rows * (start + widths[j])].reshape(rows, widths[j])
         return self.ops.to_device(out)
 
-    def reduce_scatter_columns(self, dy):
+    def reduce_scatter_columns(self, dy, unit=1):
         """dy: (B, W), this rank's share of a sum -> (B, w): the sum's columns of this rank."""
         if self.size == 1:
             return dy
         host = self.ops.to_host(dy)
         rows, width = host.shape
-        bounds, widths = self.bounds(width), self.widths(width)
+        bounds = self.column_bounds(width, unit)
+        widths = [int(w) for w in np.diff(bounds)]
         # the ranks' column blocks one after another, as Reduce_scatter cuts its buffer
         blocks = np.concatenate([host[:, a:b].ravel() for a, b in zip(bounds[:-1], bounds[1:])])
         out = np.empty((rows, widths[self.rank]), dtype=host.dtype)
@@ -179,3 +201,48 @@ class LocalRows(Layer):
         start, stop = self.shards.own_rows()
         padded[start:stop] = local
         return self.shards.ops.to_device(padded)
+
+
+class GatherChannels(Layer):
+    """(N, c, H, W) of this rank's channels -> (N, channels, H, W) of all (--parallel model);
+    backward sums the ranks' shares of dL/dx and keeps this rank's channels. A channel is
+    H*W neighbouring columns of the (N, C*H*W) view, so this is GatherColumns by channel."""
+
+    def __init__(self, shards, channels):
+        self.shards, self.channels = shards, channels
+
+    def output_shape(self, shape):
+        return (shape[0], self.channels) + tuple(shape[2:])
+
+    def forward(self, x, ctx):
+        n, c, h, w = (int(s) for s in x.shape)
+        whole = self.shards.allgather_columns(x.reshape(n, c * h * w), self.channels * h * w, unit=h * w)
+        return whole.reshape(n, self.channels, h, w)
+
+    def backward(self, dy, need_dx):
+        n, _, h, w = (int(s) for s in dy.shape)
+        part = self.shards.reduce_scatter_columns(dy.reshape(n, self.channels * h * w), unit=h * w)
+        return part.reshape(n, int(part.shape[1]) // (h * w), h, w)
+
+
+class ChannelSlice(Layer):
+    """(N, C, H, W) -> (N, stop - start, H, W): the input channels of the one group whose
+    output channels this rank computes, for a grouped convolution split by output channel
+    (--parallel model); backward puts dL/dx there in a zero (N, C, H, W)."""
+
+    def __init__(self, ops, start, stop):
+        self.ops, self.start, self.stop = ops, start, stop
+
+    def output_shape(self, shape):
+        return (shape[0], self.stop - self.start) + tuple(shape[2:])
+
+    def forward(self, x, ctx):
+        self.shape = tuple(int(s) for s in x.shape)
+        host = self.ops.to_host(x)
+        return self.ops.to_device(np.ascontiguousarray(host[:, self.start:self.stop]))
+
+    def backward(self, dy, need_dx):
+        part = self.ops.to_host(dy)
+        whole = np.zeros(self.shape, dtype=part.dtype)
+        whole[:, self.start:self.stop] = part
+        return self.ops.to_device(whole)

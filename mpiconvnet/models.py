@@ -28,7 +28,7 @@ import numpy as np
 
 from mpiconvnet.backends import get_backend, mean_loss
 from mpiconvnet.layers import LRN, Conv, Dropout, Flatten, Linear, MaxPool, ReLU
-from mpiconvnet.model_parallel import GatherBatch, GatherColumns, LocalRows
+from mpiconvnet.model_parallel import ChannelSlice, GatherBatch, GatherChannels, GatherColumns, LocalRows
 
 
 @dataclass
@@ -142,19 +142,31 @@ def build_layers(name, num_classes, ops, dropout=0.5, shards=None):
 
     With `shards` (model_parallel.Shards, --parallel hybrid) each fully connected layer
     holds this rank's rows only and gathers are put around them (model_parallel.py); the
-    shapes are then this rank's.
+    shapes are then this rank's. With shards.split_convs (--parallel model) the
+    convolutions hold this rank's output channels too.
     """
     if name not in MODELS:
         raise ModelError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     spec = MODELS[name]
     layers, shape, dropouts = [], (1, 3, spec.input_size, spec.input_size), 0
-    split_width = None   # full width of the split activation between two split fc layers
+    split_width = None      # full width of the split activation between two split fc layers
+    split_channels = None   # channel count of a split convolution's output (--parallel model)
+    split_convs = shards is not None and shards.split_convs
     for item in spec.features + spec.classifier:
         kind = item[0]
-        if kind == "fc" and shards is not None:
+        if split_channels is not None and kind in ("conv", "lrn", "flatten"):   # they need every channel
+            layers.append(GatherChannels(shards, split_channels))
+            shape, split_channels = layers[-1].output_shape(shape), None
+        if kind == "fc" and shards is not None and not (split_convs and split_width is None):
             layers.append(GatherBatch(shards) if split_width is None else GatherColumns(shards, split_width))
             shape = layers[-1].output_shape(shape)
-        if kind == "conv":
+        if kind == "conv" and split_convs:
+            group_inputs, layer = _split_conv(item, shape[1], ops, shards)
+            if group_inputs is not None:
+                layers.append(group_inputs)
+                shape = group_inputs.output_shape(shape)
+            split_channels = item[2]
+        elif kind == "conv":
             _, lname, out_ch, k, stride, pad, groups = item
             layer = Conv(ops, lname, shape[1], out_ch, k, stride, pad, groups)
         elif kind == "fc":
@@ -182,7 +194,9 @@ def build_layers(name, num_classes, ops, dropout=0.5, shards=None):
         shape = layer.output_shape(shape)
         layers.append(layer)
     if shards is not None:
-        layers += [GatherColumns(shards, split_width), LocalRows(shards)]
+        layers.append(GatherColumns(shards, split_width))
+        if not split_convs:   # --parallel model: every rank has every image already
+            layers.append(LocalRows(shards))
     param_shapes = {}          # name -> shape, in forward order
     for layer in layers:
         if layer.params:
@@ -191,11 +205,37 @@ def build_layers(name, num_classes, ops, dropout=0.5, shards=None):
     return layers, param_shapes
 
 
+def _split_conv(item, in_channels, ops, shards):
+    """(ChannelSlice or None, Conv): this rank's output channels of convolution `item`,
+    given every input channel; a grouped convolution first takes its group's inputs. The
+    weights are rows of the whole layer's, as for a split fc layer."""
+    _, lname, out_ch, k, stride, pad, groups = item
+    if out_ch < shards.size:
+        raise ModelError(f"--parallel model splits {lname}'s {out_ch} channels over {shards.size} ranks, leaving "
+                         f"some with none; use at most {out_ch} ranks")
+    start, stop = shards.share(out_ch)
+    if groups == 1:
+        return None, Conv(ops, lname, in_channels, stop - start, k, stride, pad, 1)
+    # each rank's channels must lie in one group, or be whole groups side by side; every
+    # rank checks every share, so all of them refuse together
+    per_group, inputs = out_ch // groups, in_channels // groups
+    bounds = shards.bounds(out_ch)
+    if any(a // per_group != (b - 1) // per_group and (a % per_group or b % per_group)
+           for a, b in zip(bounds[:-1], bounds[1:])):
+        raise ModelError(f"--parallel model: {lname} has {groups} groups of {per_group} channels, and {shards.size} "
+                         f"ranks do not split it along groups; use a number of ranks that divides {groups} or is a "
+                         f"multiple of it, or --parallel hybrid")
+    first, last = start // per_group, (stop - 1) // per_group
+    spanned = last - first + 1
+    group_inputs = None if spanned == groups else ChannelSlice(ops, first * inputs, (last + 1) * inputs)
+    return group_inputs, Conv(ops, lname, spanned * inputs, stop - start, k, stride, pad, spanned)
+
+
 class Net:
     """A sequential convnet whose parameters live on one backend.
 
     With `shards` (--parallel hybrid) the fully connected layers hold this rank's rows
-    only (`split_names`); `state_dict` and `load_state_dict` still speak whole arrays, so
+    only (`split_names`), and with --parallel model the convolutions their output channels; `state_dict` and `load_state_dict` still speak whole arrays, so
     checkpoints are the same whichever way the model ran, and are then collectives.
     """
 
@@ -209,7 +249,8 @@ class Net:
         self.full_shapes = build_layers(name, num_classes, None, dropout)[1]
         self.split_names = set()   # parameters of which this rank holds some rows only
         if shards is not None:
-            self.split_names = {n for layer in self.layers if isinstance(layer, Linear) for n in layer.params}
+            kinds = (Linear, Conv) if shards.split_convs else (Linear,)
+            self.split_names = {n for layer in self.layers if isinstance(layer, kinds) for n in layer.params}
         self.spec = MODELS[name]
         self.input_size = self.spec.input_size
         initial = self._initial_values(self.spec.init, seed)

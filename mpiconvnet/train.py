@@ -31,7 +31,7 @@ def check_before_work(cfg, world, train_set):
     if cfg.sync == "async" and world.size < 2:
         raise ConfigError("--sync async needs at least 2 ranks: rank 0 serves the weights, the others train "
                           "(mpirun -np 3 or more for several workers)")
-    workers = world.size - 1 if cfg.sync == "async" else world.size
+    workers = world.size - 1 if cfg.sync == "async" else 1 if cfg.parallel == "model" else world.size
     if cfg.global_batch % workers:
         raise ConfigError(f"--global-batch {cfg.global_batch} does not divide by {workers} "
                           f"{'workers' if cfg.sync == 'async' else 'ranks'}; use a multiple of {workers}")
@@ -86,6 +86,7 @@ def main(argv=None):
     world.print(f"mpiconvnet: {cfg.model} ({trainer.net.num_parameters:,} parameters) on {world.size} rank(s), "
                 f"backend {cfg.backend}, global batch {cfg.global_batch}, {trainer.steps_per_epoch} steps/epoch"
                 + (", fc layers split across the ranks" if cfg.parallel == "hybrid" else "")
+                + (", every layer split across the ranks" if cfg.parallel == "model" else "")
                 + (f", asynchronous: rank 0 serves the weights to {world.size - 1} worker(s)"
                    if cfg.sync == "async" else "")
                 + (f", resuming at step {trainer.step} from {resume_from}" if resume_from else ""))

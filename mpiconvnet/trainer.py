@@ -9,7 +9,9 @@ with the same global batch compute the same weights (tests/test_train.py). With
 --average-every steps (averaging.py). With --sync async rank 0 serves the weights and
 the other ranks push gradients to it without waiting for each other (async_sgd.py). With
 --parallel hybrid the fully connected layers are split across the ranks instead of
-replicated (model_parallel.py); the convolutions' gradients are reduced as above.
+replicated (model_parallel.py); the convolutions' gradients are reduced as above. With
+--parallel model every layer is split and every rank runs the whole batch: nothing is
+replicated, so only the activations' gathers communicate.
 """
 import json
 import math
@@ -82,13 +84,18 @@ class Trainer:
     def __init__(self, cfg, world, train_set, val_set):
         self.cfg, self.world = cfg, world
         self.train_set, self.val_set = train_set, val_set
-        # the ranks that read training data: all of them, but for --sync async's server
-        self.workers = world.size - 1 if cfg.sync == "async" else world.size
-        self.worker_index = max(world.rank - 1, 0) if cfg.sync == "async" else world.rank
+        # the ranks that share out the training data: all of them, but for --sync async's
+        # server; with --parallel model every rank reads the whole batch, as one rank would
+        self.workers, self.worker_index = world.size, world.rank
+        if cfg.sync == "async":
+            self.workers, self.worker_index = world.size - 1, max(world.rank - 1, 0)
+        elif cfg.parallel == "model":
+            self.workers, self.worker_index = 1, 0
         self.batch_per_rank = cfg.global_batch // self.workers
         shards = None
-        if cfg.parallel == "hybrid":   # fc layers split across the ranks (model_parallel.py)
-            shards = Shards(world.comm, world.rank, world.size, get_backend(cfg.backend))
+        if cfg.parallel in ("hybrid", "model"):   # layers split across the ranks (model_parallel.py)
+            shards = Shards(world.comm, world.rank, world.size, get_backend(cfg.backend),
+                            split_convs=cfg.parallel == "model")
         self.net = build_model(cfg.model, num_classes=train_set.num_classes, backend=cfg.backend,
                                dtype=cfg.dtype, seed=cfg.seed, shards=shards)
         ops = self.net.ops
@@ -98,7 +105,7 @@ class Trainer:
         self.optimizer = SGD(ops, self.net.params, cfg.momentum, cfg.weight_decay, cfg.bias_lr_mult)
         cuda_aware = _cuda_aware(cfg.backend, world)
         self.reducer, self.averager = None, None
-        if cfg.sync == "grads":
+        if cfg.sync == "grads" and cfg.parallel != "model":   # --parallel model replicates nothing
             self.reducer = GradientReducer(world, self.buckets, overlap=cfg.overlap, cuda_aware=cuda_aware,
                                            timeout=cfg.stall_timeout, average=False,
                                            on_stall=lambda: self.heartbeat.report_stall(self.step))
@@ -171,6 +178,8 @@ class Trainer:
         """One step; returns (this rank's mean loss, exposed communication seconds)."""
         if self.averager is not None:
             return self._local_step(images, labels, lr)
+        if self.reducer is None:   # --parallel model: see _split_step
+            return self._split_step(images, labels, lr)
         self.reducer.begin()
         # gradients scaled by 1/size: the allreduce's sum is then the global-batch mean
         loss, _ = self.net.loss_and_grads(images, labels, step=self.step,
@@ -180,6 +189,14 @@ class Trainer:
         exposed = self.reducer.finish()
         self.optimizer.step(self.net.grads, lr)
         return loss, exposed
+
+    def _split_step(self, images, labels, lr):
+        """--parallel model: every rank computes the loss of the whole batch from the
+        gathered logits; scaled by 1/size, the gathers' reductions sum those copies into one
+        loss's gradient. No parameter is replicated, so nothing else is reduced."""
+        loss, _ = self.net.loss_and_grads(images, labels, step=self.step, grad_scale=1.0 / self.world.size)
+        self.optimizer.step(self.net.grads, lr)
+        return loss, 0.0
 
     def _reduce_when_ready(self, names):
         self.reducer.grads_ready(replicated(self.net, names))
@@ -207,7 +224,7 @@ class Trainer:
         window = {"loss": 0.0, "images": 0, "data": 0.0, "compute": 0.0, "comm": 0.0, "steps": 0, "t": time.perf_counter()}
         while self.step < total_steps:
             epoch, start = divmod(self.step, self.steps_per_epoch)
-            with BatchLoader(cfg.data, split="train", rank=world.rank, size=world.size,
+            with BatchLoader(cfg.data, split="train", rank=self.worker_index, size=self.workers,
                              batch_per_rank=self.batch_per_rank, epoch=epoch, start_step=start, seed=cfg.seed,
                              crop_size=self.net.input_size, train=True, mean=cfg.mean,
                              divide_by_std=self.net.spec.standardize_input, pca_lighting=cfg.pca_lighting,

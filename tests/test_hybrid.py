@@ -1,7 +1,8 @@
-"""--parallel hybrid (model_parallel.py): convolutions data-parallel, fc layers split across
-ranks. The maths must be that of one rank holding the whole model and the whole batch,
-dropout included; checkpoints hold whole arrays, so they are the same as --parallel data's.
-Every run is a subprocess (python -m mpiconvnet.train), under mpiexec -n 2 where it matters."""
+"""--parallel hybrid and --parallel model (model_parallel.py): fc layers, or every layer,
+split across ranks. The maths must be that of one rank holding the whole model and the
+whole batch, dropout included; checkpoints hold whole arrays, so they are the same as
+--parallel data's. Every run is a subprocess (python -m mpiconvnet.train), under
+mpiexec -n 2 where it matters."""
 import os
 
 import numpy as np
@@ -19,24 +20,28 @@ def data(tmp_path_factory):
 
 
 FLOAT64 = ["--dtype", "float64", "--lr", "0.05"]
+SPLITS = ["hybrid", "model"]   # fc layers split; every layer split
 
 
 @pytest.mark.mpi
 @needs_mpiexec
-def test_two_hybrid_ranks_equal_one_rank_holding_the_whole_model(data, tmp_path):
+@pytest.mark.parametrize("split_mode", SPLITS)
+def test_two_split_ranks_equal_one_rank_holding_the_whole_model(data, tmp_path, split_mode):
     # 4 steps with dropout on fc6 and fc7's outputs (alexnet-mini has both), then an
-    # evaluation in which one rank has a step with no images
+    # evaluation in which (hybrid) one rank has a step with no images; alexnet-mini's
+    # grouped conv2/4/5 put each model-parallel rank on one group
     args = ["--data", data, "--global-batch", "4", "--max-steps", "4"] + FLOAT64
     train(args + ["--out", str(tmp_path / "data")])
-    train(args + ["--out", str(tmp_path / "hybrid"), "--parallel", "hybrid"], ranks=2)
+    train(args + ["--out", str(tmp_path / "split"), "--parallel", split_mode], ranks=2)
     whole, whole_velocity = params_at(tmp_path / "data", 4)
-    split, split_velocity = params_at(tmp_path / "hybrid", 4)
+    split, split_velocity = params_at(tmp_path / "split", 4)
     assert set(split) == set(whole) and split["fc6.weight"].shape == whole["fc6.weight"].shape
+    assert split["conv2.weight"].shape == whole["conv2.weight"].shape
     for name in whole:
         np.testing.assert_allclose(split[name], whole[name], rtol=1e-12, atol=1e-14, err_msg=name)
         np.testing.assert_allclose(split_velocity[name], whole_velocity[name], rtol=1e-12, atol=1e-14, err_msg=name)
     assert all(np.abs(v).max() > 0 for v in whole_velocity.values())   # every layer learned
-    (one,), (two,) = evaluations(tmp_path / "data"), evaluations(tmp_path / "hybrid")
+    (one,), (two,) = evaluations(tmp_path / "data"), evaluations(tmp_path / "split")
     assert two["images"] == one["images"] == 61
     assert two["top1"] == one["top1"] and two["top5"] == one["top5"]
     np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-12)
@@ -44,12 +49,12 @@ def test_two_hybrid_ranks_equal_one_rank_holding_the_whole_model(data, tmp_path)
 
 @pytest.mark.mpi
 @needs_mpiexec
-def test_a_hybrid_run_resumes_bit_for_bit(data, tmp_path):
-    args = ["--data", data, "--global-batch", "8", "--checkpoint-every", "2"] + FLOAT64
-    train(args + ["--out", str(tmp_path / "straight"), "--max-steps", "4", "--parallel", "hybrid"], ranks=2)
-    train(args + ["--out", str(tmp_path / "resumed"), "--max-steps", "2", "--parallel", "hybrid"], ranks=2)
-    train(args + ["--out", str(tmp_path / "resumed"), "--max-steps", "4", "--parallel", "hybrid",
-                  "--resume", "auto"], ranks=2)
+@pytest.mark.parametrize("split_mode", SPLITS)
+def test_a_split_run_resumes_bit_for_bit(data, tmp_path, split_mode):
+    args = ["--data", data, "--global-batch", "8", "--checkpoint-every", "2", "--parallel", split_mode] + FLOAT64
+    train(args + ["--out", str(tmp_path / "straight"), "--max-steps", "4"], ranks=2)
+    train(args + ["--out", str(tmp_path / "resumed"), "--max-steps", "2"], ranks=2)
+    train(args + ["--out", str(tmp_path / "resumed"), "--max-steps", "4", "--resume", "auto"], ranks=2)
     straight, straight_velocity = params_at(tmp_path / "straight", 4)
     resumed, resumed_velocity = params_at(tmp_path / "resumed", 4)
     for name in straight:
@@ -59,12 +64,13 @@ def test_a_hybrid_run_resumes_bit_for_bit(data, tmp_path):
 
 @pytest.mark.mpi
 @needs_mpiexec
-def test_a_data_parallel_checkpoint_resumes_split_and_back(data, tmp_path):
+@pytest.mark.parametrize("split_mode", SPLITS)
+def test_a_data_parallel_checkpoint_resumes_split_and_back(data, tmp_path, split_mode):
     # checkpoints hold whole arrays: a run may change --parallel when it resumes
     args = ["--data", data, "--global-batch", "4", "--checkpoint-every", "2"] + FLOAT64
     train(args + ["--out", str(tmp_path / "straight"), "--max-steps", "6"], ranks=2)
     train(args + ["--out", str(tmp_path / "mixed"), "--max-steps", "2"], ranks=2)
-    train(args + ["--out", str(tmp_path / "mixed"), "--max-steps", "4", "--parallel", "hybrid", "--resume", "auto"],
+    train(args + ["--out", str(tmp_path / "mixed"), "--max-steps", "4", "--parallel", split_mode, "--resume", "auto"],
           ranks=2)
     train(args + ["--out", str(tmp_path / "mixed"), "--max-steps", "6", "--resume", "auto"], ranks=2)
     straight, straight_velocity = params_at(tmp_path / "straight", 6)
@@ -78,14 +84,15 @@ def test_a_data_parallel_checkpoint_resumes_split_and_back(data, tmp_path):
 @pytest.mark.cuda
 @pytest.mark.mpi
 @needs_mpiexec
-def test_two_hybrid_ranks_sharing_one_gpu_equal_numpy(data, tmp_path):
+@pytest.mark.parametrize("split_mode", SPLITS)
+def test_two_split_ranks_sharing_one_gpu_equal_numpy(data, tmp_path, split_mode):
     if visible_gpus() < 1:
         pytest.skip("no GPU visible to pycuda (needs pycuda and a CUDA driver); on a GPU node run scripts/gpu-check.sh")
     args = ["--data", data, "--global-batch", "4", "--max-steps", "3"] + FLOAT64
     env = dict(ENV, MPICONVNET_ALLOW_GPU_SHARING="1",
                CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0])
     train(args + ["--out", str(tmp_path / "numpy")])
-    train(args + ["--out", str(tmp_path / "gpu"), "--backend", "cuda", "--parallel", "hybrid"], ranks=2, env=env)
+    train(args + ["--out", str(tmp_path / "gpu"), "--backend", "cuda", "--parallel", split_mode], ranks=2, env=env)
     reference, _ = params_at(tmp_path / "numpy", 3)
     split, _ = params_at(tmp_path / "gpu", 3)
     for name in reference:
@@ -93,13 +100,15 @@ def test_two_hybrid_ranks_sharing_one_gpu_equal_numpy(data, tmp_path):
         np.testing.assert_allclose(split[name], reference[name], rtol=1e-9, atol=1e-12, err_msg=name)
 
 
-def test_one_hybrid_rank_is_the_data_parallel_model(data, tmp_path):
-    # size 1: the gathers are identities, the split is the whole layer
+@pytest.mark.parametrize("split_mode", SPLITS)
+def test_one_split_rank_is_the_data_parallel_model(data, tmp_path, split_mode):
+    # size 1: the gathers are identities, the split is the whole layer (every group of a
+    # grouped convolution, for --parallel model)
     args = ["--data", data, "--global-batch", "4", "--max-steps", "2"] + FLOAT64
     train(args + ["--out", str(tmp_path / "data")])
-    train(args + ["--out", str(tmp_path / "hybrid"), "--parallel", "hybrid"])
+    train(args + ["--out", str(tmp_path / "split"), "--parallel", split_mode])
     whole, _ = params_at(tmp_path / "data", 2)
-    split, _ = params_at(tmp_path / "hybrid", 2)
+    split, _ = params_at(tmp_path / "split", 2)
     for name in whole:
         np.testing.assert_array_equal(split[name], whole[name], err_msg=name)
 
@@ -133,9 +142,31 @@ def test_more_ranks_than_outputs_is_one_line_and_exit_2(tmp_path):
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
-def test_hybrid_with_parameter_averaging_is_refused(data, tmp_path):
-    result = train(["--data", data, "--out", str(tmp_path / "run"), "--parallel", "hybrid", "--sync", "params"],
+@pytest.mark.parametrize("split_mode", SPLITS)
+def test_a_split_model_with_parameter_averaging_is_refused(data, tmp_path, split_mode):
+    result = train(["--data", data, "--out", str(tmp_path / "run"), "--parallel", split_mode, "--sync", "params"],
                    check=False)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "--parallel hybrid needs --sync grads" in lines[0]
+    assert len(lines) == 1 and f"--parallel {split_mode} needs --sync grads" in lines[0]
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+def test_model_parallel_across_groups_is_one_line_and_exit_2(data, tmp_path):
+    # alexnet-mini's conv2 has 2 groups of 32 channels: 3 ranks would split one of them
+    result = train(["--data", data, "--out", str(tmp_path / "run"), "--global-batch", "3", "--parallel", "model"],
+                   ranks=3, check=False)
+    assert result.returncode == 2, result.stderr
+    assert "conv2 has 2 groups of 32 channels, and 3 ranks do not split it along groups" in result.stderr
+    assert len(set(result.stderr.strip().splitlines())) == 1, result.stderr
+
+
+def test_channel_bounds_follow_the_channel_split():
+    # a channel of an (N, C*H*W) activation is H*W columns: 64 channels over 3 ranks are
+    # 21, 21 and 22 of them, at 36 columns each
+    from mpiconvnet.backends import numpy_backend
+    from mpiconvnet.model_parallel import Shards
+    shards = Shards(None, 0, 3, numpy_backend, split_convs=True)
+    assert shards.column_bounds(64 * 36, unit=36) == [0, 21 * 36, 42 * 36, 64 * 36]
+    assert shards.column_bounds(10) == shards.bounds(10)
