@@ -235,7 +235,8 @@ class Net:
     """A sequential convnet whose parameters live on one backend.
 
     With `shards` (--parallel hybrid) the fully connected layers hold this rank's rows
-    only (`split_names`), and with --parallel model the convolutions their output channels; `state_dict` and `load_state_dict` still speak whole arrays, so
+    only (`split_names`), and with --parallel model the convolutions their output
+    channels too; `state_dict` and `load_state_dict` still speak whole arrays, so
     checkpoints are the same whichever way the model ran, and are then collectives.
     """
 
