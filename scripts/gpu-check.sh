@@ -10,7 +10,8 @@
 #    cuBLAS / cuDNN wheels only when no usable copy is found (see docs/gpu.md);
 # 3. runs the CUDA tests (logic, nvcc compile, every op against the NumPy reference);
 # 4. trains alexnet-mini for 2 epochs on synthetic shards with --backend cuda, then on 2
-#    ranks with mpiexec, --parallel data and hybrid (2 GPUs, or 2 ranks sharing 1 GPU);
+#    ranks with mpiexec, --parallel data, hybrid and model, and --sync async on 3 ranks
+#    (2 GPUs, or ranks sharing 1 GPU);
 # 5. runs the step benchmark against PyTorch on the same GPU (alexnet and alexnet-owt,
 #    float32, then TF32);
 # and writes OUTDIR/report.md with every step's status, time and log. The exit status is
@@ -194,14 +195,17 @@ GPUS=$("$PY" -c "import pycuda.driver as d; d.init(); print(d.Device.count())" 2
 MPIEXEC="$(dirname "$PY")/mpiexec"
 command -v "$MPIEXEC" >/dev/null || MPIEXEC=$(command -v mpiexec || true)
 if [ "${GPUS:-0}" -eq 1 ] && [ -n "$MPIEXEC" ]; then
-    # one GPU: two ranks share it, which still runs the MPI path (staging, buckets, and the
-    # gathers of --parallel hybrid) end to end
+    # one GPU: ranks share it, which still runs the MPI path (staging, buckets, the gathers
+    # of --parallel hybrid and model, the parameter server's exchanges) end to end
     train_two_ranks_shared() {
-        for parallel in data hybrid; do
+        for parallel in data hybrid model; do
             MPICONVNET_ALLOW_GPU_SHARING=1 "$MPIEXEC" -n 2 "$PY" -m mpiconvnet.train --data "$DATA/shards" \
                 --out "$DATA/run-2rank-$parallel" --model alexnet-mini --backend cuda --epochs 2 --global-batch 64 \
                 --parallel $parallel || return 1
         done
+        MPICONVNET_ALLOW_GPU_SHARING=1 "$MPIEXEC" -n 3 "$PY" -m mpiconvnet.train --data "$DATA/shards" \
+            --out "$DATA/run-3rank-async" --model alexnet-mini --backend cuda --epochs 2 --global-batch 64 \
+            --sync async
     }
     step train-2rank-1gpu train_two_ranks_shared
 fi
@@ -212,11 +216,13 @@ if [ "${GPUS:-0}" -ge 2 ] && [ -n "$MPIEXEC" ]; then
             --backend cuda --epochs 2 --global-batch 64
     }
     step train-2gpu train_two_gpus
-    train_two_gpus_hybrid() {   # fc layers split across the two GPUs (--parallel hybrid)
-        "$MPIEXEC" -n 2 "$PY" -m mpiconvnet.train --data "$DATA/shards" --out "$DATA/run-2gpu-hybrid" \
-            --model alexnet-mini --backend cuda --epochs 2 --global-batch 64 --parallel hybrid
+    train_two_gpus_split() {   # layers split across the two GPUs (--parallel hybrid, model)
+        for parallel in hybrid model; do
+            "$MPIEXEC" -n 2 "$PY" -m mpiconvnet.train --data "$DATA/shards" --out "$DATA/run-2gpu-$parallel" \
+                --model alexnet-mini --backend cuda --epochs 2 --global-batch 64 --parallel $parallel || return 1
+        done
     }
-    step train-2gpu-hybrid train_two_gpus_hybrid
+    step train-2gpu-split train_two_gpus_split
 else
     echo "| train-2gpu | skipped ($GPUS GPU(s) or no mpiexec) | 0 | |" >> "$REPORT"
 fi
