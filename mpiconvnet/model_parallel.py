@@ -30,7 +30,9 @@ The maths is that of one rank with the whole batch (tests/test_hybrid.py, float6
 whole global batch, so no rows move: before a layer that needs every channel (a
 convolution, LRN, the flattening for fc6) GatherChannels assembles them, and before a
 grouped convolution ChannelSlice takes the input channels of the group this rank's
-output channels belong to (a rank's share must lie in one group). ReLU and pooling work
+output channels belong to (a rank's share must lie in one group). Where those are the
+rank's own channels already, nothing moves: on 2 ranks AlexNet's conv4 and conv5 run on
+their own tower's maps, as on Krizhevsky's two GPUs. ReLU and pooling work
 on this rank's channels. Each rank computes the same loss on the same logits, with
 gradients scaled by 1/size, so the gathers' reductions add up to one loss's gradient.
 Nothing is replicated, so nothing else is reduced. The maths is again one rank's

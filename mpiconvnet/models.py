@@ -154,15 +154,19 @@ def build_layers(name, num_classes, ops, dropout=0.5, shards=None):
     split_convs = shards is not None and shards.split_convs
     for item in spec.features + spec.classifier:
         kind = item[0]
-        if split_channels is not None and kind in ("conv", "lrn", "flatten"):   # they need every channel
+        # a convolution, LRN and fc6's flattening need every channel; not a grouped
+        # convolution whose ranks' groups are their own channels (the two towers)
+        towers = kind == "conv" and split_channels is not None and _own_channels_feed_own_groups(
+            item, split_channels, shards)
+        if split_channels is not None and kind in ("conv", "lrn", "flatten") and not towers:
             layers.append(GatherChannels(shards, split_channels))
             shape, split_channels = layers[-1].output_shape(shape), None
         if kind == "fc" and shards is not None and not (split_convs and split_width is None):
             layers.append(GatherBatch(shards) if split_width is None else GatherColumns(shards, split_width))
             shape = layers[-1].output_shape(shape)
         if kind == "conv" and split_convs:
-            group_inputs, layer = _split_conv(item, shape[1], ops, shards)
-            if group_inputs is not None:
+            group_inputs, layer = _split_conv(item, split_channels or shape[1], ops, shards)
+            if group_inputs is not None and not towers:
                 layers.append(group_inputs)
                 shape = group_inputs.output_shape(shape)
             split_channels = item[2]
@@ -203,6 +207,19 @@ def build_layers(name, num_classes, ops, dropout=0.5, shards=None):
             weight, bias = layer.params
             param_shapes[weight], param_shapes[bias] = layer.weight_shape, layer.bias_shape
     return layers, param_shapes
+
+
+def _own_channels_feed_own_groups(item, channels, shards):
+    """Whether, on every rank, the groups of grouped convolution `item` that its output
+    share belongs to take exactly the rank's share of the `channels` before it: then the
+    convolution needs no gather (Krizhevsky's towers: conv4 and conv5 on 2 ranks)."""
+    _, _, out_ch, _, _, _, groups = item
+    if groups == 1 or out_ch < shards.size:
+        return False
+    per_group, inputs = out_ch // groups, channels // groups
+    outputs, own = shards.bounds(out_ch), shards.bounds(channels)
+    return all((a // per_group * inputs, ((b - 1) // per_group + 1) * inputs) == (own[j], own[j + 1])
+               for j, (a, b) in enumerate(zip(outputs[:-1], outputs[1:])))
 
 
 def _split_conv(item, in_channels, ops, shards):

@@ -170,3 +170,19 @@ def test_channel_bounds_follow_the_channel_split():
     shards = Shards(None, 0, 3, numpy_backend, split_convs=True)
     assert shards.column_bounds(64 * 36, unit=36) == [0, 21 * 36, 42 * 36, 64 * 36]
     assert shards.column_bounds(10) == shards.bounds(10)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_model_parallel_on_two_ranks_is_the_two_towers(rank):
+    # alexnet on 2 ranks: conv2, conv4 and conv5 see only their own tower's channels, so
+    # conv3 and conv4 hand their outputs straight on; every channel is gathered only for
+    # LRN (exact across the towers' boundary, which the paper's GPUs did not cross) and fc6
+    from mpiconvnet.backends import numpy_backend
+    from mpiconvnet.model_parallel import Shards
+    from mpiconvnet.models import build_layers
+    layers, shapes = build_layers("alexnet", 10, numpy_backend, 0.5, Shards(None, rank, 2, numpy_backend, True))
+    names = [type(layer).__name__ for layer in layers]
+    before_convs = [names[i - 1] if i else None for i, name in enumerate(names) if name == "Conv"]
+    assert before_convs == [None, "ChannelSlice", "MaxPool", "ReLU", "ReLU"]
+    assert names.count("GatherChannels") == 3
+    assert shapes["conv4.weight"] == (192, 192, 3, 3) and shapes["conv3.weight"] == (192, 256, 3, 3)
