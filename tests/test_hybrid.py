@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.data_fixtures import write_tiny_dataset
-from tests.test_train import ENV, evaluations, needs_mpiexec, params_at, train, visible_gpus
+from tests.test_train import ENV, assert_same_state, evaluations, needs_mpiexec, params_at, train, visible_gpus
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +34,10 @@ def test_two_split_ranks_equal_one_rank_holding_the_whole_model(data, tmp_path, 
     train(args + ["--out", str(tmp_path / "data")])
     train(args + ["--out", str(tmp_path / "split"), "--parallel", split_mode], ranks=2)
     whole, whole_velocity = params_at(tmp_path / "data", 4)
-    split, split_velocity = params_at(tmp_path / "split", 4)
+    split, _ = params_at(tmp_path / "split", 4)
     assert set(split) == set(whole) and split["fc6.weight"].shape == whole["fc6.weight"].shape
     assert split["conv2.weight"].shape == whole["conv2.weight"].shape
-    for name in whole:
-        np.testing.assert_allclose(split[name], whole[name], rtol=1e-12, atol=1e-14, err_msg=name)
-        np.testing.assert_allclose(split_velocity[name], whole_velocity[name], rtol=1e-12, atol=1e-14, err_msg=name)
+    assert_same_state(tmp_path / "split", tmp_path / "data", 4)
     assert all(np.abs(v).max() > 0 for v in whole_velocity.values())   # every layer learned
     (one,), (two,) = evaluations(tmp_path / "data"), evaluations(tmp_path / "split")
     assert two["images"] == one["images"] == 61
@@ -55,11 +53,7 @@ def test_a_split_run_resumes_bit_for_bit(data, tmp_path, split_mode):
     train(args + ["--out", str(tmp_path / "straight"), "--max-steps", "4"], ranks=2)
     train(args + ["--out", str(tmp_path / "resumed"), "--max-steps", "2"], ranks=2)
     train(args + ["--out", str(tmp_path / "resumed"), "--max-steps", "4", "--resume", "auto"], ranks=2)
-    straight, straight_velocity = params_at(tmp_path / "straight", 4)
-    resumed, resumed_velocity = params_at(tmp_path / "resumed", 4)
-    for name in straight:
-        np.testing.assert_array_equal(resumed[name], straight[name], err_msg=name)
-        np.testing.assert_array_equal(resumed_velocity[name], straight_velocity[name], err_msg=name)
+    assert_same_state(tmp_path / "resumed", tmp_path / "straight", 4, rtol=0, atol=0)
 
 
 @pytest.mark.mpi
@@ -73,12 +67,7 @@ def test_a_data_parallel_checkpoint_resumes_split_and_back(data, tmp_path, split
     train(args + ["--out", str(tmp_path / "mixed"), "--max-steps", "4", "--parallel", split_mode, "--resume", "auto"],
           ranks=2)
     train(args + ["--out", str(tmp_path / "mixed"), "--max-steps", "6", "--resume", "auto"], ranks=2)
-    straight, straight_velocity = params_at(tmp_path / "straight", 6)
-    mixed, mixed_velocity = params_at(tmp_path / "mixed", 6)
-    for name in straight:
-        np.testing.assert_allclose(mixed[name], straight[name], rtol=1e-12, atol=1e-14, err_msg=name)
-        np.testing.assert_allclose(mixed_velocity[name], straight_velocity[name], rtol=1e-12, atol=1e-14,
-                                   err_msg=name)
+    assert_same_state(tmp_path / "mixed", tmp_path / "straight", 6)
 
 
 @pytest.mark.cuda
@@ -122,11 +111,7 @@ def test_uneven_splits_equal_one_rank(tmp_path, ranks, classes):
     args = ["--data", data, "--global-batch", str(2 * ranks), "--max-steps", "3"] + FLOAT64
     train(args + ["--out", str(tmp_path / "data")])
     train(args + ["--out", str(tmp_path / "hybrid"), "--parallel", "hybrid"], ranks=ranks)
-    whole, whole_velocity = params_at(tmp_path / "data", 3)
-    split, split_velocity = params_at(tmp_path / "hybrid", 3)
-    for name in whole:
-        np.testing.assert_allclose(split[name], whole[name], rtol=1e-12, atol=1e-14, err_msg=name)
-        np.testing.assert_allclose(split_velocity[name], whole_velocity[name], rtol=1e-12, atol=1e-14, err_msg=name)
+    assert_same_state(tmp_path / "hybrid", tmp_path / "data", 3)
     (one,), (many,) = evaluations(tmp_path / "data"), evaluations(tmp_path / "hybrid")
     assert many["images"] == one["images"] == 7 and many["top1"] == one["top1"]
 
