@@ -169,17 +169,31 @@ class Heartbeat:
     def __init__(self, world, timeout):
         self.world, self.timeout = world, timeout
 
-    def report_stall(self, step):
+    def report_stall(self, step, what="the gradient allreduce"):
         """Called by every live rank when a collective has made no progress for `timeout`:
         the same exchange on its own tag names the ranks that are not live. Needs
-        MPI_THREAD_MULTIPLE, since the communication thread is still inside the collective."""
+        MPI_THREAD_MULTIPLE when the communication thread is still inside the collective."""
         from mpi4py import MPI
         if self.world.size > 1 and MPI.Query_thread() == MPI.THREAD_MULTIPLE:
             self.beat(step, tag=self.STALL_TAG)
-            self._die(f"rank {self.world.rank}: every rank answers but the gradient allreduce made no progress "
+            self._die(f"rank {self.world.rank}: every rank answers but {what} made no progress "
                       f"for {self.timeout:.0f} s at step {step}; aborting all ranks")
-        self._die(f"rank {self.world.rank}: the gradient allreduce made no progress for {self.timeout:.0f} s at "
+        self._die(f"rank {self.world.rank}: {what} made no progress for {self.timeout:.0f} s at "
                   f"step {step}; another rank is dead or hung; aborting all ranks")
+
+    def allreduce_sum(self, values, step):
+        """world.allreduce_sum of a small host array, waited for at most `timeout`: a rank
+        that hangs between the gradient reduction and this one (which the heartbeat
+        before the step cannot see) is named too, instead of every rank waiting forever."""
+        if self.world.size == 1:
+            return values
+        import numpy as np
+        from mpi4py import MPI
+        out = np.empty_like(values)
+        # polled every 0.1 ms at most: this sum ends every step, so it must not add latency
+        if self._wait([self.world.comm.Iallreduce(values, out, op=MPI.SUM)], longest_pause=1e-4):
+            self.report_stall(step, "the step's loss allreduce")
+        return out
 
     def beat(self, step, tag=TAG):
         world = self.world
@@ -206,7 +220,7 @@ class Heartbeat:
                 self._die(f"rank {world.rank}: no word from rank 0 for {self.timeout:.0f} s at step {step}; "
                           f"aborting all ranks")
 
-    def _wait(self, requests):
+    def _wait(self, requests, longest_pause=0.01):
         """Poll until all complete or the timeout passes; return the indices still pending."""
         deadline = time.monotonic() + self.timeout
         done = [False] * len(requests)
@@ -220,7 +234,7 @@ class Heartbeat:
             if time.monotonic() > deadline:
                 return [i for i, d in enumerate(done) if not d]
             time.sleep(pause)
-            pause = min(pause * 2, 0.01)
+            pause = min(pause * 2, longest_pause)
 
     def _die(self, message):
         sys.stderr.write(message + "\n")

@@ -239,7 +239,8 @@ class Trainer:
                     loss, exposed = self.train_step(images, batch.labels, lr)
                     # one small collective per step: the global loss and whether any rank
                     # was asked to stop, so every rank stops after the same step
-                    loss_sum, stop_votes = world.allreduce_sum(np.array([loss, 1.0 if stop.received else 0.0]))
+                    loss_sum, stop_votes = self.heartbeat.allreduce_sum(
+                        np.array([loss, 1.0 if stop.received else 0.0]), self.step)
                     global_loss = loss_sum / world.size
                     compute = time.perf_counter() - t0 - exposed
                     if not math.isfinite(global_loss):

@@ -254,6 +254,24 @@ def test_a_stopped_rank_is_named_after_the_stall_timeout(data, tmp_path):
     assert "rank 0: ranks [1] sent nothing for 3 s" in err or "no word from rank 0" in err, err
 
 
+@pytest.mark.mpi
+@needs_mpiexec
+def test_a_rank_missing_from_the_step_s_loss_allreduce_is_reported():
+    # the window the heartbeat cannot see: a rank hangs after the gradients were reduced
+    # and before the per-step sum of losses and stop votes (here: never calls it)
+    script = ("import time, numpy as np; from mpiconvnet import distributed\n"
+              "world = distributed.init('numpy', 1, need_threads=False)\n"
+              "if world.rank == 1: time.sleep(60)\n"
+              "distributed.Heartbeat(world, timeout=2).allreduce_sum(np.ones(2), step=7)\n")
+    started = time.monotonic()
+    result = subprocess.run([MPIEXEC, "-n", "2", PYTHON, "-c", script], env=ENV, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode != 0 and time.monotonic() - started < 50
+    # rank 0 names the silent rank (or, without MPI_THREAD_MULTIPLE, says which sum stalled)
+    assert ("rank 0: ranks [1] sent nothing for 2 s at step 7" in result.stderr
+            or "the step's loss allreduce made no progress for 2 s at step 7" in result.stderr), result.stderr
+
+
 def _is_descendant(pid, ancestor):
     while pid > 1:
         try:
