@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.test_train import (ENV, MPIEXEC, PYTHON, TINY, _is_descendant, _wait_for_checkpoint_then,
-                              assert_same_state, evaluations, needs_mpiexec, params_at,
+                              assert_same_state, hung, evaluations, needs_mpiexec, params_at,
                               remove_leftover_mpich_segments, train, visible_gpus)  # noqa: F401 (a fixture)
 from tests.data_fixtures import write_tiny_dataset
 
@@ -104,27 +104,19 @@ def mpi_rank_of(pid):
     return int(env[b"PMI_RANK"])
 
 
-@pytest.mark.parametrize("hung, message", [
+@pytest.mark.parametrize("stopped, message", [
     (2, "rank 0: workers [2] sent nothing for 3 s"),          # while worker 1 keeps pushing
     (0, "no answer from the parameter server (rank 0) for 3 s"),
 ])
-def test_a_hung_rank_is_named_after_the_stall_timeout(data, tmp_path, hung, message):
+def test_a_hung_rank_is_named_after_the_stall_timeout(data, tmp_path, stopped, message):
     run = str(tmp_path / "run")
     proc = start_long_run(run, ["--data", data, "--global-batch", "16", "--epochs", "400", "--checkpoint-every", "2",
                                 "--sync", "async", "--stall-timeout", "3"])
     out = subprocess.run(["pgrep", "-f", "mpiconvnet.train"], capture_output=True, text=True).stdout.split()
     ranks = {mpi_rank_of(int(p)): int(p) for p in out if int(p) != proc.pid and _is_descendant(int(p), proc.pid)}
     assert sorted(ranks) == [0, 1, 2], ranks
-    stopped = ranks[hung]
-    os.kill(stopped, signal.SIGSTOP)
-    try:
+    with hung(ranks[stopped]):
         _, err = proc.communicate(timeout=60)
-    finally:
-        try:
-            os.kill(stopped, signal.SIGCONT)
-            os.kill(stopped, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     assert proc.returncode != 0
     assert message in err, err
 

@@ -1,5 +1,6 @@
 """python -m mpiconvnet.train as users run it: one process and mpiexec -n 2, resume,
 signals, failures, bad input. Every run is a subprocess, so MPI starts fresh each time."""
+import contextlib
 import glob
 import json
 import os
@@ -234,22 +235,9 @@ def test_sigkill_of_one_rank_ends_all_ranks_promptly(data, tmp_path):
 def test_a_stopped_rank_is_named_after_the_stall_timeout(data, tmp_path):
     run = str(tmp_path / "run")
     proc = start_long_run(data, run, extra=["--stall-timeout", "3"])
-    stopped = []
-
-    def stop_rank_one():
-        stopped.append(rank_pids(proc)[-1])
-        os.kill(stopped[-1], signal.SIGSTOP)
-
-    try:
-        _wait_for_checkpoint_then(proc, os.path.join(run, "checkpoints"), stop_rank_one)
+    _wait_for_checkpoint_then(proc, os.path.join(run, "checkpoints"), lambda: None)
+    with hung(rank_pids(proc)[-1]):
         _, err = proc.communicate(timeout=60)
-    finally:
-        for pid in stopped:
-            try:
-                os.kill(pid, signal.SIGCONT)
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
     assert proc.returncode != 0
     assert "rank 0: ranks [1] sent nothing for 3 s" in err or "no word from rank 0" in err, err
 
@@ -270,6 +258,20 @@ def test_a_rank_missing_from_the_step_s_loss_allreduce_is_reported():
     # rank 0 names the silent rank (or, without MPI_THREAD_MULTIPLE, says which sum stalled)
     assert ("rank 0: ranks [1] sent nothing for 2 s at step 7" in result.stderr
             or "the step's loss allreduce made no progress for 2 s at step 7" in result.stderr), result.stderr
+
+
+@contextlib.contextmanager
+def hung(pid):
+    """Process `pid` stopped (SIGSTOP) for the block, as a hung rank is; killed after it."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _is_descendant(pid, ancestor):
