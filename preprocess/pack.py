@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from mpiconvnet.data.shards import FORMATS, INDEX_FILE, RESIZE_MODES, SPLITS, shard_filename
+from mpiconvnet.data.shards import FORMATS, INDEX_FILE, RESIZE_MODES, SPLITS, TMP_SUFFIX, shard_filename
 from preprocess.decode import DEFAULT_MAX_PIXELS, BadImage, decode_image, encode_jpeg
 from preprocess.merge import merge_dataset, missing_shards
 from preprocess.parallel import make_team, worker_context
@@ -169,9 +169,11 @@ def run_tasks(tasks, workers, out_dir, plan, splits, show_progress, label):
             bar.update(counters["done"].value - bar.n)
             bar.set_postfix(skipped=counters["skipped"].value, refresh=False)
 
-    # one thread makes finished shards durable (fsync, file sha256, receipt, rename) while
-    # decoding goes on; both release the GIL, so the wait for the disk is hidden
-    with ThreadPoolExecutor(1, thread_name_prefix="publish") as publisher:
+    # publisher threads make finished shards durable (fsync, file sha256, receipt, rename)
+    # while decoding goes on; both release the GIL, so the wait for the disk is hidden. One
+    # per worker: a publisher handles a 1,024-image shard in ~0.5 s, and the shards of more
+    # than ~6 workers would queue behind a single one.
+    with ThreadPoolExecutor(workers, thread_name_prefix="publish") as publisher:
         published = []
         if workers == 1 or len(tasks) <= 1:
             init_worker(out_dir, plan, splits, counters)
@@ -181,13 +183,16 @@ def run_tasks(tasks, workers, out_dir, plan, splits, show_progress, label):
         else:
             with context.Pool(min(workers, len(tasks)), initializer=init_worker,
                               initargs=(out_dir, plan, splits, counters)) as pool:
-                pending = [pool.apply_async(pack_shard, (task,)) for task in tasks]
+                # each shard is handed to a publisher the moment it is done (the pool's
+                # result thread runs the callback), whichever worker finishes first
+                pending = [pool.apply_async(pack_shard, (task,),
+                                            callback=lambda closed: published.append(publisher.submit(publish, closed)))
+                           for task in tasks]
                 while pending:
                     pending[0].wait(0.5)
                     for result in [r for r in pending if r.ready()]:
                         pending.remove(result)
-                        # get() re-raises a worker's exception here
-                        published.append(publisher.submit(publish, result.get()))
+                        result.get()   # re-raises a worker's exception here
                     refresh()
         for future in published:
             future.result()
@@ -231,11 +236,21 @@ def pack(args, gather):
     tasks = shard_tasks(plan, args.seed)
     mine = [task for task in tasks[team.rank::team.size] if not is_finished(out_dir, task[0], task[1])]
     label = "packing" if team.size == 1 else f"rank 0 of {team.size}"
+    who = "" if team.size == 1 else f"rank {team.rank}: "
     try:
         done, _ = run_tasks(mine, args.workers, out_dir, plan, splits,
                                   team.is_root and not args.no_progress, label)
+    except OSError as error:
+        # a full disk, a quota, lost permissions: the user's to fix, and nothing is lost
+        remove_unfinished(out_dir, mine)
+        print(f"preprocess: {who}writing under --out {out_dir} failed: {describe_os_error(error)}; free space "
+              f"or fix permissions there (or choose another --out), then run the same command again: finished "
+              f"shards are kept", file=sys.stderr)
+        team.abort(1)
+        return 1
     except BaseException as error:
-        print(f"preprocess: rank {team.rank} failed: {type(error).__name__}: {error}", file=sys.stderr)
+        remove_unfinished(out_dir, mine)
+        print(f"preprocess: {who}failed: {type(error).__name__}: {error}", file=sys.stderr)
         team.abort(1)
         raise
     done = team.sum(done)
@@ -252,6 +267,21 @@ def pack(args, gather):
         return 0
     index = merge_dataset(out_dir, plan, shard_names)
     return report(index, out_dir, done, time.perf_counter() - started, args.strict)
+
+
+def remove_unfinished(out_dir, tasks):
+    """Delete the .tmp files of `tasks` after a failure: a worker stopped mid-shard leaves
+    one, which a re-run would overwrite anyway, but on a full disk it holds the space."""
+    for split, number, _ in tasks:
+        path = os.path.join(out_dir, shard_filename(split, number) + TMP_SUFFIX)
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def describe_os_error(error):
+    """'No space left on device', with the file when the error names one (h5py's do not)."""
+    reason = os.strerror(error.errno) if error.errno else str(error)
+    return f"{error.filename}: {reason}" if error.filename else reason
 
 
 def report(index, out_dir, processed, seconds, strict):

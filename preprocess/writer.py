@@ -156,9 +156,10 @@ class ShardWriter:
         """Drop a half-written shard (an exception while packing it)."""
         try:
             self.file.close()
-        finally:
-            if os.path.exists(self.tmp_path):
-                os.remove(self.tmp_path)
+        except Exception:   # e.g. the full disk that got us here: that error is the one to report
+            pass
+        if os.path.exists(self.tmp_path):
+            os.remove(self.tmp_path)
 
 
 def publish(closed):

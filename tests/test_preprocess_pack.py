@@ -1,5 +1,6 @@
 """Packing class folders: bad inputs skipped and listed, exit codes, resume after a kill,
 and the same data set from 1 worker, 2 workers, 2 MPI ranks and 2 array tasks."""
+import errno
 import json
 import os
 import shutil
@@ -196,6 +197,38 @@ def test_two_workers_and_two_array_tasks_give_the_same_data_set(tree, tmp_path):
     assert one == (tmp_path / "two" / "dataset.json").read_text()
     assert one == (tmp_path / "array" / "dataset.json").read_text()
 
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_full_disk_is_one_line_and_the_same_command_then_finishes(tree, tmp_path, monkeypatch, capsys, workers):
+    base = ["folder", "--train", str(tree / "train"), "--val", str(tree / "val")] + PACK
+    add = ShardWriter.add
+
+    def disk_full_in_shard_2(writer, *args, **kwargs):
+        if writer.shard_file == "train-00002.h5" and len(writer.labels) == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return add(writer, *args, **kwargs)
+
+    # worker processes are forked (not under MPI), so they inherit the patch
+    monkeypatch.setattr(ShardWriter, "add", disk_full_in_shard_2)
+    out = tmp_path / "out"
+    assert main([*base, "--out", str(out), "--workers", workers]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error == (f"preprocess: writing under --out {out} failed: No space left on device; free space or fix "
+                     f"permissions there (or choose another --out), then run the same command again: finished "
+                     f"shards are kept")
+    names = os.listdir(out)
+    assert not half_written(out) and "dataset.json" not in names
+    for name in names:   # what was finished is whole, and kept
+        if name.endswith(".h5"):
+            assert json.loads((out / ".pack" / f"{name}.json").read_text())["sha256"] == file_sha256(out / name)
+    if workers == "1":
+        assert "train-00000.h5" in names and "train-00001.h5" in names
+    monkeypatch.setattr(ShardWriter, "add", add)
+    assert main([*base, "--out", str(out)]) == 0
+    assert main(["verify", str(out)]) == 0
+    assert main([*base, "--out", str(tmp_path / "reference")]) == 0
+    assert (out / "dataset.json").read_text() == (tmp_path / "reference" / "dataset.json").read_text()
 
 @pytest.mark.mpi
 def test_mpiexec_two_ranks_give_the_same_data_set(tree, tmp_path):
