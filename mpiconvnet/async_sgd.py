@@ -19,11 +19,12 @@ run evaluates once at the end; `python -m mpiconvnet.evaluate` reads any checkpo
 an exact resume with more than one worker: a resumed run starts every worker at the
 checkpoint's step, since which batches each worker had done is not recorded (their order
 of arrival is not reproducible anyway). Stalls are caught as in the other modes: the
-server names a worker it has not heard from for --stall-timeout seconds, a worker says
-when the server has not answered, and either aborts all ranks (exit 3).
+server names a worker it has not heard from for --stall-timeout seconds (or that takes no
+message for as long), a worker names the server after twice that (the server may be
+waiting on a silent worker meanwhile), and either aborts all ranks (exit 3).
 
-Messages (point-to-point, each waited for at most --stall-timeout seconds; the server
-receives headers from any worker):
+Messages (point-to-point, each waited for at most --stall-timeout seconds by the server,
+twice that by a worker; the server receives headers from any worker):
   worker -> server  header [kind, batches, loss sum, data s, compute s, comm s] (float64),
                     then, for PUSH, the summed gradients as one flat array
   server -> worker  a reply [GO | STOP | FAILED], then, for GO, the weights as one flat array
@@ -260,9 +261,12 @@ class AsyncWorker:
         self._within_timeout(self.comm.Irecv(buffer, source=0, tag=tag))
 
     def _within_timeout(self, request):
-        t = self.trainer
-        _complete(request, t.cfg.stall_timeout, t.world,
-                  f"rank {t.world.rank}: no answer from the parameter server (rank 0) for {t.cfg.stall_timeout:.0f} s; "
+        # twice the server's deadline: the server itself may wait up to --stall-timeout for
+        # another, silent worker before it answers this one, and it is the server that can
+        # name that worker; a worker names the server only when the server is the silent one
+        t, timeout = self.trainer, 2 * self.trainer.cfg.stall_timeout
+        _complete(request, timeout, t.world,
+                  f"rank {t.world.rank}: no answer from the parameter server (rank 0) for {timeout:.0f} s; "
                   f"aborting all ranks")
 
 

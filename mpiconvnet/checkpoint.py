@@ -37,13 +37,42 @@ def list_checkpoints(run_dir):
     return [os.path.join(folder, f) for _, f in found]
 
 
+class OutputError(Exception):
+    """The run directory cannot take a file (full disk, quota, permissions); one line with
+    the fix. Raised after the half-written file is removed: earlier checkpoints are whole."""
+
+
+def cannot_write(path, error, run_dir):
+    """The one line for an OSError met writing `path` under the run directory."""
+    reason = os.strerror(error.errno) if error.errno else str(error)
+    kept = list_checkpoints(run_dir)
+    kept = f"the last checkpoint, {os.path.basename(kept[-1])}, is kept" if kept else "no checkpoint was written yet"
+    return (f"cannot write {path}: {reason}; free space or fix permissions under --out {run_dir}, then run the "
+            f"same command with --resume auto ({kept})")
+
+
 def save(run_dir, step, params, velocity, meta, keep):
     """Write checkpoint for `step` atomically; keep the newest `keep`. Returns the path."""
     folder = checkpoint_dir(run_dir)
-    os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"ckpt-{step:08d}.h5")
     tmp = path + ".tmp"
-    with h5py.File(tmp, "w") as f:
+    try:
+        os.makedirs(folder, exist_ok=True)
+        _write(tmp, params, velocity, meta)
+        os.replace(tmp, path)
+        _fsync_dir(folder)
+    except OSError as error:
+        if os.path.lexists(tmp):
+            os.remove(tmp)   # a partial file would hold the space the user must free
+        raise OutputError(cannot_write(path, error, run_dir)) from None
+    for old in list_checkpoints(run_dir)[:-keep]:
+        os.remove(old)
+    return path
+
+
+def _write(tmp, params, velocity, meta):
+    f = h5py.File(tmp, "w")
+    try:
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["meta"] = json.dumps(meta, sort_keys=True)
         for group, arrays in (("params", params), ("velocity", velocity)):
@@ -52,11 +81,13 @@ def save(run_dir, step, params, velocity, meta, keep):
                 g.create_dataset(name, data=np.asarray(value))
         f.flush()
         os.fsync(f.id.get_vfd_handle())
-    os.replace(tmp, path)
-    _fsync_dir(folder)
-    for old in list_checkpoints(run_dir)[:-keep]:
-        os.remove(old)
-    return path
+    except BaseException:
+        try:
+            f.close()
+        except Exception:   # closing a file whose writes failed fails too; report the first error
+            pass
+        raise
+    f.close()
 
 
 def _fsync_dir(folder):

@@ -64,8 +64,13 @@ def main(argv=None):
     except (checkpoint.CheckpointError, DatasetError, ModelError, distributed.SetupError) as e:
         print(f"mpiconvnet.evaluate: {e}", file=sys.stderr)
         return 2
-    result = evaluate(net, world, args.data, args.batch, crops=args.crops, mean=cfg.mean, workers=args.workers,
-                      split=args.split, seed=cfg.seed)
+    try:
+        result = evaluate(net, world, args.data, args.batch, crops=args.crops, mean=cfg.mean, workers=args.workers,
+                          split=args.split, seed=cfg.seed)
+    except DatasetError as e:   # a shard that cannot be read; only this rank may have met it
+        print(f"mpiconvnet.evaluate: rank {world.rank}: {e}", file=sys.stderr, flush=True)
+        world.abort(2)
+        return 2
     result.update(checkpoint=path, step=meta["step"], split=args.split, crops=args.crops, model=cfg.model)
     if world.is_root:
         if args.json:

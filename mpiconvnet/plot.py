@@ -9,6 +9,10 @@ import os
 import sys
 
 
+class CannotWrite(Exception):
+    """The PNG could not be written (full disk, permissions); one line with the fix."""
+
+
 def read_metrics(run_dir):
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
@@ -55,9 +59,17 @@ def plot(run_dir, out):
     ax.set(title="throughput", xlabel="step", ylabel="images/s")
     fig.suptitle(os.path.basename(os.path.abspath(run_dir)))
     fig.tight_layout()
-    fig.savefig(out + ".tmp.png", dpi=100)
-    os.replace(out + ".tmp.png", out)
-    plt.close(fig)
+    try:
+        fig.savefig(out + ".tmp.png", dpi=100)
+        os.replace(out + ".tmp.png", out)
+    except OSError as error:
+        if os.path.lexists(out + ".tmp.png"):
+            os.remove(out + ".tmp.png")
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        raise CannotWrite(f"cannot write {out}: {reason}; free space or fix permissions there, or give --out") \
+            from None
+    finally:
+        plt.close(fig)
     return out
 
 
@@ -72,6 +84,9 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         print(f"mpiconvnet.plot: {e}", file=sys.stderr)
         return 2
+    except CannotWrite as e:
+        print(f"mpiconvnet.plot: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

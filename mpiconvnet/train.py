@@ -9,8 +9,9 @@ is listed by --help. The resolved config is saved as RUN_DIR/config.json and in 
 checkpoint.
 
 Exit codes: 0 finished; 2 bad flags or data, nothing done; 3 a rank stopped answering;
-4 the loss became NaN/Inf (last good checkpoint kept); 75 stopped by SIGTERM/SIGUSR1
-after writing a checkpoint: run the same command with --resume auto to continue.
+4 the loss became NaN/Inf (last good checkpoint kept); 5 --out cannot be written (full
+disk, quota, permissions; the last complete checkpoint is kept); 75 stopped by
+SIGTERM/SIGUSR1 after writing a checkpoint: run the same command with --resume auto to continue.
 """
 import os
 import sys
@@ -19,8 +20,8 @@ from mpiconvnet import checkpoint, distributed
 from mpiconvnet.config import ConfigError, help_text, resolve
 from mpiconvnet.data.shards import DatasetError
 from mpiconvnet.models import MODELS, ModelError
-from mpiconvnet.trainer import (EXIT_NONFINITE, EXIT_USAGE, MetricsLog, NonFiniteLoss, StopSignal, Trainer,
-                                open_datasets)
+from mpiconvnet.trainer import (EXIT_CANNOT_WRITE, EXIT_NONFINITE, EXIT_USAGE, MetricsLog, NonFiniteLoss, StopSignal,
+                                Trainer, open_datasets)
 
 
 def check_before_work(cfg, world, train_set):
@@ -74,13 +75,43 @@ def main(argv=None):
             print(f"mpiconvnet.train: {e}", file=sys.stderr)
         return EXIT_USAGE
 
-    if world.is_root:
+    try:
+        if world.is_root:
+            write_config(cfg)
+        world.barrier()
+        if not resume_from:
+            trainer.broadcast_parameters()
+        code = train(cfg, world, trainer, resume_from)
+    except checkpoint.OutputError as e:
+        print(f"mpiconvnet.train: {e}", file=sys.stderr, flush=True)
+        world.abort(EXIT_CANNOT_WRITE)   # the other ranks may wait for this one in a collective
+        return EXIT_CANNOT_WRITE
+    except DatasetError as e:   # a shard that broke after the checks at the start (only this rank may see it)
+        print(f"mpiconvnet.train: rank {world.rank}: {e}", file=sys.stderr, flush=True)
+        world.abort(EXIT_USAGE)
+        return EXIT_USAGE
+    except NonFiniteLoss as e:
+        world.print(f"mpiconvnet.train: {e}", file=sys.stderr)
+        return EXIT_NONFINITE
+    finally:
+        trainer.close()
+    world.print(f"run directory: {cfg.out} (config.json, metrics.jsonl, checkpoints/); "
+                f"plot with python -m mpiconvnet.plot {cfg.out}")
+    return code
+
+
+def write_config(cfg):
+    path = os.path.join(cfg.out, "config.json")
+    try:
         os.makedirs(cfg.out, exist_ok=True)
-        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+        with open(path, "w") as f:
             f.write(cfg.to_json() + "\n")
-    world.barrier()
-    if not resume_from:
-        trainer.broadcast_parameters()
+    except OSError as error:
+        raise checkpoint.OutputError(checkpoint.cannot_write(path, error, cfg.out)) from None
+
+
+def train(cfg, world, trainer, resume_from):
+    """The banner, rank 0's progress bar and the run; returns the exit code."""
     stop = StopSignal()
     log = MetricsLog(cfg.out, world.is_root, trainer.step if resume_from else None)
     world.print(f"mpiconvnet: {cfg.model} ({trainer.net.num_parameters:,} parameters) on {world.size} rank(s), "
@@ -97,19 +128,10 @@ def main(argv=None):
         total = min(total, cfg.max_steps) if cfg.max_steps else total
         progress = tqdm(total=total, initial=trainer.step, unit="step", dynamic_ncols=True, file=sys.stderr)
     try:
-        code = trainer.run(stop, progress, log)
-    except NonFiniteLoss as e:
-        if progress is not None:
-            progress.close()
-        world.print(f"mpiconvnet.train: {e}", file=sys.stderr)
-        return EXIT_NONFINITE
+        return trainer.run(stop, progress, log)
     finally:
-        trainer.close()
-    if progress is not None:
-        progress.close()
-    world.print(f"run directory: {cfg.out} (config.json, metrics.jsonl, checkpoints/); "
-                f"plot with python -m mpiconvnet.plot {cfg.out}")
-    return code
+        if progress is not None:
+            progress.close()   # before any message about how the run ended
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ EXIT_OK = 0
 EXIT_USAGE = 2          # bad flag, missing data, sizes that do not fit: nothing was done
 EXIT_STALLED = 3        # a rank stopped answering
 EXIT_NONFINITE = 4      # the loss became NaN or Inf; the last good checkpoint is untouched
+EXIT_CANNOT_WRITE = 5   # --out is full or not writable; the last complete checkpoint is kept
 EXIT_PREEMPTED = 75     # SIGTERM/SIGUSR1: checkpoint written, run again with --resume auto
 
 
@@ -70,14 +71,23 @@ class MetricsLog:
             # a resumed run redoes the steps after its checkpoint: drop their old lines
             with open(self.path) as f:
                 kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
-            with open(self.path + ".tmp", "w") as f:
-                f.writelines(kept)
-            os.replace(self.path + ".tmp", self.path)
+            try:
+                with open(self.path + ".tmp", "w") as f:
+                    f.writelines(kept)
+                os.replace(self.path + ".tmp", self.path)
+            except OSError as error:
+                raise self._cannot_write(error) from None
 
     def write(self, record):
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as error:
+                raise self._cannot_write(error) from None
+
+    def _cannot_write(self, error):
+        return checkpoint.OutputError(checkpoint.cannot_write(self.path, error, os.path.dirname(self.path)))
 
 
 class Trainer:

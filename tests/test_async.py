@@ -2,6 +2,7 @@
 as users run it (mpiexec subprocesses)."""
 import json
 import os
+import re
 import signal
 import subprocess
 
@@ -105,8 +106,10 @@ def mpi_rank_of(pid):
 
 
 @pytest.mark.parametrize("stopped, message", [
-    (2, "rank 0: workers [2] sent nothing for 3 s"),          # while worker 1 keeps pushing
-    (0, "no answer from the parameter server (rank 0) for 3 s"),
+    # while worker 1 keeps pushing; the second: worker 2 was stopped between its push and
+    # taking the weights sent back, which the server waits for before serving worker 1
+    (2, r"rank 0: (workers \[2\] sent nothing|worker 2 took nothing) for 3 s"),
+    (0, r"rank [12]: no answer from the parameter server \(rank 0\) for 6 s"),
 ])
 def test_a_hung_rank_is_named_after_the_stall_timeout(data, tmp_path, stopped, message):
     run = str(tmp_path / "run")
@@ -118,7 +121,7 @@ def test_a_hung_rank_is_named_after_the_stall_timeout(data, tmp_path, stopped, m
     with hung(ranks[stopped]):
         _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0
-    assert message in err, err
+    assert re.search(message, err), err
 
 
 def test_a_nonfinite_loss_ends_every_rank_with_exit_4(data, tmp_path):

@@ -50,6 +50,17 @@ def test_evaluate_bad_input_is_one_line_and_exit_2(trained, args, message):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_evaluate_names_a_shard_truncated_after_packing(trained, tmp_path):
+    _, run_dir = trained
+    data = write_tiny_dataset(str(tmp_path / "shards"), 48, 20, 4, 64, shard_size=16)
+    path = os.path.join(data, "val-00001.h5")
+    os.truncate(path, os.path.getsize(path) // 2)
+    result = run("mpiconvnet.evaluate", "--data", data, "--checkpoint", run_dir)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"mpiconvnet.evaluate: rank 0: {path} is not a readable"), \
+        result.stderr
+
 def test_evaluate_refuses_a_data_set_with_other_classes(trained, tmp_path):
     _, run_dir = trained
     other = write_tiny_dataset(str(tmp_path / "other"), 16, 8, 7, 64)
@@ -64,6 +75,16 @@ def test_plot_writes_a_png(trained, tmp_path):
     assert result.returncode == 0, result.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
 
+
+def test_plot_on_a_full_disk_is_one_line_and_leaves_nothing(trained, tmp_path):
+    _, run_dir = trained
+    out = tmp_path / "plot.png"
+    (tmp_path / "plot.png.tmp.png").symlink_to("/dev/full")   # the kernel's real ENOSPC
+    result = run("mpiconvnet.plot", run_dir, "--out", str(out))
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"mpiconvnet.plot: cannot write {out}: No space left on device; free space or "
+                                     f"fix permissions there, or give --out")
+    assert os.listdir(tmp_path) == []
 
 def test_plot_names_a_directory_without_metrics(tmp_path):
     result = run("mpiconvnet.plot", str(tmp_path))

@@ -295,6 +295,50 @@ def test_a_nonfinite_loss_stops_at_once_and_keeps_the_last_checkpoint(data, tmp_
         not f.endswith(".tmp") for f in os.listdir(os.path.join(run, "checkpoints")))
 
 
+
+@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=[pytest.mark.mpi, needs_mpiexec])])
+def test_a_full_disk_at_a_checkpoint_is_one_line_exit_5_and_the_run_resumes(data, tmp_path, ranks):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    # the second checkpoint's file is written into /dev/full: the kernel's real ENOSPC
+    (run / "checkpoints" / "ckpt-00000012.h5.tmp").symlink_to("/dev/full")
+    args = ["--data", data, "--global-batch", "16", "--epochs", "2", "--out", str(run)]
+    result = train(args, ranks=ranks, check=False)
+    assert result.returncode == 5, result.stderr
+    ours = [line for line in result.stderr.splitlines() if line.startswith("mpiconvnet.train:")]
+    assert ours == [f"mpiconvnet.train: cannot write {run}/checkpoints/ckpt-00000012.h5: No space left on device; "
+                    f"free space or fix permissions under --out {run}, then run the same command with --resume "
+                    f"auto (the last checkpoint, ckpt-00000006.h5, is kept)"], result.stderr
+    assert sorted(os.listdir(run / "checkpoints")) == ["ckpt-00000006.h5"]   # the partial file is gone
+    result = train(args + ["--resume", "auto"], ranks=ranks)
+    assert "resuming at step 6" in result.stdout
+    params_at(str(run), 12)
+
+
+def test_a_shard_broken_after_packing_is_one_line_and_exit_2(tmp_path):
+    """A truncated raw shard (found when the loader opens it) and a JPEG that no longer
+    decodes (found by a loader worker process mid-epoch): one line naming the shard."""
+    raw = write_tiny_dataset(str(tmp_path / "raw"), 32, 0, 4, 64, shard_size=16)
+    path = os.path.join(raw, "train-00001.h5")
+    os.truncate(path, os.path.getsize(path) // 2)
+    result = train(["--data", raw, "--global-batch", "16", "--epochs", "1", "--out", str(tmp_path / "a")],
+                   check=False)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"mpiconvnet.train: rank 0: {path} is not a readable HDF5 shard"), \
+        result.stderr
+    jpeg = write_tiny_dataset(str(tmp_path / "jpeg"), 32, 0, 4, 64, format="jpeg", shard_size=16)
+    path = os.path.join(jpeg, "train-00001.h5")
+    with h5py.File(path, "r+") as shard:
+        start, stop = shard["jpeg_offsets"][3:5]
+        shard["jpeg"][start:stop] = 0     # image 3's bytes: no longer a JPEG
+    result = train(["--data", jpeg, "--global-batch", "16", "--epochs", "1", "--workers", "1",
+                    "--out", str(tmp_path / "b")], check=False)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"mpiconvnet.train: rank 0: {path}: image 3 does not decode"), \
+        result.stderr
+
 @pytest.mark.parametrize("args, message", [
     (["--global-batch", "16", "--bogus", "1"], "unknown flag --bogus"),
     (["--global-batch", "sixteen"], "--global-batch expects int, got 'sixteen'"),

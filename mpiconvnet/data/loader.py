@@ -52,7 +52,7 @@ import simplejpeg  # noqa: F401  same reason: jpeg shards decode in the workers
 
 from mpiconvnet.data import augment
 from mpiconvnet.data.sampler import DistributedSampler, EvalSampler
-from mpiconvnet.data.shards import ShardedDataset
+from mpiconvnet.data.shards import DatasetError, ShardedDataset
 
 # how often an idle worker checks that its parent still exists, and how often a waiting
 # parent checks that its workers do
@@ -134,13 +134,15 @@ def _worker_main(maker, connection, pixels, labels, parent_pid):
             try:
                 count = maker.fill(step, pixels[slot], labels[slot])
                 reply = ("ok", step, slot, count)
+            except DatasetError as error:   # a shard gone bad: its one line says which, and the fix
+                reply = ("bad data", step, str(error))
             except BaseException:
                 reply = ("error", step, traceback.format_exc())
             try:
                 connection.send(reply)
             except (OSError, ValueError):
                 return
-            if reply[0] == "error":
+            if reply[0] != "ok":
                 return
     finally:
         maker.dataset.close()
@@ -244,6 +246,9 @@ class BatchLoader:
                     message = connection.recv()
                 except (EOFError, OSError):
                     self._report_death(worker)
+                if message[0] == "bad data":
+                    self.close()
+                    raise DatasetError(message[2])
                 if message[0] == "error":
                     _, step, worker_traceback = message
                     self._fail(f"loader worker {worker} failed on step {step} of epoch {self.epoch} "
