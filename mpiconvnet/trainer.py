@@ -42,7 +42,7 @@ EXIT_USAGE = 2          # bad flag, missing data, sizes that do not fit: nothing
 EXIT_STALLED = 3        # a rank stopped answering
 EXIT_NONFINITE = 4      # the loss became NaN or Inf; the last good checkpoint is untouched
 EXIT_CANNOT_WRITE = 5   # --out is full or not writable; the last complete checkpoint is kept
-EXIT_PREEMPTED = 75     # SIGTERM/SIGUSR1: checkpoint written, run again with --resume auto
+EXIT_PREEMPTED = 75     # SIGTERM/SIGUSR1/SIGINT: checkpoint written, run again with --resume auto
 
 
 class NonFiniteLoss(RuntimeError):
@@ -50,11 +50,13 @@ class NonFiniteLoss(RuntimeError):
 
 
 class StopSignal:
-    """Remembers SIGTERM/SIGUSR1 (what SLURM sends before a time limit or preemption)."""
+    """Remembers SIGTERM/SIGUSR1 (what SLURM sends before a time limit or preemption) and
+    SIGINT (ctrl-c at an interactive mpirun): each stops every rank after the same step,
+    with a checkpoint, rather than mid-step with a traceback per rank."""
 
     def __init__(self):
         self.received = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):

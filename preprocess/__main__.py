@@ -12,6 +12,11 @@ shards, rank 0 writes the index), or a SLURM array where each task adds
 `--rank $SLURM_ARRAY_TASK_ID --size $SLURM_ARRAY_TASK_COUNT` (the last task to finish
 writes the index). `--workers N` adds N processes per rank or task. Re-running the same command
 finishes a killed run; every shard appears by an atomic rename and dataset.json last.
+
+Exit codes of imagenet and folder: 0 packed; 1 nothing usable found, anything skipped
+with --strict, or --out could not be written (full disk, permissions; finished shards
+are kept); 2 a bad flag or input path; 130 ctrl-c (finished shards are kept). Skipped
+inputs are listed with their reason in OUT/skipped.tsv.
 """
 import argparse
 import sys

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,7 @@ from preprocess.sources import InputError
 from preprocess.writer import WORK_DIR, ShardWriter, publish, write_atomic_text
 
 PLAN_FILE = "plan.json"
+EXIT_INTERRUPTED = 130   # the shell's code for a ctrl-c
 SPLIT_SEED_OFFSET = {"train": 0, "val": 1}   # train and val get unrelated shuffles
 
 
@@ -118,6 +120,13 @@ def init_worker(out_dir, plan, splits, counters):
     _job.update(out_dir=out_dir, plan=plan, splits=splits, counters=counters)
 
 
+def init_pool_worker(*job):
+    # ctrl-c reaches the whole process group: the parent alone handles it (it stops the
+    # pool and removes unfinished shards), instead of a traceback from every worker
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    init_worker(*job)
+
+
 def count(counter_name, amount=1):
     counter = _job["counters"][counter_name]
     with counter.get_lock():
@@ -181,7 +190,7 @@ def run_tasks(tasks, workers, out_dir, plan, splits, show_progress, label):
                 published.append(publisher.submit(publish, pack_shard(task)))
                 refresh()
         else:
-            with context.Pool(min(workers, len(tasks)), initializer=init_worker,
+            with context.Pool(min(workers, len(tasks)), initializer=init_pool_worker,
                               initargs=(out_dir, plan, splits, counters)) as pool:
                 # each shard is handed to a publisher the moment it is done (the pool's
                 # result thread runs the callback), whichever worker finishes first
@@ -248,6 +257,12 @@ def pack(args, gather):
               f"shards are kept", file=sys.stderr)
         team.abort(1)
         return 1
+    except KeyboardInterrupt:   # ctrl-c
+        remove_unfinished(out_dir, mine)
+        print(f"preprocess: {who}interrupted; finished shards are kept: run the same command again to pack the rest",
+              file=sys.stderr)
+        team.abort(EXIT_INTERRUPTED)
+        return EXIT_INTERRUPTED
     except BaseException as error:
         remove_unfinished(out_dir, mine)
         print(f"preprocess: {who}failed: {type(error).__name__}: {error}", file=sys.stderr)

@@ -186,6 +186,29 @@ def test_resume_after_a_kill_mid_shard(tmp_path):
     assert 0 < len(finished_before) < 8, "the kill should land after the first shard and before the last"
 
 
+def test_ctrl_c_is_one_line_keeps_finished_shards_and_the_same_command_finishes(tmp_path):
+    source = tmp_path / "src"
+    assert main(["synth", "--out", str(source), "--classes", "2", "--per-class", "40", "--val-per-class", "1",
+                 "--size", "400x300"]) == 0
+    argv = ["folder", "--train", str(source / "train"), "--image-size", "64", "--shard-size", "10", "--no-progress",
+            "--workers", "2"]
+    out = tmp_path / "out"
+    # its own process group, which a terminal's ctrl-c signals as a whole: parent and workers
+    process = subprocess.Popen(preprocess_command(*argv, "--out", str(out)), env=quiet_env(), start_new_session=True,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (out.exists() and any(n.endswith(".h5") for n in os.listdir(out))):
+        time.sleep(0.002)
+    os.killpg(process.pid, signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert err.strip() == ("preprocess: interrupted; finished shards are kept: run the same command again to pack the "
+                           "rest"), err
+    names = os.listdir(out)
+    assert not half_written(out) and "dataset.json" not in names and any(n.endswith(".h5") for n in names)
+    assert main([*argv, "--out", str(out)]) == 0
+    assert main(["verify", str(out)]) == 0
+
 def test_two_workers_and_two_array_tasks_give_the_same_data_set(tree, tmp_path):
     base = ["folder", "--train", str(tree / "train"), "--val", str(tree / "val")] + PACK
     assert main([*base, "--out", str(tmp_path / "one")]) == 0

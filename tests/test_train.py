@@ -200,14 +200,16 @@ def _wait_for_checkpoint_then(proc, folder, action, timeout=60):
     action()
 
 
-def test_sigterm_checkpoints_and_the_run_resumes(data, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])   # SIGINT: ctrl-c at an interactive run
+def test_sigterm_checkpoints_and_the_run_resumes(data, tmp_path, sig):
     run = str(tmp_path / "run")
     args = ["--data", data, "--global-batch", "16", "--epochs", "400", "--checkpoint-every", "2", "--out", run]
     proc = start_long_run(data, run, ranks=1)
-    _wait_for_checkpoint_then(proc, os.path.join(run, "checkpoints"), lambda: proc.send_signal(signal.SIGTERM))
+    _wait_for_checkpoint_then(proc, os.path.join(run, "checkpoints"), lambda: proc.send_signal(sig))
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 75, err
-    assert "checkpoint written, continue with --resume auto" in out
+    assert f"stopped by {sig.name} after step" in out and "checkpoint written, continue with --resume auto" in out
+    assert "Traceback" not in err
     stopped_at = max(int(f[5:13]) for f in os.listdir(os.path.join(run, "checkpoints")))
     result = train(args[:-1] + [run, "--resume", "auto", "--max-steps", str(stopped_at + 3)])
     assert f"resuming at step {stopped_at}" in result.stdout
