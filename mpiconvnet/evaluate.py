@@ -15,7 +15,7 @@ import sys
 
 from mpiconvnet import checkpoint, distributed
 from mpiconvnet.config import from_dict
-from mpiconvnet.data.shards import DatasetError, ShardedDataset
+from mpiconvnet.data.shards import SPLITS, DatasetError, ShardedDataset
 from mpiconvnet.evaluation import evaluate
 from mpiconvnet.models import ModelError, build_model
 
@@ -24,7 +24,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m mpiconvnet.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="data set directory written by python -m preprocess")
     p.add_argument("--checkpoint", required=True, help="checkpoint file, or a run directory (newest checkpoint)")
-    p.add_argument("--split", default="val", help="split to score (default val)")
+    p.add_argument("--split", default="val", choices=SPLITS, help="split to score (default val)")
     p.add_argument("--crops", type=int, choices=(1, 10), default=1, help="centre crop, or 10 crops averaged")
     p.add_argument("--batch", type=int, default=64, help="images per rank per batch")
     p.add_argument("--backend", choices=("numpy", "cuda"), default=None, help="default: the training run's")

@@ -228,8 +228,12 @@ def pack(args, gather):
             raise InputError("no classes found; check --train")
         plan = make_plan(args, classes, class_names, splits)
         # only now: bad inputs must leave no empty --out folder behind
-        os.makedirs(out_dir, exist_ok=True)
-        record_plan(out_dir, plan)
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            record_plan(out_dir, plan)
+        except OSError as error:
+            raise InputError(f"cannot write under --out {out_dir}: {describe_os_error(error, out_dir)}; choose a "
+                             f"writable directory with space for the shards") from None
         return plan, splits
 
     try:
@@ -293,10 +297,11 @@ def remove_unfinished(out_dir, tasks):
             os.remove(path)
 
 
-def describe_os_error(error):
-    """'No space left on device', with the file when the error names one (h5py's do not)."""
+def describe_os_error(error, named=None):
+    """'No space left on device', with the file when the error names one (h5py's do not)
+    other than `named`, which the message names already."""
     reason = os.strerror(error.errno) if error.errno else str(error)
-    return f"{error.filename}: {reason}" if error.filename else reason
+    return f"{error.filename}: {reason}" if error.filename and error.filename != named else reason
 
 
 def report(index, out_dir, processed, seconds, strict):

@@ -86,6 +86,11 @@ def test_bad_flags_are_one_line_errors(tree, tmp_path, capsys):
     assert "--rank 2 --size 2" in capsys.readouterr().err
     assert main([*base, "--format", "jpeg", "--quality", "0"]) == 2
     assert "--quality 0" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")
+    out = tmp_path / "a-file" / "out"    # cannot be created, even by root
+    assert main(["folder", "--train", str(tree / "train"), "--out", str(out)] + PACK) == 2
+    assert capsys.readouterr().err == (f"preprocess: cannot write under --out {out}: Not a directory; choose a "
+                                       f"writable directory with space for the shards\n")
 
 
 def test_squash_keeps_the_whole_picture(tmp_path):
