@@ -24,6 +24,9 @@
 #                         PIP_INDEX_URL / pip.conf or else pypi.org, does not answer)
 #   CUDA_WHEELS=cu12|cu13 which nvidia-* wheels to install if the libraries are missing (cu12)
 #   SKIP_BENCH=1          skip the benchmark
+#   PROFILE=1             also profile alexnet-owt TF32, the case short of PyTorch
+#                         (docs/benchmarks.md): host time at batch 8 (--host-profile, cProfile)
+#                         and GPU kernels at batch 128 (--profile, torch.profiler)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -234,13 +237,20 @@ if [ -z "${SKIP_BENCH:-}" ]; then
         step bench-$model-fp32 "$PY" -m mpiconvnet.bench step --model $model --batch 128 --backend cuda --json
         step bench-$model-tf32 "$PY" -m mpiconvnet.bench step --model $model --batch 128 --backend cuda --tf32 --json
     done
+    if [ -n "${PROFILE:-}" ]; then
+        step profile-host-owt-tf32 "$PY" -m mpiconvnet.bench step --model alexnet-owt --batch 8 --backend cuda --tf32 \
+            --host-profile
+        step profile-gpu-owt-tf32 "$PY" -m mpiconvnet.bench step --model alexnet-owt --batch 128 --backend cuda --tf32 \
+            --profile
+    fi
 fi
 
 {
     echo ""
     echo "## machine"; echo '```'; cat "$OUT/machine.log"; echo '```'
     echo "## libraries"; echo '```'; cat "$OUT/cuda-libraries.log" 2>/dev/null; echo '```'
-    for name in cuda-tests bench-alexnet-fp32 bench-alexnet-tf32 bench-alexnet-owt-fp32 bench-alexnet-owt-tf32; do
+    for name in cuda-tests bench-alexnet-fp32 bench-alexnet-tf32 bench-alexnet-owt-fp32 bench-alexnet-owt-tf32 \
+                profile-host-owt-tf32 profile-gpu-owt-tf32; do
         [ -f "$OUT/$name.log" ] || continue
         echo "## $name (last 40 lines)"; echo '```'; tail -n 40 "$OUT/$name.log"; echo '```'
     done
