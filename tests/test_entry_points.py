@@ -124,6 +124,16 @@ def test_bench_step_on_cuda_without_pycuda_is_one_line_and_exit_2():
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+def test_bench_preprocess_reports_both_pipelines_and_the_scaling():
+    result = run("mpiconvnet.bench", "preprocess", "--images", "40", "--repeats", "1", "--shard-size", "10")
+    assert result.returncode == 0, result.stderr
+    rows = {line[:22].strip(): line[22:].split() for line in result.stdout.splitlines()
+            if line.startswith(("naive Pillow", "ours, "))}
+    assert sorted(rows) == ["naive Pillow, 1 core", "ours, 1 worker(s)", "ours, 2 worker(s)"], result.stdout
+    assert rows["naive Pillow, 1 core"][3] == "1.00" and all(len(row) == 7 for row in rows.values())
+    assert "speed-up 1 -> 2 workers (wall):" in result.stdout and "cores were busy" in result.stdout
+    assert "target ours/naive per core >= 1.5 (wall, 1 worker):" in result.stdout
+
 @pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(sys.executable), "mpiexec")),
                     reason="no mpiexec next to this Python")
 def test_bench_scaling_reports_the_ratio_and_the_control_without_communication():

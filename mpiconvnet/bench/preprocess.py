@@ -159,7 +159,12 @@ def main(argv):
         if 1 in worker_counts:
             for workers in worker_counts:
                 if workers > 1:
-                    print(f"speed-up 1 -> {workers} workers (wall): {wall[1] / wall[workers]:.2f}x (ideal {workers}x)")
+                    # CPU time over the cores' wall time: what the workers left idle (start-up,
+                    # the last shards' publishing, the index), or lost to other load
+                    busy = cpu[workers] / (wall[workers] * min(workers, os.cpu_count() or 1))
+                    print(f"speed-up 1 -> {workers} workers (wall): {wall[1] / wall[workers]:.2f}x (ideal {workers}x); "
+                          f"the {workers} cores were busy {100 * busy:.0f} % of the time, and the work grew "
+                          f"{cpu[workers] / cpu[1]:.2f}x in CPU seconds")
             ratio = n / wall[1] / naive_wall
             print(f"target ours/naive per core >= 1.5 (wall, 1 worker): {ratio:.2f} "
                   f"{'met' if ratio >= 1.5 else 'NOT met'}; per CPU-second: {n / cpu[1] / naive_cpu:.2f}")
