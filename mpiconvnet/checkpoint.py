@@ -71,7 +71,10 @@ def save(run_dir, step, params, velocity, meta, keep):
 
 
 def _write(tmp, params, velocity, meta):
-    f = h5py.File(tmp, "w")
+    # no HDF5 file locks, here or in load(): a checkpoint is only ever read once renamed
+    # into place, and locking fails outright on file systems without flock (some Lustre
+    # and NFS mounts), which would stop every resume there
+    f = h5py.File(tmp, "w", locking=False)
     try:
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["meta"] = json.dumps(meta, sort_keys=True)
@@ -103,7 +106,7 @@ def load(path):
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} not found")
     try:
-        with h5py.File(path, "r") as f:
+        with h5py.File(path, "r", locking=False) as f:
             version = int(f.attrs.get("format_version", -1))
             if version != FORMAT_VERSION:
                 raise CheckpointError(f"checkpoint {path} has format version {version}, this mpiconvnet reads "
