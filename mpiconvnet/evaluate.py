@@ -71,6 +71,10 @@ def main(argv=None):
         print(f"mpiconvnet.evaluate: rank {world.rank}: {e}", file=sys.stderr, flush=True)
         world.abort(2)
         return 2
+    except KeyboardInterrupt:   # ctrl-c: one line, not a traceback per rank
+        world.print("mpiconvnet.evaluate: interrupted", file=sys.stderr)
+        world.abort(130)
+        return 130
     result.update(checkpoint=path, step=meta["step"], split=args.split, crops=args.crops, model=cfg.model)
     if world.is_root:
         if args.json:

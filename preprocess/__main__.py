@@ -49,7 +49,11 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:   # ctrl-c outside the packing loop, which says more itself
+        print(f"preprocess {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
