@@ -27,8 +27,8 @@ import tarfile
 
 import numpy as np
 
-from preprocess.sources import (ArchiveInputs, InputError, basename, files_in_class_folders, list_class_folders,
-                                nested_tar_members, sorted_inputs, tar_members, FileInputs)
+from preprocess.sources import (ArchiveInputs, FileInputs, InputError, basename, files_in_class_folders,
+                                list_class_folders, nested_tar_members, sorted_inputs, tar_files_members, tar_members)
 
 META_FILE = "meta.mat"
 GROUND_TRUTH_FILE = "ILSVRC2012_validation_ground_truth.txt"
@@ -51,16 +51,17 @@ def wnid_of(inner_name):
     return name[:-4] if name.endswith(".tar") else name
 
 
-def train_inputs(path):
-    """(sorted wnids, inputs) for --train; names are 'WNID/FILE' in every form."""
+def train_inputs(path, workers=1):
+    """(sorted wnids, inputs) for --train; names are 'WNID/FILE' in every form. The class
+    tars are indexed by `workers` processes."""
     if os.path.isfile(path):
-        per_class = {wnid_of(inner): members for inner, members in nested_tar_members(path)}
+        per_class = {wnid_of(inner): members for inner, members in nested_tar_members(path, workers)}
         archives = [path]
         ids = None
     elif os.path.isdir(path) and any(e.name.endswith(".tar") and e.is_file() for e in os.scandir(path)):
         inner_tars = sorted(e.name for e in os.scandir(path) if e.name.endswith(".tar") and e.is_file())
         archives = [os.path.join(path, name) for name in inner_tars]
-        per_class = {wnid_of(name): list(tar_members(archive)) for name, archive in zip(inner_tars, archives)}
+        per_class = {wnid_of(name): members for name, members in zip(inner_tars, tar_files_members(archives, workers))}
         ids = {wnid_of(name): k for k, name in enumerate(inner_tars)}
     elif os.path.isdir(path):
         classes = list_class_folders(path)
@@ -184,7 +185,7 @@ def val_inputs(path, classes, devkit_labels):
 
 def gather(args):
     """(classes, class_names, {split: inputs}) for the imagenet command."""
-    classes, train = train_inputs(args.train)
+    classes, train = train_inputs(args.train, args.workers)
     devkit = {}
 
     def devkit_contents():

@@ -7,10 +7,11 @@ shards whether they come from a folder tree or from the original archives.
 Archives are never extracted: one pass over the tar headers records each member's byte
 offset and size, and images are then read with pread() at those offsets, from any worker
 in any order. Tars inside a tar (ImageNet's train archive holds one tar per class) are
-indexed the same way, offsets added up. Member names are only ever used as labels and
-source names, never as paths on disk.
+indexed the same way, offsets added up, by --workers processes at once. Member names are
+only ever used as labels and source names, never as paths on disk.
 """
 import os
+import sys
 import tarfile
 from collections import OrderedDict
 
@@ -129,31 +130,138 @@ def files_in_class_folders(root, classes, class_index):
 
 
 def tar_members(path, fileobj=None, base=0):
-    """(name, absolute data offset, size) of every regular file in an uncompressed tar.
+    """[(name, absolute data offset, size), ...] of every regular file in an uncompressed tar.
 
     Non-regular members (directories, links, devices) are left out: a link's target is a
     name chosen by whoever made the archive, and following it would turn names into paths.
+    Plain ustar/GNU headers (ImageNet's) are parsed here, 11 us a member against tarfile's
+    30; an archive with anything else (pax or GNU long-name records, sparse files, a short
+    read) is read by tarfile from the start, which then decides. A damaged header after
+    the first is an error here, where tarfile would silently end the archive there.
     """
     try:
+        if fileobj is None:
+            with open(path, "rb") as stream:
+                return _plain_tar_members(stream, base)
+        return _plain_tar_members(fileobj, base)
+    except _NotPlain:
+        return _tarfile_members(path, fileobj, base)
+    except _DamagedHeader as error:
+        where = path if fileobj is None else f"{path} (inner archive at byte {base})"
+        raise InputError(f"{where}: the tar header at byte {error.args[0]} is damaged (bad checksum), so the members "
+                         f"after it cannot be found; copy or download the archive again") from None
+    except OSError as error:
+        raise InputError(f"{path} cannot be read ({error.strerror or error}); check the path") from None
+
+
+def _tarfile_members(path, fileobj=None, base=0):
+    if fileobj is not None:
+        fileobj.seek(0)
+    try:
         with tarfile.open(path if fileobj is None else None, mode="r:", fileobj=fileobj) as archive:
-            for member in archive:
-                if member.isreg():
-                    yield member.name, base + member.offset_data, member.size
+            return [(member.name, base + member.offset_data, member.size) for member in archive if member.isreg()]
     except tarfile.ReadError as error:
         where = path if fileobj is None else f"{path} (inner archive)"
         raise InputError(f"{where} is not an uncompressed tar archive ({error}); pass the original "
                          f".tar or the extracted folder") from None
 
 
-def nested_tar_members(path):
-    """(inner tar name, [(member name, absolute offset, size), ...]) for a tar of tars.
-    Members that are not .tar files (a stray README) are not classes and are passed over."""
+class _NotPlain(Exception):
+    """A tar header the fast path leaves to tarfile."""
+
+
+class _DamagedHeader(Exception):
+    """A header with a wrong checksum after the first: the archive is damaged."""
+
+
+BLOCK = 512
+_REGULAR = (b"0", b"\0", b"7")             # tarfile's REGULAR_TYPES, less GNU sparse files
+_EMPTY_KINDS = (b"1", b"2", b"3", b"4", b"5", b"6")   # links, devices, directories, fifos: no data
+
+
+def _plain_tar_members(stream, base):
+    """tarfile's answer for archives of plain headers, or _NotPlain (see tar_members)."""
+    encoding = sys.getfilesystemencoding()
+    found, position = [], 0
+    while True:
+        stream.seek(position)
+        header = stream.read(BLOCK)
+        if len(header) != BLOCK:
+            raise _NotPlain()
+        if not any(header):
+            return found          # the end-of-archive block
+        kind, size_field = header[156:157], header[124:136]
+        if (kind not in _REGULAR and kind not in _EMPTY_KINDS) or size_field[0] & 0x80:
+            raise _NotPlain()     # extension records, sparse files, base-256 sizes
+        try:
+            checksum, size = _octal(header[148:156]), _octal(size_field)
+        except ValueError:
+            raise _NotPlain() from None
+        # the checksum counts its own field as spaces; tarfile accepts signed or unsigned bytes
+        unsigned = sum(header) - sum(header[148:156]) + 8 * 32
+        if checksum != unsigned and checksum != unsigned - 256 * sum(b >= 128 for b in header[:148] + header[156:]):
+            if position == 0:
+                raise _NotPlain()   # not a tar at all: tarfile says so
+            # tarfile would take this for the end of the archive and drop every member after it
+            raise _DamagedHeader(position)
+        name = _text(header[0:100], encoding)
+        if kind == b"\0" and name.endswith("/"):
+            kind = b"5"           # an old-style directory
+        if kind in _EMPTY_KINDS:
+            if size:
+                raise _NotPlain()
+            position += BLOCK
+            continue
+        prefix = _text(header[345:500], encoding)
+        found.append((f"{prefix}/{name}" if prefix else name, base + position + BLOCK, size))
+        position += BLOCK + -(-size // BLOCK) * BLOCK
+
+
+def _octal(field):
+    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+
+
+def _text(field, encoding):
+    return field.split(b"\0", 1)[0].decode(encoding, "surrogateescape")
+
+
+def nested_tar_members(path, workers=1):
+    """[(inner tar name, [(member name, absolute offset, size), ...]), ...] for a tar of
+    tars, the inner tars indexed by `workers` processes at once. Members that are not .tar
+    files (a stray README) are not classes and are passed over."""
+    inner = [(name, offset, size) for name, offset, size in tar_members(path) if name.endswith(".tar")]
+    members = map_in_processes(_inner_tar_members, [(path, offset, size) for _, offset, size in inner], workers)
+    return [(name, found) for (name, _, _), found in zip(inner, members)]
+
+
+def _inner_tar_members(task):
+    path, offset, size = task
     with open(path, "rb") as stream:
-        for inner_name, offset, size in list(tar_members(path)):
-            if not inner_name.endswith(".tar"):
-                continue
-            window = ByteWindow(stream, offset, size)
-            yield inner_name, list(tar_members(path, fileobj=window, base=offset))
+        return list(tar_members(path, fileobj=ByteWindow(stream, offset, size), base=offset))
+
+
+def tar_files_members(paths, workers=1):
+    """[tar_members(path) as a list, ...] for many tars, indexed by `workers` processes."""
+    return map_in_processes(_tar_file_members, paths, workers)
+
+
+def _tar_file_members(path):
+    return list(tar_members(path))
+
+
+def map_in_processes(function, items, workers):
+    """[function(item) for item in items], by `workers` processes when there are several.
+
+    Indexing ImageNet's train tar reads 1.28 M headers spread over 138 GB: ~30 us of
+    tarfile's parsing each, more where every header is a cold read (~80 us here, more on
+    a parallel file system), and the planning that needs them runs before any packing,
+    so done serially it would cost as much as the packing itself on a many-core node.
+    """
+    if workers <= 1 or len(items) <= 1:
+        return [function(item) for item in items]
+    from preprocess.parallel import worker_context
+    with worker_context().Pool(min(workers, len(items))) as pool:
+        return pool.map(function, items, chunksize=1)
 
 
 class ByteWindow:

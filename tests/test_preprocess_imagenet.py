@@ -52,8 +52,9 @@ def extract_like_a_user(release, folders):
 
 def test_archives_and_folders_give_identical_shards(release, tmp_path):
     from_tars = tmp_path / "from-tars"
+    # --workers 2 here and for the class tars below: they are indexed by 2 processes
     assert main(["imagenet", "--train", str(release / "ILSVRC2012_img_train.tar"),
-                 "--val", str(release / "ILSVRC2012_img_val.tar"),
+                 "--val", str(release / "ILSVRC2012_img_val.tar"), "--workers", "2",
                  "--devkit", str(release / "ILSVRC2012_devkit_t12.tar.gz"), "--out", str(from_tars)] + PACK) == 0
     train, val, devkit = extract_like_a_user(release, tmp_path / "extracted")
     from_folders = tmp_path / "from-folders"
@@ -67,7 +68,7 @@ def test_archives_and_folders_give_identical_shards(release, tmp_path):
             (inner_tars / member.name).write_bytes(outer.extractfile(member).read())
     from_inner = tmp_path / "from-inner-tars"
     assert main(["imagenet", "--train", str(inner_tars), "--val", str(val), "--devkit", str(devkit),
-                 "--out", str(from_inner)] + PACK) == 0
+                 "--out", str(from_inner), "--workers", "2"] + PACK) == 0
     a, b, c = (json.loads((d / "dataset.json").read_text()) for d in (from_tars, from_folders, from_inner))
     assert a == b == c          # includes every shard file's sha256
     assert a["splits"]["train"]["num_images"] == 40 and a["splits"]["val"]["num_images"] == 12
@@ -168,3 +169,62 @@ def test_archive_reads_stay_within_the_open_file_budget(tmp_path, monkeypatch):
     for k in [0, 1, 2, 3, 4, 0, 4, 2]:
         assert inputs.read(k) == contents[k]
         assert len(inputs._fds) <= 2
+
+
+def make_tar(path, tar_format, entries):
+    """entries: (kind, name, size) with kind file, dir, symlink or hardlink (to the first entry)."""
+    with tarfile.open(path, "w", format=tar_format) as archive:
+        for kind, name, size in entries:
+            info = tarfile.TarInfo(name)
+            info.size = size if kind == "file" else 0
+            info.type = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE,
+                         "hardlink": tarfile.LNKTYPE}[kind]
+            info.linkname = entries[0][1] if kind != "file" else ""
+            archive.addfile(info, io.BytesIO(bytes(range(256)) * (size // 256 + 1)) if kind == "file" else None)
+
+
+PLAIN = [("file", "n1_1.JPEG", 1000), ("dir", "sub", 0), ("file", "sub/n1_2.JPEG", 0), ("symlink", "link", 0),
+         ("hardlink", "hard", 0), ("file", "n1_3.JPEG", 512), ("file", "d" * 90 + "/" + "n" * 90 + ".JPEG", 7)]
+
+
+@pytest.mark.parametrize("tar_format, entries, fast", [
+    (tarfile.GNU_FORMAT, PLAIN[:-1], True),             # ImageNet's kind of archive
+    (tarfile.USTAR_FORMAT, PLAIN, True),                # a long name split into prefix and name
+    (tarfile.GNU_FORMAT, PLAIN, False),                 # a long name: a GNU 'L' record
+    (tarfile.PAX_FORMAT, PLAIN + [("file", "é.JPEG", 3)], False),   # pax records
+])
+def test_tar_headers_read_here_match_tarfile(tmp_path, monkeypatch, tar_format, entries, fast):
+    from preprocess import sources
+    path = str(tmp_path / "a.tar")
+    make_tar(path, tar_format, entries)
+    expected = sources._tarfile_members(path)
+    assert [name for name, _, _ in expected] == [name for kind, name, _ in entries if kind == "file"]
+    if fast:   # the plain headers never reach tarfile
+        monkeypatch.setattr(sources, "_tarfile_members", lambda *args: pytest.fail("fell back to tarfile"))
+    assert sources.tar_members(path) == expected
+
+
+def test_a_damaged_cut_or_foreign_tar_is_one_line_naming_it(tmp_path):
+    from preprocess import sources
+    path = tmp_path / "a.tar"
+    make_tar(str(path), tarfile.GNU_FORMAT, PLAIN[:2] + [("file", "n1_9.JPEG", 600)])
+    data = bytearray(path.read_bytes())
+    second = 512 + 1024 + 512          # the header after the first file's data and the directory
+    data[second + 10] ^= 0xFF           # a flipped byte: a bad checksum, which tarfile takes as the end
+    path.write_bytes(bytes(data))
+    assert [name for name, _, _ in sources._tarfile_members(str(path))] == ["n1_1.JPEG"]   # silently
+    with pytest.raises(sources.InputError, match=f"the tar header at byte {second} is damaged"):
+        sources.tar_members(str(path))
+    path.write_bytes(bytes(data[:700]))  # cut inside the first file's data: tarfile refuses it
+    with pytest.raises(sources.InputError, match="unexpected end of data"):
+        sources.tar_members(str(path))
+    path.write_bytes(b"not a tar at all" * 100)
+    with pytest.raises(sources.InputError, match="is not an uncompressed tar archive"):
+        sources.tar_members(str(path))
+
+
+def test_class_tars_indexed_by_two_processes_as_by_one(release):
+    from preprocess.sources import nested_tar_members
+    path = str(release / "ILSVRC2012_img_train.tar")
+    one = nested_tar_members(path, workers=1)
+    assert nested_tar_members(path, workers=2) == one and len(one) == 4 and all(len(m) == 10 for _, m in one)
