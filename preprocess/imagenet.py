@@ -164,7 +164,7 @@ def label_by_number(names, labels_by_line, path):
 def val_inputs(path, classes, devkit_labels):
     """Inputs for --val; devkit_labels() gives labels by ground-truth line (only called if needed)."""
     if os.path.isfile(path):
-        members = list(tar_members(path))
+        members = tar_members(path)
         names = [basename(m) for m, _, _ in members]
         labels = label_by_number(names, devkit_labels(), path)
         return archive_inputs(names, labels, [path], [0] * len(names), [o for _, o, _ in members],

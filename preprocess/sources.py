@@ -153,9 +153,8 @@ def tar_members(path, fileobj=None, base=0):
     except _NotPlain:
         return _tarfile_members(path, fileobj, base)
     except _DamagedHeader as error:
-        where = path if fileobj is None else f"{path} (inner archive at byte {base})"
-        raise InputError(f"{where}: the tar header at byte {error.args[0]} is damaged (bad checksum), so the members "
-                         f"after it cannot be found; copy or download the archive again") from None
+        raise InputError(f"{path}: the tar header at byte {base + error.args[0]} is damaged (bad checksum), so the "
+                         f"members after it cannot be found; copy or download the archive again") from None
     except OSError as error:
         raise InputError(f"{path} cannot be read ({error.strerror or error}); check the path") from None
 
@@ -243,16 +242,12 @@ def nested_tar_members(path, workers=1):
 def _inner_tar_members(task):
     path, offset, size = task
     with open(path, "rb") as stream:
-        return list(tar_members(path, fileobj=ByteWindow(stream, offset, size), base=offset))
+        return tar_members(path, fileobj=ByteWindow(stream, offset, size), base=offset)
 
 
 def tar_files_members(paths, workers=1):
-    """[tar_members(path) as a list, ...] for many tars, indexed by `workers` processes."""
-    return map_in_processes(_tar_file_members, paths, workers)
-
-
-def _tar_file_members(path):
-    return list(tar_members(path))
+    """[tar_members(path), ...] for many tars, indexed by `workers` processes."""
+    return map_in_processes(tar_members, paths, workers)
 
 
 def map_in_processes(function, items, workers):
