@@ -191,11 +191,20 @@ def rank_pids(proc):
     return ranks
 
 
-def _wait_for_checkpoint_then(proc, folder, action, timeout=60):
+def _wait_for_checkpoint_then(proc, folder, action, timeout=120):
+    """action() once the run has written a checkpoint. A run that writes none in time is
+    stopped (mpiexec passes SIGTERM on to its ranks) rather than left training after the
+    test, where it would slow every test after it."""
     deadline = time.monotonic() + timeout
     while not (os.path.isdir(folder) and os.listdir(folder)):
         assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "no checkpoint appeared"
+        if time.monotonic() > deadline:
+            proc.terminate()
+            try:
+                proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            pytest.fail(f"no checkpoint appeared in {folder} within {timeout} s")
         time.sleep(0.1)
     action()
 
