@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from tests.test_train import (ENV, MPIEXEC, PYTHON, TINY, _is_descendant, _wait_for_checkpoint_then,
-                              assert_same_state, hung, evaluations, needs_mpiexec, params_at,
-                              remove_leftover_mpich_segments, train, visible_gpus)  # noqa: F401 (a fixture)
+                              assert_same_state, hung, evaluations, needs_mpiexec, params_at, train, visible_gpus)
 from tests.data_fixtures import write_tiny_dataset
 
 pytestmark = [pytest.mark.mpi, needs_mpiexec]

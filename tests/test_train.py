@@ -1,7 +1,6 @@
 """python -m mpiconvnet.train as users run it: one process and mpiexec -n 2, resume,
 signals, failures, bad input. Every run is a subprocess, so MPI starts fresh each time."""
 import contextlib
-import glob
 import json
 import os
 import signal
@@ -20,20 +19,6 @@ MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 needs_mpiexec = pytest.mark.skipif(not os.path.exists(MPIEXEC), reason=f"no mpiexec next to {sys.executable}")
 ENV = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 TINY = ["--model", "alexnet-mini", "--workers", "0", "--progress", "false", "--log-every", "1"]
-
-
-@pytest.fixture(autouse=True)
-def remove_leftover_mpich_segments():
-    """Ranks killed or aborted by these tests leave MPICH's shared-memory segment behind
-    (/dev/shm/mpich_shm_*): remove the ones that appeared during the test, whose
-    processes are gone by the time it ends, so repeated runs do not fill /dev/shm."""
-    before = set(glob.glob("/dev/shm/mpich_shm_*"))
-    yield
-    for path in set(glob.glob("/dev/shm/mpich_shm_*")) - before:
-        try:
-            os.remove(path)
-        except OSError:
-            pass
 
 
 @pytest.fixture(scope="module")
