@@ -61,6 +61,7 @@ def test_evaluate_names_a_shard_truncated_after_packing(trained, tmp_path):
     assert len(lines) == 1 and lines[0].startswith(f"mpiconvnet.evaluate: rank 0: {path} is not a readable"), \
         result.stderr
 
+
 def test_evaluate_refuses_a_data_set_with_other_classes(trained, tmp_path):
     _, run_dir = trained
     other = write_tiny_dataset(str(tmp_path / "other"), 16, 8, 7, 64)
@@ -85,6 +86,7 @@ def test_plot_on_a_full_disk_is_one_line_and_leaves_nothing(trained, tmp_path):
     assert result.stderr.strip() == (f"mpiconvnet.plot: cannot write {out}: No space left on device; free space or "
                                      f"fix permissions there, or give --out")
     assert os.listdir(tmp_path) == []
+
 
 def test_plot_names_a_directory_without_metrics(tmp_path):
     result = run("mpiconvnet.plot", str(tmp_path))
@@ -133,6 +135,7 @@ def test_bench_preprocess_reports_both_pipelines_and_the_scaling():
     assert rows["naive Pillow, 1 core"][3] == "1.00" and all(len(row) == 7 for row in rows.values())
     assert "speed-up 1 -> 2 workers (wall):" in result.stdout and "cores were busy" in result.stdout
     assert "target ours/naive per core >= 1.5 (wall, 1 worker):" in result.stdout
+
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(sys.executable), "mpiexec")),
                     reason="no mpiexec next to this Python")

@@ -214,6 +214,7 @@ def test_ctrl_c_is_one_line_keeps_finished_shards_and_the_same_command_finishes(
     assert main([*argv, "--out", str(out)]) == 0
     assert main(["verify", str(out)]) == 0
 
+
 def test_two_workers_and_two_array_tasks_give_the_same_data_set(tree, tmp_path):
     base = ["folder", "--train", str(tree / "train"), "--val", str(tree / "val")] + PACK
     assert main([*base, "--out", str(tmp_path / "one")]) == 0
@@ -224,7 +225,6 @@ def test_two_workers_and_two_array_tasks_give_the_same_data_set(tree, tmp_path):
     one = (tmp_path / "one" / "dataset.json").read_text()
     assert one == (tmp_path / "two" / "dataset.json").read_text()
     assert one == (tmp_path / "array" / "dataset.json").read_text()
-
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
@@ -257,6 +257,7 @@ def test_a_full_disk_is_one_line_and_the_same_command_then_finishes(tree, tmp_pa
     assert main(["verify", str(out)]) == 0
     assert main([*base, "--out", str(tmp_path / "reference")]) == 0
     assert (out / "dataset.json").read_text() == (tmp_path / "reference" / "dataset.json").read_text()
+
 
 @pytest.mark.mpi
 def test_mpiexec_two_ranks_give_the_same_data_set(tree, tmp_path):

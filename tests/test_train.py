@@ -335,6 +335,7 @@ def test_a_shard_broken_after_packing_is_one_line_and_exit_2(tmp_path):
     assert len(lines) == 1 and lines[0].startswith(f"mpiconvnet.train: rank 0: {path}: image 3 does not decode"), \
         result.stderr
 
+
 @pytest.mark.parametrize("args, message", [
     (["--global-batch", "16", "--bogus", "1"], "unknown flag --bogus"),
     (["--global-batch", "sixteen"], "--global-batch expects int, got 'sixteen'"),
