@@ -2,6 +2,7 @@
 
     python -m mpiconvnet.bench preprocess
     python -m mpiconvnet.bench preprocess --images 1200 --image-size 256 --workers 1,2 --repeats 3
+    python -m mpiconvnet.bench preprocess --workers 1,4,16      # a many-core node: 9,600 images
 
 A fixed synthetic set of ~500x375 JPEGs (ImageNet's typical size, seeded) is packed into
 S x S raw shards by
@@ -111,11 +112,12 @@ def decode_stage(paths, size, repeats):
 def main(argv):
     parser = argparse.ArgumentParser(prog="python -m mpiconvnet.bench preprocess", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=1200,
-                        help="synthetic JPEGs to pack (default 1200: 6 shards, so that what a packing run pays "
-                             "once -- planning, the index, the last shard's hash and fsync, which nothing "
-                             "overlaps -- weighs ~2 %% per image, not the ~5 %% it did with 400; on ImageNet "
-                             "it weighs nothing)")
+    parser.add_argument("--images", type=int, default=None,
+                        help="synthetic JPEGs to pack (default 1200, or 3 shards per worker of the largest "
+                             "--workers count if that is more, so that every worker has shards to pack: with "
+                             "1,200, what a packing run pays once -- planning, the index, the last shard's hash "
+                             "and fsync, which nothing overlaps -- weighs ~2 %% per image; on ImageNet it weighs "
+                             "nothing)")
     parser.add_argument("--image-size", type=int, default=256, help="S (default 256)")
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts (default 1,2)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions; best kept (default 3)")
@@ -125,6 +127,8 @@ def main(argv):
                              "preprocess's default of 1,024 than the 50 used before 11:55 UTC)")
     args = parser.parse_args(argv)
     worker_counts = [int(w) for w in args.workers.split(",")]
+    if args.images is None:
+        args.images = max(1200, 3 * max(worker_counts) * args.shard_size)
     scratch = tempfile.mkdtemp(prefix="bench-preprocess-")
     try:
         train = os.path.join(scratch, "train")
