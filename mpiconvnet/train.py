@@ -30,6 +30,8 @@ def check_before_work(cfg, world, train_set):
     was checked before the data set was opened)."""
     if not cfg.out:
         raise ConfigError("--out is required: the run directory for config, metrics and checkpoints")
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise ConfigError(f"--out {cfg.out} is a file; give the run directory (new, or a run's to resume)")
     if cfg.sync == "async" and world.size < 2:
         raise ConfigError("--sync async needs at least 2 ranks: rank 0 serves the weights, the others train "
                           "(mpirun -np 3 or more for several workers)")

@@ -343,6 +343,7 @@ def test_a_shard_broken_after_packing_is_one_line_and_exit_2(tmp_path):
     (["--data", "/nonexistent/shards"], "/nonexistent/shards/dataset.json not found"),
     (["--model", "alexnet"], "images are 64px, model alexnet crops 227px"),
     (["--resume", "/nonexistent.h5"], "--resume /nonexistent.h5: no such checkpoint"),
+    (["--out", "/dev/null"], "--out /dev/null is a file; give the run directory"),
 ])
 def test_bad_input_is_one_line_and_exit_2(data, tmp_path, args, message):
     base = ["--data", data, "--out", str(tmp_path / "run")]
