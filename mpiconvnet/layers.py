@@ -5,6 +5,8 @@ respect to its input and writes its parameter gradients into `grads` (arrays own
 the model, often views into a flat allreduce bucket). Layers never branch on the
 backend: `ops` is whichever backend module the model was built with.
 """
+import math
+
 import numpy as np
 
 
@@ -152,7 +154,7 @@ class Dropout(Layer):
             start, width = self.columns
             y, self.mask = self.ops.dropout_forward(x, self.p, ctx.seed, counter, start, row_stride=width)
             return y
-        per_sample = int(np.prod(x.shape[1:]))
+        per_sample = math.prod(x.shape[1:])
         y, self.mask = self.ops.dropout_forward(x, self.p, ctx.seed, counter, ctx.sample_offset * per_sample)
         return y
 

@@ -401,6 +401,100 @@ def test_device_buffer_interface():
     assert memory.HOST_MEMORY is False
 
 
+def _array(shape, dtype=np.float32, ptr=0x10000):
+    from mpiconvnet.backends.cuda.array import DeviceArray
+    memory = object()   # stands for the pool block every view must keep alive
+    return DeviceArray(tuple(shape), np.dtype(dtype), memory, ptr), memory
+
+
+def test_device_array_views_share_the_block_and_offset_the_address():
+    a, memory = _array((24,), np.float64)
+    assert (a.shape, a.size, a.nbytes, a.ndim, len(a)) == ((24,), 24, 192, 1, 24)
+    part = a[4:10]
+    assert (part.shape, part.ptr, part.memory) == ((6,), 0x10000 + 4 * 8, memory)
+    assert a[20:].shape == (4,) and a[-2:].ptr == 0x10000 + 22 * 8
+    assert a[5:5].shape == (0,) and a[5:5].ptr == 0      # an empty view points nowhere, as empty()
+    grid = part.reshape(2, 3)
+    assert (grid.shape, grid.ptr, grid.memory) == ((2, 3), part.ptr, memory)
+    assert a.reshape((2, -1, 3)).shape == (2, 4, 3) and a.reshape([24]).shape == (24,)
+    assert a.reshape(4, 6).reshape(4, -1).shape == (4, 6)
+    iface = grid.__cuda_array_interface__
+    assert iface["shape"] == (2, 3) and iface["data"] == (part.ptr, False) and iface["typestr"] == "<f8"
+
+
+@pytest.mark.parametrize("shape", [(5, 5), (-1, -1), (7, -1), (0, -1), (25, -1, 0)])
+def test_device_array_reshape_to_another_size_is_an_error(shape):
+    a, _ = _array((24,))
+    with pytest.raises(ValueError, match="reshape"):
+        a.reshape(shape)
+
+
+def test_device_array_indexes_only_1d_slices():
+    a, _ = _array((4, 6))
+    for index in (slice(0, 2), 3):
+        with pytest.raises(TypeError, match=r"x\[a:b\] views of 1-D arrays only"):
+            a[index]
+    b, _ = _array((6,))
+    with pytest.raises(TypeError, match="1-D arrays only"):
+        b[::2]
+
+
+def test_empty_arrays_hold_their_pool_block_until_the_last_view_is_gone(fake_backend):
+    cb, _ = fake_backend
+    cb.initialize(0, 1, False)
+    pool = context.get().pool.fake
+    a = cb.empty((3, 4), np.float32)
+    assert (type(a).__name__, a.shape, a.dtype, a.nbytes) == ("DeviceArray", (3, 4), np.float32, 48)
+    view = a.reshape(-1)[4:8]
+    address = a.ptr
+    del a
+    assert pool.is_live(address) and pool.is_live(view.ptr)
+    del view
+    assert not pool.is_live(address)
+    nothing = cb.zeros((0, 9216), np.float32)            # a rank with no evaluation images left
+    assert (nothing.shape, nothing.ptr, nothing.memory) == ((0, 9216), 0, None)
+    assert cb.empty(7, np.float64).shape == (7,) and cb.empty(np.int64(2), "f").shape == (2,)
+
+
+def test_float64_input_is_cast_on_the_host(fake_backend):
+    cb, _ = fake_backend
+    x = np.arange(6, dtype=np.float32).reshape(2, 3) / 4
+    cast = cb.to_device(x).astype(np.float64)
+    assert cast.dtype == np.float64 and cast.shape == (2, 3)
+    np.testing.assert_array_equal(cb.to_host(cast), x.astype(np.float64))
+    np.testing.assert_array_equal(cast.get(), x.astype(np.float64))
+
+
+class _FunctionWithoutLaunchKernel:
+    """A PyCUDA Function as an older PyCUDA might have it: prepare and prepared_async_call only."""
+
+    def __init__(self):
+        self.calls = []
+
+    def prepare(self, signature):
+        self.arg_format = signature
+
+    def prepared_async_call(self, grid, block, stream, *args):
+        self.calls.append((grid, block, stream, args))
+
+
+def test_kernel_packs_as_pycuda_does_and_falls_back_to_prepared_async_call(fake_backend):
+    cb, launches = fake_backend
+    cb.initialize(0, 1, False)
+    st = context.get()
+    kernel = st.kernel("scale", np.dtype(np.float32))
+    assert st.kernel("scale", np.dtype(np.float32)) is kernel and st.kernel("scale", np.float32).name == "scale_f32"
+    buffer = cb.empty((5,), np.float32)
+    kernel((1, 1), context.BLOCK, st.stream, buffer.ptr, 5, 0.5)
+    assert launches[-1] == "scale_f32"
+    with pytest.raises(Exception):   # struct.error: the signature says 3 arguments
+        kernel((1, 1), context.BLOCK, st.stream, buffer.ptr, 5)
+    old = _FunctionWithoutLaunchKernel()
+    fallback = context.Kernel("scale_f32", old, "PqF".replace("F", "f"))
+    fallback((2, 1), context.BLOCK, "stream", 1, 2, 3.0)
+    assert old.arg_format == "Pqf" and old.calls == [((2, 1), context.BLOCK, "stream", (1, 2, 3.0))]
+
+
 # --- the ctypes plumbing against stand-in libraries --------------------------------------------
 # A C compiler builds a fake libcublas / libcudnn with the real prototypes and struct
 # layouts (copied from cublas_api.h / cudnn_cnn.h) over host memory: the bindings' argument
@@ -536,7 +630,7 @@ def test_cudnn_bindings_read_perf_results_and_scalars(fake_libs):
     # alpha / beta: pointers to the scalar type cuDNN reads for the data type
     for dtype, scalar in ((np.float32, ctypes.c_float), (np.float64, ctypes.c_double)):
         one, zero = cudnn.scalars(np.dtype(dtype))
-        assert [ctypes.cast(cudnn.ptr(v), ctypes.POINTER(scalar)).contents.value for v in (one, zero)] == [1.0, 0.0]
+        assert [ctypes.cast(v, ctypes.POINTER(scalar)).contents.value for v in (one, zero)] == [1.0, 0.0]
     with pytest.raises(cudnn.CudnnError, match="cudnnSetStream failed with CUDNN_STATUS_BAD_PARAM"):
         cudnn.Handle(0x999)
     assert cudnn.Handle(0x1234).ptr is not None
@@ -620,43 +714,18 @@ def _fake_pycuda(launches):
     pool = _FakePool()
     allocate = pool.allocate
 
-    class GPUArray:
-        def __init__(self, shape, dtype, allocator=None, gpudata=None, base=None):
-            self.shape = tuple(int(s) for s in (shape if isinstance(shape, tuple) else (shape,)))
-            self.dtype = np.dtype(dtype)
-            self.size = int(np.prod(self.shape, dtype=np.int64))
-            self.nbytes = self.size * self.dtype.itemsize
-            self.gpudata = gpudata if gpudata is not None else (allocator or allocate)(self.nbytes)
-            self.base = base
-
-        @property
-        def ptr(self):
-            return int(self.gpudata)
-
-        def __getitem__(self, index):
-            assert isinstance(index, slice) and len(self.shape) == 1 and index.step is None
-            start, stop, _ = index.indices(self.shape[0])
-            return GPUArray((stop - start,), self.dtype, gpudata=self.ptr + start * self.dtype.itemsize, base=self)
-
-        def reshape(self, *shape):
-            shape = shape[0] if len(shape) == 1 and isinstance(shape[0], tuple) else shape
-            shape = list(shape)
-            if -1 in shape:
-                shape[shape.index(-1)] = self.size // -int(np.prod(shape))
-            assert int(np.prod(shape)) == self.size
-            return GPUArray(tuple(shape), self.dtype, gpudata=self.ptr, base=self)
-
     class Function:
         def __init__(self, name):
             self.name = name
 
         def prepare(self, fmt):
-            self.fmt = fmt
+            self.arg_format = fmt
 
-        def prepared_async_call(self, grid, block, stream, *args):
-            assert len(grid) == 2 and len(block) == 3 and isinstance(stream, Stream)
-            struct.pack(self.fmt, *args)  # wrong count or type raises struct.error
-            for kind, arg in zip(self.fmt, args):
+        def _launch_kernel(self, grid, block, arg_buffer, shared_size, stream):
+            # what the backend's Kernel hands PyCUDA's cuLaunchKernel wrapper
+            assert len(grid) == 2 and len(block) == 3 and shared_size == 0 and isinstance(stream, Stream)
+            args = struct.unpack(self.arg_format, arg_buffer)   # a buffer of the wrong size raises
+            for kind, arg in zip(self.arg_format, args):
                 assert kind != "P" or pool.is_live(int(arg)), \
                     f"{self.name}: a pointer argument points into memory already handed back to the pool"
             launches.append(self.name)
@@ -691,16 +760,16 @@ def _fake_pycuda(launches):
     drv.memset_d8_async = lambda dst, value, n, stream=None: ctypes.memset(int(dst), value, n)
     drv.pagelocked_empty = lambda shape, dtype: np.empty(shape, dtype)
     drv.module_from_file = lambda path: Module()
-    gpuarray = types.ModuleType("pycuda.gpuarray")
-    gpuarray.GPUArray = GPUArray
+    pvt_struct = types.ModuleType("pycuda._pvt_struct")
+    pvt_struct.pack = struct.pack   # a wrong argument count or type raises struct.error
     tools = types.ModuleType("pycuda.tools")
     tools.DeviceMemoryPool = lambda: types.SimpleNamespace(allocate=allocate, stop_holding=lambda: None, fake=pool)
     compiler = types.ModuleType("pycuda.compiler")
     compiler.DEFAULT_NVCC_FLAGS = []
     compiler.SourceModule = lambda source, **kwargs: Module()
     package = types.ModuleType("pycuda")
-    package.driver, package.gpuarray, package.tools, package.compiler = drv, gpuarray, tools, compiler
-    return {"pycuda": package, "pycuda.driver": drv, "pycuda.gpuarray": gpuarray, "pycuda.tools": tools,
+    package.driver, package._pvt_struct, package.tools, package.compiler = drv, pvt_struct, tools, compiler
+    return {"pycuda": package, "pycuda.driver": drv, "pycuda._pvt_struct": pvt_struct, "pycuda.tools": tools,
             "pycuda.compiler": compiler}
 
 

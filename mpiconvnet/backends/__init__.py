@@ -5,7 +5,7 @@ functions listed here, so they never branch on the backend. The NumPy backend
 (`numpy_backend.py`) is the definition of every op; the CUDA backend (`cuda/`) must give
 the same results within the tolerances in `tests/tolerances.py`.
 
-Arrays are the backend's own type (numpy.ndarray, or pycuda GPUArray). Layout is NCHW
+Arrays are the backend's own type (numpy.ndarray, or the CUDA backend's DeviceArray). Layout is NCHW
 for images and (N, features) for dense layers; the dtype of the inputs is kept
 (float32 for training, float64 for gradient checks).
 

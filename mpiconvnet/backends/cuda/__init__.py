@@ -1,7 +1,7 @@
 """The CUDA backend: PyCUDA memory and kernels, cuDNN and cuBLAS through ctypes.
 
 Same functions, signatures and semantics as the NumPy backend (the contract is in
-mpiconvnet/backends/__init__.py); arrays are pycuda GPUArrays in the same layouts, so a
+mpiconvnet/backends/__init__.py); arrays are DeviceArrays (array.py) in the same layouts, so a
 checkpoint written with one backend loads in the other through to_host / to_device.
 
 Importing this package touches no GPU and loads no CUDA library. The trainer calls

@@ -49,6 +49,7 @@ FLOAT32_ONLY = {"crop_flip_normalize"}
 # memory-bound, FMA would gain nothing
 NVCC_OPTIONS = ["--fmad=false"]
 THREADS = 256
+BLOCK = (THREADS, 1, 1)
 MAX_BLOCKS = 65535  # the kernels loop grid-stride, so capping the grid changes nothing
 
 
@@ -75,6 +76,34 @@ def launch_config(n, threads=THREADS):
     """(grid, block) for a grid-stride kernel over n items."""
     blocks = max(1, min((int(n) + threads - 1) // threads, MAX_BLOCKS))
     return (blocks, 1), (threads, 1, 1)
+
+
+class Kernel:
+    """A compiled kernel with its argument types, queued by `kernel(grid, block, stream, *args)`.
+
+    Packs the arguments as PyCUDA's prepared_async_call does (its struct format from
+    Function.prepare) and launches through the same cuLaunchKernel wrapper, without that
+    call's per-launch extras we do not use (a deprecated cuFuncSetBlockShape, keyword and
+    texture-reference handling): ~60 launches a step make that host time worth saving.
+    A PyCUDA without the private `_launch_kernel` gets prepared_async_call.
+    """
+    __slots__ = ("name", "_launch", "_format", "_pack")
+
+    def __init__(self, name, function, signature):
+        function.prepare(signature)
+        self.name = name
+        self._format = function.arg_format
+        if hasattr(function, "_launch_kernel"):
+            from pycuda._pvt_struct import pack
+            self._pack, self._launch = pack, function._launch_kernel
+        else:
+            self._pack, self._launch = None, function.prepared_async_call
+
+    def __call__(self, grid, block, stream, *args):
+        if self._pack is None:
+            self._launch(grid, block, stream, *args)
+        else:
+            self._launch(grid, block, self._pack(self._format, *args), 0, stream)
 
 
 class State:
@@ -105,7 +134,7 @@ class State:
         self.descriptors = {}    # cache of cuDNN descriptors by their arguments
         self.workspace = None    # one growing cuDNN workspace
         self._modules = {}
-        self._functions = {}
+        self._kernels = {}       # (name, dtype as given) -> Kernel
 
     def workspace_ptr(self, nbytes):
         """A device scratch buffer of at least nbytes (0 -> a null pointer)."""
@@ -114,24 +143,23 @@ class State:
         if self.workspace is None or self.workspace.size < nbytes:
             # the old buffer may still be read by queued work: the pool hands it out again
             # only to later allocations, whose work is queued after it on the same stream
-            from pycuda import gpuarray
-            self.workspace = gpuarray.GPUArray((int(nbytes),), np.uint8, allocator=self.pool.allocate)
+            from .memory import empty
+            self.workspace = empty((int(nbytes),), np.uint8)
         return self.workspace.ptr
 
-    def function(self, name, dtype):
-        """The prepared kernel `name` for dtype (float32 / float64), compiled on first use."""
-        dtype = np.dtype(dtype)
-        key = (name, dtype.char)
-        if key not in self._functions:
+    def kernel(self, name, dtype):
+        """The Kernel `name` for dtype (float32 / float64), compiled on first use."""
+        key = (name, dtype)
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            dtype = np.dtype(dtype)
             filename, signature = KERNELS[name]
             if dtype.char not in "fd" or (name in FLOAT32_ONLY and dtype.char != "f"):
                 raise TypeError(f"kernel {name} has no {dtype} variant")
-            module = self._module(filename)
             suffix = "_f32" if dtype.char == "f" else "_f64"
-            fn = module.get_function(name + suffix)
-            fn.prepare(signature.replace("F", dtype.char))
-            self._functions[key] = fn
-        return self._functions[key]
+            function = self._module(filename).get_function(name + suffix)
+            kernel = self._kernels[key] = Kernel(name + suffix, function, signature.replace("F", dtype.char))
+        return kernel
 
     def _module(self, filename):
         if filename not in self._modules:
@@ -139,15 +167,19 @@ class State:
         return self._modules[filename]
 
     def launch(self, name, dtype, n, *args):
-        """Queue kernel `name` over n items on the backend stream."""
+        """Queue kernel `name` over n items (grid-stride) on the backend stream."""
         grid, block = launch_config(n)
-        self.function(name, dtype).prepared_async_call(grid, block, self.stream, *args)
+        self.kernel(name, dtype)(grid, block, self.stream, *args)
+
+    def launch_grid(self, name, dtype, grid, *args):
+        """Queue kernel `name` on a grid of its own (blocks of THREADS threads)."""
+        self.kernel(name, dtype)(grid, BLOCK, self.stream, *args)
 
     def launch_warps(self, name, dtype, rows, *args):
         """Queue a one-warp-per-row kernel (loss.cu, sum_cols) over `rows` rows."""
         warps_per_block = THREADS // 32
         grid = ((int(rows) + warps_per_block - 1) // warps_per_block or 1, 1)
-        self.function(name, dtype).prepared_async_call(grid, (THREADS, 1, 1), self.stream, *args)
+        self.kernel(name, dtype)(grid, BLOCK, self.stream, *args)
 
     def set_tf32(self, enabled):
         self.tf32 = bool(enabled)

@@ -8,8 +8,7 @@ MPICONVNET_CUDNN_FIND=0 asks for the heuristic cudnnGet*_v7), so the search runs
 per layer shape, not once per step.
 """
 import ctypes
-
-import numpy as np
+import math
 
 from . import context, cudnn
 from .memory import empty
@@ -72,20 +71,19 @@ class ConvPlan:
 
 def _plan(x_shape, w_shape, stride, pad, groups, dtype):
     st = context.get()
-    x_shape, w_shape = tuple(int(s) for s in x_shape), tuple(int(s) for s in w_shape)
-    if len(x_shape) != 4 or len(w_shape) != 4:
-        raise ValueError(f"convolution needs 4-d x and w, got {x_shape} and {w_shape}")
-    if x_shape[1] != w_shape[1] * groups or w_shape[0] % groups:
-        raise ValueError(f"convolution: x {x_shape} and w {w_shape} do not fit groups={groups} "
-                         f"(need C == w.shape[1] * groups and K divisible by groups)")
-    key = ("conv", x_shape, w_shape, int(stride), int(pad), int(groups), dtype.char, st.tf32)
-    if key not in st.descriptors:
-        st.descriptors[key] = ConvPlan(st, x_shape, w_shape, int(stride), int(pad), int(groups), dtype)
-    return st, st.descriptors[key]
-
-
-def _void(array):
-    return ctypes.c_void_p(array.ptr)
+    # looked up every call (14 times a step): the key is built from the arguments as they
+    # come, and they are checked and normalised only when a new plan is made
+    key = ("conv", tuple(x_shape), tuple(w_shape), stride, pad, groups, dtype.char, st.tf32)
+    plan = st.descriptors.get(key)
+    if plan is None:
+        x_shape, w_shape = tuple(int(s) for s in x_shape), tuple(int(s) for s in w_shape)
+        if len(x_shape) != 4 or len(w_shape) != 4:
+            raise ValueError(f"convolution needs 4-d x and w, got {x_shape} and {w_shape}")
+        if x_shape[1] != w_shape[1] * groups or w_shape[0] % groups:
+            raise ValueError(f"convolution: x {x_shape} and w {w_shape} do not fit groups={groups} "
+                             f"(need C == w.shape[1] * groups and K divisible by groups)")
+        plan = st.descriptors[key] = ConvPlan(st, x_shape, w_shape, int(stride), int(pad), int(groups), dtype)
+    return st, plan
 
 
 def _same_dtype(*arrays):
@@ -102,16 +100,15 @@ def conv_forward(x, w, b, stride, pad, groups):
     algo, ws_bytes = plan.algorithm(st, "forward")
     y = empty(plan.y_shape, dtype)
     one, zero = cudnn.scalars(dtype)
-    cudnn.call("cudnnConvolutionForward", st.dnn.ptr, cudnn.ptr(one), plan.x.ptr, _void(x), plan.w.ptr, _void(w),
-               plan.conv["forward"].ptr, algo, ctypes.c_void_p(st.workspace_ptr(ws_bytes)), ws_bytes, cudnn.ptr(zero),
-               plan.y.ptr, _void(y))
+    cudnn.call("cudnnConvolutionForward", st.dnn.ptr, one, plan.x.ptr, x.ptr, plan.w.ptr, w.ptr,
+               plan.conv["forward"].ptr, algo, ctypes.c_void_p(st.workspace_ptr(ws_bytes)), ws_bytes, zero,
+               plan.y.ptr, y.ptr)
     # y += b over N, P, Q: our kernel (bias.cu), not cudnnAddTensor, whose call cost the
     # host ~70 us against ~12 us for a launch
     n, k, p, q = plan.y_shape
     planes = n * k
     grid = (max(1, min(planes, context.MAX_BLOCKS)), 1)
-    st.function("bias_add_channels", dtype).prepared_async_call(grid, (context.THREADS, 1, 1), st.stream,
-                                                                y.ptr, b.ptr, planes, k, p * q)
+    st.launch_grid("bias_add_channels", dtype, grid, y.ptr, b.ptr, planes, k, p * q)
     return y
 
 
@@ -123,9 +120,9 @@ def conv_backward_data(dy, w, x_shape, stride, pad, groups):
     algo, ws_bytes = plan.algorithm(st, "data")
     dx = empty(x_shape, dtype)
     one, zero = cudnn.scalars(dtype)
-    cudnn.call("cudnnConvolutionBackwardData", st.dnn.ptr, cudnn.ptr(one), plan.w.ptr, _void(w), plan.y.ptr,
-               _void(dy), plan.conv["data"].ptr, algo, ctypes.c_void_p(st.workspace_ptr(ws_bytes)), ws_bytes,
-               cudnn.ptr(zero), plan.x.ptr, _void(dx))
+    cudnn.call("cudnnConvolutionBackwardData", st.dnn.ptr, one, plan.w.ptr, w.ptr, plan.y.ptr,
+               dy.ptr, plan.conv["data"].ptr, algo, ctypes.c_void_p(st.workspace_ptr(ws_bytes)), ws_bytes,
+               zero, plan.x.ptr, dx.ptr)
     return dx
 
 
@@ -137,9 +134,9 @@ def conv_backward_filter(x, dy, w_shape, stride, pad, groups):
     algo, ws_bytes = plan.algorithm(st, "filter")
     dw = empty(w_shape, dtype)
     one, zero = cudnn.scalars(dtype)
-    cudnn.call("cudnnConvolutionBackwardFilter", st.dnn.ptr, cudnn.ptr(one), plan.x.ptr, _void(x), plan.y.ptr,
-               _void(dy), plan.conv["filter"].ptr, algo, ctypes.c_void_p(st.workspace_ptr(ws_bytes)), ws_bytes,
-               cudnn.ptr(zero), plan.w.ptr, _void(dw))
+    cudnn.call("cudnnConvolutionBackwardFilter", st.dnn.ptr, one, plan.x.ptr, x.ptr, plan.y.ptr,
+               dy.ptr, plan.conv["filter"].ptr, algo, ctypes.c_void_p(st.workspace_ptr(ws_bytes)), ws_bytes,
+               zero, plan.w.ptr, dw.ptr)
     return dw
 
 
@@ -149,11 +146,10 @@ def conv_backward_bias(dy):
     2.2 ms of an AlexNet step on an H100 against ~0.1 ms for reading dy once."""
     st = context.get()
     n, k = int(dy.shape[0]), int(dy.shape[1])
-    pixels = int(np.prod(dy.shape[2:]))
+    pixels = math.prod(dy.shape[2:])
     over_batch = empty((k * pixels,), dy.dtype)
     grid = ((k * pixels + context.THREADS - 1) // context.THREADS, 1)
-    st.function("sum_rows", dy.dtype).prepared_async_call(grid, (context.THREADS, 1, 1), st.stream,
-                                                          over_batch.ptr, dy.ptr, n, k * pixels)
+    st.launch_grid("sum_rows", dy.dtype, grid, over_batch.ptr, dy.ptr, n, k * pixels)
     db = empty((k,), dy.dtype)
     st.launch_warps("sum_cols", dy.dtype, k, db.ptr, over_batch.ptr, k, pixels)
     return db

@@ -166,12 +166,19 @@ def conv_math_type(tf32):
     return CUDNN_TENSOR_OP_MATH if tf32 else CUDNN_FMA_MATH
 
 
+_SCALARS = {}   # dtype char -> (one, zero): made once, read by cuDNN on every call
+
+
 def scalars(dtype):
     """(alpha=1, beta=0) as pointers of the type cuDNN reads for this data type: double
     for double tensors, float otherwise."""
-    scalar = ctypes.c_double if dtype.char == "d" else ctypes.c_float
-    one, zero = scalar(1.0), scalar(0.0)
-    return one, zero
+    pair = _SCALARS.get(dtype.char)
+    if pair is None:
+        scalar = ctypes.c_double if dtype.char == "d" else ctypes.c_float
+        one, zero = scalar(1.0), scalar(0.0)
+        # the ctypes objects stay referenced here, so their addresses stay valid
+        pair = _SCALARS[dtype.char] = (one, zero, ptr(one), ptr(zero))
+    return pair[2], pair[3]
 
 
 def ptr(c_value):

@@ -55,5 +55,5 @@ def linear_backward_bias(dy):
     n, o = int(dy.shape[0]), int(dy.shape[1])
     db = empty((o,), dy.dtype)
     grid = ((o + context.THREADS - 1) // context.THREADS, 1)
-    st.function("sum_rows", dy.dtype).prepared_async_call(grid, (context.THREADS, 1, 1), st.stream, db.ptr, dy.ptr, n, o)
+    st.launch_grid("sum_rows", dy.dtype, grid, db.ptr, dy.ptr, n, o)
     return db

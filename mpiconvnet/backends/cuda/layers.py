@@ -4,22 +4,17 @@ exact rule differs from what cuDNN documents), and dropout (our counter-based ke
 Shapes follow the interface: x, y, dy, dx are (N, C, H, W) for pooling and LRN, any shape
 for ReLU and dropout.
 """
-import ctypes
-
 import numpy as np
 
 from . import context, cudnn
 from .memory import empty
+
 
 def _nchw_desc(st, shape, dtype):
     key = ("nchw", tuple(int(s) for s in shape), dtype.char)
     if key not in st.descriptors:
         st.descriptors[key] = cudnn.TensorDesc(shape, dtype)
     return st.descriptors[key]
-
-
-def _void(array):
-    return ctypes.c_void_p(array.ptr)
 
 
 def relu_forward(x):
@@ -72,7 +67,7 @@ def lrn_forward(x, size, alpha, beta, k):
         d = _nchw_desc(st, x.shape, x.dtype)
         one, zero = cudnn.scalars(x.dtype)
         cudnn.call("cudnnLRNCrossChannelForward", st.dnn.ptr, _lrn_desc(st, size, alpha, beta, k).ptr,
-                   cudnn.CUDNN_LRN_CROSS_CHANNEL_DIM1, cudnn.ptr(one), d.ptr, _void(x), cudnn.ptr(zero), d.ptr, _void(y))
+                   cudnn.CUDNN_LRN_CROSS_CHANNEL_DIM1, one, d.ptr, x.ptr, zero, d.ptr, y.ptr)
     else:
         st.launch("lrn_forward", x.dtype, x.size, y.ptr, x.ptr, n, c, hw, int(size), alpha, beta, k)
     return y
@@ -86,8 +81,8 @@ def lrn_backward(x, y, dy, size, alpha, beta, k):
         d = _nchw_desc(st, x.shape, x.dtype)
         one, zero = cudnn.scalars(x.dtype)
         cudnn.call("cudnnLRNCrossChannelBackward", st.dnn.ptr, _lrn_desc(st, size, alpha, beta, k).ptr,
-                   cudnn.CUDNN_LRN_CROSS_CHANNEL_DIM1, cudnn.ptr(one), d.ptr, _void(y), d.ptr, _void(dy),
-                   d.ptr, _void(x), cudnn.ptr(zero), d.ptr, _void(dx))
+                   cudnn.CUDNN_LRN_CROSS_CHANNEL_DIM1, one, d.ptr, y.ptr, d.ptr, dy.ptr,
+                   d.ptr, x.ptr, zero, d.ptr, dx.ptr)
     else:
         st.launch("lrn_backward", x.dtype, x.size, dx.ptr, x.ptr, y.ptr, dy.ptr, n, c, hw, int(size), alpha, beta, k)
     return dx
@@ -106,9 +101,9 @@ def maxpool_forward(x, size, stride):
         st.descriptors[key] = cudnn.PoolDesc(int(size), int(stride))
     y = empty(y_shape, x.dtype)
     one, zero = cudnn.scalars(x.dtype)
-    cudnn.call("cudnnPoolingForward", st.dnn.ptr, st.descriptors[key].ptr, cudnn.ptr(one),
-               _nchw_desc(st, x.shape, x.dtype).ptr, _void(x), cudnn.ptr(zero),
-               _nchw_desc(st, y_shape, x.dtype).ptr, _void(y))
+    cudnn.call("cudnnPoolingForward", st.dnn.ptr, st.descriptors[key].ptr, one,
+               _nchw_desc(st, x.shape, x.dtype).ptr, x.ptr, zero,
+               _nchw_desc(st, y_shape, x.dtype).ptr, y.ptr)
     return y
 
 

@@ -1,4 +1,4 @@
-"""Device arrays (pycuda GPUArray from one memory pool), host transfers, MPI buffers.
+"""Device arrays (array.DeviceArray over one PyCUDA memory pool), host transfers, MPI buffers.
 
 Every transfer is ordered on the backend stream; copies to the host end with a stream
 synchronisation, so the host array is complete when the call returns.
@@ -8,6 +8,7 @@ import math
 import numpy as np
 
 from . import context
+from .array import DeviceArray, normalized_shape
 
 
 def _contiguous_host(host_array):
@@ -15,14 +16,13 @@ def _contiguous_host(host_array):
     return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
-def _shape_tuple(shape):
-    return (int(shape),) if np.isscalar(shape) else tuple(int(s) for s in shape)
-
-
 def empty(shape, dtype):
-    from pycuda import gpuarray
-    st = context.get()
-    return gpuarray.GPUArray(_shape_tuple(shape), np.dtype(dtype), allocator=st.pool.allocate)
+    shape, dtype = normalized_shape(shape), np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes == 0:
+        return DeviceArray(shape, dtype, None, 0)
+    memory = context.get().pool.allocate(nbytes)
+    return DeviceArray(shape, dtype, memory, int(memory))
 
 
 def zeros(shape, dtype):
@@ -88,7 +88,7 @@ def pinned_host_empty(shape, dtype):
     """A page-locked host array (fast, truly asynchronous staging copies)."""
     import pycuda.driver as drv
     context.get()  # page-locked memory belongs to a context
-    return drv.pagelocked_empty(_shape_tuple(shape), np.dtype(dtype))
+    return drv.pagelocked_empty(normalized_shape(shape), np.dtype(dtype))
 
 
 def copy_to_host(dst_host, src):
