@@ -67,10 +67,14 @@ cc -O2 -fPIC -c "$BUILD/stubs.c" -o "$BUILD/stubs.o"
 cc -shared -Wl,-soname,libcuda.so.1 -o "$LIB/libcuda.so.1" "$BUILD/fake_cuda.o" "$BUILD/stubs.o"
 
 # 4. cuDNN and cuBLAS that do nothing, under the sonames the backend looks for
-cc -O2 -fPIC -shared -Wall -Wl,-soname,libcudnn.so.9 -o "$LIB/libcudnn.so.9" "$SRC/fake_dnn_blas.c"
-cc -O2 -fPIC -shared -Wall -Wl,-soname,libcublas.so.13 -o "$LIB/libcublas.so.13" "$SRC/fake_dnn_blas.c"
+cc -O2 -fPIC -shared -Wall -DLIBRARY='"cuDNN"' -Wl,-soname,libcudnn.so.9 -o "$LIB/libcudnn.so.9" "$SRC/fake_dnn_blas.c"
+cc -O2 -fPIC -shared -Wall -DLIBRARY='"cuBLAS"' -Wl,-soname,libcublas.so.13 -o "$LIB/libcublas.so.13" "$SRC/fake_dnn_blas.c"
 
 [ $# -gt 0 ] || set -- --model alexnet-owt --batch 8 --steps 300
+# the fake libraries print their calls per step at exit: steps = warm-up (10) + timed
+steps=30
+for ((i = 1; i < $#; i++)); do [ "${!i}" = --steps ] && { j=$((i + 1)); steps=${!j}; }; done
+export HOST_TIME_STEPS=$((steps + 10))
 # preloaded too: a PyCUDA linked "as needed" against a driver without symbols does not name it
 export LD_LIBRARY_PATH=$LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} MPICONVNET_CUDA_LIBS=$LIB LD_PRELOAD=$LIB/libcuda.so.1
 echo "host time over the fake driver (no GPU work; a lower bound of a GPU node's host time per step):"

@@ -277,21 +277,36 @@ def test_relu_kernels(host_kernels, dtype):
     np.testing.assert_array_equal(dx.view(np.uint8), dx_ref.view(np.uint8))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape, size, stride", [((2, 3, 13, 13), 3, 2), ((1, 2, 8, 9), 2, 2), ((1, 4, 7, 7), 3, 1)])
 @pytest.mark.parametrize("ties", [False, True])
-def test_maxpool_backward_kernel(host_kernels, shape, size, stride, ties):
+def test_maxpool_kernels(host_kernels, dtype, shape, size, stride, ties):
+    # forward: y bit for bit (NaNs too); backward through the forward's record of the first
+    # maxima, and through maxpool_first_max, against the reference
     from mpiconvnet.backends import numpy_backend as nb
     rng = np.random.default_rng(3)
-    x = (rng.integers(0, 3, shape) if ties else rng.standard_normal(shape)).astype(np.float64)
-    y = nb.maxpool_forward(x, size, stride)
-    dy = rng.standard_normal(y.shape)
-    dx = np.full_like(x, np.nan)
-    first_max = np.full(y.size, -1, np.int32)
+    x = (rng.integers(0, 3, shape) if ties else rng.standard_normal(shape)).astype(dtype)
+    x.reshape(-1)[rng.choice(x.size, 3, replace=False)] = np.nan   # np.maximum's rule: NaN wins
+    with np.errstate(invalid="ignore"):
+        y_ref = nb.maxpool_forward(x, size, stride)
+    y = np.full_like(y_ref, 7.0)
+    recorded = np.full(y.size, -1, np.int32)
+    found = np.full(y.size, -2, np.int32)
     n, c, h, w = shape
     sizes = [ctypes.c_longlong(n * c)] + [ctypes.c_int(v) for v in (h, w, y.shape[2], y.shape[3], size, stride)]
-    host_kernels["pool.cu"].maxpool_first_max_f64(_p(first_max), _p(x), *sizes)
-    host_kernels["pool.cu"].maxpool_backward_f64(_p(dx), _p(first_max), _p(dy), *sizes)
-    np.testing.assert_allclose(dx, nb.maxpool_backward(x, y, dy, size, stride), **FLOAT64)
+    lib = host_kernels["pool.cu"]
+    getattr(lib, "maxpool_forward" + _suffix(dtype))(_p(y), _p(recorded), _p(x), *sizes)
+    getattr(lib, "maxpool_first_max" + _suffix(dtype))(_p(found), _p(x), *sizes)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(recorded, found)
+    x = np.nan_to_num(x, nan=-5.0)   # the gradient's tie rule, on finite inputs
+    y_ref = nb.maxpool_forward(x, size, stride)
+    getattr(lib, "maxpool_forward" + _suffix(dtype))(_p(y), _p(recorded), _p(x), *sizes)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    dx = np.full_like(x, np.nan)
+    getattr(lib, "maxpool_backward" + _suffix(dtype))(_p(dx), _p(recorded), _p(dy), *sizes)
+    tolerance = FLOAT64 if dtype == np.float64 else ELEMENTWISE_F32
+    np.testing.assert_allclose(dx, nb.maxpool_backward(x, y_ref, dy, size, stride), **tolerance)
 
 
 @pytest.mark.parametrize("size", [4, 2, 5, 1])

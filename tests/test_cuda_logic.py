@@ -832,6 +832,8 @@ def test_every_op_runs_through_the_python_plumbing(fake_backend):
         pooled = cb.maxpool_forward(x, 3, 2)
         assert pooled.shape == (2, 4, 4, 4)
         assert cb.maxpool_backward(x, pooled, pooled, 3, 2).shape == x.shape
+        # a y that did not come from maxpool_forward: the first maxima are found again
+        assert cb.maxpool_backward(x, pooled.reshape(pooled.shape), pooled, 3, 2).shape == x.shape
         out, mask = cb.dropout_forward(x, 0.5, 1, 2, 3)
         assert out.shape == mask.shape == x.shape and mask.dtype == dtype
         assert cb.dropout_backward(out, mask, 0.5).shape == x.shape
@@ -854,7 +856,7 @@ def test_every_op_runs_through_the_python_plumbing(fake_backend):
     worker.join()
     expected = {"bias_add_rows_f64", "bias_add_channels_f32", "sum_rows_f64", "sum_cols_f64", "relu_forward_f64",
                 "relu_backward_f32", "lrn_forward_f32", "lrn_backward_f64",
-                "maxpool_first_max_f64", "maxpool_backward_f64",
+                "maxpool_forward_f32", "maxpool_first_max_f64", "maxpool_backward_f64",
                 "dropout_forward_f32", "dropout_apply_f64", "softmax_xent_f64", "label_rank_f32", "sgd_momentum_f64",
                 "scale_f32", "crop_flip_normalize_f32"}
     assert expected <= set(launches)

@@ -12,8 +12,21 @@
  */
 #include <cuda.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* calls counted, and printed per step at exit when HOST_TIME_STEPS says how many ran */
+static long launches, allocations, host_copies, device_copies;
+
+__attribute__((destructor)) static void print_counts(void) {
+    const char *steps_text = getenv("HOST_TIME_STEPS");
+    double steps = steps_text ? atof(steps_text) : 0;
+    if (steps > 0)
+        fprintf(stderr, "per step, driver: %.1f kernel launches, %.1f copies to or from the host, "
+                "%.1f copies or fills on the device, %.1f cuMemAlloc\n", launches / steps, host_copies / steps,
+                device_copies / steps, allocations / steps);
+}
 
 static int fake_context;   /* the one primary context's handle points here */
 static int context_depth;  /* pushes minus pops (one thread is enough for a benchmark) */
@@ -117,6 +130,7 @@ CUresult cuEventElapsedTime(float *ms, CUevent start, CUevent end) {
 /* memory: 256-byte aligned host blocks, like cudaMalloc's alignment */
 CUresult cuMemAlloc(CUdeviceptr *ptr, size_t bytes) {
     void *p = NULL;
+    allocations++;
     if (posix_memalign(&p, 256, bytes ? bytes : 1)) return CUDA_ERROR_OUT_OF_MEMORY;
     *ptr = (CUdeviceptr)(uintptr_t)p;
     return CUDA_SUCCESS;
@@ -146,22 +160,35 @@ CUresult cuMemHostGetDevicePointer(CUdeviceptr *d, void *p, unsigned int flags) 
 
 /* copies from and to the host copy (through pageable memory the real driver copies on
  * the host too); copies and fills on the device are GPU work, so they do nothing */
-#define COPY(dst, src, n) (memcpy((void *)(uintptr_t)(dst), (const void *)(uintptr_t)(src), (n)), CUDA_SUCCESS)
+#define COPY(dst, src, n) \
+    (host_copies++, memcpy((void *)(uintptr_t)(dst), (const void *)(uintptr_t)(src), (n)), CUDA_SUCCESS)
 CUresult cuMemcpyHtoD(CUdeviceptr dst, const void *src, size_t n) { return COPY(dst, src, n); }
 CUresult cuMemcpyDtoH(void *dst, CUdeviceptr src, size_t n) { return COPY(dst, src, n); }
 CUresult cuMemcpyHtoDAsync(CUdeviceptr dst, const void *src, size_t n, CUstream s) { (void)s; return COPY(dst, src, n); }
 CUresult cuMemcpyDtoHAsync(void *dst, CUdeviceptr src, size_t n, CUstream s) { (void)s; return COPY(dst, src, n); }
-CUresult cuMemcpyDtoD(CUdeviceptr dst, CUdeviceptr src, size_t n) { (void)dst; (void)src; (void)n; return CUDA_SUCCESS; }
+CUresult cuMemcpyDtoD(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+    (void)dst; (void)src; (void)n;
+    device_copies++;
+    return CUDA_SUCCESS;
+}
 CUresult cuMemcpyDtoDAsync(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s) {
     (void)s;
     return cuMemcpyDtoD(dst, src, n);
 }
-CUresult cuMemsetD8(CUdeviceptr dst, unsigned char value, size_t n) { (void)dst; (void)value; (void)n; return CUDA_SUCCESS; }
+CUresult cuMemsetD8(CUdeviceptr dst, unsigned char value, size_t n) {
+    (void)dst; (void)value; (void)n;
+    device_copies++;
+    return CUDA_SUCCESS;
+}
 CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char value, size_t n, CUstream s) {
     (void)s;
     return cuMemsetD8(dst, value, n);
 }
-CUresult cuMemsetD32(CUdeviceptr dst, unsigned int value, size_t n) { (void)dst; (void)value; (void)n; return CUDA_SUCCESS; }
+CUresult cuMemsetD32(CUdeviceptr dst, unsigned int value, size_t n) {
+    (void)dst; (void)value; (void)n;
+    device_copies++;
+    return CUDA_SUCCESS;
+}
 CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned int value, size_t n, CUstream s) {
     (void)s;
     return cuMemsetD32(dst, value, n);
@@ -198,6 +225,7 @@ CUresult cuLaunchKernel(CUfunction f, unsigned int gx, unsigned int gy, unsigned
                         void **extra) {
     (void)f; (void)gx; (void)gy; (void)gz; (void)bx; (void)by; (void)bz; (void)shared; (void)stream;
     (void)params; (void)extra;
+    launches++;
     return CUDA_SUCCESS;
 }
 

@@ -2,9 +2,20 @@
  * succeeds at once, so what a step costs is our side of each call (Python and ctypes),
  * not the real libraries' own host time (about 73 us per legacy cuDNN call on an H100
  * node with cuDNN 9.19; docs/benchmarks.md). Built twice, as libcudnn.so.9 and as
- * libcublas.so.13.
+ * libcublas.so.13, with LIBRARY naming which.
  */
 #include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+/* calls that queue GPU work, counted and printed per step at exit (HOST_TIME_STEPS) */
+static long work_calls;
+
+__attribute__((destructor)) static void print_counts(void) {
+    const char *steps_text = getenv("HOST_TIME_STEPS");
+    double steps = steps_text ? atof(steps_text) : 0;
+    if (steps > 0) fprintf(stderr, "per step, %s: %.1f calls that queue GPU work\n", LIBRARY, work_calls / steps);
+}
 
 typedef struct {            /* cudnnConvolution*AlgoPerf_t (mpiconvnet/backends/cuda/cudnn.py) */
     int algo, status;
@@ -57,14 +68,14 @@ WORKSPACE(cudnnGetConvolutionBackwardFilterWorkspaceSize)
 /* everything else: success, nothing done (the arguments are not read, as in C a caller
  * may pass more than a function declares) */
 #define NOTHING(name) int name(void) { return 0; }
+#define WORK(name) int name(void) { work_calls++; return 0; }
 NOTHING(cudnnDestroy) NOTHING(cudnnSetStream)
 NOTHING(cudnnDestroyTensorDescriptor) NOTHING(cudnnSetTensor4dDescriptor)
 NOTHING(cudnnDestroyFilterDescriptor) NOTHING(cudnnSetFilter4dDescriptor)
 NOTHING(cudnnDestroyConvolutionDescriptor) NOTHING(cudnnSetConvolution2dDescriptor)
 NOTHING(cudnnSetConvolutionGroupCount) NOTHING(cudnnSetConvolutionMathType)
-NOTHING(cudnnConvolutionForward) NOTHING(cudnnConvolutionBackwardData) NOTHING(cudnnConvolutionBackwardFilter)
-NOTHING(cudnnDestroyPoolingDescriptor) NOTHING(cudnnSetPooling2dDescriptor) NOTHING(cudnnPoolingForward)
+WORK(cudnnConvolutionForward) WORK(cudnnConvolutionBackwardData) WORK(cudnnConvolutionBackwardFilter)
 NOTHING(cudnnDestroyLRNDescriptor) NOTHING(cudnnSetLRNDescriptor)
-NOTHING(cudnnLRNCrossChannelForward) NOTHING(cudnnLRNCrossChannelBackward)
+WORK(cudnnLRNCrossChannelForward) WORK(cudnnLRNCrossChannelBackward)
 NOTHING(cublasDestroy_v2) NOTHING(cublasSetStream_v2) NOTHING(cublasSetMathMode)
-NOTHING(cublasSgemm_v2) NOTHING(cublasDgemm_v2)
+WORK(cublasSgemm_v2) WORK(cublasDgemm_v2)

@@ -36,6 +36,7 @@ KERNELS = {
     "label_rank": ("loss.cu", "PPPii"),
     "relu_forward": ("relu.cu", "PPq"),
     "relu_backward": ("relu.cu", "PPPq"),
+    "maxpool_forward": ("pool.cu", "PPPqiiiiii"),
     "maxpool_first_max": ("pool.cu", "PPqiiiiii"),
     "maxpool_backward": ("pool.cu", "PPPqiiiiii"),
     "lrn_forward": ("lrn.cu", "PPqiqiFFF"),

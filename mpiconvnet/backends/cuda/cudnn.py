@@ -1,8 +1,8 @@
 """A thin ctypes layer over cuDNN's legacy API (cuDNN 9; unchanged since 8).
 
-Covers what the convnet needs: 4-d tensor / filter / convolution (with groups) / pooling /
-LRN / activation descriptors, convolution forward and both backwards with algorithm
-search, bias gradient, tensor add, pooling, LRN and ReLU. Enum values and the
+Covers what the convnet takes from cuDNN: 4-d tensor / filter / convolution (with groups)
+/ LRN descriptors, convolution forward and both backwards with algorithm search, and
+cross-channel LRN (pooling, ReLU and the bias ops are our kernels). Enum values and the
 cudnnConvolution*AlgoPerf_t layout are copied from cudnn_graph.h / cudnn_cnn.h /
 cudnn_ops.h of cuDNN 9: they are ABI, so a mismatch would be silent; the first GPU run
 checks them through tests/test_cuda_ops.py.
@@ -30,9 +30,6 @@ CUDNN_FMA_MATH = 3
 # cudnnNanPropagation_t
 CUDNN_NOT_PROPAGATE_NAN = 0
 CUDNN_PROPAGATE_NAN = 1
-# cudnnPoolingMode_t
-CUDNN_POOLING_MAX = 0
-CUDNN_POOLING_MAX_DETERMINISTIC = 3
 # cudnnLRNMode_t
 CUDNN_LRN_CROSS_CHANNEL_DIM1 = 0
 # cudnnDeterminism_t
@@ -109,12 +106,6 @@ def _declare(L):
         "cudnnConvolutionBackwardData": ([vp, vp, vp, vp, vp, vp, vp, i, vp, sz, vp, vp, vp], i),
         # (handle, *alpha, xDesc, x, dyDesc, dy, convDesc, algo, ws, wsSize, *beta, dwDesc, dw)
         "cudnnConvolutionBackwardFilter": ([vp, vp, vp, vp, vp, vp, vp, i, vp, sz, vp, vp, vp], i),
-        "cudnnCreatePoolingDescriptor": ([P(vp)], i),
-        "cudnnDestroyPoolingDescriptor": ([vp], i),
-        # (desc, mode, nanOpt, windowH, windowW, padH, padW, strideH, strideW)
-        "cudnnSetPooling2dDescriptor": ([vp, i, i, i, i, i, i, i, i], i),
-        # (handle, poolDesc, *alpha, xDesc, x, *beta, yDesc, y)
-        "cudnnPoolingForward": ([vp, vp, vp, vp, vp, vp, vp, vp], i),
         "cudnnCreateLRNDescriptor": ([P(vp)], i),
         "cudnnDestroyLRNDescriptor": ([vp], i),
         # (desc, unsigned lrnN, double alpha, double beta, double k)
@@ -243,15 +234,6 @@ class ConvDesc(_Descriptor):
 
     def set_math_type(self, math_type):
         call("cudnnSetConvolutionMathType", self.ptr, math_type)
-
-
-class PoolDesc(_Descriptor):
-    _create, _destroy = "cudnnCreatePoolingDescriptor", "cudnnDestroyPoolingDescriptor"
-
-    def __init__(self, size, stride):
-        super().__init__()
-        call("cudnnSetPooling2dDescriptor", self.ptr, CUDNN_POOLING_MAX_DETERMINISTIC,
-             CUDNN_PROPAGATE_NAN, size, size, 0, 0, stride, stride)
 
 
 class LRNDesc(_Descriptor):
