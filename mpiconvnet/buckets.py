@@ -37,18 +37,35 @@ def plan_buckets(param_shapes, itemsize, bucket_bytes):
     return buckets
 
 
+# each gradient's view starts at a multiple of this many bytes into its bucket:
+# the backward ops write gradients straight into the views, and cuDNN's and cuBLAS's
+# vectorised kernels want aligned addresses (the pool's own blocks are 256-byte aligned).
+# The padding between views is zeros, and stays zeros through the reduction.
+VIEW_ALIGN_BYTES = 256
+
+
+def padded_size(shapes, align):
+    """Elements of a flat buffer holding `shapes` end to end, each starting at a multiple of align."""
+    total = 0
+    for shape in shapes:
+        total = -(-total // align) * align + int(np.prod(shape, dtype=np.int64))
+    return total
+
+
 class GradientBuckets:
     """Flat gradient buffers on the backend and a view per parameter."""
 
     def __init__(self, ops, param_shapes, dtype, bucket_bytes):
         self.ops = ops
-        self.names = plan_buckets(param_shapes, np.dtype(dtype).itemsize, bucket_bytes)
+        itemsize = np.dtype(dtype).itemsize
+        self.names = plan_buckets(param_shapes, itemsize, bucket_bytes)
         self.buffers, self.views, self.bucket_of = [], {}, {}
+        align = VIEW_ALIGN_BYTES // itemsize
         for b, names in enumerate(self.names):
             shapes = [tuple(param_shapes[n]) for n in names]
-            flat = ops.zeros((sum(int(np.prod(s)) for s in shapes),), dtype)
+            flat = ops.zeros((padded_size(shapes, align),), dtype)
             self.buffers.append(flat)
-            for name, view in zip(names, ops.flat_views(flat, shapes)):
+            for name, view in zip(names, ops.flat_views(flat, shapes, align)):
                 self.views[name] = view
                 self.bucket_of[name] = b
 

@@ -38,9 +38,10 @@ class Conv(Layer):
 
     def backward(self, dy, need_dx):
         ops = self.ops
-        dw = ops.conv_backward_filter(self.x, dy, self.weight_shape, self.stride, self.pad, self.groups)
-        ops.copy_into(self.grads[self.params[0]], dw)
-        ops.copy_into(self.grads[self.params[1]], ops.conv_backward_bias(dy))
+        # the gradients are written straight into the model's arrays (bucket views)
+        ops.conv_backward_filter(self.x, dy, self.weight_shape, self.stride, self.pad, self.groups,
+                                 out=self.grads[self.params[0]])
+        ops.conv_backward_bias(dy, out=self.grads[self.params[1]])
         dx = None
         if need_dx:
             dx = ops.conv_backward_data(dy, self.w, self.x.shape, self.stride, self.pad, self.groups)
@@ -65,8 +66,8 @@ class Linear(Layer):
 
     def backward(self, dy, need_dx):
         ops = self.ops
-        ops.copy_into(self.grads[self.params[0]], ops.linear_backward_filter(self.x, dy))
-        ops.copy_into(self.grads[self.params[1]], ops.linear_backward_bias(dy))
+        ops.linear_backward_filter(self.x, dy, out=self.grads[self.params[0]])
+        ops.linear_backward_bias(dy, out=self.grads[self.params[1]])
         dx = ops.linear_backward_data(dy, self.w) if need_dx else None
         self.x = self.w = None
         return dx

@@ -57,6 +57,19 @@ def test_gradients_are_views_into_the_buckets():
     assert (buckets.buffers[b] == 7).sum() == 10
 
 
+def test_gradient_views_start_256_byte_aligned_and_do_not_overlap():
+    # the backward ops write into the views directly; cuDNN and cuBLAS want aligned addresses
+    shapes = {"a.weight": (3, 5), "a.bias": (3,), "b.weight": (7, 1), "b.bias": (1,)}
+    buckets = GradientBuckets(ops, shapes, np.float32, bucket_bytes=1 << 20)
+    (flat,) = buckets.buffers
+    starts = {n: v.ctypes.data - flat.ctypes.data for n, v in buckets.views.items()}
+    assert starts == {"b.bias": 0, "b.weight": 256, "a.bias": 512, "a.weight": 768}
+    assert flat.size == 768 // 4 + 15
+    for name, view in buckets.views.items():
+        view[...] = 1
+    assert flat.sum() == sum(int(np.prod(s)) for s in shapes.values())   # no overlap; the padding stays 0
+
+
 def test_buckets_follow_reverse_layer_order_and_size():
     _, shapes = build_layers("alexnet", 1000, ops=None)
     plan = plan_buckets(shapes, 4, 25 * 2**20)

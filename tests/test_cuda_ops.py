@@ -53,6 +53,25 @@ def rng(request):
     return np.random.default_rng(zlib.crc32(request.node.name.encode()))
 
 
+def bucket_views(cb, dtype, *shapes):
+    """(flat, views): a NaN-filled flat buffer and views into it laid out as gradient
+    buckets lay them (each 256-byte aligned, padding between), for ops given out=."""
+    from mpiconvnet.buckets import VIEW_ALIGN_BYTES, padded_size
+    align = VIEW_ALIGN_BYTES // np.dtype(dtype).itemsize
+    flat = cb.to_device(np.full(padded_size(shapes, align) + align, np.nan, dtype))
+    return flat, cb.flat_views(flat, shapes, align)
+
+
+def assert_padding_untouched(cb, flat, views):
+    """Nothing outside the views was written: the padding is still NaN."""
+    host = cb.to_host(flat)
+    written = np.zeros(host.size, bool)
+    for v in views:
+        start = (v.ptr - flat.ptr) // host.itemsize
+        written[start:start + v.size] = True
+    assert np.isnan(host[~written]).all() and not np.isnan(host[written]).any()
+
+
 def poison(cb, shape, dtype, copies=3):
     """Hand NaN-filled blocks of this size back to the pool, so the op's next empty() of
     this size very likely gets one."""
@@ -161,6 +180,13 @@ def test_conv(cb, nb, rng, dtype, x_shape, w_shape, stride, pad, groups):
                                nb.conv_backward_filter(x, dy, w_shape, stride, pad, groups))
     poison(cb, (w_shape[0],), dtype)
     assert_close(cb.to_host(cb.conv_backward_bias(dyd)), nb.conv_backward_bias(dy))
+    # written into gradient-bucket views, as training does
+    flat, (dw, db) = bucket_views(cb, dtype, w_shape, (w_shape[0],))
+    assert cb.conv_backward_filter(xd, dyd, w_shape, stride, pad, groups, out=dw) is dw
+    assert cb.conv_backward_bias(dyd, out=db) is db
+    assert_close(cb.to_host(dw), nb.conv_backward_filter(x, dy, w_shape, stride, pad, groups))
+    assert_close(cb.to_host(db), nb.conv_backward_bias(dy))
+    assert_padding_untouched(cb, flat, (dw, db))
 
 
 # --- ReLU, LRN, pooling -----------------------------------------------------------------------
@@ -274,6 +300,11 @@ def test_linear(cb, nb, rng, dtype, n, f, o):
     assert_close(cb.to_host(cb.linear_backward_filter(xd, dyd)), nb.linear_backward_filter(x, dy))
     poison(cb, (o,), dtype)
     assert_close(cb.to_host(cb.linear_backward_bias(dyd)), nb.linear_backward_bias(dy))
+    flat, (dw, db) = bucket_views(cb, dtype, (o, f), (o,))
+    assert cb.linear_backward_filter(xd, dyd, out=dw) is dw and cb.linear_backward_bias(dyd, out=db) is db
+    assert_close(cb.to_host(dw), nb.linear_backward_filter(x, dy))
+    assert_close(cb.to_host(db), nb.linear_backward_bias(dy))
+    assert_padding_untouched(cb, flat, (dw, db))
 
 
 def test_tf32_switch_restores_float32(cb, nb, rng):

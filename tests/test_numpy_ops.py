@@ -467,6 +467,10 @@ def test_memory_helpers(slicing):
     assert a.shape == (2, 3) and flat[6:].tolist() == [-1.0] * 4
     with pytest.raises(ValueError):
         B.flat_views(flat, [(3, 4)])
+    c, d = B.flat_views(flat, [(3,), (2,)], align=4)      # d starts at element 4, not 3
+    assert c.tolist() == [0.0, 1.0, 2.0] and np.shares_memory(d, flat[4:6]) and d.tolist() == [4.0, 5.0]
+    with pytest.raises(ValueError):
+        B.flat_views(flat, [(3,), (7,)], align=4)
     dst = B.zeros((5, 3), np.float32)
     B.copy_into(dst, np.arange(15, dtype=np.float32).reshape(5, 3))
     assert B.to_host(dst).ravel().tolist() == list(range(15))
@@ -542,3 +546,24 @@ def test_cross_entropy_matches_torch(rng, torch):
     loss, dlogits = B.softmax_cross_entropy(logits, labels)
     assert loss == pytest.approx(loss_t.item(), rel=REDUCTION_F32["rtol"])
     np.testing.assert_allclose(dlogits, z.grad.numpy(), **REDUCTION_F32)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gradients_written_into_given_arrays(slicing, rng, dtype):
+    # what training does: each parameter's gradient goes straight into its bucket view
+    x = rng.standard_normal((3, 4, 9, 9)).astype(dtype)
+    dy = rng.standard_normal((3, 6, 5, 5)).astype(dtype)
+    xf, dyf = rng.standard_normal((5, 7)).astype(dtype), rng.standard_normal((5, 3)).astype(dtype)
+    flat = np.full(200, np.nan, dtype)
+    dw, db, fw, fb = B.flat_views(flat, [(6, 2, 3, 3), (6,), (3, 7), (3,)], align=8)
+    assert B.conv_backward_filter(x, dy, (6, 2, 3, 3), 2, 1, 2, out=dw) is dw
+    assert B.conv_backward_bias(dy, out=db) is db
+    assert B.linear_backward_filter(xf, dyf, out=fw) is fw and B.linear_backward_bias(dyf, out=fb) is fb
+    np.testing.assert_array_equal(dw, B.conv_backward_filter(x, dy, (6, 2, 3, 3), 2, 1, 2))
+    np.testing.assert_array_equal(db, B.conv_backward_bias(dy))
+    np.testing.assert_array_equal(fw, B.linear_backward_filter(xf, dyf))
+    np.testing.assert_array_equal(fb, B.linear_backward_bias(dyf))
+    with pytest.raises(ValueError, match=r"linear_backward_bias: out has shape \(4,\)"):
+        B.linear_backward_bias(dyf, out=np.zeros(4, dtype))
+    with pytest.raises(ValueError, match="conv_backward_filter: out has shape"):
+        B.conv_backward_filter(x, dy, (6, 2, 3, 3), 2, 1, 2, out=np.zeros((6, 2, 3, 3), np.float16))

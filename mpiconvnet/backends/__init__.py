@@ -14,15 +14,19 @@ Memory
     to_host(array) -> numpy.ndarray           copy back to the host
     empty(shape, dtype) / zeros(shape, dtype) -> array
     copy_into(dst, src)                       dst[...] = src (same shape)
-    flat_views(flat, shapes) -> [array]       views into one flat 1-D buffer, one per shape,
-                                              laid end to end (gradient buckets)
+    flat_views(flat, shapes, align=1) -> [array]
+                                              views into one flat 1-D buffer, one per shape,
+                                              laid end to end, each starting at a multiple
+                                              of align elements (gradient buckets)
     synchronize()                             wait for all queued work (no-op on NumPy)
 
 Convolution  x: (N, C, H, W)  w: (K, C/groups, R, S)  b: (K,)  y: (N, K, P, Q)
     conv_forward(x, w, b, stride, pad, groups) -> y
     conv_backward_data(dy, w, x_shape, stride, pad, groups) -> dx
-    conv_backward_filter(x, dy, w_shape, stride, pad, groups) -> dw
-    conv_backward_bias(dy) -> db              sum over N, P, Q
+    conv_backward_filter(x, dy, w_shape, stride, pad, groups, out=None) -> dw
+    conv_backward_bias(dy, out=None) -> db    sum over N, P, Q
+        out: an array of the result's shape and dtype to write it into (and return),
+        e.g. the parameter's view into a gradient bucket; the same for the dense ones
 
 Elementwise and pooling
     relu_forward(x) -> y
@@ -51,8 +55,8 @@ Elementwise and pooling
 Dense  x: (N, F)  w: (O, F)  b: (O,)  y: (N, O)   (PyTorch's nn.Linear layout)
     linear_forward(x, w, b) -> y              y = x @ w.T + b
     linear_backward_data(dy, w) -> dx
-    linear_backward_filter(x, dy) -> dw
-    linear_backward_bias(dy) -> db
+    linear_backward_filter(x, dy, out=None) -> dw
+    linear_backward_bias(dy, out=None) -> db
 
 Model input (what the loader's uint8 batch becomes; data/augment.py defines the maths)
     crop_flip_normalize(images, plan, crop_size, mean_chw, std=None) -> x

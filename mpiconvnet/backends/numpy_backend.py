@@ -73,14 +73,16 @@ def copy_into(dst, src):
     parallel_map(lambda part: np.copyto(dst_flat[part], src_flat[part]), split(dst.size, 2 * dst.itemsize))
 
 
-def flat_views(flat, shapes):
-    """Views into the 1-D buffer `flat`, one per shape, laid end to end."""
+def flat_views(flat, shapes, align=1):
+    """Views into the 1-D buffer `flat`, one per shape, laid end to end, each starting at a
+    multiple of `align` elements."""
     views, offset = [], 0
     for shape in shapes:
         size = int(np.prod(shape, dtype=np.int64))
+        offset = -(-offset // align) * align
         if offset + size > flat.size:
             raise ValueError(f"flat_views: shapes need more than the buffer's {flat.size} elements; "
-                             f"allocate sum(prod(shape)) elements")
+                             f"allocate sum(prod(shape)) elements (each rounded up to a multiple of align)")
         views.append(flat[offset:offset + size].reshape(shape))
         offset += size
     return views

@@ -11,7 +11,7 @@ import ctypes
 import math
 
 from . import context, cudnn
-from .memory import empty
+from .memory import empty, given_or_new
 
 _KINDS = {
     # kind: (find fn, heuristic fn, workspace-size fn, algorithm count)
@@ -30,6 +30,7 @@ class ConvPlan:
         if min(self.y_shape[2:]) < 1:
             raise ValueError(f"convolution of {x_shape} with {w_shape}, stride {stride}, pad {pad} has an empty output")
         self.dtype = dtype
+        self.w_shape = w_shape
         self.tf32 = st.tf32
         self.x = cudnn.TensorDesc(x_shape, dtype)
         self.y = cudnn.TensorDesc(self.y_shape, dtype)
@@ -126,13 +127,13 @@ def conv_backward_data(dy, w, x_shape, stride, pad, groups):
     return dx
 
 
-def conv_backward_filter(x, dy, w_shape, stride, pad, groups):
+def conv_backward_filter(x, dy, w_shape, stride, pad, groups, out=None):
     dtype = _same_dtype(x, dy)
     st, plan = _plan(x.shape, w_shape, stride, pad, groups, dtype)
     if tuple(dy.shape) != plan.y_shape:
         raise ValueError(f"conv_backward_filter: dy has shape {tuple(dy.shape)}, expected {plan.y_shape}")
     algo, ws_bytes = plan.algorithm(st, "filter")
-    dw = empty(w_shape, dtype)
+    dw = given_or_new(out, plan.w_shape, dtype, "conv_backward_filter")
     one, zero = cudnn.scalars(dtype)
     cudnn.call("cudnnConvolutionBackwardFilter", st.dnn.ptr, one, plan.x.ptr, x.ptr, plan.y.ptr,
                dy.ptr, plan.conv["filter"].ptr, algo, ctypes.c_void_p(st.workspace_ptr(ws_bytes)), ws_bytes,
@@ -140,7 +141,7 @@ def conv_backward_filter(x, dy, w_shape, stride, pad, groups):
     return dw
 
 
-def conv_backward_bias(dy):
+def conv_backward_bias(dy, out=None):
     """db[k] = sum over N, P, Q of dy[:, k]: two passes of our kernels (bias.cu), over the
     batch, then over each channel's pixels. Not cudnnConvolutionBackwardBias, which took
     2.2 ms of an AlexNet step on an H100 against ~0.1 ms for reading dy once."""
@@ -150,6 +151,6 @@ def conv_backward_bias(dy):
     over_batch = empty((k * pixels,), dy.dtype)
     grid = ((k * pixels + context.THREADS - 1) // context.THREADS, 1)
     st.launch_grid("sum_rows", dy.dtype, grid, over_batch.ptr, dy.ptr, n, k * pixels)
-    db = empty((k,), dy.dtype)
+    db = given_or_new(out, (k,), dy.dtype, "conv_backward_bias")
     st.launch_warps("sum_cols", dy.dtype, k, db.ptr, over_batch.ptr, k, pixels)
     return db

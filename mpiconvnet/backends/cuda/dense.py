@@ -5,7 +5,7 @@ The row-major products are run as column-major GEMMs (cublas.gemm_args says how)
 bias add and the bias gradient are our kernels (bias.cu).
 """
 from . import context, cublas
-from .memory import empty
+from .memory import empty, given_or_new
 
 
 def _dims(x, w):
@@ -37,23 +37,23 @@ def linear_backward_data(dy, w):
     return dx
 
 
-def linear_backward_filter(x, dy):
+def linear_backward_filter(x, dy, out=None):
     """dw = dy.T @ x: (O, F)."""
     st = context.get()
     n, f = int(x.shape[0]), int(x.shape[1])
     o = int(dy.shape[1])
     if int(dy.shape[0]) != n:
         raise ValueError(f"linear_backward_filter: x {tuple(x.shape)} and dy {tuple(dy.shape)} differ in N")
-    dw = empty((o, f), x.dtype)
+    dw = given_or_new(out, (o, f), x.dtype, "linear_backward_filter")
     cublas.gemm(st.blas, x.dtype.char, cublas.gemm_args("filter", n, f, o), {"x": x.ptr, "dy": dy.ptr}, dw.ptr)
     return dw
 
 
-def linear_backward_bias(dy):
+def linear_backward_bias(dy, out=None):
     """db = dy summed over the batch: (O,)."""
     st = context.get()
     n, o = int(dy.shape[0]), int(dy.shape[1])
-    db = empty((o,), dy.dtype)
+    db = given_or_new(out, (o,), dy.dtype, "linear_backward_bias")
     grid = ((o + context.THREADS - 1) // context.THREADS, 1)
     st.launch_grid("sum_rows", dy.dtype, grid, db.ptr, dy.ptr, n, o)
     return db

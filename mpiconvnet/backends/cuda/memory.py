@@ -25,6 +25,17 @@ def empty(shape, dtype):
     return DeviceArray(shape, dtype, memory, int(memory))
 
 
+def given_or_new(out, shape, dtype, op):
+    """`out` when the caller gave one (checked: same shape and dtype), else a new array:
+    gradients are written straight into the model's arrays (views into the allreduce
+    buckets), saving a copy of every parameter on the device each step."""
+    if out is None:
+        return empty(shape, dtype)
+    if out.shape != tuple(shape) or out.dtype != dtype:
+        raise ValueError(f"{op}: out has shape {tuple(out.shape)} {out.dtype}, the result is {tuple(shape)} {dtype}")
+    return out
+
+
 def zeros(shape, dtype):
     a = empty(shape, dtype)
     st = context.get()
@@ -61,14 +72,16 @@ def copy_into(dst, src):
         st.drv.memcpy_dtod_async(dst.ptr, src.ptr, src.nbytes, st.stream)
 
 
-def flat_views(flat, shapes):
-    """Views into the 1-D device buffer `flat`, one per shape, laid end to end."""
+def flat_views(flat, shapes, align=1):
+    """Views into the 1-D device buffer `flat`, one per shape, laid end to end, each
+    starting at a multiple of `align` elements."""
     if len(flat.shape) != 1:
         raise ValueError(f"flat_views needs a 1-D buffer, got shape {flat.shape}")
     views, start = [], 0
     for shape in shapes:
         shape = tuple(int(s) for s in shape)
         n = math.prod(shape)
+        start = -(-start // align) * align
         if start + n > flat.shape[0]:
             raise ValueError(f"flat_views: shapes need {start + n} elements, buffer has {flat.shape[0]}")
         views.append(flat[start:start + n].reshape(shape))

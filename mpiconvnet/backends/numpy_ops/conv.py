@@ -21,7 +21,7 @@ another order.
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from mpiconvnet.backends.numpy_ops.threads import output, parallel_map, parallel_sum, split
+from mpiconvnet.backends.numpy_ops.threads import given_or_new, output, parallel_map, parallel_sum, split
 
 
 def conv_output_size(size, kernel, stride, pad):
@@ -194,13 +194,19 @@ def conv_backward_data(dy, w, x_shape, stride, pad, groups):
     return dx
 
 
-def conv_backward_filter(x, dy, w_shape, stride, pad, groups):
+def conv_backward_filter(x, dy, w_shape, stride, pad, groups, out=None):
     # x: (N, C, H, W)  dy: (N, K, P, Q)  ->  dw: w_shape = (K, Cg, R, S), summed over the batch
     g = _Geometry(x.shape, w_shape, stride, pad, groups)
     backward = _backward_filter_last if g.channels_last else _backward_filter_first
-    return parallel_sum(lambda i: backward(x[i], dy[i], g), g.slices(x.itemsize))
+    dw = parallel_sum(lambda i: backward(x[i], dy[i], g), g.slices(x.itemsize))
+    if out is None:
+        return dw
+    out = given_or_new(out, dw.shape, dw.dtype, "conv_backward_filter")
+    out[...] = dw
+    return out
 
 
-def conv_backward_bias(dy):
+def conv_backward_bias(dy, out=None):
     # dy: (N, K, P, Q) -> db: (K,)
-    return dy.sum(axis=(0, 2, 3))
+    db = given_or_new(out, (dy.shape[1],), dy.dtype, "conv_backward_bias")
+    return dy.sum(axis=(0, 2, 3), out=db)

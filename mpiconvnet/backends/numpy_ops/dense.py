@@ -8,7 +8,7 @@ batch rows would each stream all of them through the cache again.
 import numpy as np
 
 from mpiconvnet.backends import mean_loss
-from mpiconvnet.backends.numpy_ops.threads import get_num_threads, output, parallel_map
+from mpiconvnet.backends.numpy_ops.threads import get_num_threads, given_or_new, output, parallel_map
 
 # a few blocks per thread: a thread the OS deschedules delays one block, not half the GEMM
 BLOCKS_PER_THREAD = 4
@@ -38,16 +38,17 @@ def linear_backward_data(dy, w):
     return dx
 
 
-def linear_backward_filter(x, dy):
+def linear_backward_filter(x, dy, out=None):
     # x: (N, F)  dy: (N, O) -> dw: (O, F) = dy.T @ x
-    dw = output((dy.shape[1], x.shape[1]), x.dtype)
+    dw = given_or_new(out, (dy.shape[1], x.shape[1]), x.dtype, "linear_backward_filter")
     parallel_map(lambda features: np.matmul(dy[:, features].T, x, out=dw[features]), _blocks(dy.shape[1]))
     return dw
 
 
-def linear_backward_bias(dy):
+def linear_backward_bias(dy, out=None):
     # dy: (N, O) -> db: (O,)
-    return dy.sum(axis=0)
+    db = given_or_new(out, (dy.shape[1],), dy.dtype, "linear_backward_bias")
+    return dy.sum(axis=0, out=db)
 
 
 def _check_labels(logits, labels):

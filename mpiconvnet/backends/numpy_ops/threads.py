@@ -14,7 +14,6 @@ import functools
 import math
 import operator
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -81,23 +80,34 @@ def parallel_map(function, items):
 
 
 def parallel_sum(function, items):
-    """sum(function(item) for item in items), with one running total per thread."""
-    totals = {}
-
-    def accumulate(item):
-        part = function(item)
-        key = threading.get_ident()                       # each thread adds only to its own total
-        if key in totals:
-            totals[key] += part
-        else:
-            totals[key] = part
-    parallel_map(accumulate, items)
-    return functools.reduce(operator.add, totals.values())
+    """sum(function(item) for item in items): one contiguous run of items per thread, each
+    summed in order, then the runs' totals in order. The order of the additions is fixed by
+    the item and thread counts alone, not by which thread got which item first, so the
+    rounding is the same on every run (a resumed run, or one rank against another)."""
+    items = list(items)
+    runs = min(_num_threads, len(items))
+    if runs < 2:
+        return functools.reduce(operator.add, map(function, items))
+    bounds = [i * len(items) // runs for i in range(runs + 1)]
+    totals = parallel_map(lambda r: functools.reduce(operator.add, map(function, items[bounds[r]:bounds[r + 1]])),
+                          range(runs))
+    return functools.reduce(operator.add, totals)
 
 
 def output(shape, dtype):
     """An uninitialised array that the slices of an op will fill (NaN-filled in tests)."""
     return np.full(shape, np.nan, dtype=dtype) if POISON_OUTPUTS else np.empty(shape, dtype=dtype)
+
+
+def given_or_new(out, shape, dtype, op):
+    """`out` when the caller gave one (checked: same shape and dtype, writable), else a new
+    output() array: gradients go straight into the model's arrays (views into the
+    allreduce buckets) instead of being copied there."""
+    if out is None:
+        return output(shape, dtype)
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype:
+        raise ValueError(f"{op}: out has shape {tuple(out.shape)} {out.dtype}, the result is {tuple(shape)} {dtype}")
+    return out
 
 
 def split(length, bytes_per_item):
