@@ -2,6 +2,11 @@
 # The host time of a CUDA training step, measured on a machine without a GPU.
 #
 #   scripts/host-time.sh [bench step options]     # default: --model alexnet-owt --batch 8 --steps 300
+#   scripts/host-time.sh --run COMMAND...         # any command over the same fake GPU, e.g.
+#       scripts/host-time.sh --run .venv/bin/mpiexec -n 2 python -m mpiconvnet.train --backend cuda ...
+#   (`python` is the build's venv; MPICONVNET_ALLOW_GPU_SHARING=1 lets ranks share the one
+#   fake GPU): every CUDA code path of training, evaluation and the parallel modes runs
+#   through the real PyCUDA and our ctypes bindings, with numbers that mean nothing.
 #
 # On a GPU, small or TF32 steps are bound by the host: Python, PyCUDA and ctypes queueing
 # ~90 calls per step (docs/benchmarks.md). This runs `bench step --backend cuda` over a CUDA
@@ -70,6 +75,15 @@ cc -shared -Wl,-soname,libcuda.so.1 -o "$LIB/libcuda.so.1" "$BUILD/fake_cuda.o" 
 cc -O2 -fPIC -shared -Wall -DLIBRARY='"cuDNN"' -Wl,-soname,libcudnn.so.9 -o "$LIB/libcudnn.so.9" "$SRC/fake_dnn_blas.c"
 cc -O2 -fPIC -shared -Wall -DLIBRARY='"cuBLAS"' -Wl,-soname,libcublas.so.13 -o "$LIB/libcublas.so.13" "$SRC/fake_dnn_blas.c"
 
+if [ "${1:-}" = --run ]; then
+    shift
+    [ $# -gt 0 ] || { echo "host-time: --run needs a command" >&2; exit 2; }
+    # the mpich wheel's libmpi is found next to the interpreter that installed it, not ours
+    PARENT_LIB=$("$PYTHON" -c "import sys; print(sys.prefix)")/lib
+    export PATH=$VENV/bin:$PATH MPICONVNET_CUDA_LIBS=$LIB LD_PRELOAD=$LIB/libcuda.so.1 \
+        LD_LIBRARY_PATH=$LIB:$PARENT_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} MPICONVNET_ALLOW_GPU_SHARING=1
+    exec "$@"
+fi
 [ $# -gt 0 ] || set -- --model alexnet-owt --batch 8 --steps 300
 # the fake libraries print their calls per step at exit: steps = warm-up (10) + timed
 steps=30
