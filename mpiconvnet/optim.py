@@ -19,12 +19,13 @@ class SGD:
         self.velocity = {n: ops.zeros(tuple(p.shape), p.dtype) for n, p in params.items()}
 
     def step(self, grads, lr):
-        for name, param in self.params.items():
-            is_bias = name.endswith(".bias")
-            self.ops.sgd_momentum_update(
-                param, grads[name], self.velocity[name],
-                lr * self.bias_lr_mult if is_bias else lr,
-                self.momentum, 0.0 if is_bias else self.weight_decay)
+        # every tensor in one call: on a GPU one launch, not one per tensor
+        names = list(self.params)
+        biases = [name.endswith(".bias") for name in names]
+        self.ops.sgd_momentum_update_many(
+            [self.params[n] for n in names], [grads[n] for n in names], [self.velocity[n] for n in names],
+            [lr * self.bias_lr_mult if is_bias else lr for is_bias in biases],
+            self.momentum, [0.0 if is_bias else self.weight_decay for is_bias in biases])
 
     def state_dict(self):
         """Momentum buffers on the host; theano_alexnet's users lost them on resume."""

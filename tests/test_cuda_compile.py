@@ -77,6 +77,8 @@ using std::min;
 extern "C" void host_set_thread(unsigned block, unsigned thread, unsigned block_dim, unsigned grid_dim) {
     blockIdx.x = block; threadIdx.x = thread; blockDim.x = block_dim; gridDim.x = grid_dim;
 }
+// for kernels with a second grid dimension (sgd_momentum_many: one block row per tensor)
+extern "C" void host_set_y(unsigned block_y) { blockIdx.y = block_y; }
 """
 HOST_RUN = ["dropout.cu", "sgd.cu", "bias.cu", "relu.cu", "pool.cu", "lrn.cu", "augment.cu", "loss.cu"]
 CXX = shutil.which("g++") or shutil.which("c++")
@@ -275,6 +277,38 @@ def test_relu_kernels(host_kernels, dtype):
     with np.errstate(invalid="ignore"):                   # inf * 0 in the reference, on purpose
         dx_ref = nb.relu_backward(y_ref, dy)
     np.testing.assert_array_equal(dx.view(np.uint8), dx_ref.view(np.uint8))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sgd_many_kernel_matches_the_one_tensor_update_exactly(host_kernels, dtype):
+    # the table packed as backends/cuda/update.py packs it, passed by value as the GPU gets
+    # it: a layout that differed from sgd.cu's SgdTable would update the wrong memory
+    from mpiconvnet.backends import numpy_backend as nb
+    from mpiconvnet.backends.cuda import update
+    rng = np.random.default_rng(8)
+    shapes = [(37, 11), (5,), (300,)]
+    lrs, decays = [0.01, 0.02, 0.013], [5e-4, 0.0, 1e-3]
+    tensors = [[rng.standard_normal(shape).astype(dtype) for _ in range(3)] for shape in shapes]
+    expected = [[a.copy() for a in t] for t in tensors]
+    for _ in range(2):
+        nb.sgd_momentum_update_many(*zip(*expected), lrs, 0.9, decays)
+        values = []
+        for (p, g, v), lr, wd in zip(tensors, lrs, decays):
+            values += (p.ctypes.data, g.ctypes.data, v.ctypes.data, p.size, lr, wd)
+        values += (0, 0, 0, 0, 0.0, 0.0) * (update.MAX_SEGMENTS - len(shapes))
+
+        class Table(ctypes.Structure):
+            _fields_ = [("words", ctypes.c_uint64 * (update.TABLE.size // 8))]
+
+        table = Table.from_buffer_copy(update.TABLE.pack(*values, 0.9, len(shapes)))
+        lib = host_kernels["sgd.cu"]
+        for segment in range(len(shapes) + 1):    # one block row past the table's count: does nothing
+            lib.host_set_y(segment)
+            getattr(lib, "sgd_momentum_many" + _suffix(dtype))(table)
+        lib.host_set_y(0)
+    for got, want in zip(tensors, expected):
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

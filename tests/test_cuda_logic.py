@@ -326,8 +326,11 @@ def _extern_kernels():
 
 def test_kernel_table_matches_sources():
     found = _extern_kernels()
+    from mpiconvnet.backends.cuda import update
+    # a struct by value is packed on the host to its size in bytes (update.TABLE for sgd.cu's)
     char = {"float*": "P", "double*": "P", "int*": "P", "long": "q", "int": "i", "uint32_t": "I",
-            "float": "F", "double": "F", "unsigned": "P"}
+            "float": "F", "double": "F", "unsigned": "P", "SgdTable": f"{update.TABLE.size}s"}
+    assert update.TABLE.size == 64 * 48 + 16
     for name, (filename, signature) in context.KERNELS.items():
         variants = ["_f32"] if name in context.FLOAT32_ONLY else ["_f32", "_f64"]
         for suffix in variants:
@@ -842,6 +845,9 @@ def test_every_op_runs_through_the_python_plumbing(fake_backend):
         assert isinstance(loss, float) and dlogits.shape == (5, 10)
         assert len(cb.topk_correct(logits, np.arange(5), (1, 5))) == 2
         cb.sgd_momentum_update(w, w, w, 0.01, 0.9, 5e-4)
+        before = len(launches)
+        cb.sgd_momentum_update_many([w] * 70, [w] * 70, [w] * 70, [0.01] * 70, 0.9, [5e-4] * 70)
+        assert launches[before:] == ["sgd_momentum_many" + ("_f32" if dtype == np.float32 else "_f64")] * 2
         cb.scale_(w, 0.5)
     images = rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
     from mpiconvnet.data import augment

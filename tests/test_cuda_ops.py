@@ -366,6 +366,22 @@ def test_sgd_momentum_update(cb, nb, rng, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_sgd_momentum_update_many(cb, nb, rng, dtype):
+    # 70 tensors: two launches (64 + 6), each tensor with its own lr and weight decay
+    shapes = [(37, 11), (300,), (5,)] + [(int(n),) for n in rng.integers(1, 200, 67)]
+    host = [[rng.standard_normal(shape).astype(dtype) for _ in range(3)] for shape in shapes]
+    device = [[cb.to_device(a) for a in t] for t in host]
+    lrs = list(rng.uniform(0.001, 0.02, len(shapes)))
+    decays = list(rng.choice([0.0, 5e-4], len(shapes)))
+    for _ in range(3):
+        nb.sgd_momentum_update_many(*zip(*host), lrs, 0.9, decays)
+        cb.sgd_momentum_update_many(*zip(*device), lrs, 0.9, decays)
+    for (p, _, v), (pd, _, vd) in zip(host, device):
+        assert_close(cb.to_host(pd), p, "elementwise")
+        assert_close(cb.to_host(vd), v, "elementwise")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_scale(cb, nb, rng, dtype):
     a = rng.standard_normal(1001).astype(dtype)
     d = cb.to_device(a)

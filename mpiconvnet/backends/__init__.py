@@ -79,11 +79,14 @@ Loss and metrics
         waits for the GPU, so a training step reads it after queueing the backward pass
     topk_correct(logits, labels, ks) -> tuple of ints, how many labels are in the top k
 
-Update (in place, on one parameter tensor)
+Update (in place)
     sgd_momentum_update(param, grad, velocity, lr, momentum, weight_decay)
         Krizhevsky 2012 / Caffe form, learning rate inside the velocity:
         velocity = momentum * velocity + lr * (grad + weight_decay * param)
         param    = param - velocity
+    sgd_momentum_update_many(params, grads, velocities, lrs, momentum, weight_decays)
+        the same on each tensor of the lists, each with its own lr and weight decay (CUDA:
+        one launch for up to 64 tensors instead of one each)
     scale_(array, factor)                     array *= factor (averaging after a sum)
 
 Threads

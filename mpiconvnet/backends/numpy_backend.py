@@ -35,7 +35,7 @@ from mpiconvnet.backends.numpy_ops.malloc import keep_freed_memory
 from mpiconvnet.backends.numpy_ops.pool import maxpool_backward, maxpool_forward
 from mpiconvnet.backends.numpy_ops.relu import relu_backward, relu_forward
 from mpiconvnet.backends.numpy_ops.threads import get_num_threads, output, parallel_map, set_num_threads, split
-from mpiconvnet.backends.numpy_ops.update import scale_, sgd_momentum_update
+from mpiconvnet.backends.numpy_ops.update import scale_, sgd_momentum_update, sgd_momentum_update_many
 from mpiconvnet.data.augment import crop_batch
 
 NAME = "numpy"
@@ -136,7 +136,8 @@ __all__ = [
     "relu_forward", "relu_backward", "lrn_forward", "lrn_backward",
     "maxpool_forward", "maxpool_backward", "dropout_forward", "dropout_backward", "dropout_keep",
     "linear_forward", "linear_backward_data", "linear_backward_filter", "linear_backward_bias",
-    "crop_flip_normalize", "softmax_cross_entropy", "softmax_cross_entropy_rows", "topk_correct", "sgd_momentum_update", "scale_",
+    "crop_flip_normalize", "softmax_cross_entropy", "softmax_cross_entropy_rows", "topk_correct", "sgd_momentum_update",
+    "sgd_momentum_update_many", "scale_",
     "HOST_MEMORY", "pinned_host_empty", "copy_to_host", "copy_from_host", "mpi_buffer",
     "set_num_threads", "get_num_threads", "use_in_this_thread",
 ]

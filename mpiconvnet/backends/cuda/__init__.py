@@ -21,7 +21,7 @@ from .loss import softmax_cross_entropy, softmax_cross_entropy_rows, topk_correc
 from .memory import (HOST_MEMORY, copy_from_host, copy_into, copy_to_host, empty, flat_views, mpi_buffer,
                      pinned_host_empty, synchronize, to_device, to_host, zeros)
 from .mpi_cuda import cuda_aware_mpi
-from .update import scale_, sgd_momentum_update
+from .update import scale_, sgd_momentum_update, sgd_momentum_update_many
 
 NAME = "cuda"
 
@@ -45,7 +45,8 @@ __all__ = [
     "relu_forward", "relu_backward", "lrn_forward", "lrn_backward", "maxpool_forward", "maxpool_backward",
     "dropout_forward", "dropout_backward",
     "linear_forward", "linear_backward_data", "linear_backward_filter", "linear_backward_bias",
-    "softmax_cross_entropy", "softmax_cross_entropy_rows", "topk_correct", "sgd_momentum_update", "scale_",
+    "softmax_cross_entropy", "softmax_cross_entropy_rows", "topk_correct", "sgd_momentum_update",
+    "sgd_momentum_update_many", "scale_",
     "HOST_MEMORY", "pinned_host_empty", "copy_to_host", "copy_from_host", "mpi_buffer",
     "crop_flip_normalize",
 ]

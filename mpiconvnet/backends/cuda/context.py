@@ -31,6 +31,7 @@ KERNELS = {
     "dropout_forward": ("dropout.cu", "PPPqqIIIIF"),
     "dropout_apply": ("dropout.cu", "PPPqF"),
     "sgd_momentum": ("sgd.cu", "PPPqFFF"),
+    "sgd_momentum_many": ("sgd.cu", "3088s"),   # one SgdTable by value (update.TABLE)
     "scale": ("sgd.cu", "PqF"),
     "softmax_xent": ("loss.cu", "PPPPiiF"),
     "label_rank": ("loss.cu", "PPPii"),

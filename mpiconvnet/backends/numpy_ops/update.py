@@ -32,6 +32,15 @@ def sgd_momentum_update(param, grad, velocity, lr, momentum, weight_decay):
     parallel_map(update, split(p.size, p.itemsize * 4))
 
 
+def sgd_momentum_update_many(params, grads, velocities, lrs, momentum, weight_decays):
+    # sgd_momentum_update on each tensor in turn (the CUDA backend does them in one launch)
+    if not (len(params) == len(grads) == len(velocities) == len(lrs) == len(weight_decays)):
+        raise ValueError(f"sgd_momentum_update_many: {len(params)} params, {len(grads)} grads, "
+                         f"{len(velocities)} velocities, {len(lrs)} lrs and {len(weight_decays)} weight decays")
+    for param, grad, velocity, lr, weight_decay in zip(params, grads, velocities, lrs, weight_decays):
+        sgd_momentum_update(param, grad, velocity, lr, momentum, weight_decay)
+
+
 def scale_(array, factor):
     # array *= factor, in place
     array *= float(factor)
