@@ -9,7 +9,10 @@ When a bucket is complete it is handed to a communication thread that runs a *bl
 MPI Allreduce on it (mpi4py releases the GIL inside MPI; Open MPI refuses device buffers
 in non-blocking reductions, so a thread is the portable way to overlap). With a CUDA
 backend and an MPI that is not CUDA-aware, the bucket is first copied into a persistent
-pinned host buffer and copied back after the reduction.
+pinned host buffer and copied back after the reduction. On a GPU the bucket goes with an
+event recorded after its gradients (and their copy to the host): the communication thread
+waits for that event, while the main thread goes on queueing backward; waiting on the main
+thread would leave the GPU idle at every bucket while Python queued the next layers.
 """
 import queue
 import threading
@@ -96,7 +99,7 @@ class GradientReducer:
         self.staged = not self.ops.HOST_MEMORY and not cuda_aware
         self.host = [self.ops.pinned_host_empty(buf.shape, buf.dtype) for buf in buckets.buffers] if self.staged else None
         self.remaining = None
-        self.launched = []
+        self.launched = []    # (bucket, its event) of this step, in launch order
         self.done = queue.Queue()
         self.work = queue.Queue()
         self.thread = None
@@ -107,13 +110,15 @@ class GradientReducer:
     # -- the communication thread ---------------------------------------------------
 
     def _serve(self):
-        if not self.staged:
-            self.ops.use_in_this_thread()   # a CUDA-aware MPI reads device memory from this thread
+        # this thread waits for the GPU's events, and a CUDA-aware MPI reads device memory here
+        self.ops.use_in_this_thread()
         while True:
-            b = self.work.get()
-            if b is None:
+            item = self.work.get()
+            if item is None:
                 return
+            b, ready = item
             try:
+                self.ops.wait_event(ready)   # the bucket's gradients, or their host copy, are complete
                 self._reduce_and_average(b)
                 self.done.put((b, None))
             except BaseException as e:   # reported to the main thread, which raises it
@@ -150,12 +155,13 @@ class GradientReducer:
         if self.world.size == 1:
             return
         if self.staged:
-            self.ops.copy_to_host(self.host[b], self.buckets.buffers[b])   # synchronises the stream first
-        else:
-            self.ops.synchronize()   # MPI must not read a buffer a kernel is still writing
-        self.launched.append(b)
+            self.ops.copy_to_host_async(self.host[b], self.buckets.buffers[b])
+        # MPI must not read the bucket (or its host copy) before the GPU has written it:
+        # whoever reduces it waits for this event first
+        ready = self.ops.record_event()
+        self.launched.append((b, ready))
         if self.overlap:
-            self.work.put(b)
+            self.work.put((b, ready))
 
     def finish(self):
         """Wait for every bucket, divide by the rank count; return exposed seconds."""
@@ -176,9 +182,10 @@ class GradientReducer:
                     if error is not None:
                         raise error
             else:
-                for b in self.launched:
+                for b, ready in self.launched:
+                    self.ops.wait_event(ready)
                     self._reduce_and_average(b)
-            for b in self.launched:
+            for b, _ in self.launched:
                 if self.staged:
                     self.ops.copy_from_host(self.buckets.buffers[b], self.host[b])
                 elif not self.ops.HOST_MEMORY and self.average:

@@ -1,5 +1,7 @@
 """Gradient allreduce over buckets. Runs under plain pytest (one rank) and under
 `mpiexec -n 2 python -m pytest tests/test_collectives.py` (.ci/run does both)."""
+import threading
+
 import numpy as np
 import pytest
 
@@ -39,6 +41,72 @@ def test_rank_valued_allreduce_gives_the_mean_rank_twice(world, overlap):
                 np.testing.assert_array_equal(view, np.full(SHAPES[name], (world.size - 1) / 2, np.float32), name)
     finally:
         reducer.close()
+
+
+class QueuedDevice:
+    """A stand-in GPU backend for the reducer's staged path: arrays in host memory, but
+    HOST_MEMORY False, and a copy to the host delivered only when an event recorded after
+    it is waited for (as a GPU's copy is done only then). A reducer that read a bucket's
+    host copy before waiting for its event would reduce stale values (the NaN it starts as)."""
+    HOST_MEMORY = False
+    zeros, flat_views, scale_ = staticmethod(ops.zeros), staticmethod(ops.flat_views), staticmethod(ops.scale_)
+
+    def __init__(self):
+        self.pending, self.lock = [], threading.Lock()
+        self.threads = set()      # threads that called use_in_this_thread
+        self.waited_from = set()  # threads that waited for an event
+
+    def pinned_host_empty(self, shape, dtype):
+        return np.full(shape, np.nan, dtype)
+
+    def copy_to_host_async(self, dst, src):
+        snapshot = src.copy()     # what the stream would copy: src as queued work left it
+        with self.lock:
+            self.pending.append(lambda: np.copyto(dst, snapshot))
+
+    def record_event(self):
+        with self.lock:
+            return len(self.pending)
+
+    def wait_event(self, event):
+        assert threading.get_ident() == threading.main_thread().ident or threading.get_ident() in self.threads, \
+            "an event was waited for from a thread that did not call use_in_this_thread"
+        self.waited_from.add(threading.get_ident())
+        with self.lock:
+            for i in range(event):
+                if self.pending[i] is not None:
+                    self.pending[i]()
+                    self.pending[i] = None
+
+    def copy_from_host(self, dst, src):
+        np.copyto(dst, src)
+
+    def use_in_this_thread(self):
+        self.threads.add(threading.get_ident())
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_staged_buckets_are_reduced_after_their_copy_to_the_host_is_done(world, overlap):
+    device = QueuedDevice()
+    buckets = GradientBuckets(device, SHAPES, np.float32, bucket_bytes=4000)
+    reducer = GradientReducer(world, buckets, overlap=overlap)
+    assert reducer.staged
+    try:
+        for step in range(2):
+            for buf in buckets.buffers:
+                buf[...] = world.rank + step
+            reducer.begin()
+            for name in reversed(list(SHAPES)):
+                reducer.grads_ready([name])
+            reducer.finish()
+            for name, view in buckets.views.items():
+                np.testing.assert_array_equal(view, np.full(SHAPES[name], (world.size - 1) / 2 + step, np.float32))
+    finally:
+        reducer.close()
+    if world.size > 1:
+        # the waits happened where the reductions run: the communication thread when it overlaps
+        main = threading.main_thread().ident
+        assert (main not in device.waited_from) == overlap and device.waited_from
 
 
 def test_a_bucket_left_incomplete_is_an_error(world):

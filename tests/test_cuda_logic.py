@@ -754,9 +754,22 @@ def _fake_pycuda(launches):
         def retain_primary_context(self):
             return _FakeContext()
 
+    class Event:
+        def __init__(self, flags=0):
+            self.flags, self.recorded = flags, False
+
+        def record(self, stream=None):
+            assert isinstance(stream, Stream)
+            self.recorded = True
+            return self
+
+        def synchronize(self):
+            assert self.recorded, "waited for an event that was never recorded"
+
     drv = types.ModuleType("pycuda.driver")
     drv.init = lambda: None
-    drv.Device, drv.Stream = Device, Stream
+    drv.Device, drv.Stream, drv.Event = Device, Stream, Event
+    drv.event_flags = types.SimpleNamespace(DISABLE_TIMING=2)
     drv.memcpy_htod_async = lambda dst, src, stream=None: ctypes.memmove(int(dst), src.ctypes.data, src.nbytes)
     drv.memcpy_dtoh_async = lambda dst, src, stream=None: ctypes.memmove(dst.ctypes.data, int(src), dst.nbytes)
     drv.memcpy_dtod_async = lambda dst, src, n, stream=None: ctypes.memmove(int(dst), int(src), n)
@@ -807,6 +820,13 @@ def test_every_op_runs_through_the_python_plumbing(fake_backend):
     np.testing.assert_array_equal(cb.to_host(flat), np.r_[np.zeros(4), np.arange(6)].astype(np.float32))
     pinned = cb.pinned_host_empty((10,), np.float32)
     cb.copy_to_host(pinned, flat)
+    pinned[...] = -1
+    cb.copy_to_host_async(pinned, flat)
+    event = cb.record_event()
+    cb.wait_event(event)
+    np.testing.assert_array_equal(pinned, cb.to_host(flat))
+    with pytest.raises(ValueError, match="copy_to_host_async: host"):
+        cb.copy_to_host_async(pinned[:5], flat)
     cb.copy_from_host(v1, np.ones((2, 2), np.float32))
     np.testing.assert_array_equal(cb.to_host(flat)[:4], np.ones(4))
     assert cb.mpi_buffer(flat).__cuda_array_interface__["data"][0] == flat.ptr

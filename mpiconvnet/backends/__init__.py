@@ -102,6 +102,11 @@ Communication (how the trainer hands a flat gradient bucket to MPI)
                                               MPI reduces them in place
     pinned_host_empty(shape, dtype) -> numpy.ndarray   page-locked on CUDA (staging buffers)
     copy_to_host(dst_host, src)               device -> host, into an existing host array
+    copy_to_host_async(dst_host, src)         the same, queued: dst_host is complete once an
+                                              event recorded after it has been waited for
+    record_event() -> event                   marks the work queued so far (None on NumPy)
+    wait_event(event)                         blocks the calling thread until that work is
+                                              done (another thread: use_in_this_thread first)
     copy_from_host(dst, src_host)             host -> device, into an existing array
     mpi_buffer(array)                         what mpi4py reads/writes in place: the ndarray
                                               on NumPy; on CUDA an object exposing

@@ -116,6 +116,36 @@ def copy_to_host(dst_host, src):
     st.stream.synchronize()
 
 
+def copy_to_host_async(dst_host, src):
+    """dst_host[...] = src, queued on the backend stream: complete once an event recorded
+    after it has been waited for (record_event / wait_event). dst_host should be
+    page-locked (pinned_host_empty): from pageable memory the driver may wait for the copy."""
+    if tuple(dst_host.shape) != tuple(src.shape) or dst_host.dtype != src.dtype:
+        raise ValueError(f"copy_to_host_async: host {dst_host.shape} {dst_host.dtype} does not match device "
+                         f"{src.shape} {src.dtype}")
+    if not dst_host.flags.c_contiguous:
+        raise ValueError("copy_to_host_async: the host array must be C-contiguous")
+    if src.nbytes:
+        st = context.get()
+        st.drv.memcpy_dtoh_async(dst_host, src.ptr, st.stream)
+
+
+def record_event():
+    """An event after the work queued so far on the backend stream. Waiting for it instead
+    of synchronising lets the thread that queues the work go on queueing (the gradient
+    buckets: the communication thread waits, the main thread queues the rest of backward)."""
+    st = context.get()
+    event = st.drv.Event(st.drv.event_flags.DISABLE_TIMING)
+    event.record(st.stream)
+    return event
+
+
+def wait_event(event):
+    """Block the calling thread until the work before `event` is done (PyCUDA releases the
+    GIL meanwhile). A thread other than the initialising one calls use_in_this_thread() first."""
+    event.synchronize()
+
+
 def copy_from_host(dst, src_host):
     """dst[...] = src_host, queued on the backend stream (later work sees the data).
 
