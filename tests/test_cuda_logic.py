@@ -775,6 +775,7 @@ def _fake_pycuda(launches):
     drv.memcpy_dtod_async = lambda dst, src, n, stream=None: ctypes.memmove(int(dst), int(src), n)
     drv.memset_d8_async = lambda dst, value, n, stream=None: ctypes.memset(int(dst), value, n)
     drv.pagelocked_empty = lambda shape, dtype: np.empty(shape, dtype)
+    drv.register_host_memory = lambda array, flags=0: array[...]   # PyCUDA: a view that holds the pinning
     drv.module_from_file = lambda path: Module()
     pvt_struct = types.ModuleType("pycuda._pvt_struct")
     pvt_struct.pack = struct.pack   # a wrong argument count or type raises struct.error
@@ -789,12 +790,36 @@ def _fake_pycuda(launches):
             "pycuda.compiler": compiler}
 
 
+class _FakeDriver:
+    """The few CUDA driver calls made through ctypes (libs.load_driver): page-locking."""
+
+    def __init__(self):
+        self.registered = {}   # address -> bytes
+        self.refuse = False
+
+    def cuMemHostRegister_v2(self, ptr, nbytes, flags):
+        if self.refuse:
+            return 2   # CUDA_ERROR_OUT_OF_MEMORY
+        self.registered[ptr.value] = nbytes.value
+        return 0
+
+    def cuMemHostUnregister(self, ptr):
+        assert self.registered.pop(ptr.value, None) is not None, "unregistered memory that was not registered"
+        return 0
+
+    def cuGetErrorString(self, status, text):
+        text._obj.value = b"out of memory"
+        return 0
+
+
 @pytest.fixture
 def fake_backend(fake_libs, monkeypatch):
     """The CUDA backend over the stand-in pycuda, cuBLAS and cuDNN; yields (backend, launches)."""
     launches = []
     for name, module in _fake_pycuda(launches).items():
         monkeypatch.setitem(sys.modules, name, module)
+    driver = _FakeDriver()
+    monkeypatch.setattr(libs, "load_driver", lambda: driver)
     monkeypatch.setattr(context, "_state", None)
     monkeypatch.setattr(mpi_cuda, "_cached", None)
     monkeypatch.setattr(_FakeContext, "depth", {})
@@ -827,6 +852,20 @@ def test_every_op_runs_through_the_python_plumbing(fake_backend):
     np.testing.assert_array_equal(pinned, cb.to_host(flat))
     with pytest.raises(ValueError, match="copy_to_host_async: host"):
         cb.copy_to_host_async(pinned[:5], flat)
+    slots = np.zeros((3, 4, 8, 8, 3), np.uint8)
+    pinned = cb.pin_host_memory(slots)
+    driver = libs.load_driver()
+    assert driver.registered == {slots.ctypes.data: slots.nbytes}
+    pinned.close()
+    pinned.close()                      # once only
+    assert driver.registered == {}
+    cb.pin_host_memory(slots)           # dropped: unregistered when garbage-collected
+    assert driver.registered == {}
+    with pytest.raises(ValueError, match="C-contiguous"):
+        cb.pin_host_memory(slots[:, :, ::2])
+    driver.refuse = True
+    with pytest.raises(RuntimeError, match=r"cuMemHostRegister of 1536 bytes failed: out of memory \(CUresult 2\)"):
+        cb.pin_host_memory(slots[:2])
     cb.copy_from_host(v1, np.ones((2, 2), np.float32))
     np.testing.assert_array_equal(cb.to_host(flat)[:4], np.ones(4))
     assert cb.mpi_buffer(flat).__cuda_array_interface__["data"][0] == flat.ptr

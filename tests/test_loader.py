@@ -65,6 +65,60 @@ def test_workers_and_prefetch_do_not_change_the_batches(dataset):
     assert_same_batches(in_process, collect(dataset, workers=1, prefetch=3, **options))
 
 
+class LazyDevice:
+    """A stand-in GPU backend for the loader: crop_flip_normalize reads the slot only when
+    an event recorded after it is waited for (as a copy from page-locked memory runs after
+    the call that queued it). A loader that refilled a slot before waiting would hand the
+    model another batch's pixels."""
+    HOST_MEMORY = False
+
+    def __init__(self):
+        self.pinned, self.pending = [], []
+
+    def pin_host_memory(self, array):
+        self.pinned.append(array)
+        return object()
+
+    def crop_flip_normalize(self, images, plan, crop_size, mean_chw, std):
+        result = {}
+        self.pending.append(lambda: result.setdefault("x", numpy_backend.crop_flip_normalize(
+            images, plan, crop_size, mean_chw, std)))
+        return result
+
+    def record_event(self):
+        return len(self.pending)
+
+    def wait_event(self, event):
+        for read in self.pending[:event]:
+            read()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_slot_is_refilled_only_after_the_device_has_read_it(raw_dataset, workers):
+    device = LazyDevice()
+    options = {"batch_per_rank": 4, "crop_size": CROP, "epoch": 1, "seed": 3, "workers": workers}
+    with BatchLoader(raw_dataset, **options) as loader:
+        inputs = [loader.model_input(batch, device) for batch in loader]
+    assert len(device.pinned) == 1 and device.pinned[0].shape[0] == loader.num_slots   # every slot, once
+    expected = collect(raw_dataset, **options)
+    assert len(inputs) == len(expected)
+    for got, (_, want, _) in zip(inputs, expected):
+        np.testing.assert_array_equal(got["x"], want)
+
+
+def test_a_slot_that_cannot_be_pinned_is_used_unpinned(raw_dataset, monkeypatch, capsys):
+    device = LazyDevice()
+    device.pin_host_memory = lambda array: (_ for _ in ()).throw(RuntimeError("cuMemHostRegister failed"))
+    monkeypatch.setattr(loader_module, "_pin_warned", False)
+    options = {"batch_per_rank": 4, "crop_size": CROP, "epoch": 1, "seed": 3, "workers": 0}
+    with BatchLoader(raw_dataset, **options) as loader:
+        inputs = [loader.model_input(batch, device) for batch in loader]
+    err = capsys.readouterr().err
+    assert err.count("could not page-lock the batch slots (cuMemHostRegister failed)") == 1
+    for got, (_, want, _) in zip(inputs, collect(raw_dataset, **options)):
+        np.testing.assert_array_equal(got["x"], want)
+
+
 def test_batches_hold_the_sampled_images_and_labels(dataset):
     batches = collect(dataset, workers=2)
     assert len(batches) == 12

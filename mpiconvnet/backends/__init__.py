@@ -101,6 +101,9 @@ Communication (how the trainer hands a flat gradient bucket to MPI)
     HOST_MEMORY: bool                         True when arrays live in host memory (NumPy):
                                               MPI reduces them in place
     pinned_host_empty(shape, dtype) -> numpy.ndarray   page-locked on CUDA (staging buffers)
+    pin_host_memory(array) -> handle          page-lock an existing host array (the loader's
+                                              batch slots) while the handle lives, so copies
+                                              from it are asynchronous (None on NumPy)
     copy_to_host(dst_host, src)               device -> host, into an existing host array
     copy_to_host_async(dst_host, src)         the same, queued: dst_host is complete once an
                                               event recorded after it has been waited for

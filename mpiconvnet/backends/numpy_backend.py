@@ -113,6 +113,11 @@ def pinned_host_empty(shape, dtype):
     return np.empty(shape, dtype=dtype)
 
 
+def pin_host_memory(array):
+    # host memory is all there is: nothing to pin
+    return None
+
+
 def copy_to_host(dst_host, src):
     np.copyto(dst_host, src)
 
@@ -151,7 +156,7 @@ __all__ = [
     "linear_forward", "linear_backward_data", "linear_backward_filter", "linear_backward_bias",
     "crop_flip_normalize", "softmax_cross_entropy", "softmax_cross_entropy_rows", "topk_correct", "sgd_momentum_update",
     "sgd_momentum_update_many", "scale_",
-    "HOST_MEMORY", "pinned_host_empty", "copy_to_host",
+    "HOST_MEMORY", "pinned_host_empty", "pin_host_memory", "copy_to_host",
     "copy_to_host_async", "record_event", "wait_event", "copy_from_host", "mpi_buffer",
     "set_num_threads", "get_num_threads", "use_in_this_thread",
 ]

@@ -42,6 +42,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import sys
 import time
 import traceback
 from typing import NamedTuple
@@ -112,6 +113,23 @@ def shared_array(shape, dtype):
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     buffer = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     return np.frombuffer(buffer, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+
+
+_pin_warned = False
+
+
+def _pin_slots(pixels, ops):
+    """ops.pin_host_memory(pixels), or False (and one warning per process) when the driver
+    refuses: the uploads then stay synchronous, slower but correct."""
+    global _pin_warned
+    try:
+        return ops.pin_host_memory(pixels)
+    except Exception as e:
+        if not _pin_warned:
+            _pin_warned = True
+            print(f"loader: could not page-lock the batch slots ({e}); batch uploads stay synchronous",
+                  file=sys.stderr)
+        return False
 
 
 def _worker_main(maker, connection, pixels, labels, parent_pid):
@@ -200,6 +218,8 @@ class BatchLoader:
             self._labels = np.empty((num_slots, batch_per_rank), dtype=np.int64)
         self._free_slots = list(range(num_slots))
         self._held_slot = None        # the slot whose views the consumer was last given
+        self._pinned = None           # the slots page-locked for a GPU backend (model_input)
+        self._upload = None           # (ops, event after the held slot's upload to the device)
         self._ready = {}              # step -> (slot, count)
         self._next_order = start_step
         self._next_step = start_step
@@ -284,7 +304,12 @@ class BatchLoader:
         if self._closed:
             raise StopIteration
         if self._held_slot is not None:
-            # the consumer has moved on: its previous slot may be refilled
+            # the consumer has moved on: its previous slot may be refilled, once the device
+            # has read it (a copy from page-locked memory runs after the call that queued it)
+            if self._upload is not None:
+                ops, event = self._upload
+                ops.wait_event(event)
+                self._upload = None
             self._free_slots.append(self._held_slot)
             self._held_slot = None
             if self.workers:
@@ -308,8 +333,16 @@ class BatchLoader:
 
     def model_input(self, batch, ops):
         """float32 (len(batch.plan), 3, c, c) on the backend `ops`: batch's crops, flipped,
-        lit and normalised with this loader's mean and std (ops.crop_flip_normalize)."""
-        return ops.crop_flip_normalize(batch.pixels, batch.plan, self.crop_size, self.mean_chw, self.std)
+        lit and normalised with this loader's mean and std (ops.crop_flip_normalize).
+
+        On a GPU backend the slots are page-locked on first use, so the batch's upload is
+        DMA that the host does not wait for; the slot is refilled only after it is done."""
+        if not ops.HOST_MEMORY and self._pinned is None:
+            self._pinned = _pin_slots(self._pixels, ops)
+        x = ops.crop_flip_normalize(batch.pixels, batch.plan, self.crop_size, self.mean_chw, self.std)
+        if not ops.HOST_MEMORY:
+            self._upload = (ops, ops.record_event())
+        return x
 
     # --- shutdown ----------------------------------------------------------------------
 
@@ -336,6 +369,11 @@ class BatchLoader:
         for connection in self._connections:
             connection.close()
         self._processes, self._connections = [], []
+        if getattr(self, "_upload", None) is not None:   # the device may still be reading a slot
+            ops, event = self._upload
+            ops.wait_event(event)
+            self._upload = None
+        self._pinned = None                # unpinned before the slots' mapping can go
         if getattr(self, "dataset", None) is not None:   # absent when __init__ failed early
             self.dataset.close()
 

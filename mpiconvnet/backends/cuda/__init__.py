@@ -19,7 +19,7 @@ from .layers import (dropout_backward, dropout_forward, lrn_backward, lrn_forwar
                      maxpool_forward, relu_backward, relu_forward)
 from .loss import softmax_cross_entropy, softmax_cross_entropy_rows, topk_correct
 from .memory import (HOST_MEMORY, copy_from_host, copy_into, copy_to_host, copy_to_host_async, empty, flat_views,
-                     mpi_buffer, pinned_host_empty, record_event, synchronize, to_device, to_host, wait_event, zeros)
+                     mpi_buffer, pin_host_memory, pinned_host_empty, record_event, synchronize, to_device, to_host, wait_event, zeros)
 from .mpi_cuda import cuda_aware_mpi
 from .update import scale_, sgd_momentum_update, sgd_momentum_update_many
 
@@ -47,7 +47,7 @@ __all__ = [
     "linear_forward", "linear_backward_data", "linear_backward_filter", "linear_backward_bias",
     "softmax_cross_entropy", "softmax_cross_entropy_rows", "topk_correct", "sgd_momentum_update",
     "sgd_momentum_update_many", "scale_",
-    "HOST_MEMORY", "pinned_host_empty", "copy_to_host",
+    "HOST_MEMORY", "pinned_host_empty", "pin_host_memory", "copy_to_host",
     "copy_to_host_async", "record_event", "wait_event", "copy_from_host", "mpi_buffer",
     "crop_flip_normalize",
 ]

@@ -106,6 +106,29 @@ def _dlopen_first(sonames, dirs, what, fix, preload_pattern=None):
 _loaded = {}
 
 
+def load_driver():
+    """ctypes.CDLL of the CUDA driver (libcuda.so.1, already loaded by PyCUDA), for the few
+    driver calls PyCUDA does not offer safely (memory.PinnedHostMemory)."""
+    if "driver" not in _loaded:
+        try:
+            driver = ctypes.CDLL("libcuda.so.1")
+        except OSError as e:
+            raise LibraryNotFound(f"the CUDA driver libcuda.so.1 did not load ({e}); run on a GPU node") from None
+        driver.cuMemHostRegister_v2.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+        driver.cuMemHostUnregister.argtypes = [ctypes.c_void_p]
+        driver.cuGetErrorString.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+        _loaded["driver"] = driver
+    return _loaded["driver"]
+
+
+def driver_error(status):
+    """The driver's words for a CUresult."""
+    text = ctypes.c_char_p()
+    if load_driver().cuGetErrorString(status, ctypes.byref(text)) == 0 and text.value:
+        return f"{text.value.decode()} (CUresult {status})"
+    return f"CUresult {status}"
+
+
 def load_cublas():
     """ctypes.CDLL of libcublas (cached)."""
     if "cublas" not in _loaded:
