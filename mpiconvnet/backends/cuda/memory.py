@@ -109,10 +109,10 @@ class PinnedHostMemory:
     """An existing host array page-locked (cuMemHostRegister) until close() or until it is
     garbage-collected.
 
-    Through the driver API directly, not PyCUDA's register_host_memory: PyCUDA 2026.1's
-    crashes the interpreter with NumPy 2 (it sets the base of an array NumPy already gave
-    one, then frees it twice; found by scripts/host-time.sh --run, which runs the real
-    PyCUDA)."""
+    Through the driver API directly, not PyCUDA's register_host_memory: PyCUDA 2026.1's,
+    built against NumPy 2.4, segfaults on a plain contiguous array (in subtype_dealloc,
+    right after its PyArray_SetBaseObject; found by scripts/host-time.sh --run, which runs
+    the real PyCUDA)."""
 
     def __init__(self, array):
         self.array, self.ptr = array, array.ctypes.data
