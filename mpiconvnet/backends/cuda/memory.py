@@ -112,7 +112,7 @@ class PinnedHostMemory:
     Through the driver API directly, not PyCUDA's register_host_memory: PyCUDA 2026.1's,
     built against NumPy 2.4, segfaults on a plain contiguous array (in subtype_dealloc,
     right after its PyArray_SetBaseObject; found by scripts/host-time.sh --run, which runs
-    the real PyCUDA)."""
+    the real PyCUDA; upstream: inducer/pycuda#459, open)."""
 
     def __init__(self, array):
         self.array, self.ptr = array, array.ctypes.data
