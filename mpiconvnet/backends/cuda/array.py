@@ -1,7 +1,7 @@
 """The CUDA backend's array: a C-contiguous block of device memory with a shape and a dtype.
 
 The ops need no more than that (shape, dtype, size, nbytes, the device address as `ptr`,
-reshape, 1-D slices), and a training step makes ~70 of them. PyCUDA's GPUArray costs
+reshape, 1-D slices), and an AlexNet training step makes ~50 of them. PyCUDA's GPUArray costs
 several times more to construct (strides, a launch shape from driver queries, checks) for
 features we do not use; host time is what bounds small and TF32 steps on a GPU (see
 scripts/host-time.sh and docs/benchmarks.md).
