@@ -33,7 +33,8 @@ __device__ __forceinline__ int window_first_max(const T* xp, int W, int h0, int 
     return best_at;
 }
 
-// y[plane, ph, pw] = the window's maximum; first_max[plane, ph, pw] = where it is
+// y[plane, ph, pw] = the window's maximum (unless y is null: maxpool_first_max, for a
+// backward pass whose y did not come from here); first_max[plane, ph, pw] = where it is
 template <typename T>
 __device__ void maxpool_forward(T* y, int* first_max, const T* x, long long planes, int H, int W,
                                 int P, int Q, int size, int stride) {
@@ -45,21 +46,7 @@ __device__ void maxpool_forward(T* y, int* first_max, const T* x, long long plan
         T nan = 0;
         int at = window_first_max(xp, W, ph * stride, pw * stride, size, &has_nan, &nan);
         first_max[i] = at;
-        y[i] = has_nan ? nan : xp[at];
-    }
-}
-
-// first_max alone, for a backward pass whose y did not come from maxpool_forward
-template <typename T>
-__device__ void maxpool_first_max(int* first_max, const T* x, long long planes, int H, int W,
-                                  int P, int Q, int size, int stride) {
-    GRID_STRIDE_LOOP(i, planes * P * Q) {
-        int pw = (int)(i % Q);
-        int ph = (int)((i / Q) % P);
-        const T* xp = x + (i / ((long long)P * Q)) * H * W;
-        bool has_nan;
-        T nan = 0;
-        first_max[i] = window_first_max(xp, W, ph * stride, pw * stride, size, &has_nan, &nan);
+        if (y) y[i] = has_nan ? nan : xp[at];
     }
 }
 
@@ -96,11 +83,11 @@ extern "C" __global__ void maxpool_forward_f64(double* y, int* first_max, const 
 }
 extern "C" __global__ void maxpool_first_max_f32(int* first_max, const float* x, long long planes, int H, int W,
                                                  int P, int Q, int size, int stride) {
-    maxpool_first_max(first_max, x, planes, H, W, P, Q, size, stride);
+    maxpool_forward<float>(nullptr, first_max, x, planes, H, W, P, Q, size, stride);
 }
 extern "C" __global__ void maxpool_first_max_f64(int* first_max, const double* x, long long planes, int H, int W,
                                                  int P, int Q, int size, int stride) {
-    maxpool_first_max(first_max, x, planes, H, W, P, Q, size, stride);
+    maxpool_forward<double>(nullptr, first_max, x, planes, H, W, P, Q, size, stride);
 }
 extern "C" __global__ void maxpool_backward_f32(float* dx, const int* first_max, const float* dy, long long planes,
                                                 int H, int W, int P, int Q, int size, int stride) {
