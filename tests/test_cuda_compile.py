@@ -45,6 +45,26 @@ def test_prebuild_writes_one_fatbin_per_kernel_file(tmp_path):
     assert all(os.path.getsize(p) > 0 for p in built)
 
 
+def _cuda_include_dir():
+    """The toolkit's include directory (cuda.h), next to nvcc or in the usual places."""
+    candidates = [os.path.join(os.path.dirname(os.path.realpath(NVCC)), "..", "include")] if NVCC else []
+    candidates += [os.path.join(os.environ.get("CUDA_HOME", "/nonexistent"), "include"), "/usr/local/cuda/include"]
+    return next((d for d in candidates if os.path.isfile(os.path.join(d, "cuda.h"))), None)
+
+
+def test_the_host_time_fake_libraries_compile(tmp_path):
+    # scripts/host-time.sh builds them on a machine without a GPU; a prototype that no
+    # longer matches cuda.h would fail there, after a 5-minute PyCUDA build
+    include, cc = _cuda_include_dir(), shutil.which("cc") or shutil.which("gcc")
+    if include is None or cc is None:
+        pytest.skip("needs cuda.h (the CUDA toolkit) and a C compiler")
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts", "host_time")
+    for name, flags in (("fake_cuda.c", ["-c", "-I", include]), ("fake_dnn_blas.c", ["-shared", "-DLIBRARY=\"cuDNN\""])):
+        result = subprocess.run([cc, "-O1", "-fPIC", "-Wall", "-Werror", *flags, "-o", str(tmp_path / (name + ".o")),
+                                 os.path.join(source, name)], capture_output=True, text=True)
+        assert result.returncode == 0, f"{name}:\n{result.stderr}"
+
+
 # --- the kernels' arithmetic, run on the host -------------------------------------------------
 # The elementwise kernel files compile as plain C++ with a shim that makes a kernel launch a
 # loop (one block of one thread: GRID_STRIDE_LOOP then visits every element in order) and

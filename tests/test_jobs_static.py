@@ -2,6 +2,7 @@
 each refuses to run outside a job with a message naming the fix, and when asked to run
 anyway (MPICONVNET_OUTSIDE_SLURM=1) the same script bodies train, stop on a signal and
 evaluate. The submitted versions run in tests/test_slurm.py."""
+import glob
 import json
 import os
 import re
@@ -54,7 +55,7 @@ def test_gpu_requests_are_left_to_the_site():
         assert not active, f"{script}: active GPU request {active}"
 
 
-@pytest.mark.parametrize("script", SCRIPTS + ["scripts/local-slurm.sh"])
+@pytest.mark.parametrize("script", SCRIPTS + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "scripts", "*.sh"))))
 def test_bash_parses_the_script(script):
     result = subprocess.run(["bash", "-n", script], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
