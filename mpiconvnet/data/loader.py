@@ -306,10 +306,7 @@ class BatchLoader:
         if self._held_slot is not None:
             # the consumer has moved on: its previous slot may be refilled, once the device
             # has read it (a copy from page-locked memory runs after the call that queued it)
-            if self._upload is not None:
-                ops, event = self._upload
-                ops.wait_event(event)
-                self._upload = None
+            self._wait_for_upload()
             self._free_slots.append(self._held_slot)
             self._held_slot = None
             if self.workers:
@@ -330,6 +327,13 @@ class BatchLoader:
         self._held_slot = slot
         self._next_step = step + 1
         return Batch(step, self._pixels[slot, :count], self._labels[slot, :count], self._maker.plan(step, count))
+
+    def _wait_for_upload(self):
+        """Wait until the device has read the held slot (its upload is DMA, after the call)."""
+        if self._upload is not None:
+            ops, event = self._upload
+            ops.wait_event(event)
+            self._upload = None
 
     def model_input(self, batch, ops):
         """float32 (len(batch.plan), 3, c, c) on the backend `ops`: batch's crops, flipped,
@@ -369,10 +373,8 @@ class BatchLoader:
         for connection in self._connections:
             connection.close()
         self._processes, self._connections = [], []
-        if getattr(self, "_upload", None) is not None:   # the device may still be reading a slot
-            ops, event = self._upload
-            ops.wait_event(event)
-            self._upload = None
+        if getattr(self, "_upload", None) is not None:   # __init__ may have failed before setting it
+            self._wait_for_upload()                      # the device may still be reading a slot
         self._pinned = None                # unpinned before the slots' mapping can go
         if getattr(self, "dataset", None) is not None:   # absent when __init__ failed early
             self.dataset.close()

@@ -148,25 +148,22 @@ def pin_host_memory(array):
 
 def copy_to_host(dst_host, src):
     """dst_host[...] = src, complete on return."""
-    if tuple(dst_host.shape) != tuple(src.shape) or dst_host.dtype != src.dtype:
-        raise ValueError(f"copy_to_host: host {dst_host.shape} {dst_host.dtype} does not match device {src.shape} {src.dtype}")
-    if not dst_host.flags.c_contiguous:
-        raise ValueError("copy_to_host: the host array must be C-contiguous")
-    st = context.get()
-    if src.nbytes:
-        st.drv.memcpy_dtoh_async(dst_host, src.ptr, st.stream)
-    st.stream.synchronize()
+    _queue_copy_to_host("copy_to_host", dst_host, src)
+    context.get().stream.synchronize()
 
 
 def copy_to_host_async(dst_host, src):
     """dst_host[...] = src, queued on the backend stream: complete once an event recorded
     after it has been waited for (record_event / wait_event). dst_host should be
     page-locked (pinned_host_empty): from pageable memory the driver may wait for the copy."""
+    _queue_copy_to_host("copy_to_host_async", dst_host, src)
+
+
+def _queue_copy_to_host(op, dst_host, src):
     if tuple(dst_host.shape) != tuple(src.shape) or dst_host.dtype != src.dtype:
-        raise ValueError(f"copy_to_host_async: host {dst_host.shape} {dst_host.dtype} does not match device "
-                         f"{src.shape} {src.dtype}")
+        raise ValueError(f"{op}: host {dst_host.shape} {dst_host.dtype} does not match device {src.shape} {src.dtype}")
     if not dst_host.flags.c_contiguous:
-        raise ValueError("copy_to_host_async: the host array must be C-contiguous")
+        raise ValueError(f"{op}: the host array must be C-contiguous")
     if src.nbytes:
         st = context.get()
         st.drv.memcpy_dtoh_async(dst_host, src.ptr, st.stream)
