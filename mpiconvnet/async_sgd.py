@@ -206,14 +206,14 @@ class AsyncWorker:
                              divide_by_std=t.net.spec.standardize_input, pca_lighting=cfg.pca_lighting,
                              drop_last=cfg.drop_last, workers=cfg.workers, prefetch=cfg.prefetch) as loader:
                 waited = loader.time_waiting
-                for batch in loader:
-                    started = time.perf_counter()
-                    images = loader.model_input(batch, t.net.ops)
+                since = time.perf_counter()   # compute: the time from here less waiting for data
+                for batch, images in loader.device_batches(t.net.ops):
                     loss, grads = t.net.loss_and_grads(images, batch.labels, step=step,
                                                        sample_offset=t.worker_index * t.batch_per_rank)
                     self._add(loss, grads)
-                    self.times += (loader.time_waiting - waited, time.perf_counter() - started, 0.0)
+                    data = loader.time_waiting - waited
                     waited = loader.time_waiting
+                    self.times += (data, time.perf_counter() - since - data, 0.0)
                     step += 1
                     if stop.received:
                         self._send_header(STOPPED)
@@ -223,6 +223,7 @@ class AsyncWorker:
                         reply = self._exchange()
                         if reply != GO:
                             return "failed" if reply == FAILED else "preempted"
+                    since = time.perf_counter()
                     if step == total:
                         break
         self._send_header(DONE)

@@ -45,10 +45,9 @@ def evaluate(net, world, data_dir, batch_per_rank, crops=1, mean="channel", work
             # with no images. Agreed on before the first step, as a collective of its own.
             from mpi4py import MPI
             missing_steps = world.comm.allreduce(len(loader), op=MPI.MAX) - len(loader)
-        for batch in loader:
+        for batch, images in loader.device_batches(net.ops):
             labels = batch.labels
             n = len(labels)
-            images = loader.model_input(batch, net.ops)
             probabilities = softmax(net.forward(images, train=False).astype(np.float64))
             if crops > 1:
                 # images arrive as crops consecutive per image: (n * crops, 3, H, W)

@@ -243,18 +243,22 @@ class Trainer:
                              drop_last=cfg.drop_last, workers=cfg.workers,
                              prefetch=cfg.prefetch) as loader:
                 waited = loader.time_waiting
-                for batch in loader:
+                # compute: the host's time from here, less waiting for data and exposed
+                # communication (the model input, staged one batch ahead, is compute)
+                since = time.perf_counter()
+                # the next batch's copy to the GPU runs during this step (device_batches)
+                for batch, images in loader.device_batches(self.net.ops):
                     self.heartbeat.beat(self.step)
                     lr = self.schedule.at(self.step)
-                    t0 = time.perf_counter()
-                    images = loader.model_input(batch, self.net.ops)     # counted as compute
                     loss, exposed = self.train_step(images, batch.labels, lr)
                     # one small collective per step: the global loss and whether any rank
                     # was asked to stop, so every rank stops after the same step
                     loss_sum, stop_votes = self.heartbeat.allreduce_sum(
                         np.array([loss, 1.0 if stop.received else 0.0]), self.step)
                     global_loss = loss_sum / world.size
-                    compute = time.perf_counter() - t0 - exposed
+                    data = loader.time_waiting - waited
+                    waited = loader.time_waiting
+                    compute = time.perf_counter() - since - data - exposed
                     if not math.isfinite(global_loss):
                         raise NonFiniteLoss(f"loss became {global_loss} at step {self.step} (epoch {epoch}, lr {lr:g}); "
                                             f"last good checkpoint kept in {checkpoint.checkpoint_dir(cfg.out)}; lower "
@@ -262,8 +266,7 @@ class Trainer:
                     self.step += 1
                     window["loss"] += global_loss
                     window["images"] += cfg.global_batch
-                    window["data"] += loader.time_waiting - waited
-                    waited = loader.time_waiting
+                    window["data"] += data
                     window["compute"] += compute
                     window["comm"] += exposed
                     window["steps"] += 1
@@ -283,6 +286,7 @@ class Trainer:
                         self.save_checkpoint()
                     if end_of_epoch and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0:
                         self._evaluate(epoch, log)
+                    since = time.perf_counter()
                     if self.step == total_steps:
                         break
         if self.evaluated_at != self.step:

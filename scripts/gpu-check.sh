@@ -13,7 +13,8 @@
 #    ranks with mpiexec, --parallel data, hybrid and model, and --sync async on 3 ranks
 #    (2 GPUs, or ranks sharing 1 GPU);
 # 5. runs the step benchmark against PyTorch on the same GPU (alexnet and alexnet-owt,
-#    float32, then TF32, at batch 128; alexnet-owt in TF32 at batch 8, where the host bounds it);
+#    float32, then TF32, at batch 128; alexnet-owt in TF32 at batch 8, where the host bounds it),
+#    and the input benchmark (the step fed by the loader against the step on a resident batch);
 # and writes OUTDIR/report.md with every step's status, time and log. The exit status is
 # non-zero when any step failed. Steps keep going after a failure so one run shows all.
 #
@@ -237,6 +238,10 @@ if [ -z "${SKIP_BENCH:-}" ]; then
         step bench-$model-fp32 "$PY" -m mpiconvnet.bench step --model $model --batch 128 --backend cuda --json
         step bench-$model-tf32 "$PY" -m mpiconvnet.bench step --model $model --batch 128 --backend cuda --tf32 --json
     done
+    # the step fed by the loader (25 MB of pixels a step) against the same step on a resident
+    # batch: what the next batch's copy on the copy stream hides (device_batches vs model_input)
+    step bench-input-owt-tf32 "$PY" -m mpiconvnet.bench input --model alexnet-owt --batch 128 --backend cuda --tf32 \
+        --workers 8 --json
     # batch 8: the GPU work is small, so the ratio is the host time per step (ours vs PyTorch's)
     step bench-alexnet-owt-tf32-b8 "$PY" -m mpiconvnet.bench step --model alexnet-owt --batch 8 --backend cuda --tf32 \
         --steps 100 --json
@@ -253,7 +258,7 @@ fi
     echo "## machine"; echo '```'; cat "$OUT/machine.log"; echo '```'
     echo "## libraries"; echo '```'; cat "$OUT/cuda-libraries.log" 2>/dev/null; echo '```'
     for name in cuda-tests bench-alexnet-fp32 bench-alexnet-tf32 bench-alexnet-owt-fp32 bench-alexnet-owt-tf32 \
-                bench-alexnet-owt-tf32-b8 profile-host-owt-tf32 profile-gpu-owt-tf32; do
+                bench-alexnet-owt-tf32-b8 bench-input-owt-tf32 profile-host-owt-tf32 profile-gpu-owt-tf32; do
         [ -f "$OUT/$name.log" ] || continue
         echo "## $name (last 40 lines)"; echo '```'; tail -n 40 "$OUT/$name.log"; echo '```'
     done

@@ -672,7 +672,11 @@ class _FakePool:
         return _FakeAllocation(self, nbytes)
 
     def is_live(self, address):
-        return any(start <= address < start + n for start, n in self.live.items())
+        return self.block_of(address) is not None
+
+    def block_of(self, address):
+        """The start of the live block holding address, or None."""
+        return next((start for start, n in self.live.items() if start <= address < start + n), None)
 
 
 class _FakeAllocation:
@@ -711,11 +715,43 @@ class _FakeContext:
         pass
 
 
+class _StreamOrder:
+    """What the device may run in which order: each stream runs its work in order, and
+    wait_for_event orders a stream after the work an event was recorded behind (vector
+    clocks: clock[s] = how much of stream s's work is known to be done first). Every
+    access of device memory by a kernel or copy is logged with the clock it was issued
+    at; two accesses of the same pool block from different streams that neither orders
+    are a race, as on a GPU whose copy engine and compute run at once."""
+
+    def __init__(self, pool):
+        self.pool, self.accesses = pool, []   # (stream id, position, clock, block, what)
+
+    def access(self, stream, pointers, what):
+        stream.position += 1
+        stream.clock[stream.id] = stream.position
+        for pointer in pointers:
+            block = self.pool.block_of(int(pointer))
+            if block is not None:
+                self.accesses.append((stream.id, stream.position, dict(stream.clock), block, what))
+
+    def races(self):
+        """Pairs of accesses of one block, on two streams, in no guaranteed order."""
+        found = []
+        for i, (s1, p1, _, block1, what1) in enumerate(self.accesses):
+            for s2, p2, clock2, block2, what2 in self.accesses[i + 1:]:
+                if block1 == block2 and s1 != s2 and clock2.get(s1, 0) < p1:
+                    found.append((what1, what2))
+        return found
+
+
 def _fake_pycuda(launches):
+    import itertools
     import struct
 
     pool = _FakePool()
     allocate = pool.allocate
+    order = _StreamOrder(pool)
+    stream_ids = itertools.count()
 
     class Function:
         def __init__(self, name):
@@ -728,9 +764,11 @@ def _fake_pycuda(launches):
             # what the backend's Kernel hands PyCUDA's cuLaunchKernel wrapper
             assert len(grid) == 2 and len(block) == 3 and shared_size == 0 and isinstance(stream, Stream)
             args = struct.unpack(self.arg_format, arg_buffer)   # a buffer of the wrong size raises
-            for kind, arg in zip(self.arg_format, args):
-                assert kind != "P" or pool.is_live(int(arg)), \
+            pointers = [arg for kind, arg in zip(self.arg_format, args) if kind == "P"]
+            for arg in pointers:
+                assert pool.is_live(int(arg)), \
                     f"{self.name}: a pointer argument points into memory already handed back to the pool"
+            order.access(stream, pointers, self.name)
             launches.append(self.name)
 
     class Module:
@@ -740,8 +778,17 @@ def _fake_pycuda(launches):
     class Stream:
         handle = 0x1234  # what the stand-in cudnnSetStream accepts
 
+        def __init__(self, flags=0):
+            self.id, self.position = next(stream_ids), 0
+            self.clock = {self.id: 0}
+
         def synchronize(self):
             pass
+
+        def wait_for_event(self, event):
+            assert event.clock is not None, "a stream waited for an event that was never recorded"
+            for stream, position in event.clock.items():
+                self.clock[stream] = max(self.clock.get(stream, 0), position)
 
     class Device:
         def __init__(self, ordinal):
@@ -756,24 +803,30 @@ def _fake_pycuda(launches):
 
     class Event:
         def __init__(self, flags=0):
-            self.flags, self.recorded = flags, False
+            self.flags, self.clock = flags, None
 
         def record(self, stream=None):
             assert isinstance(stream, Stream)
-            self.recorded = True
+            self.clock = dict(stream.clock)
             return self
 
         def synchronize(self):
-            assert self.recorded, "waited for an event that was never recorded"
+            assert self.clock is not None, "waited for an event that was never recorded"
+
+    def copy(what, dst, src, n, stream):
+        order.access(stream, [dst, src], what)
+        ctypes.memmove(dst, src, n)
 
     drv = types.ModuleType("pycuda.driver")
     drv.init = lambda: None
     drv.Device, drv.Stream, drv.Event = Device, Stream, Event
     drv.event_flags = types.SimpleNamespace(DISABLE_TIMING=2)
-    drv.memcpy_htod_async = lambda dst, src, stream=None: ctypes.memmove(int(dst), src.ctypes.data, src.nbytes)
-    drv.memcpy_dtoh_async = lambda dst, src, stream=None: ctypes.memmove(dst.ctypes.data, int(src), dst.nbytes)
-    drv.memcpy_dtod_async = lambda dst, src, n, stream=None: ctypes.memmove(int(dst), int(src), n)
-    drv.memset_d8_async = lambda dst, value, n, stream=None: ctypes.memset(int(dst), value, n)
+    drv.memcpy_htod_async = lambda dst, src, stream: copy("htod", int(dst), src.ctypes.data, src.nbytes, stream)
+    drv.memcpy_dtoh_async = lambda dst, src, stream: copy("dtoh", dst.ctypes.data, int(src), dst.nbytes, stream)
+    drv.memcpy_dtod_async = lambda dst, src, n, stream: copy("dtod", int(dst), int(src), n, stream)
+    drv.memset_d8_async = lambda dst, value, n, stream: (order.access(stream, [dst], "memset"),
+                                                         ctypes.memset(int(dst), value, n))
+    drv.fake_order = order
     drv.pagelocked_empty = lambda shape, dtype: np.empty(shape, dtype)
     drv.register_host_memory = lambda array, flags=0: array[...]   # PyCUDA: a view that holds the pinning
     drv.module_from_file = lambda path: Module()
@@ -926,6 +979,55 @@ def test_every_op_runs_through_the_python_plumbing(fake_backend):
                 "scale_f32", "crop_flip_normalize_f32"}
     assert expected <= set(launches)
     assert cb.cuda_aware_mpi(libraries=[]) is False
+
+
+def _staging_plan(n, m):
+    from mpiconvnet.data import augment
+    return augment.CropPlan(np.arange(m) % n, np.tile([[1, 2]], (m, 1)), np.arange(m) % 2 == 1, None)
+
+
+def test_staged_batches_order_the_copy_stream_and_the_compute_stream(fake_backend):
+    # device_batches' pattern: the next batch staged on the copy stream before this one
+    # is cropped and computed on; batch sizes grow, so staging memory is taken anew from the
+    # pool, which hands out blocks the compute stream has just used (a 3-crop output of
+    # 8 x 8 -> 4 x 4 is as many bytes as 3 images: 576)
+    cb, launches = fake_backend
+    cb.initialize(0, 1, False)
+    order = sys.modules["pycuda.driver"].fake_order
+    mean = np.zeros((3, 1, 1), np.float32)
+    rng = np.random.default_rng(0)
+    batches = [(rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8), _staging_plan(n, m))
+               for n, m in [(2, 3), (2, 2), (3, 3), (3, 3), (1, 2), (4, 4)]]
+    staged = [cb.stage_batch(*batches[0], 4, mean)]
+    for k in range(len(batches)):
+        if k + 1 < len(batches):
+            staged.append(cb.stage_batch(*batches[k + 1], 4, mean))
+        if k == 1:
+            cb.set_tf32(False)       # clears the descriptor cache; the staging areas stay
+        x = cb.crop_staged(staged[k])
+        assert x.shape == (len(batches[k][1]), 3, 4, 4)
+        cb.scale_(x, 0.5)            # the step's work on x, on the compute stream
+        del x                        # back to the pool
+    copy_stream, stream = context.get().copy_stream, context.get().stream
+    assert copy_stream is not stream and launches.count("crop_flip_normalize_f32") == len(batches)
+    copies = [a[0] for a in order.accesses if a[4] == "htod"]
+    # each batch's plan and pixels on the copy stream; the mean image on the compute stream,
+    # once and again after set_tf32 cleared the cache that holds it
+    assert copies.count(copy_stream.id) == 2 * len(batches) and copies.count(stream.id) == 2
+    assert order.races() == []
+
+
+def test_a_staged_batch_cropped_after_its_area_was_reused_is_an_error(fake_backend):
+    cb, _ = fake_backend
+    cb.initialize(0, 1, False)
+    images, mean = np.zeros((2, 8, 8, 3), np.uint8), np.zeros((3, 1, 1), np.float32)
+    first = cb.stage_batch(images, _staging_plan(2, 2), 4, mean)
+    cb.stage_batch(images, _staging_plan(2, 2), 4, mean)
+    cb.stage_batch(images, _staging_plan(2, 2), 4, mean)
+    with pytest.raises(RuntimeError, match="crop_staged: this batch's staging area was reused"):
+        cb.crop_staged(first)
+    with pytest.raises(ValueError, match=r"images must be \(N, S, S, 3\) uint8"):
+        cb.stage_batch(images[..., :2], _staging_plan(2, 2), 4, mean)
 
 
 def test_use_in_this_thread_pushes_once_and_pops_when_the_thread_ends(fake_backend):

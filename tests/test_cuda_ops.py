@@ -417,6 +417,44 @@ def test_crop_flip_normalize(cb, nb, rng, kind):
         cb.crop_flip_normalize(images, bad, size, mean_chw, std)
 
 
+def test_staged_batches_one_ahead_from_reused_page_locked_slots(cb, nb, rng):
+    # the loader's pattern (BatchLoader.device_batches): two page-locked slots, the next
+    # batch staged on the copy stream before this one is cropped, a slot refilled once its
+    # copy's event is waited for; batches of growing size take staging memory anew. A
+    # matrix product between crops keeps the compute stream busy while the copy runs.
+    from mpiconvnet.data import augment
+    side, size, mean_chw = 24, 19, augment.mean_as_chw(rng.uniform(50, 200, 3))
+    std = np.array([58.4, 57.1, 57.4], np.float32)
+    sizes = [3, 3, 5, 2, 7, 7, 1]
+    slots = np.zeros((2, max(sizes), side, side, 3), np.uint8)
+    pinned = cb.pin_host_memory(slots)
+    busy = cb.to_device(rng.standard_normal((1024, 1024)).astype(np.float32))
+    no_bias = cb.zeros((1024,), np.float32)
+    expected, staged, handed_out = [], [], []
+
+    def stage(k):
+        slot = slots[k % 2, :sizes[k]]
+        if k >= 2:
+            cb.wait_event(staged[k - 2].copied)     # the slot's previous copy is done
+        slot[...] = rng.integers(0, 256, slot.shape, dtype=np.uint8)
+        plan = augment.batch_augmentation(1, 0, k, 0, sizes[k], 1, side, size, pca_lighting=True)
+        expected.append(nb.crop_flip_normalize(slot.copy(), plan, size, mean_chw, std))
+        staged.append(cb.stage_batch(slot, plan, size, mean_chw, std))
+
+    stage(0)
+    for k in range(len(sizes)):
+        if k + 1 < len(sizes):
+            stage(k + 1)
+        handed_out.append(cb.crop_staged(staged[k]))
+        cb.linear_forward(busy, busy, no_bias)
+    for k, x in enumerate(handed_out):
+        np.testing.assert_allclose(cb.to_host(x), expected[k], err_msg=f"batch {k}", **tol.ELEMENTWISE_F32)
+    with pytest.raises(RuntimeError, match="staging area was reused"):
+        cb.crop_staged(staged[0])
+    cb.synchronize()
+    pinned.close()
+
+
 # --- a whole model ----------------------------------------------------------------------------
 
 

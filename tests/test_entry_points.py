@@ -114,6 +114,21 @@ def test_bench_loader_divides_each_row_by_the_copy_into_the_same_destination():
     assert "ratio (best loader images/s per worker process / copy bound into its ring of 3)" in result.stdout
 
 
+def test_bench_input_times_the_three_loops_against_the_resident_batch():
+    result = run("mpiconvnet.bench", "input", "--model", "alexnet-mini", "--batch", "4", "--size", "72",
+                 "--images", "40", "--workers", "1", "--skip", "1", "--rounds", "1", "--threads", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()
+            if line.startswith(("resident ", "model_input ", "device_batches "))}
+    assert sorted(rows) == ["device_batches", "model_input", "resident"], result.stdout
+    assert rows["resident"][-1] == "1.00" and all(float(row[0]) > 0 and len(row) == 4 for row in rows.values())
+    assert "ratio device_batches / resident:" in result.stdout
+    assert json.loads(result.stdout.strip().splitlines()[-1])["device_batches_images_per_s"] > 0
+    too_few = run("mpiconvnet.bench", "input", "--model", "alexnet-mini", "--batch", "4", "--size", "72",
+                  "--images", "16", "--workers", "0", "--rounds", "1")
+    assert too_few.returncode == 1 and "raise --images" in too_few.stderr
+
+
 def test_bench_step_on_cuda_without_pycuda_is_one_line_and_exit_2():
     try:
         import pycuda  # noqa: F401

@@ -4,6 +4,7 @@ import multiprocessing
 import os
 import signal
 import time
+import types
 
 import numpy as np
 import pytest
@@ -66,10 +67,10 @@ def test_workers_and_prefetch_do_not_change_the_batches(dataset):
 
 
 class LazyDevice:
-    """A stand-in GPU backend for the loader: crop_flip_normalize reads the slot only when
-    an event recorded after it is waited for (as a copy from page-locked memory runs after
-    the call that queued it). A loader that refilled a slot before waiting would hand the
-    model another batch's pixels."""
+    """A stand-in GPU backend for the loader: stage_batch's copy reads the slot only when an
+    event recorded after it is waited for (as a copy from page-locked memory runs after
+    the call that queued it), and crop_staged's crops are made from that copy. A loader
+    that refilled a slot before waiting would hand the model another batch's pixels."""
     HOST_MEMORY = False
 
     def __init__(self):
@@ -79,18 +80,27 @@ class LazyDevice:
         self.pinned.append(array)
         return object()
 
-    def crop_flip_normalize(self, images, plan, crop_size, mean_chw, std):
+    def stage_batch(self, images, plan, crop_size, mean_chw, std):
+        copy = {}
+        self.pending.append(lambda: copy.setdefault("pixels", images.copy()))
+        return types.SimpleNamespace(copy=copy, copied=self.record_event(),
+                                     crop=lambda pixels: numpy_backend.crop_flip_normalize(pixels, plan, crop_size,
+                                                                                            mean_chw, std))
+
+    def crop_staged(self, staged):
         result = {}
-        self.pending.append(lambda: result.setdefault("x", numpy_backend.crop_flip_normalize(
-            images, plan, crop_size, mean_chw, std)))
+        self.pending.append(lambda: result.setdefault("x", staged.crop(staged.copy["pixels"])))
         return result
 
     def record_event(self):
         return len(self.pending)
 
     def wait_event(self, event):
-        for read in self.pending[:event]:
-            read()
+        for run in self.pending[:event]:
+            run()
+
+    def finish(self):
+        self.wait_event(len(self.pending))
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -99,11 +109,48 @@ def test_a_slot_is_refilled_only_after_the_device_has_read_it(raw_dataset, worke
     options = {"batch_per_rank": 4, "crop_size": CROP, "epoch": 1, "seed": 3, "workers": workers}
     with BatchLoader(raw_dataset, **options) as loader:
         inputs = [loader.model_input(batch, device) for batch in loader]
+    device.finish()
     assert len(device.pinned) == 1 and device.pinned[0].shape[0] == loader.num_slots   # every slot, once
     expected = collect(raw_dataset, **options)
     assert len(inputs) == len(expected)
     for got, (_, want, _) in zip(inputs, expected):
         np.testing.assert_array_equal(got["x"], want)
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_device_batches_stage_one_ahead_and_hand_out_what_model_input_does(raw_dataset, workers):
+    # the slot of the batch handed out is refilled while the caller works on it: its
+    # labels must be its own copy, and the next batch must already be staged
+    device = LazyDevice()
+    options = {"batch_per_rank": 4, "crop_size": CROP, "epoch": 1, "seed": 3, "workers": workers, "prefetch": 1}
+    got, staged_when_handed_out = [], []
+    with BatchLoader(raw_dataset, **options) as loader:
+        for batch, x in loader.device_batches(device):
+            staged_when_handed_out.append(len(device.pending))
+            got.append((batch.step, x, batch.labels))
+            assert batch.pixels is None
+    device.finish()
+    expected = collect(raw_dataset, **options)
+    assert [step for step, _, _ in got] == [step for step, _, _ in expected]
+    for (_, x, labels), (_, want_x, want_labels) in zip(got, expected):
+        np.testing.assert_array_equal(x["x"], want_x)
+        np.testing.assert_array_equal(labels, want_labels)
+    # when batch k is handed out, batches 0..k+1 are staged (two queued operations per
+    # batch: its copy and its crop) but the last one
+    assert staged_when_handed_out[:-1] == [2 * k + 3 for k in range(len(got) - 1)]
+    assert staged_when_handed_out[-1] == 2 * len(got)
+
+
+def test_device_batches_on_numpy_give_model_input(raw_dataset):
+    options = {"batch_per_rank": 4, "crop_size": CROP, "epoch": 1, "seed": 3, "workers": 2, "pca_lighting": True}
+    with BatchLoader(raw_dataset, **options) as loader:
+        got = [(batch.step, x, batch.labels) for batch, x in loader.device_batches(numpy_backend)]
+    expected = collect(raw_dataset, **options)
+    assert len(got) == len(expected)
+    for (step, x, labels), (want_step, want_x, want_labels) in zip(got, expected):
+        assert step == want_step
+        np.testing.assert_array_equal(x, want_x)
+        np.testing.assert_array_equal(labels, want_labels)
 
 
 def test_a_slot_that_cannot_be_pinned_is_used_unpinned(raw_dataset, monkeypatch, capsys):
@@ -113,6 +160,7 @@ def test_a_slot_that_cannot_be_pinned_is_used_unpinned(raw_dataset, monkeypatch,
     options = {"batch_per_rank": 4, "crop_size": CROP, "epoch": 1, "seed": 3, "workers": 0}
     with BatchLoader(raw_dataset, **options) as loader:
         inputs = [loader.model_input(batch, device) for batch in loader]
+    device.finish()
     err = capsys.readouterr().err
     assert err.count("could not page-lock the batch slots (cuMemHostRegister failed)") == 1
     for got, (_, want, _) in zip(inputs, collect(raw_dataset, **options)):

@@ -68,6 +68,17 @@ Model input (what the loader's uint8 batch becomes; data/augment.py defines the 
         The loader ships uint8 images (4x fewer bytes than float32 crops) and does no
         pixel arithmetic; this op does it where the model lives (NumPy: crop_batch; CUDA:
         one kernel after a uint8 copy).
+    stage_batch(images, plan, crop_size, mean_chw, std=None) -> staged
+    crop_staged(staged) -> x
+        crop_flip_normalize in two halves, so that a batch's copy to the device can run
+        while the step before computes (BatchLoader.device_batches stages one batch ahead).
+        stage_batch checks its arguments and starts the copy; staged.copied is an event
+        (wait_event) after which `images` is no longer read, or None when stage_batch read
+        it before returning. crop_staged returns the crops, ordered after the copy.
+        At most 2 batches are staged and not yet cropped at a time: crop_staged raises for
+        a batch whose staging memory a later stage_batch has reused. (NumPy: stage_batch
+        makes the crops; CUDA: the uint8 batch goes on a copy stream, and the compute
+        stream waits for it on the device before the crop kernel.)
 
 Loss and metrics
     softmax_cross_entropy(logits, labels) -> (loss, dlogits)

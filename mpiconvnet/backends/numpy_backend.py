@@ -103,6 +103,23 @@ def crop_flip_normalize(images, plan, crop_size, mean_chw, std=None):
     return out
 
 
+class StagedBatch:
+    """What stage_batch returns here: the crops, already made (the host has no copy to
+    overlap with compute), and no event to wait for."""
+    __slots__ = ("crops", "copied")
+
+    def __init__(self, crops):
+        self.crops, self.copied = crops, None
+
+
+def stage_batch(images, plan, crop_size, mean_chw, std=None):
+    return StagedBatch(crop_flip_normalize(images, plan, crop_size, mean_chw, std))
+
+
+def crop_staged(staged):
+    return staged.crops
+
+
 # ---------------------------------------------------------------------------- communication
 
 HOST_MEMORY = True
@@ -154,7 +171,7 @@ __all__ = [
     "relu_forward", "relu_backward", "lrn_forward", "lrn_backward",
     "maxpool_forward", "maxpool_backward", "dropout_forward", "dropout_backward", "dropout_keep",
     "linear_forward", "linear_backward_data", "linear_backward_filter", "linear_backward_bias",
-    "crop_flip_normalize", "softmax_cross_entropy", "softmax_cross_entropy_rows", "topk_correct", "sgd_momentum_update",
+    "crop_flip_normalize", "stage_batch", "crop_staged", "softmax_cross_entropy", "softmax_cross_entropy_rows", "topk_correct", "sgd_momentum_update",
     "sgd_momentum_update_many", "scale_",
     "HOST_MEMORY", "pinned_host_empty", "pin_host_memory", "copy_to_host",
     "copy_to_host_async", "record_event", "wait_event", "copy_from_host", "mpi_buffer",

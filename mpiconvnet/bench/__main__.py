@@ -1,6 +1,7 @@
 """Run one benchmark: `python -m mpiconvnet.bench NAME [options]`.
 
     python -m mpiconvnet.bench step --model alexnet --batch 64 --threads 2
+    python -m mpiconvnet.bench input --backend cuda --model alexnet-owt --batch 128 --tf32
     python -m mpiconvnet.bench preprocess
     python -m mpiconvnet.bench loader
     mpirun -np 2 python -m mpiconvnet.bench allreduce

@@ -8,6 +8,8 @@ the model's float32 crops on its backend.
         for batch in loader:                  # batch.pixels: uint8 (64, 256, 256, 3)
             x = loader.model_input(batch, ops) # float32 (64, 3, 227, 227) on ops' device
             ... batch.labels (64,) int64, batch.step
+        # or, with the next batch's copy to the GPU overlapping this step:
+        for batch, x in loader.device_batches(ops): ...
     with BatchLoader(root, train=False, rank=r, size=n, batch_per_rank=50,
                      crop_size=227, crops=10) as loader:  # val split, each image once
         for batch in loader:
@@ -341,12 +343,32 @@ class BatchLoader:
 
         On a GPU backend the slots are page-locked on first use, so the batch's upload is
         DMA that the host does not wait for; the slot is refilled only after it is done."""
+        return ops.crop_staged(self._stage(batch, ops))
+
+    def device_batches(self, ops):
+        """(batch, x) for every batch, x = model_input(batch, ops), with the next batch
+        staged (ops.stage_batch) before this one is handed out: on a GPU its copy to the
+        device then runs beside the step the caller queues on x, not between two steps.
+
+        The batch handed out has its own copy of the labels and no pixels (None): its slot
+        is already being refilled."""
+        ahead = None
+        for batch in self:
+            staged = self._stage(batch, ops)
+            if ahead is not None:
+                yield ahead[0], ops.crop_staged(ahead[1])
+            ahead = (batch._replace(pixels=None, labels=batch.labels.copy()), staged)
+        if ahead is not None:
+            yield ahead[0], ops.crop_staged(ahead[1])
+
+    def _stage(self, batch, ops):
+        """ops.stage_batch of batch; the slot is refilled only after its copy is done."""
         if not ops.HOST_MEMORY and self._pinned is None:
             self._pinned = _pin_slots(self._pixels, ops)
-        x = ops.crop_flip_normalize(batch.pixels, batch.plan, self.crop_size, self.mean_chw, self.std)
-        if not ops.HOST_MEMORY:
-            self._upload = (ops, ops.record_event())
-        return x
+        staged = ops.stage_batch(batch.pixels, batch.plan, self.crop_size, self.mean_chw, self.std)
+        if staged.copied is not None:
+            self._upload = (ops, staged.copied)
+        return staged
 
     # --- shutdown ----------------------------------------------------------------------
 

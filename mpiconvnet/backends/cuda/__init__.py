@@ -11,7 +11,7 @@ any op called before that initialises on device 0.
 Float32 GEMMs and convolutions run in true float32 unless MPICONVNET_TF32=1 or
 set_tf32(True) allows TF32 tensor cores. See docs/gpu.md for installation and the stack.
 """
-from .augment import crop_flip_normalize
+from .augment import crop_flip_normalize, crop_staged, stage_batch
 from .context import initialize, is_initialized, use_in_this_thread
 from .conv import conv_backward_bias, conv_backward_data, conv_backward_filter, conv_forward
 from .dense import linear_backward_bias, linear_backward_data, linear_backward_filter, linear_forward
@@ -49,5 +49,5 @@ __all__ = [
     "sgd_momentum_update_many", "scale_",
     "HOST_MEMORY", "pinned_host_empty", "pin_host_memory", "copy_to_host",
     "copy_to_host_async", "record_event", "wait_event", "copy_from_host", "mpi_buffer",
-    "crop_flip_normalize",
+    "crop_flip_normalize", "stage_batch", "crop_staged",
 ]

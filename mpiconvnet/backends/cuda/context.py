@@ -6,8 +6,9 @@ trainer can import the backend, compute the local rank, and call `initialize` be
 does anything with CUDA. Every op goes through `get()`, which initialises with local rank
 0 of 1 when nobody called `initialize` (tests, benchmarks, one-process runs).
 
-All work is queued on one stream; pycuda's own synchronous copies use the legacy default
-stream, which waits for our (blocking) stream, so mixing them is safe.
+All work is queued on one stream, but for the next batch's copy to the device, which goes
+on a second one (augment.py); pycuda's own synchronous copies use the legacy default
+stream, which waits for our (blocking) streams, so mixing them is safe.
 """
 import atexit
 import os
@@ -126,6 +127,8 @@ class State:
         self.context = self.device.retain_primary_context()
         self.context.push()
         self.stream = drv.Stream()
+        self._copy_stream = None   # made on first use (augment.stage_batch)
+        self.staging = None        # augment.py's staging areas, made on first use
         self.pool = pycuda.tools.DeviceMemoryPool()
         self.tf32 = tf32_from_env()
         self.workspace_limit = workspace_limit_from_env()
@@ -137,6 +140,18 @@ class State:
         self.workspace = None    # one growing cuDNN workspace
         self._modules = {}
         self._kernels = {}       # (name, dtype as given) -> Kernel
+
+    @property
+    def copy_stream(self):
+        """A second stream for host-to-device copies of the next batch, so that the GPU's
+        copy engine moves it while the compute stream runs (augment.py orders the two)."""
+        if self._copy_stream is None:
+            self._copy_stream = self.drv.Stream()
+        return self._copy_stream
+
+    def event(self):
+        """A new event without timing (cheaper to record and wait for)."""
+        return self.drv.Event(self.drv.event_flags.DISABLE_TIMING)
 
     def workspace_ptr(self, nbytes):
         """A device scratch buffer of at least nbytes (0 -> a null pointer)."""
@@ -195,6 +210,8 @@ class State:
         # free themselves
         try:
             self.stream.synchronize()
+            if self._copy_stream is not None:
+                self._copy_stream.synchronize()
             self.blas.destroy()
             self.dnn.destroy()
             self.pool.stop_holding()

@@ -174,7 +174,7 @@ def record_event():
     of synchronising lets the thread that queues the work go on queueing (the gradient
     buckets: the communication thread waits, the main thread queues the rest of backward)."""
     st = context.get()
-    event = st.drv.Event(st.drv.event_flags.DISABLE_TIMING)
+    event = st.event()
     event.record(st.stream)
     return event
 

@@ -1,0 +1,152 @@
+"""The training step fed by the loader, against the same step on a batch already on the
+device, measured in the same run.
+
+    python -m mpiconvnet.bench input --backend cuda --model alexnet-owt --batch 128 --tf32
+    python -m mpiconvnet.bench input --model alexnet-mini --batch 16 --size 72 --images 640
+
+What a training run does each step beyond `bench step`: take the loader's uint8 batch,
+copy it to the device (25 MB at batch 128 of 256 px images), cut, mirror and normalise the
+crops there, and read the loss. Three loops over one epoch of the same data, same net:
+
+  resident        the step on one batch that stays on the device, reading the loss
+                  (bench step's loop): the ceiling
+  model_input     for batch in loader: x = loader.model_input(batch, ops); step
+                  (on CUDA the copy runs on the compute stream, between two steps)
+  device_batches  for batch, x in loader.device_batches(ops): step
+                  (the next batch staged one step ahead; on CUDA its copy runs on a copy
+                  stream while this step computes): what train.py does
+
+Each loop's first steps (loader start-up, page-locking the slots) are not timed; each loop
+runs --rounds times in turn and the fastest round is kept. Printed: images/s, the host's
+wait for the loader per step (if it is not ~0, the loader, not the device, bounds the
+row: raise --workers), and each loop against resident. Target on a GPU, where the loader
+keeps up: device_batches >= 0.95 of resident.
+
+Without --data, a synthetic raw set is packed into a temporary folder with
+tests/data_fixtures.py (run from the repository root), as `bench loader` does.
+"""
+import argparse
+import json
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m mpiconvnet.bench input", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="alexnet-owt")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--backend", choices=("numpy", "cuda"), default="numpy")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 (cuda only)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads of the NumPy backend (default 2)")
+    p.add_argument("--data", help="a packed data set to read (default: a synthetic raw set in a temp dir)")
+    p.add_argument("--images", type=int, help="synthetic training images (default 24 batches, at most 4096)")
+    p.add_argument("--size", type=int, default=256, help="synthetic stored image size (default 256)")
+    p.add_argument("--workers", type=int, default=4, help="loader processes (default 4)")
+    p.add_argument("--skip", type=int, default=4, help="untimed steps at the start of each loop (default 4)")
+    p.add_argument("--rounds", type=int, default=2, help="times each loop runs, in turn; the fastest is kept")
+    p.add_argument("--json", action="store_true", help="also print one JSON line of the results")
+    args = p.parse_args(argv)
+    if args.images is None:
+        args.images = min(24 * args.batch, 4096)
+    return args
+
+
+def make_step(net, optimizer):
+    """One training step as train.py takes it: loss and gradients (the loss read from the
+    device), then the SGD update."""
+    state = {"step": 0}
+
+    def step(x, labels):
+        net.loss_and_grads(x, labels, step=state["step"])
+        optimizer.step(net.grads, 0.001)
+        state["step"] += 1
+
+    return step
+
+
+def run_loop(kind, root, net, step, args):
+    """(timed images, seconds, seconds waiting for the loader) of one epoch of loop `kind`."""
+    from mpiconvnet.data.loader import BatchLoader
+    ops = net.ops
+    with BatchLoader(root, batch_per_rank=args.batch, crop_size=net.input_size, epoch=0, seed=0,
+                     workers=args.workers, mean="channel") as loader:
+        if len(loader) <= args.skip + 2:
+            raise SystemExit(f"bench input: {len(loader)} batches in the epoch, {args.skip} skipped: raise --images")
+        if kind == "resident":
+            batch = next(iter(loader))
+            x, labels = loader.model_input(batch, ops), batch.labels.copy()
+            batches = ((batch, x) for _ in range(len(loader)))
+        elif kind == "model_input":
+            batches = ((batch, loader.model_input(batch, ops)) for batch in loader)
+        else:
+            batches = loader.device_batches(ops)
+        images = 0
+        for number, (batch, x) in enumerate(batches):
+            if number == args.skip:
+                ops.synchronize()
+                started, waited = time.perf_counter(), loader.time_waiting
+            step(x, labels if kind == "resident" else batch.labels)
+            images += len(batch.labels) if number >= args.skip else 0
+        ops.synchronize()
+        return images, time.perf_counter() - started, loader.time_waiting - waited
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from mpiconvnet.backends import get_backend
+    from mpiconvnet.distributed import SetupError, init, set_blas_threads
+    from mpiconvnet.models import build_model
+    from mpiconvnet.optim import SGD
+    if args.backend == "cuda":
+        try:
+            init("cuda", args.threads, need_threads=False)
+        except SetupError as e:
+            print(f"bench input: {e}", file=sys.stderr)
+            return 2
+    set_blas_threads(args.threads)
+    get_backend(args.backend).set_num_threads(args.threads)
+    temporary, root = None, args.data
+    if root is None:
+        from mpiconvnet.bench.loader import write_synthetic
+        temporary = tempfile.TemporaryDirectory(prefix="bench-input-")
+        root = temporary.name
+        started = time.perf_counter()
+        write_synthetic(root, args.images, args.size, 1024)
+        print(f"synthetic set: {args.images} raw {args.size}px images in {time.perf_counter() - started:.1f} s")
+    try:
+        net = build_model(args.model, num_classes=1000, backend=args.backend, dtype="float32", seed=0)
+        if args.backend == "cuda":
+            net.ops.set_tf32(args.tf32)
+        step = make_step(net, SGD(net.ops, net.params))
+        kinds = ("resident", "model_input", "device_batches")
+        best = {}
+        for _ in range(args.rounds):
+            for kind in kinds:
+                images, seconds, waiting = run_loop(kind, root, net, step, args)
+                if kind not in best or images / seconds > best[kind][0]:
+                    best[kind] = (images / seconds, waiting / max(images // args.batch, 1))
+    finally:
+        if temporary is not None:
+            temporary.cleanup()
+    where = "1 GPU" + (" TF32" if args.tf32 else " FP32") if args.backend == "cuda" else f"{args.threads} thread(s)"
+    print(f"{args.model}, batch {args.batch}, {where}, {args.workers} loader processes; best of {args.rounds} rounds")
+    print(f"{'loop':<16}{'images/s':>11}{'ms/step':>10}{'data wait ms/step':>19}{'/ resident':>12}")
+    ceiling = best["resident"][0]
+    for kind in kinds:
+        rate, waiting = best[kind]
+        print(f"{kind:<16}{rate:>11.1f}{args.batch / rate * 1e3:>10.2f}{waiting * 1e3:>19.2f}{rate / ceiling:>12.2f}")
+    print(f"ratio device_batches / resident: {best['device_batches'][0] / ceiling:.2f}  (target >= 0.95 on a GPU "
+          f"with the loader keeping up); device_batches / model_input: "
+          f"{best['device_batches'][0] / best['model_input'][0]:.2f}")
+    if args.json:
+        print(json.dumps({"model": args.model, "batch": args.batch, "backend": args.backend, "tf32": args.tf32,
+                          "workers": args.workers, **{f"{kind}_images_per_s": best[kind][0] for kind in kinds},
+                          **{f"{kind}_data_wait_ms": best[kind][1] * 1e3 for kind in kinds}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
