@@ -149,9 +149,10 @@ def _initialize_gpu(local_rank, local_size, allow_sharing):
     from mpiconvnet.backends import get_backend
     try:
         get_backend("cuda").initialize(local_rank, local_size, allow_sharing)
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:
         # the CUDA backend's set-up errors (import_driver, choose_device, the library
-        # search, cuDNN/cuBLAS handles) are RuntimeErrors whose message says what to do
+        # search, cuDNN/cuBLAS handles) are RuntimeErrors whose message says what to do;
+        # a bad MPICONVNET_* setting is a ValueError that names it
         raise SetupError(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
 
 

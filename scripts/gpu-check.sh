@@ -8,12 +8,14 @@
 #    or module-provided PyTorch / CUDA libraries stay visible) and installs what is missing:
 #    the project, pycuda (built from vendor/pycuda-*.tar.gz when there is no index), and
 #    cuBLAS / cuDNN wheels only when no usable copy is found (see docs/gpu.md);
-# 3. runs the CUDA tests (logic, nvcc compile, every op against the NumPy reference);
+# 3. runs the CUDA tests (logic, nvcc compile, every op against the NumPy reference), and
+#    the convolution tests again through cuDNN's graph API;
 # 4. trains alexnet-mini for 2 epochs on synthetic shards with --backend cuda, then on 2
 #    ranks with mpiexec, --parallel data, hybrid and model, and --sync async on 3 ranks
 #    (2 GPUs, or ranks sharing 1 GPU);
 # 5. runs the step benchmark against PyTorch on the same GPU (alexnet and alexnet-owt,
 #    float32, then TF32, at batch 128; alexnet-owt in TF32 at batch 8, where the host bounds it),
+#    alexnet-owt in TF32 again with the convolutions through cuDNN's graph API,
 #    and the input benchmark (the step fed by the loader against the step on a resident batch);
 # and writes OUTDIR/report.md with every step's status, time and log. The exit status is
 # non-zero when any step failed. Steps keep going after a failure so one run shows all.
@@ -181,6 +183,10 @@ sys.exit(1 if not ops or skipped_ops else 0)
 EOF
 }
 step cuda-tests cuda_tests
+# the convolutions once more through cuDNN's graph API (MPICONVNET_CUDNN_API=graph, opt-in
+# until this passes on a GPU: docs/gpu.md item 17)
+step cuda-tests-graph env MPICONVNET_CUDNN_API=graph "$PY" -X faulthandler -m pytest -q -rs -p no:cacheprovider \
+    tests/test_cuda_ops.py -k "conv or alexnet"
 
 # --- 4. training on synthetic shards ----------------------------------------------------------
 DATA="$OUT/data"
@@ -245,6 +251,11 @@ if [ -z "${SKIP_BENCH:-}" ]; then
     # batch 8: the GPU work is small, so the ratio is the host time per step (ours vs PyTorch's)
     step bench-alexnet-owt-tf32-b8 "$PY" -m mpiconvnet.bench step --model alexnet-owt --batch 8 --backend cuda --tf32 \
         --steps 100 --json
+    # the same two cases with the convolutions through cuDNN's graph API (one execute per call)
+    step bench-alexnet-owt-tf32-b8-graph env MPICONVNET_CUDNN_API=graph "$PY" -m mpiconvnet.bench step \
+        --model alexnet-owt --batch 8 --backend cuda --tf32 --steps 100 --json
+    step bench-alexnet-owt-tf32-graph env MPICONVNET_CUDNN_API=graph "$PY" -m mpiconvnet.bench step \
+        --model alexnet-owt --batch 128 --backend cuda --tf32 --json
     if [ -n "${PROFILE:-}" ]; then
         step profile-host-owt-tf32 "$PY" -m mpiconvnet.bench step --model alexnet-owt --batch 8 --backend cuda --tf32 \
             --host-profile
@@ -258,7 +269,8 @@ fi
     echo "## machine"; echo '```'; cat "$OUT/machine.log"; echo '```'
     echo "## libraries"; echo '```'; cat "$OUT/cuda-libraries.log" 2>/dev/null; echo '```'
     for name in cuda-tests bench-alexnet-fp32 bench-alexnet-tf32 bench-alexnet-owt-fp32 bench-alexnet-owt-tf32 \
-                bench-alexnet-owt-tf32-b8 bench-input-owt-tf32 profile-host-owt-tf32 profile-gpu-owt-tf32; do
+                bench-alexnet-owt-tf32-b8 bench-alexnet-owt-tf32-b8-graph bench-alexnet-owt-tf32-graph \
+                bench-input-owt-tf32 profile-host-owt-tf32 profile-gpu-owt-tf32; do
         [ -f "$OUT/$name.log" ] || continue
         echo "## $name (last 40 lines)"; echo '```'; tail -n 40 "$OUT/$name.log"; echo '```'
     done

@@ -1094,3 +1094,245 @@ def test_exit_closes_the_state_current_at_exit_only(monkeypatch):
     monkeypatch.setattr(context, "_state", None)
     context._close_at_exit()
     assert closed == ["current"]
+
+
+# --- convolutions through cuDNN's graph API (MPICONVNET_CUDNN_API=graph) ----------------------
+# A stand-in for the cudnnBackend* functions: descriptors are records of their attributes,
+# each attribute set with the type cudnn_graph.h gives it, finalize checks the required
+# ones, and the heuristics offer the engines below. Time passes only in execute, by the
+# engine's cost, and the stand-in events read that clock: the search can be checked.
+
+from mpiconvnet.backends.cuda import cudnn_graph as graph  # noqa: E402
+
+_ATTRIBUTE_TYPES = {   # name -> type, from the descriptor docs in cudnn_graph.h
+    **{n: graph.TYPE_INT64 for n in (900, 902, 903, 906, 102, 103, 104, 105, 106, 402, 1000)},
+    901: graph.TYPE_DATA_TYPE, 100: graph.TYPE_DATA_TYPE, 101: graph.TYPE_CONVOLUTION_MODE,
+    **{n: graph.TYPE_BACKEND_DESCRIPTOR for n in (702, 703, 704, 705, 708, 709, 710, 711, 714, 715, 716, 717,
+                                                   801, 201, 202, 300, 401)},
+    800: graph.TYPE_HANDLE, 400: graph.TYPE_HANDLE, 200: graph.TYPE_HEUR_MODE,
+    1303: graph.TYPE_NUMERICAL_NOTE, 1001: graph.TYPE_VOID_PTR, 1003: graph.TYPE_VOID_PTR,
+}
+_REQUIRED = {
+    graph.TENSOR: {900, 901, 902, 903, 906}, graph.CONVOLUTION: {100, 101, 102, 103, 104, 105, 106},
+    **{graph.OPERATION[kind]: set(attrs.values()) for kind, attrs in graph.OPERATION_ATTRS.items()},
+    graph.OPERATIONGRAPH: {800, 801}, graph.ENGINEHEUR: {200, 201}, graph.EXECUTION_PLAN: {400, 401},
+    graph.VARIANT_PACK: {1000, 1001, 1003},
+}
+# (numerical notes, workspace bytes or None when its plan fails to build, ms per run)
+_ENGINES = [({graph.NOTE_TENSOR_CORE}, 0, 0.5), ({graph.NOTE_DOWN_CONVERT_INPUTS}, 0, 0.4), (set(), 1 << 40, 0.3),
+            (set(), None, 0.2), (set(), 4096, 2.0), (set(), 0, 1.5)]
+
+
+class _FakeBackendApi:
+    def __init__(self):
+        self.descriptors, self.clock, self.executed, self.created = {}, 0.0, [], {}
+
+    def _record(self, pointer):
+        return self.descriptors[pointer.value if isinstance(pointer, ctypes.c_void_p) else pointer]
+
+    def cudnnBackendCreateDescriptor(self, kind, out):
+        record = {"kind": kind, "attrs": {}, "final": False}
+        key = id(record)
+        self.descriptors[key] = record
+        self.created[kind] = self.created.get(kind, 0) + 1
+        out._obj.value = key
+        return 0
+
+    def cudnnBackendDestroyDescriptor(self, pointer):
+        return 0
+
+    def cudnnBackendSetAttribute(self, pointer, name, attr_type, count, array):
+        record = self._record(pointer)
+        assert not record["final"], "an attribute set after finalize"
+        expected = _ATTRIBUTE_TYPES.get(name)
+        if expected is None:   # alpha and beta: float or double, by the data type
+            assert attr_type in (graph.TYPE_FLOAT, graph.TYPE_DOUBLE), f"attribute {name} set as type {attr_type}"
+        else:
+            assert attr_type == expected, f"attribute {name} set as type {attr_type}, cuDNN reads {expected}"
+        element = graph._ELEMENT[attr_type]
+        values = ctypes.cast(array, ctypes.POINTER(element))[:count] if count else []
+        if attr_type == graph.TYPE_BACKEND_DESCRIPTOR:
+            values = [self._record(v) for v in values]
+        record["attrs"][name] = values
+        return 0
+
+    def cudnnBackendFinalize(self, pointer):
+        record = self._record(pointer)
+        missing = _REQUIRED.get(record["kind"], set()) - set(record["attrs"])
+        assert not missing, f"descriptor kind {record['kind']} finalized without attributes {missing}"
+        if record["kind"] == graph.EXECUTION_PLAN:
+            engine = record["attrs"][401][0]["engine"]
+            if _ENGINES[engine][1] is None:
+                return 3000   # CUDNN_STATUS_NOT_SUPPORTED
+        record["final"] = True
+        return 0
+
+    def cudnnBackendGetAttribute(self, pointer, name, attr_type, requested, count, array):
+        record = self._record(pointer)
+        assert record["final"], "an attribute read before finalize"
+        if name == graph.ENGINEHEUR_RESULTS:
+            # as cuDNN: asked for none, it says how many there are
+            if requested == 0:
+                count._obj.value = len(_ENGINES)
+                return 0
+            values = list(range(len(_ENGINES)))[:requested]
+            for index, target in enumerate(values):
+                self._record(ctypes.cast(array, ctypes.POINTER(ctypes.c_void_p))[index]).update(
+                    engine=index, final=True)
+        elif name == graph.ENGINECFG_ENGINE:
+            values = [record["engine"]]
+            self._record(ctypes.cast(array, ctypes.POINTER(ctypes.c_void_p))[0]).update(engine=record["engine"],
+                                                                                     final=True)
+        elif name == graph.ENGINE_NUMERICAL_NOTE:
+            values = sorted(_ENGINES[record["engine"]][0])[:requested]
+            for index, note in enumerate(values):
+                ctypes.cast(array, ctypes.POINTER(ctypes.c_int))[index] = note
+        elif name == graph.EXECUTION_PLAN_WORKSPACE_SIZE:
+            values = [_ENGINES[record["attrs"][401][0]["engine"]][1]]
+            ctypes.cast(array, ctypes.POINTER(ctypes.c_int64))[0] = values[0]
+        else:
+            raise AssertionError(f"attribute {name} read")
+        count._obj.value = len(values)
+        return 0
+
+    def cudnnBackendExecute(self, handle, plan, pack):
+        plan, pack = self._record(plan), self._record(pack)
+        assert plan["final"] and pack["final"]
+        engine = plan["attrs"][401][0]["engine"]
+        self.clock += _ENGINES[engine][2]
+        self.executed.append((engine, dict(zip(pack["attrs"][1000], pack["attrs"][1001]))))
+        return 0
+
+
+@pytest.fixture
+def graph_backend(fake_backend, monkeypatch):
+    cb, _ = fake_backend
+    api = _FakeBackendApi()
+    monkeypatch.setattr(graph, "lib", lambda: api)
+    monkeypatch.setattr(graph, "_declared", api)
+    monkeypatch.setenv("MPICONVNET_CUDNN_API", "graph")
+    cb.initialize(0, 1, False)
+    st = context.get()
+
+    class TimedEvent:   # reads the stand-in's clock, which only execute advances
+        def record(self, stream):
+            self.at = api.clock
+
+        def synchronize(self):
+            pass
+
+        def time_since(self, start):
+            return self.at - start.at
+
+    monkeypatch.setattr(st.drv, "Event", lambda flags=0: TimedEvent())
+    return cb, api, st
+
+
+def test_graph_api_convolutions_search_once_and_run_with_each_kinds_operands(graph_backend):
+    cb, api, st = graph_backend
+    assert st.cudnn_api == "graph"
+    x = cb.to_device(np.ones((2, 4, 9, 9), np.float32))
+    w = cb.to_device(np.ones((6, 2, 3, 3), np.float32))
+    for step in range(2):
+        api.executed.clear()
+        y = cb.conv_forward(x, w, cb.zeros((6,), np.float32), 2, 1, 2)
+        dx = cb.conv_backward_data(y, w, x.shape, 2, 1, 2)
+        dw = cb.conv_backward_filter(x, y, w.shape, 2, 1, 2)
+        assert y.shape == (2, 6, 5, 5) and dx.shape == x.shape and dw.shape == w.shape
+        runs = [run for run in api.executed]
+        if step == 0:
+            # TF32 off: the tensor-core engine (0) and the down-converting one (1) are passed
+            # over, 2 needs too much workspace, 3 fails to build; 4 and 5 are timed (one
+            # untimed and three timed runs each) and 5, the faster, runs
+            assert [engine for engine, _ in runs] == ([4] * 4 + [5] * 4 + [5]) * 3
+            packs = api.created[graph.VARIANT_PACK]
+        else:
+            assert [engine for engine, _ in runs] == [5, 5, 5]
+            assert api.created[graph.VARIANT_PACK] == packs, "the second step's pointers repeat: packs are reused"
+        ids = graph.UIDS
+        forward, data, filter_ = [pointers for _, pointers in (runs[8::9] if step == 0 else runs)]
+        assert forward == {ids["x"]: x.ptr, ids["w"]: w.ptr, ids["y"]: y.ptr}
+        assert data == {ids["x"]: dx.ptr, ids["w"]: w.ptr, ids["y"]: y.ptr}
+        assert filter_ == {ids["x"]: x.ptr, ids["w"]: dw.ptr, ids["y"]: y.ptr}
+        del y, dx, dw        # as a step's arrays are freed before the next step makes its own
+    assert api.created[graph.OPERATIONGRAPH] == 3          # one search per kind, in the first step
+    cb.set_tf32(True)                                      # tensor cores allowed: engine 0 is fastest
+    api.executed.clear()
+    cb.conv_forward(x, w, cb.zeros((6,), np.float32), 2, 1, 2)
+    assert api.executed[-1][0] == 0
+
+
+def test_graph_api_without_a_usable_engine_says_why(graph_backend, monkeypatch):
+    cb, api, st = graph_backend
+    monkeypatch.setattr(sys.modules[__name__], "_ENGINES", [({graph.NOTE_TENSOR_CORE}, 0, 1.0), (set(), 1 << 40, 1.0),
+                                                            (set(), None, 1.0)])
+    x = cb.to_device(np.ones((2, 4, 9, 9), np.float32))
+    w = cb.to_device(np.ones((6, 2, 3, 3), np.float32))
+    with pytest.raises(cudnn.CudnnError) as e:
+        cb.conv_forward(x, w, cb.zeros((6,), np.float32), 1, 1, 2)
+    message = str(e.value)
+    assert "no usable engine for the convolution forward of x (2, 4, 9, 9) with w (6, 2, 3, 3)" in message
+    assert "1 use tensor cores" in message and "MiB workspace" in message and "1 plans failed to build" in message
+
+
+def test_cudnn_api_setting_is_checked():
+    assert context.cudnn_api_from_env({}) == "legacy"
+    assert context.cudnn_api_from_env({"MPICONVNET_CUDNN_API": "graph"}) == "graph"
+    with pytest.raises(ValueError, match="MPICONVNET_CUDNN_API='v8': use legacy"):
+        context.cudnn_api_from_env({"MPICONVNET_CUDNN_API": "v8"})
+
+
+def _real_cudnn():
+    """The real libcudnn (9 or later) when one loads and builds backend descriptors here."""
+    try:
+        lib = libs.load_cudnn()
+        if lib.cudnnGetVersion() < 90000:
+            return None
+        cudnn._declare(lib)
+    except Exception:
+        return None
+    return lib
+
+
+def test_graph_api_descriptors_are_accepted_by_the_real_cudnn(monkeypatch):
+    # needs no GPU: tensor, convolution and operation descriptors finalize on the host, where
+    # cuDNN checks their attribute types and that the shapes make the convolution (groups
+    # included); the operation graph needs a handle, so a GPU
+    monkeypatch.setattr(cudnn, "_lib", None)
+    real = _real_cudnn()
+    if real is None:
+        pytest.skip("no cuDNN 9 library loads here (CI has none; a GPU node has one: run scripts/gpu-check.sh)")
+    monkeypatch.setattr(cudnn, "_lib", real)
+    monkeypatch.setattr(graph, "_declared", None)
+    for x_shape, w_shape, stride, pad in [((8, 3, 224, 224), (64, 3, 11, 11), 4, 2), ((8, 96, 27, 27), (256, 48, 5, 5), 1, 2)]:
+        y_shape = cudnn.conv_output_shape(x_shape, w_shape, stride, pad)
+        for dtype in (np.dtype(np.float32), np.dtype(np.float64)):
+            try:
+                tensors = {"x": graph.tensor("x", x_shape, dtype), "w": graph.tensor("w", w_shape, dtype),
+                           "y": graph.tensor("y", y_shape, dtype)}
+            except cudnn.CudnnError as e:
+                if "SUBLIBRARY_LOADING_FAILED" in str(e):
+                    pytest.skip(f"cuDNN's sublibraries do not load here ({e}): they need libcuda")
+                raise
+            conv = graph.convolution(stride, pad, dtype)
+            for kind in ("forward", "data", "filter"):
+                graph.operation(kind, conv, tensors, dtype)
+    f32 = np.dtype(np.float32)
+    wrong = {"x": graph.tensor("x", (2, 4, 9, 9), f32), "w": graph.tensor("w", (6, 2, 3, 3), f32),
+             "y": graph.tensor("y", (2, 6, 4, 4), f32)}
+    with pytest.raises(cudnn.CudnnError, match="cudnnBackendFinalize failed"):
+        graph.operation("forward", graph.convolution(2, 1, f32), wrong, f32)
+    assert graph.variant_pack({1: 1 << 40, 2: 2 << 40, 3: 3 << 40}, 0).ptr
+
+
+def test_a_bad_setting_is_a_one_line_setup_error_before_any_context_is_pushed(fake_backend, monkeypatch):
+    # PyCUDA aborts at exit with "context stack was not empty" if a context stays pushed
+    from mpiconvnet import distributed
+    for name, value in (("MPICONVNET_CUDNN_API", "v8"), ("MPICONVNET_TF32", "yes"),
+                        ("MPICONVNET_CUDNN_WORKSPACE_MB", "lots")):
+        with monkeypatch.context() as setting:
+            setting.setenv(name, value)
+            with pytest.raises(distributed.SetupError) as e:
+                distributed._initialize_gpu(0, 1, False)
+        assert name in str(e.value) and "\n" not in str(e.value)
+        assert _FakeContext.depth.get(threading.get_ident(), 0) == 0 and not context.is_initialized()

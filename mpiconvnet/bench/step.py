@@ -150,7 +150,10 @@ def main(argv):
     rows = [(name, float(np.median(t))) for name, t in times.items()]
     ours = rows[0][1]
     theirs = rows[1][1] if len(rows) > 1 else None
-    where = f"{args.threads} thread(s)" if args.backend == "numpy" else "1 GPU" + (" TF32" if args.tf32 else " FP32")
+    where = f"{args.threads} thread(s)"
+    if args.backend == "cuda":
+        from mpiconvnet.backends.cuda import context
+        where = "1 GPU" + (" TF32" if args.tf32 else " FP32") + f", cuDNN {context.get().cudnn_api} API"
     print(f"{args.model}, batch {args.batch}, {where}, median of {args.steps} steps; "
           f"predicted work {flops / 1e9:.1f} GFLOP per step (3x forward)")
     print(f"{'implementation':<28}{'ms/step':>10}{'images/s':>12}{'GFLOP/s':>10}")
@@ -158,6 +161,8 @@ def main(argv):
         print(f"{name:<28}{seconds * 1e3:>10.2f}{args.batch / seconds:>12.1f}{flops / seconds / 1e9:>10.1f}")
     result = {"model": args.model, "batch": args.batch, "backend": args.backend, "threads": args.threads,
               "tf32": args.tf32, "ours_images_per_s": args.batch / ours, "ours_ms_per_step": ours * 1e3}
+    if args.backend == "cuda":
+        result["cudnn_api"] = context.get().cudnn_api
     if theirs is not None:
         ratio = theirs / ours
         result.update(torch_images_per_s=args.batch / theirs, ratio=ratio)

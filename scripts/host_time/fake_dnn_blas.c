@@ -79,3 +79,19 @@ NOTHING(cudnnDestroyLRNDescriptor) NOTHING(cudnnSetLRNDescriptor)
 WORK(cudnnLRNCrossChannelForward) WORK(cudnnLRNCrossChannelBackward)
 NOTHING(cublasDestroy_v2) NOTHING(cublasSetStream_v2) NOTHING(cublasSetMathMode)
 WORK(cublasSgemm_v2) WORK(cublasDgemm_v2)
+
+/* the graph (backend) API of MPICONVNET_CUDNN_API=graph (cudnn_graph.py): descriptors are
+ * any non-null pointer, the heuristics offer one engine with no numerical notes, its plan
+ * needs no workspace, and execute is the call that queues work */
+enum { HEURISTIC_RESULTS = 202, ENGINE_NUMERICAL_NOTE = 1303, PLAN_WORKSPACE_SIZE = 402 };
+int cudnnBackendCreateDescriptor(int kind, void **p) { (void)kind; *p = &fake_handle; return 0; }
+NOTHING(cudnnBackendDestroyDescriptor) NOTHING(cudnnBackendFinalize) NOTHING(cudnnBackendSetAttribute)
+int cudnnBackendGetAttribute(void *d, int name, int type, long long requested, long long *count, void *values) {
+    (void)d; (void)type;
+    if (name == ENGINE_NUMERICAL_NOTE) { *count = 0; return 0; }
+    if (name == PLAN_WORKSPACE_SIZE) { *(long long *)values = 0; *count = 1; return 0; }
+    /* the heuristics' results (asked for none: how many) and a configuration's engine */
+    *count = name == HEURISTIC_RESULTS && requested == 0 ? 1 : (requested > 0);
+    return 0;
+}
+WORK(cudnnBackendExecute)

@@ -75,6 +75,19 @@ def workspace_limit_from_env(environ=None):
     return mb << 20
 
 
+CUDNN_APIS = ("legacy", "graph")
+
+
+def cudnn_api_from_env(environ=None):
+    """Which cuDNN API runs the convolutions: legacy (the default) or graph
+    (MPICONVNET_CUDNN_API=graph; cudnn_graph.py, opt-in until a GPU run has checked it)."""
+    environ = os.environ if environ is None else environ
+    value = environ.get("MPICONVNET_CUDNN_API", "legacy").strip() or "legacy"
+    if value not in CUDNN_APIS:
+        raise ValueError(f"MPICONVNET_CUDNN_API={value!r}: use legacy (the default) or graph")
+    return value
+
+
 def launch_config(n, threads=THREADS):
     """(grid, block) for a grid-stride kernel over n items."""
     blocks = max(1, min((int(n) + threads - 1) // threads, MAX_BLOCKS))
@@ -118,6 +131,11 @@ class State:
 
         from . import cublas, cudnn
 
+        # the settings first: a bad value is then an error before any context is pushed
+        self.tf32 = tf32_from_env()
+        self.workspace_limit = workspace_limit_from_env()
+        self.find_algorithms = os.environ.get("MPICONVNET_CUDNN_FIND", "1") != "0"
+        self.cudnn_api = cudnn_api_from_env()
         self.drv = drv
         self.ordinal = ordinal
         self.thread = threading.get_ident()   # the thread whose context stack holds our context
@@ -130,9 +148,6 @@ class State:
         self._copy_stream = None   # made on first use (augment.stage_batch)
         self.staging = None        # augment.py's staging areas, made on first use
         self.pool = pycuda.tools.DeviceMemoryPool()
-        self.tf32 = tf32_from_env()
-        self.workspace_limit = workspace_limit_from_env()
-        self.find_algorithms = os.environ.get("MPICONVNET_CUDNN_FIND", "1") != "0"
         self.blas = cublas.Handle(self.stream.handle, self.tf32)
         self.dnn = cudnn.Handle(self.stream.handle)
         self.cudnn_version = int(cudnn.lib().cudnnGetVersion())
@@ -212,6 +227,7 @@ class State:
             self.stream.synchronize()
             if self._copy_stream is not None:
                 self._copy_stream.synchronize()
+            self.descriptors.clear()   # cuDNN descriptors and plans go before their handle
             self.blas.destroy()
             self.dnn.destroy()
             self.pool.stop_holding()

@@ -5,12 +5,14 @@ x: (N, C, H, W)  w: (K, C/groups, R, S)  b: (K,)  y: (N, K, P, Q)
 One `ConvPlan` per distinct (shapes, stride, pad, groups, dtype, tf32) holds the
 descriptors and the algorithms chosen for it (by cudnnFind*, i.e. measured, unless
 MPICONVNET_CUDNN_FIND=0 asks for the heuristic cudnnGet*_v7), so the search runs once
-per layer shape, not once per step.
+per layer shape, not once per step. With MPICONVNET_CUDNN_API=graph a
+`cudnn_graph.GraphConvPlan` takes its place: the same choice through cuDNN's graph API,
+and an execution plan per kind, run with far less host time per call.
 """
 import ctypes
 import math
 
-from . import context, cudnn
+from . import context, cudnn, cudnn_graph
 from .memory import empty, given_or_new
 
 _KINDS = {
@@ -69,6 +71,22 @@ class ConvPlan:
             self.algos[kind] = (algo, int(size.value))
         return self.algos[kind]
 
+    def run(self, st, kind, x, w, y):
+        """Queue `kind` on the backend stream; x, w, y are device addresses (for data, x is
+        dx; for filter, w is dw)."""
+        algo, ws_bytes = self.algorithm(st, kind)
+        one, zero = cudnn.scalars(self.dtype)
+        workspace, conv = ctypes.c_void_p(st.workspace_ptr(ws_bytes)), self.conv[kind].ptr
+        if kind == "forward":
+            cudnn.call("cudnnConvolutionForward", st.dnn.ptr, one, self.x.ptr, x, self.w.ptr, w, conv, algo,
+                       workspace, ws_bytes, zero, self.y.ptr, y)
+        elif kind == "data":
+            cudnn.call("cudnnConvolutionBackwardData", st.dnn.ptr, one, self.w.ptr, w, self.y.ptr, y, conv, algo,
+                       workspace, ws_bytes, zero, self.x.ptr, x)
+        else:
+            cudnn.call("cudnnConvolutionBackwardFilter", st.dnn.ptr, one, self.x.ptr, x, self.y.ptr, y, conv, algo,
+                       workspace, ws_bytes, zero, self.w.ptr, w)
+
 
 def _plan(x_shape, w_shape, stride, pad, groups, dtype):
     st = context.get()
@@ -83,7 +101,8 @@ def _plan(x_shape, w_shape, stride, pad, groups, dtype):
         if x_shape[1] != w_shape[1] * groups or w_shape[0] % groups:
             raise ValueError(f"convolution: x {x_shape} and w {w_shape} do not fit groups={groups} "
                              f"(need C == w.shape[1] * groups and K divisible by groups)")
-        plan = st.descriptors[key] = ConvPlan(st, x_shape, w_shape, int(stride), int(pad), int(groups), dtype)
+        kind = cudnn_graph.GraphConvPlan if st.cudnn_api == "graph" else ConvPlan
+        plan = st.descriptors[key] = kind(st, x_shape, w_shape, int(stride), int(pad), int(groups), dtype)
     return st, plan
 
 
@@ -98,12 +117,8 @@ def _same_dtype(*arrays):
 def conv_forward(x, w, b, stride, pad, groups):
     dtype = _same_dtype(x, w, b)
     st, plan = _plan(x.shape, w.shape, stride, pad, groups, dtype)
-    algo, ws_bytes = plan.algorithm(st, "forward")
     y = empty(plan.y_shape, dtype)
-    one, zero = cudnn.scalars(dtype)
-    cudnn.call("cudnnConvolutionForward", st.dnn.ptr, one, plan.x.ptr, x.ptr, plan.w.ptr, w.ptr,
-               plan.conv["forward"].ptr, algo, ctypes.c_void_p(st.workspace_ptr(ws_bytes)), ws_bytes, zero,
-               plan.y.ptr, y.ptr)
+    plan.run(st, "forward", x.ptr, w.ptr, y.ptr)
     # y += b over N, P, Q: our kernel (bias.cu), not cudnnAddTensor, whose call cost the
     # host ~70 us against ~12 us for a launch
     n, k, p, q = plan.y_shape
@@ -118,12 +133,8 @@ def conv_backward_data(dy, w, x_shape, stride, pad, groups):
     st, plan = _plan(x_shape, w.shape, stride, pad, groups, dtype)
     if tuple(dy.shape) != plan.y_shape:
         raise ValueError(f"conv_backward_data: dy has shape {tuple(dy.shape)}, expected {plan.y_shape}")
-    algo, ws_bytes = plan.algorithm(st, "data")
     dx = empty(x_shape, dtype)
-    one, zero = cudnn.scalars(dtype)
-    cudnn.call("cudnnConvolutionBackwardData", st.dnn.ptr, one, plan.w.ptr, w.ptr, plan.y.ptr,
-               dy.ptr, plan.conv["data"].ptr, algo, ctypes.c_void_p(st.workspace_ptr(ws_bytes)), ws_bytes,
-               zero, plan.x.ptr, dx.ptr)
+    plan.run(st, "data", dx.ptr, w.ptr, dy.ptr)
     return dx
 
 
@@ -132,12 +143,8 @@ def conv_backward_filter(x, dy, w_shape, stride, pad, groups, out=None):
     st, plan = _plan(x.shape, w_shape, stride, pad, groups, dtype)
     if tuple(dy.shape) != plan.y_shape:
         raise ValueError(f"conv_backward_filter: dy has shape {tuple(dy.shape)}, expected {plan.y_shape}")
-    algo, ws_bytes = plan.algorithm(st, "filter")
     dw = given_or_new(out, plan.w_shape, dtype, "conv_backward_filter")
-    one, zero = cudnn.scalars(dtype)
-    cudnn.call("cudnnConvolutionBackwardFilter", st.dnn.ptr, one, plan.x.ptr, x.ptr, plan.y.ptr,
-               dy.ptr, plan.conv["filter"].ptr, algo, ctypes.c_void_p(st.workspace_ptr(ws_bytes)), ws_bytes,
-               zero, plan.w.ptr, dw.ptr)
+    plan.run(st, "filter", x.ptr, dw.ptr, dy.ptr)
     return dw
 
 
