@@ -250,6 +250,9 @@ class GraphConvPlan:
                         "y": tensor("y", self.y_shape, dtype)}
         self.conv = convolution(stride, pad, dtype)
         self.plans = {}    # kind -> (plan descriptor, workspace bytes, {pointers: variant pack})
+        # what each plan was built from stays alive with it: cuDNN's own frontend keeps the
+        # operation graph and engine configuration of a plan as long as the plan
+        self.sources = {}  # kind -> (operation, graph, engine configurations)
 
     def run(self, st, kind, x, w, y):
         """Queue `kind` on the backend stream; x, w, y are device addresses (for data, x is
@@ -268,8 +271,10 @@ class GraphConvPlan:
         _call("cudnnBackendExecute", st.dnn.ptr, plan.ptr, pack.ptr)
 
     def _choose(self, st, kind, pointers):
-        graph = operation_graph(st.dnn.ptr, operation(kind, self.conv, self.tensors, self.dtype))
+        op = operation(kind, self.conv, self.tensors, self.dtype)
+        graph = operation_graph(st.dnn.ptr, op)
         configs = engine_configs(graph)
+        self.sources[kind] = (op, graph, configs)
         candidates, skipped, failed, too_big = [], 0, [], 0
         limit = FIND_CANDIDATES if st.find_algorithms else 1
         for config in configs:
