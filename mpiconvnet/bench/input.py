@@ -11,7 +11,8 @@ crops there, and read the loss. Three loops over one epoch of the same data, sam
   resident        the step on one batch that stays on the device, reading the loss
                   (bench step's loop): the ceiling
   model_input     for batch in loader: x = loader.model_input(batch, ops); step
-                  (on CUDA the copy runs on the compute stream, between two steps)
+                  (the copy starts when its own step does, so the step waits for it;
+                  on CUDA it overlaps only the previous step's SGD update, still queued)
   device_batches  for batch, x in loader.device_batches(ops): step
                   (the next batch staged one step ahead; on CUDA its copy runs on a copy
                   stream while this step computes): what train.py does
