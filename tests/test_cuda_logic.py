@@ -1272,7 +1272,7 @@ def test_graph_api_without_a_usable_engine_says_why(graph_backend, monkeypatch):
         cb.conv_forward(x, w, cb.zeros((6,), np.float32), 1, 1, 2)
     message = str(e.value)
     assert "no usable engine for the convolution forward of x (2, 4, 9, 9) with w (6, 2, 3, 3)" in message
-    assert "1 use tensor cores" in message and "MiB workspace" in message and "1 plans failed to build" in message
+    assert "1 down-convert their inputs or, with TF32 off, use tensor cores" in message and "MiB workspace" in message and "1 plans failed to build" in message
 
 
 def test_cudnn_api_setting_is_checked():

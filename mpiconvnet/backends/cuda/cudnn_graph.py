@@ -293,8 +293,8 @@ class GraphConvPlan:
             if len(candidates) == limit:
                 break
         if not candidates:
-            reasons = [f"{skipped} use tensor cores or down-convert inputs, which TF32 off forbids "
-                       f"(MPICONVNET_TF32=1 allows tensor cores)"] if skipped else []
+            reasons = [f"{skipped} down-convert their inputs or, with TF32 off, use tensor cores "
+                       f"(MPICONVNET_TF32=1 allows those)"] if skipped else []
             if too_big:
                 reasons.append(f"{too_big} need more than the {st.workspace_limit >> 20} MiB workspace "
                                f"(raise MPICONVNET_CUDNN_WORKSPACE_MB)")
