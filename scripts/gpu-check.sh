@@ -27,6 +27,9 @@
 #                         PIP_INDEX_URL / pip.conf or else pypi.org, does not answer)
 #   CUDA_WHEELS=cu12|cu13 which nvidia-* wheels to install if the libraries are missing (cu12)
 #   SKIP_BENCH=1          skip the benchmark
+#   ONLY=cuda-tests,bench-input-*   run only these steps (comma-separated names or shell
+#                         patterns; the set-up steps always run): for a GPU lent by the
+#                         10-minute call, one part of the check per call
 #   PROFILE=1             also profile alexnet-owt TF32, the case short of PyTorch
 #                         (docs/benchmarks.md): host time at batch 8 (--host-profile, cProfile)
 #                         and GPU kernels at batch 128 (--profile, torch.profiler)
@@ -48,9 +51,28 @@ echo "| step | status | seconds | log |" >> "$REPORT"
 echo "|---|---|---|---|" >> "$REPORT"
 
 # step NAME COMMAND...: run it, log to OUTDIR/NAME.log, add a row to the report
+SETUP_STEPS="machine venv install-project install-pycuda cuda-libraries shards"
+
+# selected NAME: whether ONLY (unset: every step) asks for step NAME
+selected() {
+    local pattern patterns
+    [ -z "${ONLY:-}" ] && return 0
+    case " $SETUP_STEPS " in *" $1 "*) return 0 ;; esac
+    IFS=, read -r -a patterns <<< "$ONLY"
+    for pattern in "${patterns[@]}"; do
+        # shellcheck disable=SC2254
+        case "$1" in $pattern) return 0 ;; esac
+    done
+    return 1
+}
+
 step() {
     local name=$1; shift
     local log="$OUT/$name.log" start end status
+    if ! selected "$name"; then
+        echo "| $name | skipped (ONLY=$ONLY) | 0 | |" >> "$REPORT"
+        return 0
+    fi
     echo "== $name: $*"
     start=$(date +%s)
     ( "$@" ) > "$log" 2>&1

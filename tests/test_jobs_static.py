@@ -132,3 +132,21 @@ def test_usr1_to_the_script_reaches_the_trainer_which_stops_with_a_checkpoint(da
                          MPICONVNET_OUTSIDE_SLURM="1", MPICONVNET_RUN_DIR=run)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resuming at step" in resumed.stdout
+
+
+def test_gpu_check_only_runs_the_named_steps_and_always_the_set_up():
+    # gpu-check's step filter, sourced alone (the script itself needs a GPU node)
+    text = open(os.path.join(ROOT, "scripts/gpu-check.sh")).read()
+    functions = text[text.index("SETUP_STEPS="):text.index("\nstep() {")]
+    names = ["machine", "shards", "cuda-tests", "cuda-tests-graph", "bench-input-owt-tf32",
+             "bench-alexnet-owt-tf32-graph", "train-1gpu"]
+    probe = functions + "\nfor n in " + " ".join(names) + "; do selected $n && echo $n; done; true\n"
+
+    def chosen(only):
+        result = subprocess.run(["bash", "-c", probe], env={**os.environ, "ONLY": only}, capture_output=True,
+                                text=True, check=True, cwd=ROOT)
+        return result.stdout.split()
+
+    assert chosen("") == names
+    assert chosen("cuda-tests,bench-input-*") == ["machine", "shards", "cuda-tests", "bench-input-owt-tf32"]
+    assert chosen("*-graph") == ["machine", "shards", "cuda-tests-graph", "bench-alexnet-owt-tf32-graph"]
