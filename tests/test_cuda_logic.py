@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from mpiconvnet.backends.cuda import context, cublas, cudnn, device, layers, libs, memory, mpi_cuda
+from mpiconvnet.backends.cuda import cudnn_graph as graph
 
 # --- device choice ------------------------------------------------------------------------
 
@@ -256,9 +257,12 @@ def test_algo_perf_layout():
 
 
 def _perfs(*rows):
+    """AlgoPerf rows (algo, status, workspace, math type[, determinism: 0 by default, as
+    cuDNN's CUDNN_NON_DETERMINISTIC])."""
     arr = (cudnn.AlgoPerf * len(rows))()
-    for p, (algo, status, nbytes, math) in zip(arr, rows):
+    for p, (algo, status, nbytes, math, *determinism) in zip(arr, rows):
         p.algo, p.status, p.memory, p.mathType = algo, status, nbytes, math
+        p.determinism = determinism[0] if determinism else 0
     return arr
 
 
@@ -279,6 +283,24 @@ def test_choose_algo():
     assert "\n" not in message
     with pytest.raises(cudnn.CudnnError, match="returned none"):
         cudnn.choose_algo(perfs, 0, tf32=False, workspace_limit=1 << 30)
+
+
+def test_choose_algo_deterministic_passes_over_algorithms_that_may_vary():
+    perfs = _perfs((1, 0, 0, cudnn.CUDNN_FMA_MATH, 0),                          # fastest, may vary
+                   (3, 0, 2048, cudnn.CUDNN_FMA_MATH, cudnn.CUDNN_DETERMINISTIC))
+    assert cudnn.choose_algo(perfs, 2, tf32=False, workspace_limit=1 << 30)[0] == 1
+    assert cudnn.choose_algo(perfs, 2, tf32=False, workspace_limit=1 << 30, deterministic=True)[0] == 3
+    with pytest.raises(cudnn.CudnnError, match="1 are not deterministic, which MPICONVNET_DETERMINISTIC=1 forbids"):
+        cudnn.choose_algo(perfs, 1, tf32=False, workspace_limit=1 << 30, deterministic=True)
+    f32, f64 = np.dtype(np.float32), np.dtype(np.float64)
+    assert graph.allowed({graph.NOTE_NONDETERMINISTIC}, f32, tf32=False)
+    assert not graph.allowed({graph.NOTE_NONDETERMINISTIC}, f32, tf32=False, deterministic=True)
+    assert graph.allowed({graph.NOTE_TENSOR_CORE}, f64, tf32=False, deterministic=True)
+    assert not graph.allowed({graph.NOTE_DOWN_CONVERT_INPUTS}, f64, tf32=True)
+    assert context.deterministic_from_env({}) is False
+    assert context.deterministic_from_env({"MPICONVNET_DETERMINISTIC": "1"}) is True
+    with pytest.raises(ValueError, match="MPICONVNET_DETERMINISTIC='on': use 0"):
+        context.deterministic_from_env({"MPICONVNET_DETERMINISTIC": "on"})
 
 
 def test_cudnn_shape_helpers():
@@ -623,7 +645,7 @@ def test_cublas_bindings_run_row_major_products(fake_libs):
 
 def test_cudnn_bindings_read_perf_results_and_scalars(fake_libs):
     st = types.SimpleNamespace(dnn=types.SimpleNamespace(ptr=ctypes.c_void_p(1)), find_algorithms=True,
-                               workspace_limit=1 << 30, tf32=False)
+                               workspace_limit=1 << 30, tf32=False, deterministic=False)
     from mpiconvnet.backends.cuda.conv import ConvPlan
     plan = ConvPlan(st, (2, 4, 9, 9), (6, 2, 3, 3), 1, 1, 2, np.dtype(np.float32))
     assert cudnn.lib().fake_last_conv_math() == cudnn.CUDNN_FMA_MATH
@@ -1102,7 +1124,6 @@ def test_exit_closes_the_state_current_at_exit_only(monkeypatch):
 # ones, and the heuristics offer the engines below. Time passes only in execute, by the
 # engine's cost, and the stand-in events read that clock: the search can be checked.
 
-from mpiconvnet.backends.cuda import cudnn_graph as graph  # noqa: E402
 
 _ATTRIBUTE_TYPES = {   # name -> type, from the descriptor docs in cudnn_graph.h
     **{n: graph.TYPE_INT64 for n in (900, 902, 903, 906, 102, 103, 104, 105, 106, 402, 1000)},
@@ -1272,7 +1293,7 @@ def test_graph_api_without_a_usable_engine_says_why(graph_backend, monkeypatch):
         cb.conv_forward(x, w, cb.zeros((6,), np.float32), 1, 1, 2)
     message = str(e.value)
     assert "no usable engine for the convolution forward of x (2, 4, 9, 9) with w (6, 2, 3, 3)" in message
-    assert "1 down-convert their inputs or, with TF32 off, use tensor cores" in message and "MiB workspace" in message and "1 plans failed to build" in message
+    assert "1 down-convert their inputs, or use tensor cores with TF32 off" in message and "MiB workspace" in message and "1 plans failed to build" in message
 
 
 def test_cudnn_api_setting_is_checked():

@@ -482,3 +482,27 @@ def test_alexnet_mini_step_matches_numpy(cb, rng, dtype):
     for name, g in grads_np.items():
         error = np.linalg.norm(cb.to_host(grads_cu[name]).astype(np.float64) - g) / max(np.linalg.norm(g), 1e-30)
         assert error < 1e-3, f"{name}: relative error {error:.2e}"
+
+
+def test_deterministic_convolutions_repeat_a_step_bit_for_bit(cb, rng):
+    """MPICONVNET_DETERMINISTIC=1 (here set_deterministic): the same step twice gives the
+    same gradients to the last bit (our kernels use no atomics; the convolutions are then
+    chosen among cuDNN's deterministic algorithms)."""
+    from mpiconvnet.backends.cuda import context
+    from mpiconvnet.models import build_model
+    st = context.get()
+    st.set_deterministic(True)
+    try:
+        net = build_model("alexnet-mini", num_classes=10, backend="cuda", dtype="float32", seed=0)
+        size = net.input_size
+        x = cb.to_device(rng.standard_normal((16, 3, size, size)).astype(np.float32))
+        labels = rng.integers(0, 10, 16)
+        runs = []
+        for _ in range(2):
+            loss, grads = net.loss_and_grads(x, labels, step=1)
+            runs.append((loss, {name: cb.to_host(g) for name, g in grads.items()}))
+        assert runs[0][0] == runs[1][0]
+        for name, g in runs[0][1].items():
+            np.testing.assert_array_equal(runs[1][1][name], g, err_msg=name)
+    finally:
+        st.set_deterministic(False)

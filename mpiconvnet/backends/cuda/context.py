@@ -75,6 +75,18 @@ def workspace_limit_from_env(environ=None):
     return mb << 20
 
 
+def deterministic_from_env(environ=None):
+    """Only deterministic convolution algorithms when MPICONVNET_DETERMINISTIC=1: the same
+    inputs then give the same gradients bit for bit, run after run (our kernels use no
+    atomics; cuDNN's fastest backward algorithms may, and do not promise that)."""
+    environ = os.environ if environ is None else environ
+    value = environ.get("MPICONVNET_DETERMINISTIC", "0").strip()
+    if value not in ("0", "1", ""):
+        raise ValueError(f"MPICONVNET_DETERMINISTIC={value!r}: use 0 (the fastest algorithms, the default) or 1 "
+                         f"(deterministic ones only)")
+    return value == "1"
+
+
 CUDNN_APIS = ("legacy", "graph")
 
 
@@ -136,6 +148,7 @@ class State:
         self.workspace_limit = workspace_limit_from_env()
         self.find_algorithms = os.environ.get("MPICONVNET_CUDNN_FIND", "1") != "0"
         self.cudnn_api = cudnn_api_from_env()
+        self.deterministic = deterministic_from_env()
         self.drv = drv
         self.ordinal = ordinal
         self.thread = threading.get_ident()   # the thread whose context stack holds our context
@@ -218,6 +231,11 @@ class State:
         self.blas.set_tf32(self.tf32)
         # convolution descriptors carry their math type; algorithm choices depend on it
         self.descriptors.clear()
+
+    def set_deterministic(self, enabled):
+        """Only deterministic convolution algorithms (True) or the fastest (False); the
+        convolutions' choices are made again (their plans are keyed by it)."""
+        self.deterministic = bool(enabled)
 
     def close(self):
         # pop (PyCUDA aborts at exit when a context is still on the stack) but do not

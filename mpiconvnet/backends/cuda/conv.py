@@ -62,7 +62,8 @@ class ConvPlan:
             fn = find_fn if st.find_algorithms else get_fn
             cudnn.call(fn, st.dnn.ptr, *self._operands(kind), count, ctypes.byref(returned),
                        ctypes.cast(perfs, ctypes.c_void_p))
-            algo, _, math_type = cudnn.choose_algo(perfs, returned.value, self.tf32, st.workspace_limit)
+            algo, _, math_type = cudnn.choose_algo(perfs, returned.value, self.tf32, st.workspace_limit,
+                                                   st.deterministic)
             if self.tf32:
                 # run with the math type the search measured (cuDNN's advice)
                 self.conv[kind].set_math_type(math_type)
@@ -92,7 +93,7 @@ def _plan(x_shape, w_shape, stride, pad, groups, dtype):
     st = context.get()
     # looked up every call (14 times a step): the key is built from the arguments as they
     # come, and they are checked and normalised only when a new plan is made
-    key = ("conv", tuple(x_shape), tuple(w_shape), stride, pad, groups, dtype.char, st.tf32)
+    key = ("conv", tuple(x_shape), tuple(w_shape), stride, pad, groups, dtype.char, st.tf32, st.deterministic)
     plan = st.descriptors.get(key)
     if plan is None:
         x_shape, w_shape = tuple(int(s) for s in x_shape), tuple(int(s) for s in w_shape)

@@ -272,12 +272,13 @@ def pool_output_shape(x_shape, size, stride):
     return (n, c, (h - size) // stride + 1, (w - size) // stride + 1)
 
 
-def choose_algo(perfs, count, tf32, workspace_limit):
+def choose_algo(perfs, count, tf32, workspace_limit, deterministic=False):
     """The algorithm to use from a cudnnFind*/Get*_v7 result list (already sorted fastest
-    first by cuDNN): the first that succeeded, fits the workspace limit, and (unless TF32
-    is allowed) does not use tensor-op math. Returns (algo, workspace bytes, math type).
+    first by cuDNN): the first that succeeded, fits the workspace limit, (unless TF32 is
+    allowed) does not use tensor-op math, and (when asked) is deterministic. Returns (algo,
+    workspace bytes, math type).
     """
-    failed, too_big, tensor_op = [], 0, 0
+    failed, too_big, tensor_op, varying = [], 0, 0, 0
     for p in perfs[:count]:
         if p.status != CUDNN_STATUS_SUCCESS:
             failed.append(p.status)
@@ -285,6 +286,8 @@ def choose_algo(perfs, count, tf32, workspace_limit):
             too_big += 1
         elif not tf32 and p.mathType in (CUDNN_TENSOR_OP_MATH, CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION):
             tensor_op += 1
+        elif deterministic and p.determinism != CUDNN_DETERMINISTIC:
+            varying += 1
         else:
             return p.algo, int(p.memory), p.mathType
     # say why each candidate was passed over: only a workspace miss is fixed by a larger workspace
@@ -294,6 +297,8 @@ def choose_algo(perfs, count, tf32, workspace_limit):
                        f"(raise MPICONVNET_CUDNN_WORKSPACE_MB)")
     if tensor_op:
         reasons.append(f"{tensor_op} use tensor-op math, which TF32 off forbids (MPICONVNET_TF32=1 allows it)")
+    if varying:
+        reasons.append(f"{varying} are not deterministic, which MPICONVNET_DETERMINISTIC=1 forbids")
     if failed:
         codes = ", ".join(str(s) for s in sorted(set(failed)))
         reasons.append(f"{len(failed)} failed with cuDNN status {codes}")

@@ -14,7 +14,8 @@ cudnn_graph.h (cuDNN 9; they have not changed since the API appeared in cuDNN 8)
 
 The engine: cuDNN's heuristics (mode A) list engine configurations, best first. Those whose
 numerical notes say they down-convert inputs are skipped, and for float32 without TF32 so
-are tensor-core ones (as PyTorch filters them); of the rest, up to FIND_CANDIDATES whose
+are tensor-core ones (as PyTorch filters them), and with MPICONVNET_DETERMINISTIC=1 the
+nondeterministic ones; of the rest, up to FIND_CANDIDATES whose
 plans build and whose workspace fits are timed on the first call's own operands and the
 fastest is kept (MPICONVNET_CUDNN_FIND=0: the first one, untimed), as cudnnFind* does for
 the legacy API.
@@ -56,7 +57,7 @@ VARIANT_PACK_UNIQUE_IDS, VARIANT_PACK_DATA_POINTERS, VARIANT_PACK_WORKSPACE = 10
 # cudnnBackendHeurMode_t
 HEUR_MODE_A = 3
 # cudnnBackendNumericalNote_t
-NOTE_TENSOR_CORE, NOTE_DOWN_CONVERT_INPUTS = 0, 1
+NOTE_TENSOR_CORE, NOTE_DOWN_CONVERT_INPUTS, NOTE_NONDETERMINISTIC = 0, 1, 4
 
 UIDS = {"x": 1, "w": 2, "y": 3}
 # every pointer handed to a convolution is a pool block or a bucket view: 256-byte aligned
@@ -211,10 +212,10 @@ def numerical_notes(config):
     return set(engine[0].get(ENGINE_NUMERICAL_NOTE, TYPE_NUMERICAL_NOTE, 16)) if engine else set()
 
 
-def allowed(notes, dtype, tf32):
-    """An engine's numerical notes are acceptable: inputs never down-converted, and TF32
-    tensor cores for float32 only when TF32 is allowed."""
-    if NOTE_DOWN_CONVERT_INPUTS in notes:
+def allowed(notes, dtype, tf32, deterministic=False):
+    """An engine's numerical notes are acceptable: inputs never down-converted, TF32
+    tensor cores for float32 only when TF32 is allowed, and, when asked, deterministic."""
+    if NOTE_DOWN_CONVERT_INPUTS in notes or (deterministic and NOTE_NONDETERMINISTIC in notes):
         return False
     return tf32 or dtype.char != "f" or NOTE_TENSOR_CORE not in notes
 
@@ -278,7 +279,7 @@ class GraphConvPlan:
         candidates, skipped, failed, too_big = [], 0, [], 0
         limit = FIND_CANDIDATES if st.find_algorithms else 1
         for config in configs:
-            if not allowed(numerical_notes(config), self.dtype, self.tf32):
+            if not allowed(numerical_notes(config), self.dtype, self.tf32, st.deterministic):
                 skipped += 1
                 continue
             try:
@@ -293,8 +294,9 @@ class GraphConvPlan:
             if len(candidates) == limit:
                 break
         if not candidates:
-            reasons = [f"{skipped} down-convert their inputs or, with TF32 off, use tensor cores "
-                       f"(MPICONVNET_TF32=1 allows those)"] if skipped else []
+            reasons = [f"{skipped} down-convert their inputs, or use tensor cores with TF32 off "
+                       f"(MPICONVNET_TF32=1 allows those), or are not deterministic with "
+                       f"MPICONVNET_DETERMINISTIC=1"] if skipped else []
             if too_big:
                 reasons.append(f"{too_big} need more than the {st.workspace_limit >> 20} MiB workspace "
                                f"(raise MPICONVNET_CUDNN_WORKSPACE_MB)")
