@@ -7,7 +7,8 @@ descriptors and the algorithms chosen for it (by cudnnFind*, i.e. measured, unle
 MPICONVNET_CUDNN_FIND=0 asks for the heuristic cudnnGet*_v7), so the search runs once
 per layer shape, not once per step. With MPICONVNET_CUDNN_API=graph a
 `cudnn_graph.GraphConvPlan` takes its place: the same choice through cuDNN's graph API,
-and an execution plan per kind, run with far less host time per call.
+and an execution plan per kind, meant to cost far less host time per call (not yet
+measured on a GPU).
 """
 import ctypes
 import math
