@@ -32,8 +32,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m mpiconvnet.bench input", description=__doc__.split("\n\n")[0])
