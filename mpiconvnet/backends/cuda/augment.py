@@ -99,11 +99,11 @@ class StagingArea:
 
 class StagedBatch:
     """A batch whose copy to the device is queued (stage_batch); crop_staged finishes it."""
-    __slots__ = ("area", "generation", "copied", "n", "side", "size", "m", "layout", "mean")
+    __slots__ = ("area", "generation", "copied", "side", "size", "m", "layout", "mean")
 
-    def __init__(self, area, copied, n, side, size, m, layout, mean):
+    def __init__(self, area, copied, side, size, m, layout, mean):
         self.area, self.generation, self.copied = area, area.generation, copied
-        self.n, self.side, self.size, self.m, self.layout, self.mean = n, side, size, m, layout, mean
+        self.side, self.size, self.m, self.layout, self.mean = side, size, m, layout, mean
 
 
 def _areas(st):
@@ -145,7 +145,7 @@ def stage_batch(images, plan, crop_size, mean_chw, std=None):
         st.drv.memcpy_htod_async(area.pixels.ptr, images, copy)
     area.copied = st.event()
     area.copied.record(copy)
-    return StagedBatch(area, area.copied, n, side, size, m, layout, mean)
+    return StagedBatch(area, area.copied, side, size, m, layout, mean)
 
 
 def crop_staged(staged):

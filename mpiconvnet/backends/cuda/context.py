@@ -56,13 +56,18 @@ BLOCK = (THREADS, 1, 1)
 MAX_BLOCKS = 65535  # the kernels loop grid-stride, so capping the grid changes nothing
 
 
+def _switch_from_env(name, off, on, environ):
+    """A 0 / 1 setting (default 0); anything else is an error naming both values."""
+    environ = os.environ if environ is None else environ
+    value = environ.get(name, "0").strip()
+    if value not in ("0", "1", ""):
+        raise ValueError(f"{name}={value!r}: use 0 ({off}, the default) or 1 ({on})")
+    return value == "1"
+
+
 def tf32_from_env(environ=None):
     """TF32 is off unless MPICONVNET_TF32=1 (float32 results then match the reference)."""
-    environ = os.environ if environ is None else environ
-    value = environ.get("MPICONVNET_TF32", "0").strip()
-    if value not in ("0", "1", ""):
-        raise ValueError(f"MPICONVNET_TF32={value!r}: use 0 (true float32, the default) or 1 (TF32 tensor cores)")
-    return value == "1"
+    return _switch_from_env("MPICONVNET_TF32", "true float32", "TF32 tensor cores", environ)
 
 
 def workspace_limit_from_env(environ=None):
@@ -79,12 +84,7 @@ def deterministic_from_env(environ=None):
     """Only deterministic convolution algorithms when MPICONVNET_DETERMINISTIC=1: the same
     inputs then give the same gradients bit for bit, run after run (our kernels use no
     atomics; cuDNN's fastest backward algorithms may, and do not promise that)."""
-    environ = os.environ if environ is None else environ
-    value = environ.get("MPICONVNET_DETERMINISTIC", "0").strip()
-    if value not in ("0", "1", ""):
-        raise ValueError(f"MPICONVNET_DETERMINISTIC={value!r}: use 0 (the fastest algorithms, the default) or 1 "
-                         f"(deterministic ones only)")
-    return value == "1"
+    return _switch_from_env("MPICONVNET_DETERMINISTIC", "the fastest algorithms", "deterministic ones only", environ)
 
 
 CUDNN_APIS = ("legacy", "graph")

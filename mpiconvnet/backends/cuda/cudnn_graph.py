@@ -106,7 +106,6 @@ class Descriptor:
     """One cudnnBackendDescriptor_t, destroyed with the object."""
 
     def __init__(self, kind):
-        self.kind = kind
         self.ptr = ctypes.c_void_p()
         _call("cudnnBackendCreateDescriptor", kind, ctypes.byref(self.ptr))
 
