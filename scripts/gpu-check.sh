@@ -240,6 +240,8 @@ if [ "${GPUS:-0}" -eq 1 ] && [ -n "$MPIEXEC" ]; then
             --sync async
     }
     step train-2rank-1gpu train_two_ranks_shared
+elif [ "${GPUS:-0}" -eq 1 ]; then
+    echo "| train-2rank-1gpu | skipped (no mpiexec next to $PY or on PATH) | 0 | |" >> "$REPORT"
 fi
 if [ "${GPUS:-0}" -ge 2 ] && [ -n "$MPIEXEC" ]; then
     train_two_gpus() {

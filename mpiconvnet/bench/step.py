@@ -133,11 +133,16 @@ def main(argv):
     if not args.no_torch:
         try:
             import torch
-            torch.set_num_threads(args.threads)
-            contenders.append((f"pytorch {torch.__version__} " + ("cuda" if args.backend == "cuda" else "cpu"),)
-                              + make_torch(args, net, x, labels))
         except ImportError:
             print("torch is not importable: no baseline (pip install torch to compare)")
+        else:
+            if args.backend == "cuda" and not torch.cuda.is_available():
+                print(f"torch {torch.__version__} sees no GPU (a CPU-only build?): no baseline "
+                      "(install a CUDA build of torch to compare)")
+            else:
+                torch.set_num_threads(args.threads)
+                contenders.append((f"pytorch {torch.__version__} " + ("cuda" if args.backend == "cuda" else "cpu"),)
+                                  + make_torch(args, net, x, labels))
     for _, step, sync in contenders:
         for _ in range(args.warmup):
             timed(step, sync)
