@@ -25,7 +25,8 @@ waiting on a silent worker meanwhile), and either aborts all ranks (exit 3).
 
 Messages (point-to-point, each waited for at most --stall-timeout seconds by the server,
 twice that by a worker; the server receives headers from any worker):
-  worker -> server  header [kind, batches, loss sum, data s, compute s, comm s] (float64),
+  worker -> server  header [kind, batches, loss sum, data s, compute s, comm s, memory high
+                    water bytes] (float64),
                     then, for PUSH, the summed gradients as one flat array
   server -> worker  a reply [GO | STOP | FAILED], then, for GO, the weights as one flat array
 """
@@ -41,7 +42,7 @@ from mpiconvnet.data.loader import BatchLoader
 TAG_HEADER, TAG_GRADS, TAG_REPLY, TAG_PARAMS = 301, 302, 303, 304
 PUSH, DONE, STOPPED = 0.0, 1.0, 2.0     # header kinds
 GO, STOP, FAILED = 0.0, 1.0, 2.0        # replies
-HEADER_SIZE = 6
+HEADER_SIZE = 7
 
 
 class FlatParameters:
@@ -239,7 +240,8 @@ class AsyncWorker:
         self.loss_sum += loss
 
     def _send_header(self, kind):
-        header = np.array([kind, self.pending, self.loss_sum, *self.times])
+        memory = float(self.trainer.net.ops.memory_high_water())
+        header = np.array([kind, self.pending, self.loss_sum, *self.times, memory])
         self._to_server(header, TAG_HEADER)
 
     def _exchange(self):
@@ -275,6 +277,7 @@ class _Window:
     """The server's running sums between two metrics lines."""
 
     def __init__(self):
+        self.memory = 0.0   # the largest memory high water any worker reported (never reset)
         self.reset()
 
     def reset(self):
@@ -287,6 +290,7 @@ class _Window:
         self.loss += header[2]
         self.images += batches * batch_images
         self.times += header[3:6]
+        self.memory = max(self.memory, header[6])
 
     def write(self, trainer, log, progress):
         if not self.batches:
@@ -296,7 +300,8 @@ class _Window:
         record = {"kind": "train", "step": trainer.step, "epoch": trainer.step // trainer.steps_per_epoch,
                   "loss": self.loss / self.batches, "lr": trainer.schedule.at(trainer.step),
                   "images_per_s": self.images / elapsed, "time_data": per_batch[0], "time_compute": per_batch[1],
-                  "time_comm": per_batch[2], "time": time.time()}
+                  "time_comm": per_batch[2],
+                  "memory_mb": max(self.memory, trainer.net.ops.memory_high_water()) / 2**20, "time": time.time()}
         if log is not None:
             log.write(record)
         if progress is not None:

@@ -182,18 +182,25 @@ class Heartbeat:
         self._die(f"rank {self.world.rank}: {what} made no progress for {self.timeout:.0f} s at "
                   f"step {step}; another rank is dead or hung; aborting all ranks")
 
-    def allreduce_sum(self, values, step):
+    def allreduce_sum(self, values, step, what="the step's loss allreduce"):
         """world.allreduce_sum of a small host array, waited for at most `timeout`: a rank
         that hangs between the gradient reduction and this one (which the heartbeat
         before the step cannot see) is named too, instead of every rank waiting forever."""
+        return self._allreduce(values, step, "SUM", what)
+
+    def allreduce_max(self, values, step, what):
+        """The elementwise maximum over ranks, waited for as allreduce_sum."""
+        return self._allreduce(values, step, "MAX", what)
+
+    def _allreduce(self, values, step, op, what):
         if self.world.size == 1:
             return values
         import numpy as np
         from mpi4py import MPI
         out = np.empty_like(values)
-        # polled every 0.1 ms at most: this sum ends every step, so it must not add latency
-        if self._wait([self.world.comm.Iallreduce(values, out, op=MPI.SUM)], longest_pause=1e-4):
-            self.report_stall(step, "the step's loss allreduce")
+        # polled every 0.1 ms at most: the loss sum ends every step, so it must not add latency
+        if self._wait([self.world.comm.Iallreduce(values, out, op=getattr(MPI, op))], longest_pause=1e-4):
+            self.report_stall(step, what)
         return out
 
     def beat(self, step, tag=TAG):

@@ -294,12 +294,16 @@ class Trainer:
         return EXIT_OK
 
     def _log_window(self, window, epoch, lr, log, progress):
+        """Every rank calls this at the same steps (it holds a collective)."""
         elapsed = time.perf_counter() - window["t"]
         steps = max(window["steps"], 1)
+        # the rank nearest to running out of memory is the one that matters
+        memory = self.heartbeat.allreduce_max(np.array([float(self.net.ops.memory_high_water())]), self.step,
+                                              "the memory high water's allreduce")[0]
         record = {"kind": "train", "step": self.step, "epoch": epoch, "loss": window["loss"] / steps, "lr": lr,
                   "images_per_s": window["images"] / max(elapsed, 1e-9),
                   "time_data": window["data"] / steps, "time_compute": window["compute"] / steps,
-                  "time_comm": window["comm"] / steps, "time": time.time()}
+                  "time_comm": window["comm"] / steps, "memory_mb": memory / 2**20, "time": time.time()}
         if log is not None:
             log.write(record)
         if progress is not None:

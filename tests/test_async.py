@@ -69,6 +69,8 @@ def test_two_workers_train_every_batch_of_every_epoch(data, tmp_path):
     records = train_records(run)
     assert records[-1]["step"] == 12 and all(np.isfinite(r["loss"]) for r in records)
     assert all(r["time_compute"] > 0 for r in records)
+    # the largest peak resident set of the three processes: tens of MB for this small net
+    assert all(20 < r["memory_mb"] < 4000 for r in records)
     first, last = params_at(run, 6)[0], params_at(run, 12)[0]
     assert max(np.abs(first[n] - last[n]).max() for n in first) > 0
     assert evaluations(run)[-1]["images"] == 61
@@ -141,3 +143,26 @@ def test_refusals_are_one_line_and_exit_2(data, tmp_path, ranks, extra, message)
                    ranks=ranks, check=False)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and len(set(result.stderr.strip().splitlines())) == 1, result.stderr
+
+
+def test_the_server_logs_the_largest_memory_high_water_of_any_rank():
+    from types import SimpleNamespace
+    from mpiconvnet.async_sgd import HEADER_SIZE, PUSH, _Window
+
+    class Log(list):
+        write = list.append
+
+    def logged(server_mb, workers_mb):
+        ops = SimpleNamespace(memory_high_water=lambda: server_mb * 2**20)
+        server = SimpleNamespace(step=4, steps_per_epoch=2, schedule=SimpleNamespace(at=lambda step: 0.1),
+                                 net=SimpleNamespace(ops=ops))
+        window, log = _Window(), Log()
+        for mb in workers_mb:
+            header = np.array([PUSH, 1, 2.0, 0.1, 0.2, 0.3, mb * 2**20])
+            assert header.size == HEADER_SIZE
+            window.add(header, 8)
+        window.write(server, log, None)
+        return log[-1]["memory_mb"]
+
+    assert logged(300, [200, 500, 100]) == 500
+    assert logged(300, [200, 100]) == 300

@@ -170,3 +170,14 @@ def test_replica_averaging_gives_the_mean_of_the_ranks_twice(world):
         averager.average()
         for tensor in tensors:
             np.testing.assert_array_equal(tensor, np.full(tensor.shape, (world.size - 1) / 2 + k))
+
+
+def test_heartbeat_sum_and_max_of_rank_values_twice(world):
+    # the step's loss sum and the logged memory high water (largest over the ranks)
+    heartbeat = distributed.Heartbeat(world, timeout=30)
+    for step in range(2):
+        mine = np.array([float(world.rank), 10.0 + world.rank])
+        np.testing.assert_array_equal(heartbeat.allreduce_sum(mine, step),
+                                      [world.size * (world.size - 1) / 2, 10.0 * world.size + world.size * (world.size - 1) / 2])
+        np.testing.assert_array_equal(heartbeat.allreduce_max(mine, step, "a test's maximum"),
+                                      [world.size - 1.0, 10.0 + world.size - 1])

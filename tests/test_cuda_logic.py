@@ -476,6 +476,13 @@ def test_empty_arrays_hold_their_pool_block_until_the_last_view_is_gone(fake_bac
     assert pool.is_live(address) and pool.is_live(view.ptr)
     del view
     assert not pool.is_live(address)
+    # the high water counts the blocks the pool holds for reuse as well as those in use
+    held = cb.memory_high_water()
+    assert held >= 48
+    again = cb.empty((3, 4), np.float32)                 # the freed block, reused
+    assert cb.memory_high_water() == held and again.nbytes == 48
+    bigger = cb.empty((1000,), np.float64)
+    assert cb.memory_high_water() == held + bigger.nbytes
     nothing = cb.zeros((0, 9216), np.float32)            # a rank with no evaluation images left
     assert (nothing.shape, nothing.ptr, nothing.memory) == ((0, 9216), 0, None)
     assert cb.empty(7, np.float64).shape == (7,) and cb.empty(np.int64(2), "f").shape == (2,)
@@ -689,9 +696,17 @@ class _FakePool:
     def __init__(self):
         self.free = {}   # nbytes -> [host buffers handed back]
         self.live = {}   # address -> nbytes of the blocks in use
+        self.managed_bytes = 0   # of every block made, in use or held for reuse
+
+    @property
+    def fake(self):   # the tests' way to the stand-in behind context.get().pool
+        return self
 
     def allocate(self, nbytes):
         return _FakeAllocation(self, nbytes)
+
+    def stop_holding(self):
+        pass
 
     def is_live(self, address):
         return self.block_of(address) is not None
@@ -705,7 +720,11 @@ class _FakeAllocation:
     def __init__(self, pool, nbytes):
         self.pool, self.nbytes = pool, max(int(nbytes), 1)
         recycled = pool.free.get(self.nbytes)
-        self.buffer = recycled.pop() if recycled else np.zeros(self.nbytes + 64, np.uint8)
+        if recycled:
+            self.buffer = recycled.pop()
+        else:
+            self.buffer = np.zeros(self.nbytes + 64, np.uint8)
+            pool.managed_bytes += self.nbytes
         self.address = self.buffer.ctypes.data
         pool.live[self.address] = self.nbytes
 
@@ -771,7 +790,6 @@ def _fake_pycuda(launches):
     import struct
 
     pool = _FakePool()
-    allocate = pool.allocate
     order = _StreamOrder(pool)
     stream_ids = itertools.count()
 
@@ -855,7 +873,7 @@ def _fake_pycuda(launches):
     pvt_struct = types.ModuleType("pycuda._pvt_struct")
     pvt_struct.pack = struct.pack   # a wrong argument count or type raises struct.error
     tools = types.ModuleType("pycuda.tools")
-    tools.DeviceMemoryPool = lambda: types.SimpleNamespace(allocate=allocate, stop_holding=lambda: None, fake=pool)
+    tools.DeviceMemoryPool = lambda: pool
     compiler = types.ModuleType("pycuda.compiler")
     compiler.DEFAULT_NVCC_FLAGS = []
     compiler.SourceModule = lambda source, **kwargs: Module()

@@ -4,6 +4,9 @@ PyTorch (skipped where torch does not import).
 
     OMP_NUM_THREADS=1 pytest tests/test_numpy_ops.py
 """
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -567,3 +570,17 @@ def test_gradients_written_into_given_arrays(slicing, rng, dtype):
         B.linear_backward_bias(dyf, out=np.zeros(4, dtype))
     with pytest.raises(ValueError, match="conv_backward_filter: out has shape"):
         B.conv_backward_filter(x, dy, (6, 2, 3, 3), 2, 1, 2, out=np.zeros((6, 2, 3, 3), np.float16))
+
+
+def test_memory_high_water_is_the_process_peak_resident_set():
+    # a fresh process: 256 MB of touched pages on top of what is resident now set a new
+    # peak (the peak before may be higher than the resident set, from memory since freed)
+    script = ("import os, numpy as np; from mpiconvnet.backends import numpy_backend as ops\n"
+              "before = ops.memory_high_water()\n"
+              "resident = int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')\n"
+              "a = np.ones(2**25); after = ops.memory_high_water()\n"
+              "print(before, resident, after)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    before, resident, after = map(int, result.stdout.split())
+    assert before >= resident > 10 * 2**20
+    assert resident + 0.95 * 2**28 <= after <= before + 1.05 * 2**28

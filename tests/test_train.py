@@ -155,8 +155,13 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(data, tmp_path, ran
         for name in whole:
             np.testing.assert_array_equal(split[name], whole[name], err_msg=name)
     with open(tmp_path / "split" / "metrics.jsonl") as f:
-        steps = [r["step"] for r in map(json.loads, f) if r["kind"] == "train"]
-    assert steps == list(range(1, 13))   # the resumed run's lines continue, none repeated
+        records = [r for r in map(json.loads, f) if r["kind"] == "train"]
+    assert [r["step"] for r in records] == list(range(1, 13))   # the resumed run's lines continue, none repeated
+    # the largest peak resident set over the ranks: tens of MB for this small net, and a
+    # high water never falls within one process (the resumed run is a new process)
+    memory = [r["memory_mb"] for r in records]
+    assert all(20 < m < 4000 for m in memory)
+    assert memory[:7] == sorted(memory[:7]) and memory[7:] == sorted(memory[7:])
 
 
 def start_long_run(data, run, ranks=2, extra=()):

@@ -19,6 +19,12 @@ Memory
                                               laid end to end, each starting at a multiple
                                               of align elements (gradient buckets)
     synchronize()                             wait for all queued work (no-op on NumPy)
+    memory_high_water() -> int                the most bytes the backend's arrays have held
+                                              in this process: NumPy, the process's peak
+                                              resident set; CUDA, the device memory its pool
+                                              holds (the pool keeps what it allocates, so
+                                              that is its peak; the CUDA context and the
+                                              libraries' own small allocations not counted)
 
 Convolution  x: (N, C, H, W)  w: (K, C/groups, R, S)  b: (K,)  y: (N, K, P, Q)
     conv_forward(x, w, b, stride, pad, groups) -> y

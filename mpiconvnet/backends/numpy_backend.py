@@ -21,6 +21,8 @@ Threads: `set_num_threads(n)` (default OMP_NUM_THREADS, else 1) runs the ops ove
 the batch on n threads with BLAS single-threaded (numpy_ops/threads.py). Importing this
 module raises glibc's malloc thresholds so slice temporaries are recycled (numpy_ops/malloc.py).
 """
+import resource
+
 import numpy as np
 
 from mpiconvnet.backends.numpy_ops.conv import (conv_backward_bias, conv_backward_data,
@@ -90,6 +92,11 @@ def flat_views(flat, shapes, align=1):
 
 def synchronize():
     """NumPy runs every op to completion before returning: nothing is queued."""
+
+
+def memory_high_water():
+    # the arrays are the process's memory: its peak resident set (Linux reports KiB)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 # ---------------------------------------------------------------------------- model input
@@ -166,7 +173,7 @@ def use_in_this_thread():
 
 
 __all__ = [
-    "NAME", "to_device", "to_host", "empty", "zeros", "copy_into", "flat_views", "synchronize",
+    "NAME", "to_device", "to_host", "empty", "zeros", "copy_into", "flat_views", "synchronize", "memory_high_water",
     "conv_forward", "conv_backward_data", "conv_backward_filter", "conv_backward_bias",
     "relu_forward", "relu_backward", "lrn_forward", "lrn_backward",
     "maxpool_forward", "maxpool_backward", "dropout_forward", "dropout_backward", "dropout_keep",

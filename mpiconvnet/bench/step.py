@@ -172,6 +172,15 @@ def main(argv):
         ratio = theirs / ours
         result.update(torch_images_per_s=args.batch / theirs, ratio=ratio)
         print(f"ratio mpiconvnet / pytorch: {ratio:.2f}x")
+    if args.backend == "cuda":
+        # device memory each caching allocator holds (in one process the two are separate);
+        # the NumPy backend's figure, the process's peak resident set, would include PyTorch's
+        result["ours_device_mb"] = net.ops.memory_high_water() / 2**20
+        line = f"device memory held: mpiconvnet {result['ours_device_mb']:.0f} MB (its pool)"
+        if theirs is not None:
+            result["torch_device_mb"] = torch.cuda.max_memory_reserved() / 2**20
+            line += f", pytorch {result['torch_device_mb']:.0f} MB (the most its caching allocator reserved)"
+        print(line)
     if args.json:
         print(json.dumps(result))
     if args.host_profile:

@@ -98,6 +98,12 @@ def synchronize():
 HOST_MEMORY = False
 
 
+def memory_high_water():
+    # the pool never returns a block to the driver while the backend runs, so what it
+    # manages (blocks in use and blocks held for reuse) is the most it ever held
+    return int(context.get().pool.managed_bytes)
+
+
 def pinned_host_empty(shape, dtype):
     """A page-locked host array (fast, truly asynchronous staging copies)."""
     import pycuda.driver as drv
