@@ -1149,7 +1149,8 @@ _ATTRIBUTE_TYPES = {   # name -> type, from the descriptor docs in cudnn_graph.h
     **{n: graph.TYPE_BACKEND_DESCRIPTOR for n in (702, 703, 704, 705, 708, 709, 710, 711, 714, 715, 716, 717,
                                                    801, 201, 202, 300, 401)},
     800: graph.TYPE_HANDLE, 400: graph.TYPE_HANDLE, 200: graph.TYPE_HEUR_MODE,
-    1303: graph.TYPE_NUMERICAL_NOTE, 1001: graph.TYPE_VOID_PTR, 1003: graph.TYPE_VOID_PTR,
+    1303: graph.TYPE_NUMERICAL_NOTE, 1305: graph.TYPE_BEHAVIOR_NOTE, 1001: graph.TYPE_VOID_PTR,
+    1003: graph.TYPE_VOID_PTR,
 }
 _REQUIRED = {
     graph.TENSOR: {900, 901, 902, 903, 906}, graph.CONVOLUTION: {100, 101, 102, 103, 104, 105, 106},
@@ -1157,14 +1158,22 @@ _REQUIRED = {
     graph.OPERATIONGRAPH: {800, 801}, graph.ENGINEHEUR: {200, 201}, graph.EXECUTION_PLAN: {400, 401},
     graph.VARIANT_PACK: {1000, 1001, 1003},
 }
-# (numerical notes, workspace bytes or None when its plan fails to build, ms per run)
+# (numerical notes, workspace bytes or None when its plan fails to build, ms per run or None
+# when its execute fails[, behaviour notes[, the heuristics mode offering it: A unless said]])
 _ENGINES = [({graph.NOTE_TENSOR_CORE}, 0, 0.5), ({graph.NOTE_DOWN_CONVERT_INPUTS}, 0, 0.4), (set(), 1 << 40, 0.3),
             (set(), None, 0.2), (set(), 4096, 2.0), (set(), 0, 1.5)]
+
+
+def _engine_field(engine, field):
+    """Field 3 (behaviour notes) or 4 (heuristics mode) of an _ENGINES entry, defaults filled."""
+    entry = _ENGINES[engine]
+    return entry[field] if len(entry) > field else (set() if field == 3 else graph.HEUR_MODE_A)
 
 
 class _FakeBackendApi:
     def __init__(self):
         self.descriptors, self.clock, self.executed, self.created = {}, 0.0, [], {}
+        self.failing_heuristics = set()   # heuristics modes whose query fails
 
     def _record(self, pointer):
         return self.descriptors[pointer.value if isinstance(pointer, ctypes.c_void_p) else pointer]
@@ -1203,6 +1212,8 @@ class _FakeBackendApi:
             engine = record["attrs"][401][0]["engine"]
             if _ENGINES[engine][1] is None:
                 return 3000   # CUDNN_STATUS_NOT_SUPPORTED
+        if record["kind"] == graph.ENGINEHEUR and record["attrs"][200][0] in self.failing_heuristics:
+            return 3001   # CUDNN_STATUS_NOT_SUPPORTED_GRAPH_PATTERN
         record["final"] = True
         return 0
 
@@ -1210,20 +1221,23 @@ class _FakeBackendApi:
         record = self._record(pointer)
         assert record["final"], "an attribute read before finalize"
         if name == graph.ENGINEHEUR_RESULTS:
+            offered = [e for e in range(len(_ENGINES)) if _engine_field(e, 4) == record["attrs"][200][0]]
             # as cuDNN: asked for none, it says how many there are
             if requested == 0:
-                count._obj.value = len(_ENGINES)
+                count._obj.value = len(offered)
                 return 0
-            values = list(range(len(_ENGINES)))[:requested]
-            for index, target in enumerate(values):
+            values = offered[:requested]
+            for index, engine in enumerate(values):
                 self._record(ctypes.cast(array, ctypes.POINTER(ctypes.c_void_p))[index]).update(
-                    engine=index, final=True)
+                    engine=engine, final=True)
         elif name == graph.ENGINECFG_ENGINE:
             values = [record["engine"]]
             self._record(ctypes.cast(array, ctypes.POINTER(ctypes.c_void_p))[0]).update(engine=record["engine"],
                                                                                      final=True)
-        elif name == graph.ENGINE_NUMERICAL_NOTE:
-            values = sorted(_ENGINES[record["engine"]][0])[:requested]
+        elif name in (graph.ENGINE_NUMERICAL_NOTE, graph.ENGINE_BEHAVIOR_NOTE):
+            engine = record["engine"]
+            values = sorted(_ENGINES[engine][0] if name == graph.ENGINE_NUMERICAL_NOTE else _engine_field(engine, 3))
+            values = values[:requested]
             for index, note in enumerate(values):
                 ctypes.cast(array, ctypes.POINTER(ctypes.c_int))[index] = note
         elif name == graph.EXECUTION_PLAN_WORKSPACE_SIZE:
@@ -1238,6 +1252,8 @@ class _FakeBackendApi:
         plan, pack = self._record(plan), self._record(pack)
         assert plan["final"] and pack["final"]
         engine = plan["attrs"][401][0]["engine"]
+        if _ENGINES[engine][2] is None:
+            return 5000   # CUDNN_STATUS_EXECUTION_FAILED
         self.clock += _ENGINES[engine][2]
         self.executed.append((engine, dict(zip(pack["attrs"][1000], pack["attrs"][1001]))))
         return 0
@@ -1312,6 +1328,59 @@ def test_graph_api_without_a_usable_engine_says_why(graph_backend, monkeypatch):
     message = str(e.value)
     assert "no usable engine for the convolution forward of x (2, 4, 9, 9) with w (6, 2, 3, 3)" in message
     assert "1 down-convert their inputs, or use tensor cores with TF32 off" in message and "MiB workspace" in message and "1 plans failed to build" in message
+
+
+def _graph_conv_forward(cb):
+    x = cb.to_device(np.ones((2, 4, 9, 9), np.float32))
+    w = cb.to_device(np.ones((6, 2, 3, 3), np.float32))
+    return cb.conv_forward(x, w, cb.zeros((6,), np.float32), 1, 1, 2)
+
+
+def test_graph_api_takes_the_fallback_heuristics_when_mode_a_fails_or_offers_nothing(graph_backend, monkeypatch):
+    cb, api, st = graph_backend
+    fallback = graph.HEUR_MODE_FALLBACK
+    monkeypatch.setattr(sys.modules[__name__], "_ENGINES", [({graph.NOTE_TENSOR_CORE}, 0, 0.1),
+                                                            (set(), 0, 1.0, set(), fallback),
+                                                            (set(), 0, 0.5, set(), fallback)])
+    _graph_conv_forward(cb)            # mode A offers only a tensor-core engine, TF32 is off
+    assert api.executed[-1][0] == 2    # the faster of the two fallback engines
+    cb.set_tf32(False)                 # a new search
+    api.failing_heuristics = {graph.HEUR_MODE_A}
+    api.executed.clear()
+    _graph_conv_forward(cb)
+    assert api.executed[-1][0] == 2
+    api.failing_heuristics = {graph.HEUR_MODE_A, fallback}
+    cb.set_tf32(False)
+    with pytest.raises(cudnn.CudnnError) as e:
+        _graph_conv_forward(cb)
+    assert "among 0 configurations: the mode A heuristics failed (CUDNN_STATUS_BAD_PARAM); the fallback " \
+           "heuristics failed" in str(e.value)
+
+
+def test_graph_api_tries_engines_needing_runtime_compilation_last(graph_backend, monkeypatch):
+    cb, api, st = graph_backend
+    nvrtc = {graph.NOTE_RUNTIME_COMPILATION}
+    monkeypatch.setattr(sys.modules[__name__], "_ENGINES", [(set(), 0, 0.1, nvrtc), (set(), 0, 1.0),
+                                                            (set(), 0, 0.5, nvrtc)])
+    monkeypatch.setattr(st, "find_algorithms", False)   # the first usable one, untimed
+    _graph_conv_forward(cb)
+    assert [engine for engine, _ in api.executed] == [1]
+    monkeypatch.setattr(st, "find_algorithms", True)    # timed: the compiled ones may win
+    cb.set_tf32(False)
+    api.executed.clear()
+    _graph_conv_forward(cb)
+    assert [engine for engine, _ in api.executed] == [1] * 4 + [0] * 4 + [2] * 4 + [0]
+
+
+def test_graph_api_drops_an_engine_whose_run_fails_in_the_search(graph_backend, monkeypatch):
+    cb, api, st = graph_backend
+    monkeypatch.setattr(sys.modules[__name__], "_ENGINES", [(set(), 0, None), (set(), 0, 1.0)])
+    _graph_conv_forward(cb)
+    assert [engine for engine, _ in api.executed] == [1] * 5
+    monkeypatch.setattr(sys.modules[__name__], "_ENGINES", [(set(), 0, None), (set(), 0, None)])
+    cb.set_tf32(False)
+    with pytest.raises(cudnn.CudnnError, match=r"2 plans failed to build or to run \(CUDNN_STATUS_BAD_PARAM\)"):
+        _graph_conv_forward(cb)
 
 
 def test_cudnn_api_setting_is_checked():

@@ -229,7 +229,10 @@ class State:
     def set_tf32(self, enabled):
         self.tf32 = bool(enabled)
         self.blas.set_tf32(self.tf32)
-        # convolution descriptors carry their math type; algorithm choices depend on it
+        # convolution descriptors carry their math type; algorithm choices depend on it.
+        # Queued work may still use what is cleared (an execution plan's engine, the mean
+        # image the crop kernel reads): let it finish first
+        self.stream.synchronize()
         self.descriptors.clear()
 
     def set_deterministic(self, enabled):

@@ -12,13 +12,16 @@ Opt-in with MPICONVNET_CUDNN_API=graph until a GPU run has checked it (docs/gpu.
 17); the default stays the legacy API (conv.py's ConvPlan). Enum values are copied from
 cudnn_graph.h (cuDNN 9; they have not changed since the API appeared in cuDNN 8).
 
-The engine: cuDNN's heuristics (mode A) list engine configurations, best first. Those whose
+The engine: cuDNN's heuristics list engine configurations, best first: mode A's, then the
+fallback mode's (functional engines with no performance promise, for shapes mode A has
+nothing for, or when its query fails), as cuDNN's frontend and PyTorch ask both. Engines
+that need runtime compilation (NVRTC, seconds to build) go after the others. Those whose
 numerical notes say they down-convert inputs are skipped, and for float32 without TF32 so
 are tensor-core ones (as PyTorch filters them), and with MPICONVNET_DETERMINISTIC=1 the
 nondeterministic ones; of the rest, up to FIND_CANDIDATES whose
 plans build and whose workspace fits are timed on the first call's own operands and the
-fastest is kept (MPICONVNET_CUDNN_FIND=0: the first one, untimed), as cudnnFind* does for
-the legacy API.
+fastest that runs is kept (MPICONVNET_CUDNN_FIND=0: the first one, untimed), as
+cudnnFind* does for the legacy API.
 """
 import ctypes
 
@@ -37,6 +40,7 @@ VARIANT_PACK = 16
 # cudnnBackendAttributeType_t
 TYPE_HANDLE, TYPE_DATA_TYPE, TYPE_INT64, TYPE_FLOAT, TYPE_DOUBLE, TYPE_VOID_PTR = 0, 1, 3, 4, 5, 6
 TYPE_CONVOLUTION_MODE, TYPE_HEUR_MODE, TYPE_NUMERICAL_NOTE, TYPE_BACKEND_DESCRIPTOR = 7, 8, 11, 15
+TYPE_BEHAVIOR_NOTE = 19
 # cudnnBackendAttributeName_t
 TENSOR_BYTE_ALIGNMENT, TENSOR_DATA_TYPE, TENSOR_DIMENSIONS, TENSOR_STRIDES, TENSOR_UNIQUE_ID = 900, 901, 902, 903, 906
 CONVOLUTION_COMP_TYPE, CONVOLUTION_CONV_MODE, CONVOLUTION_DILATIONS = 100, 101, 102
@@ -51,13 +55,15 @@ OPERATION_ATTRS = {
 OPERATIONGRAPH_HANDLE, OPERATIONGRAPH_OPS = 800, 801
 ENGINEHEUR_MODE, ENGINEHEUR_OPERATION_GRAPH, ENGINEHEUR_RESULTS = 200, 201, 202
 ENGINECFG_ENGINE = 300
-ENGINE_NUMERICAL_NOTE = 1303
+ENGINE_NUMERICAL_NOTE, ENGINE_BEHAVIOR_NOTE = 1303, 1305
 EXECUTION_PLAN_HANDLE, EXECUTION_PLAN_ENGINE_CONFIG, EXECUTION_PLAN_WORKSPACE_SIZE = 400, 401, 402
 VARIANT_PACK_UNIQUE_IDS, VARIANT_PACK_DATA_POINTERS, VARIANT_PACK_WORKSPACE = 1000, 1001, 1003
 # cudnnBackendHeurMode_t
-HEUR_MODE_A = 3
+HEUR_MODE_FALLBACK, HEUR_MODE_A = 2, 3
 # cudnnBackendNumericalNote_t
 NOTE_TENSOR_CORE, NOTE_DOWN_CONVERT_INPUTS, NOTE_NONDETERMINISTIC = 0, 1, 4
+# cudnnBackendBehaviorNote_t
+NOTE_RUNTIME_COMPILATION = 0
 
 UIDS = {"x": 1, "w": 2, "y": 3}
 # every pointer handed to a convolution is a pool block or a bucket view: 256-byte aligned
@@ -96,10 +102,15 @@ def _call(name, *args):
     cudnn.check(getattr(lib(), name)(*args), name)
 
 
+def status_of(error):
+    """The cuDNN status a CudnnError ends with (CUDNN_STATUS_NOT_SUPPORTED, ...)."""
+    return str(error).rsplit(" ", 1)[-1]
+
+
 _ELEMENT = {TYPE_HANDLE: ctypes.c_void_p, TYPE_DATA_TYPE: ctypes.c_int, TYPE_INT64: ctypes.c_int64,
             TYPE_FLOAT: ctypes.c_float, TYPE_DOUBLE: ctypes.c_double, TYPE_VOID_PTR: ctypes.c_void_p,
             TYPE_CONVOLUTION_MODE: ctypes.c_int, TYPE_HEUR_MODE: ctypes.c_int, TYPE_NUMERICAL_NOTE: ctypes.c_int,
-            TYPE_BACKEND_DESCRIPTOR: ctypes.c_void_p}
+            TYPE_BEHAVIOR_NOTE: ctypes.c_int, TYPE_BACKEND_DESCRIPTOR: ctypes.c_void_p}
 
 
 class Descriptor:
@@ -194,11 +205,11 @@ def operation_graph(handle, op):
             .finalize())
 
 
-def engine_configs(graph):
-    """The heuristics' engine configurations for `graph`, best first."""
+def engine_configs(graph, mode):
+    """The engine configurations heuristics `mode` offers for `graph`, best first."""
     heuristics = (Descriptor(ENGINEHEUR)
                   .set(ENGINEHEUR_OPERATION_GRAPH, TYPE_BACKEND_DESCRIPTOR, [graph])
-                  .set(ENGINEHEUR_MODE, TYPE_HEUR_MODE, [HEUR_MODE_A])
+                  .set(ENGINEHEUR_MODE, TYPE_HEUR_MODE, [mode])
                   .finalize())
     count = ctypes.c_int64(0)
     _call("cudnnBackendGetAttribute", heuristics.ptr, ENGINEHEUR_RESULTS, TYPE_BACKEND_DESCRIPTOR, 0,
@@ -206,9 +217,28 @@ def engine_configs(graph):
     return heuristics.get_descriptors(ENGINEHEUR_RESULTS, ENGINECFG, count.value) if count.value else []
 
 
-def numerical_notes(config):
+def heuristic_configs(graph):
+    """Mode A's configurations, then the fallback mode's, precompiled engines before those
+    needing runtime compilation (each group in the heuristics' order); and the heuristics
+    queries that failed, as text."""
+    configs, failures = [], []
+    for mode, name in ((HEUR_MODE_A, "mode A"), (HEUR_MODE_FALLBACK, "fallback")):
+        try:
+            configs += engine_configs(graph, mode)
+        except cudnn.CudnnError as e:
+            failures.append(f"the {name} heuristics failed ({status_of(e)})")
+    configs.sort(key=lambda config: NOTE_RUNTIME_COMPILATION in notes(config, ENGINE_BEHAVIOR_NOTE, TYPE_BEHAVIOR_NOTE))
+    return configs, failures
+
+
+def notes(config, attribute, attr_type):
+    """The set of an engine configuration's numerical or behaviour notes."""
     engine = config.get_descriptors(ENGINECFG_ENGINE, ENGINE, 1)
-    return set(engine[0].get(ENGINE_NUMERICAL_NOTE, TYPE_NUMERICAL_NOTE, 16)) if engine else set()
+    return set(engine[0].get(attribute, attr_type, 16)) if engine else set()
+
+
+def numerical_notes(config):
+    return notes(config, ENGINE_NUMERICAL_NOTE, TYPE_NUMERICAL_NOTE)
 
 
 def allowed(notes, dtype, tf32, deterministic=False):
@@ -273,7 +303,7 @@ class GraphConvPlan:
     def _choose(self, st, kind, pointers):
         op = operation(kind, self.conv, self.tensors, self.dtype)
         graph = operation_graph(st.dnn.ptr, op)
-        configs = engine_configs(graph)
+        configs, heuristics_failed = heuristic_configs(graph)
         self.sources[kind] = (op, graph, configs)
         candidates, skipped, failed, too_big = [], 0, [], 0
         limit = FIND_CANDIDATES if st.find_algorithms else 1
@@ -284,7 +314,7 @@ class GraphConvPlan:
             try:
                 plan, ws_bytes = execution_plan(st.dnn.ptr, config)
             except cudnn.CudnnError as e:
-                failed.append(str(e).rsplit(" ", 1)[-1])
+                failed.append(status_of(e))
                 continue
             if ws_bytes > st.workspace_limit:
                 too_big += 1
@@ -292,20 +322,28 @@ class GraphConvPlan:
             candidates.append((plan, ws_bytes))
             if len(candidates) == limit:
                 break
+        if len(candidates) > 1:
+            # fastest first; a plan whose execute fails is dropped, as cuDNN's frontend does
+            timed = []
+            for index, candidate in enumerate(candidates):
+                try:
+                    timed.append((self._time(st, candidate, pointers), index, candidate))
+                except cudnn.CudnnError as e:
+                    failed.append(status_of(e))
+            candidates = [candidate for _, _, candidate in sorted(timed, key=lambda t: t[:2])]
         if not candidates:
-            reasons = [f"{skipped} down-convert their inputs, or use tensor cores with TF32 off "
+            reasons = list(heuristics_failed)
+            reasons += [f"{skipped} down-convert their inputs, or use tensor cores with TF32 off "
                        f"(MPICONVNET_TF32=1 allows those), or are not deterministic with "
                        f"MPICONVNET_DETERMINISTIC=1"] if skipped else []
             if too_big:
                 reasons.append(f"{too_big} need more than the {st.workspace_limit >> 20} MiB workspace "
                                f"(raise MPICONVNET_CUDNN_WORKSPACE_MB)")
             if failed:
-                reasons.append(f"{len(failed)} plans failed to build ({', '.join(sorted(set(failed)))})")
+                reasons.append(f"{len(failed)} plans failed to build or to run ({', '.join(sorted(set(failed)))})")
             raise cudnn.CudnnError(f"cuDNN graph API: no usable engine for the convolution {kind} of x "
                                    f"{self.x_shape} with w {self.w_shape} among {len(configs)} configurations"
                                    + (": " + "; ".join(reasons) if reasons else ""))
-        if len(candidates) > 1:
-            candidates.sort(key=lambda c: self._time(st, c, pointers))
         plan, ws_bytes = candidates[0]
         return plan, ws_bytes, {}
 
