@@ -1057,6 +1057,31 @@ def test_staged_batches_order_the_copy_stream_and_the_compute_stream(fake_backen
     assert order.races() == []
 
 
+def test_each_new_loader_s_equal_mean_reuses_the_one_device_copy(fake_backend):
+    # every loader (each epoch, each evaluation) makes its own mean array: an equal one must
+    # not leave another copy on the device each time (0.8 MB at 256 px, ~180 in a long run)
+    cb, _ = fake_backend
+    cb.initialize(0, 1, False)
+    images = np.zeros((2, 8, 8, 3), np.uint8)
+    st = context.get()
+
+    def staged_mean(mean):
+        staged = cb.stage_batch(images, _staging_plan(2, 2), 4, mean)
+        cb.crop_staged(staged)
+        return staged.mean
+
+    first = staged_mean(np.full((3, 1, 1), 5.0, np.float32))
+    staged_mean(np.full((3, 1, 1), 5.0, np.float32))   # the second staging area's first use
+    held = cb.memory_high_water()
+    for epoch in range(5):
+        assert staged_mean(np.full((3, 1, 1), 5.0, np.float32)) is first
+    assert cb.memory_high_water() == held
+    other = staged_mean(np.arange(3, dtype=np.float32).reshape(3, 1, 1) + np.zeros((3, 8, 8), np.float32))
+    assert other is not first
+    np.testing.assert_array_equal(cb.to_host(other)[2, 3], [0, 1, 2])   # (S, S, 3) on the device
+    assert [key for key in st.descriptors if key[0] == "mean_image"] == [("mean_image", 8)]
+
+
 def test_a_staged_batch_cropped_after_its_area_was_reused_is_an_error(fake_backend):
     cb, _ = fake_backend
     cb.initialize(0, 1, False)

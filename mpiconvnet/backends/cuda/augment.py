@@ -35,17 +35,24 @@ NUM_AREAS = 2   # the batch being cropped and the next one, being copied
 
 def _mean_image(st, mean_chw, side):
     """The (S, S, 3) float32 mean image on the device, from a (3, 1, 1) or (3, S, S)
-    mean_chw; cached per mean array (the loader passes the same one every step)."""
-    key = ("mean_image", id(mean_chw), side)
-    cached = st.descriptors.get(key)
+    mean_chw. One is kept per image side: the loader passes the same array every step,
+    and every new loader (each epoch, each evaluation) an equal one, which must not
+    leave another copy on the device each time."""
+    key = ("mean_image", side)
+    cached = st.descriptors.get(key)       # (the caller's array, our host image, the device copy)
     if cached is not None and cached[0] is mean_chw:
-        return cached[1]
+        return cached[2]
     host = np.asarray(mean_chw, dtype=np.float32)
     if host.shape not in ((3, 1, 1), (3, side, side)):
         raise ValueError(f"mean_chw must have shape (3, 1, 1) or (3, {side}, {side}), got {host.shape}")
     image = np.ascontiguousarray(np.broadcast_to(host, (3, side, side)).transpose(1, 2, 0))
-    device = to_device(image)
-    st.descriptors[key] = (mean_chw, device)   # holding mean_chw keeps its id from being reused
+    if cached is not None and np.array_equal(cached[1], image):
+        device = cached[2]
+    else:
+        # the copy replaced may still be read by a queued crop: the pool hands its block
+        # out again only to work ordered after that crop (see StagingArea.reserve)
+        device = to_device(image)
+    st.descriptors[key] = (mean_chw, image, device)
     return device
 
 
@@ -169,4 +176,8 @@ def crop_staged(staged):
 
 
 def crop_flip_normalize(images, plan, crop_size, mean_chw, std=None):
-    return crop_staged(stage_batch(images, plan, crop_size, mean_chw, std))
+    staged = stage_batch(images, plan, crop_size, mean_chw, std)
+    x = crop_staged(staged)
+    # as on NumPy, the caller may change `images` once this returns, page-locked or not
+    staged.copied.synchronize()
+    return x
