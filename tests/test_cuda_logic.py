@@ -283,6 +283,11 @@ def test_choose_algo():
     assert "\n" not in message
     with pytest.raises(cudnn.CudnnError, match="returned none"):
         cudnn.choose_algo(perfs, 0, tf32=False, workspace_limit=1 << 30)
+    # down-converting to half precision is passed over even with TF32 allowed
+    halves = _perfs((2, 0, 0, cudnn.CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION), (1, 0, 1 << 20, cudnn.CUDNN_TENSOR_OP_MATH))
+    assert cudnn.choose_algo(halves, 2, tf32=True, workspace_limit=1 << 30)[0] == 1
+    with pytest.raises(cudnn.CudnnError, match="1 convert their inputs to half precision, which is never used"):
+        cudnn.choose_algo(halves, 1, tf32=True, workspace_limit=1 << 30)
 
 
 def test_choose_algo_deterministic_passes_over_algorithms_that_may_vary():
@@ -1120,15 +1125,16 @@ def test_use_in_this_thread_pushes_once_and_pops_when_the_thread_ends(fake_backe
 
 def test_tf32_each_convolution_kind_runs_with_the_math_type_its_search_chose(fake_backend):
     # the stand-in cuDNN's fastest result has tensor-op math (1) for forward, FMA (3) for
-    # backward data and tensor-op-with-conversion (2) for backward filter; with TF32 allowed
-    # each kind must run, step after step, with the math type its workspace was sized for
+    # backward data and tensor-op-with-conversion (2) for backward filter, which is passed
+    # over for the FMA algorithm (3) after it; with TF32 allowed each kind must run, step
+    # after step, with the math type its workspace was sized for
     cb, _ = fake_backend
     cb.initialize(0, 1, False)
     cb.set_tf32(True)
     lib = cudnn.lib()
     x = cb.to_device(np.ones((2, 4, 9, 9), np.float32))
     w = cb.to_device(np.ones((6, 2, 3, 3), np.float32))
-    expected = {0: 1, 1: 3, 2: 2}
+    expected = {0: 1, 1: 3, 2: 3}
     for _ in range(2):   # the second step reuses the plan: the first step's searches are done
         y = cb.conv_forward(x, w, cb.zeros((6,), np.float32), 1, 1, 2)
         assert lib.fake_run_math(0) == lib.fake_size_math(0) == expected[0]

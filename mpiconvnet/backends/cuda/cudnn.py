@@ -274,17 +274,21 @@ def pool_output_shape(x_shape, size, stride):
 
 def choose_algo(perfs, count, tf32, workspace_limit, deterministic=False):
     """The algorithm to use from a cudnnFind*/Get*_v7 result list (already sorted fastest
-    first by cuDNN): the first that succeeded, fits the workspace limit, (unless TF32 is
-    allowed) does not use tensor-op math, and (when asked) is deterministic. Returns (algo,
-    workspace bytes, math type).
+    first by cuDNN): the first that succeeded, fits the workspace limit, never converts its
+    inputs to half precision, (unless TF32 is allowed) does not use tensor-op math, and
+    (when asked) is deterministic. Returns (algo, workspace bytes, math type).
     """
-    failed, too_big, tensor_op, varying = [], 0, 0, 0
+    failed, too_big, converting, tensor_op, varying = [], 0, 0, 0, 0
     for p in perfs[:count]:
         if p.status != CUDNN_STATUS_SUCCESS:
             failed.append(p.status)
         elif p.memory > workspace_limit:
             too_big += 1
-        elif not tf32 and p.mathType in (CUDNN_TENSOR_OP_MATH, CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION):
+        elif p.mathType == CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION:
+            # FP16/BF16 inputs: below TF32's precision, so never (the graph API's engines
+            # that down-convert are passed over alike)
+            converting += 1
+        elif not tf32 and p.mathType == CUDNN_TENSOR_OP_MATH:
             tensor_op += 1
         elif deterministic and p.determinism != CUDNN_DETERMINISTIC:
             varying += 1
@@ -295,6 +299,8 @@ def choose_algo(perfs, count, tf32, workspace_limit, deterministic=False):
     if too_big:
         reasons.append(f"{too_big} need more than the {workspace_limit >> 20} MiB workspace "
                        f"(raise MPICONVNET_CUDNN_WORKSPACE_MB)")
+    if converting:
+        reasons.append(f"{converting} convert their inputs to half precision, which is never used")
     if tensor_op:
         reasons.append(f"{tensor_op} use tensor-op math, which TF32 off forbids (MPICONVNET_TF32=1 allows it)")
     if varying:

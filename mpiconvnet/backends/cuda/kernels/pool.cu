@@ -2,7 +2,8 @@
 //   y[n,c,ph,pw]  = max over the size x size window at (ph*stride, pw*stride); NaN if the
 //                   window holds one (np.maximum's rule, which the reference uses)
 //   dx[n,c,h,w]   = sum over the windows (ph,pw) whose FIRST maximum in row-major window
-//                   order is (h,w) of dy[n,c,ph,pw]
+//                   order is (h,w) of dy[n,c,ph,pw]; a window holding a NaN passes its
+//                   gradient to no input (the reference matches x == y, and NaN == NaN is false)
 // Ours rather than cuDNN's: the interface fixes the tie rule (first maximum), which cuDNN
 // does not document; gathering (one thread per input element, a fixed summation order) is
 // deterministic where scattering with atomics is not; and a cuDNN call cost the host ~73 us
@@ -45,7 +46,7 @@ __device__ void maxpool_forward(T* y, int* first_max, const T* x, long long plan
         bool has_nan;
         T nan = 0;
         int at = window_first_max(xp, W, ph * stride, pw * stride, size, &has_nan, &nan);
-        first_max[i] = at;
+        first_max[i] = has_nan ? -1 : at;   // -1: no input of the plane is this window's maximum
         if (y) y[i] = has_nan ? nan : xp[at];
     }
 }
