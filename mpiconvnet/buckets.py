@@ -95,8 +95,9 @@ class GradientReducer:
         self.on_stall = on_stall   # called when a reduction makes no progress for `timeout`
         self.overlap = overlap and world.size > 1
         self.timeout = timeout
-        # device buffers go to MPI directly only when the MPI can read them
-        self.staged = not self.ops.HOST_MEMORY and not cuda_aware
+        # device buffers go to MPI directly only when the MPI can read them; one rank reduces
+        # nothing, and needs no page-locked copy of every gradient (244 MB for AlexNet)
+        self.staged = world.size > 1 and not self.ops.HOST_MEMORY and not cuda_aware
         self.host = [self.ops.pinned_host_empty(buf.shape, buf.dtype) for buf in buckets.buffers] if self.staged else None
         self.remaining = None
         self.launched = []    # (bucket, its event) of this step, in launch order
@@ -111,12 +112,19 @@ class GradientReducer:
 
     def _serve(self):
         # this thread waits for the GPU's events, and a CUDA-aware MPI reads device memory here
-        self.ops.use_in_this_thread()
+        try:
+            self.ops.use_in_this_thread()
+            failure = None
+        except BaseException as e:   # answered to every bucket: finish() raises it at once
+            failure = e
         while True:
             item = self.work.get()
             if item is None:
                 return
             b, ready = item
+            if failure is not None:
+                self.done.put((b, failure))
+                continue
             try:
                 self.ops.wait_event(ready)   # the bucket's gradients, or their host copy, are complete
                 self._reduce_and_average(b)

@@ -90,7 +90,7 @@ def test_staged_buckets_are_reduced_after_their_copy_to_the_host_is_done(world, 
     device = QueuedDevice()
     buckets = GradientBuckets(device, SHAPES, np.float32, bucket_bytes=4000)
     reducer = GradientReducer(world, buckets, overlap=overlap)
-    assert reducer.staged
+    assert reducer.staged == (world.size > 1)   # one rank reduces nothing: no host copies
     try:
         for step in range(2):
             for buf in buckets.buffers:
@@ -181,3 +181,32 @@ def test_heartbeat_sum_and_max_of_rank_values_twice(world):
                                       [world.size * (world.size - 1) / 2, 10.0 * world.size + world.size * (world.size - 1) / 2])
         np.testing.assert_array_equal(heartbeat.allreduce_max(mine, step, "a test's maximum"),
                                       [world.size - 1.0, 10.0 + world.size - 1])
+
+
+def test_a_communication_thread_that_cannot_start_fails_the_step_at_once():
+    # e.g. the CUDA context cannot be made current there: finish() must raise that, not
+    # wait out the stall timeout and then blame another rank
+    import time
+
+    class TwoRanks:
+        size, rank, comm = 2, 0, None
+
+    class ContextlessOps:
+        def __getattr__(self, name):
+            return getattr(ops, name)
+
+        def use_in_this_thread(self):
+            raise RuntimeError("cuCtxPushCurrent failed: CUDA_ERROR_INVALID_CONTEXT")
+
+    buckets = GradientBuckets(ContextlessOps(), SHAPES, np.float32, bucket_bytes=4000)
+    reducer = GradientReducer(TwoRanks(), buckets, overlap=True, timeout=60)
+    try:
+        reducer.begin()
+        for name in reversed(list(SHAPES)):
+            reducer.grads_ready([name])
+        started = time.perf_counter()
+        with pytest.raises(RuntimeError, match="cuCtxPushCurrent failed"):
+            reducer.finish()
+        assert time.perf_counter() - started < 10
+    finally:
+        reducer.close()

@@ -5,7 +5,8 @@ In order:
   1. MPICONVNET_CUDA_AWARE=0|1 overrides everything (for MPIs with no query function,
      e.g. MVAPICH2-GDR, or to force staging while debugging);
   2. Open MPI (and MPICH >= 4.1): int MPIX_Query_cuda_support(void) -> 1 when built with
-     CUDA and CUDA support is enabled at run time;
+     CUDA and CUDA support is enabled at run time (documented so; Open MPI 4.x builds may
+     answer from the build alone: MPICONVNET_CUDA_AWARE=0 when such a run dies in MPI);
   3. MPICH >= 4.0 (and Cray MPICH): int MPIX_GPU_query_support(int gpu_type, int *ok)
      with gpu_type MPIX_GPU_SUPPORT_CUDA = 0 (mpi.h);
   4. otherwise False: staging through the host always works.
