@@ -44,10 +44,11 @@ def test_rank_valued_allreduce_gives_the_mean_rank_twice(world, overlap):
 
 
 class QueuedDevice:
-    """A stand-in GPU backend for the reducer's staged path: arrays in host memory, but
-    HOST_MEMORY False, and a copy to the host delivered only when an event recorded after
-    it is waited for (as a GPU's copy is done only then). A reducer that read a bucket's
-    host copy before waiting for its event would reduce stale values (the NaN it starts as)."""
+    """A stand-in GPU backend for the reducer: arrays in host memory, but HOST_MEMORY False,
+    and queued work (backward's writes of the gradients, copies to the host) done only when
+    an event recorded after it is waited for, as on a GPU. A reducer that let MPI read a
+    bucket, or its host copy, before waiting for its event would reduce stale values (the
+    NaN they start as)."""
     HOST_MEMORY = False
     zeros, flat_views, scale_ = staticmethod(ops.zeros), staticmethod(ops.flat_views), staticmethod(ops.scale_)
 
@@ -59,10 +60,24 @@ class QueuedDevice:
     def pinned_host_empty(self, shape, dtype):
         return np.full(shape, np.nan, dtype)
 
-    def copy_to_host_async(self, dst, src):
-        snapshot = src.copy()     # what the stream would copy: src as queued work left it
+    def queue(self, work):
         with self.lock:
-            self.pending.append(lambda: np.copyto(dst, snapshot))
+            self.pending.append(work)
+
+    def drain(self):
+        """The stream runs everything queued (what a later synchronize waits for); the
+        test's own wait, not counted in waited_from."""
+        with self.lock:
+            for i, work in enumerate(self.pending):
+                if work is not None:
+                    work()
+                    self.pending[i] = None
+
+    def copy_to_host_async(self, dst, src):
+        self.queue(lambda: np.copyto(dst, src))
+
+    def mpi_buffer(self, array):   # a CUDA-aware MPI reads the device array itself
+        return array
 
     def record_event(self):
         with self.lock:
@@ -85,20 +100,25 @@ class QueuedDevice:
         self.threads.add(threading.get_ident())
 
 
+@pytest.mark.parametrize("cuda_aware", [False, True])
 @pytest.mark.parametrize("overlap", [True, False])
-def test_staged_buckets_are_reduced_after_their_copy_to_the_host_is_done(world, overlap):
+def test_device_buckets_are_reduced_only_after_the_gpu_wrote_them(world, overlap, cuda_aware):
+    # staged: MPI reduces the host copy, which exists once its event is waited for;
+    # CUDA-aware: MPI reads the device bucket, which holds the gradients only then too
     device = QueuedDevice()
     buckets = GradientBuckets(device, SHAPES, np.float32, bucket_bytes=4000)
-    reducer = GradientReducer(world, buckets, overlap=overlap)
-    assert reducer.staged == (world.size > 1)   # one rank reduces nothing: no host copies
+    reducer = GradientReducer(world, buckets, overlap=overlap, cuda_aware=cuda_aware)
+    assert reducer.staged == (world.size > 1 and not cuda_aware)   # one rank reduces nothing
     try:
         for step in range(2):
             for buf in buckets.buffers:
-                buf[...] = world.rank + step
+                buf[...] = np.nan                                   # before backward runs
+                device.queue(lambda buf=buf, value=world.rank + step: buf.fill(value))
             reducer.begin()
             for name in reversed(list(SHAPES)):
                 reducer.grads_ready([name])
             reducer.finish()
+            device.drain()   # as the next kernels on the stream would see the buckets
             for name, view in buckets.views.items():
                 np.testing.assert_array_equal(view, np.full(SHAPES[name], (world.size - 1) / 2 + step, np.float32))
     finally:
