@@ -128,3 +128,24 @@ def test_forward_matches_pytorch_with_the_same_weights(name):
     with torch.no_grad():
         expected = torch_twin(net, torch).eval()(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(net.forward(x), expected, **REDUCTION_F32)
+
+
+def test_the_pytorch_baseline_s_sgd_makes_our_update():
+    # bench step's PyTorch side must do the work ours does, no more: biases at 2x lr and
+    # without weight decay, the fused one-pass kernel where torch has it
+    torch = pytest.importorskip("torch")
+    from mpiconvnet.bench.torch_twin import torch_sgd
+    from mpiconvnet.optim import SGD
+    net = build_model("alexnet-mini", num_classes=10, dtype="float64", seed=0)
+    weights = {n: torch.nn.Parameter(torch.from_numpy(p.copy())) for n, p in net.params.items()}
+    ours, theirs = SGD(net.ops, net.params), torch_sgd(torch, weights.items(), lr=0.01)
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        grads = {n: rng.standard_normal(p.shape) for n, p in net.params.items()}
+        ours.step(grads, 0.01)
+        for n, w in weights.items():
+            w.grad = torch.from_numpy(grads[n])
+        theirs.step()
+    for n, w in weights.items():
+        np.testing.assert_allclose(w.detach().numpy(), net.params[n], rtol=1e-13, atol=1e-15, err_msg=n)
+    assert all(group.get("fused") for group in theirs.param_groups)

@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 import mpiconvnet.backends.numpy_backend as B
+from mpiconvnet.bench.torch_twin import torch_sgd
 
 LRN = dict(size=5, alpha=1e-4, beta=0.75, k=2.0)
 ALEXNET_PARAMETERS = [(96, 3, 11, 11), (96,), (256, 48, 5, 5), (256,), (384, 256, 3, 3), (384,),
@@ -156,7 +157,8 @@ def torch_layer(torch, kind, spec, rng):
         params = [f32(shape, True) for shape in spec["shapes"]]
         for param in params:
             param.grad = f32(param.shape)
-        optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
+        # every tensor a weight here, with the same lr and weight decay as ours
+        optimizer = torch_sgd(torch, [(f"w{i}.weight", p) for i, p in enumerate(params)], lr=0.01)
         return optimizer.step, (lambda: None)
     else:
         raise ValueError(kind)

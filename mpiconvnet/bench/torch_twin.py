@@ -39,3 +39,19 @@ def torch_twin(net, torch):
     twin = Twin()
     twin.load_state_dict({k: torch.from_numpy(v) for k, v in net.state_dict().items()})
     return twin
+
+
+def torch_sgd(torch, named_parameters, lr, momentum=0.9, weight_decay=5e-4, bias_lr_mult=2.0):
+    """PyTorch's SGD doing our optimizer's update (optim.SGD: biases at bias_lr_mult x lr
+    and without weight decay; with a constant lr, PyTorch's lr-outside-the-momentum form
+    is the same maths) in its fastest mode: `fused`, one pass over each tensor, where this
+    torch has it. The default (per-tensor loop on CPU, multi-tensor on CUDA) makes ~4
+    passes and a temporary the size of all gradients: 5x slower for AlexNet on 2 CPU cores,
+    which flattered our ratio."""
+    named = list(named_parameters)
+    groups = [{"params": [p for n, p in named if not n.endswith(".bias")], "lr": lr, "weight_decay": weight_decay},
+              {"params": [p for n, p in named if n.endswith(".bias")], "lr": lr * bias_lr_mult, "weight_decay": 0.0}]
+    try:
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, fused=True)
+    except (RuntimeError, TypeError, ValueError):   # a torch or device without the fused kernel
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
