@@ -7,26 +7,45 @@
 Library traffic runs on a duplicate of COMM_WORLD, so it can never match a message of the
 user's. Any uncaught exception in any rank aborts every rank at once instead of leaving
 the others blocked in a collective. The local rank comes from the launcher's environment
-(SLURM_LOCALID, OMPI_COMM_WORLD_LOCAL_RANK, MPI_LOCALRANKID) when it is there, so the
-GPU can be chosen before MPI touches CUDA; otherwise from a shared-memory split.
+when it is there (mpirun's and mpiexec's own variables first, then srun's SLURM_LOCALID:
+a batch shell has SLURM_LOCALID=0 too, which an mpirun inside the job passes to every
+rank), so the GPU can be chosen before MPI touches CUDA; otherwise from a shared-memory
+split. Once MPI runs, the ranks of each node compare the GPUs they took, and every rank
+stops with the same one-line error if two share one (unless sharing is allowed).
 """
 import os
 import sys
 import time
 import traceback
 
-LOCAL_RANK_VARIABLES = ("SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK")
-LOCAL_SIZE_VARIABLES = ("SLURM_NTASKS_PER_NODE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "PMI_LOCAL_SIZE")
+# (local rank, local size) variables per launcher: Open MPI, MPICH's Hydra, PMI, MVAPICH2,
+# Cray PALS, then srun's (SLURM_STEP_TASKS_PER_NODE: tasks on each node of the step)
+LAUNCHER_VARIABLES = (("OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
+                      ("MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+                      ("PMI_LOCAL_RANK", "PMI_LOCAL_SIZE"),
+                      ("MV2_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_SIZE"),
+                      ("PALS_LOCAL_RANKID", "PALS_LOCAL_SIZE"),
+                      ("SLURM_LOCALID", "SLURM_STEP_TASKS_PER_NODE"))
+
+
+def tasks_per_node(value):
+    """The tasks on every node from a Slurm list like "4(x3)" or "2,2", when all nodes have
+    the same number; None when they differ or the value is not such a list."""
+    counts = set()
+    for part in value.split(","):
+        count = part.split("(")[0]
+        if not count.isdigit():
+            return None
+        counts.add(int(count))
+    return counts.pop() if len(counts) == 1 else None
 
 
 def local_rank_from_environment(environ=os.environ):
-    """(local_rank, local_size) from the launcher's variables, or (None, None)."""
-    for rank_var, size_var in zip(LOCAL_RANK_VARIABLES, LOCAL_SIZE_VARIABLES):
+    """(local_rank, local_size) from the launcher's variables, or (None, None); the size is
+    None where the launcher does not say it (the shared-memory split will, after MPI_Init)."""
+    for rank_var, size_var in LAUNCHER_VARIABLES:
         if environ.get(rank_var, "").isdigit():
-            size = environ.get(size_var, "")
-            # SLURM_NTASKS_PER_NODE can read "2(x3)" on heterogeneous allocations
-            size = int(size.split("(")[0]) if size.split("(")[0].isdigit() else None
-            return int(environ[rank_var]), size
+            return int(environ[rank_var]), tasks_per_node(environ.get(size_var, ""))
     return None, None
 
 
@@ -104,7 +123,12 @@ def launched_by_mpi(environ=os.environ):
 class SetupError(RuntimeError):
     """This rank cannot start: no pycuda or CUDA driver, no GPU left for it, libraries not
     found, or an MPI without the thread level the overlap needs. str() is one line, with
-    the fix; entry points print it and exit 2."""
+    the fix; entry points print it (when `echo`: a rank that stops because another rank
+    cannot start says nothing, so the log holds each cause once) and exit 2."""
+
+    def __init__(self, message, echo=True):
+        super().__init__(message)
+        self.echo = echo
 
 
 def init(backend="numpy", threads=1, allow_gpu_sharing=False, need_threads=True):
@@ -117,13 +141,12 @@ def init(backend="numpy", threads=1, allow_gpu_sharing=False, need_threads=True)
     """
     set_blas_threads(threads)
     local_rank, local_size = local_rank_from_environment()
-    gpu_chosen = False
+    gpu_error, gpu_chosen = None, False
     if backend == "cuda" and local_rank is not None:
         # choose the GPU before MPI_Init: some CUDA-aware MPIs bind to the current device there
-        _initialize_gpu(local_rank, local_size or 1, allow_gpu_sharing)
-        gpu_chosen = True
+        gpu_error, gpu_chosen = _initialize_gpu(local_rank, local_size), True
 
-    comm = None
+    comm = node = None
     if launched_by_mpi():
         from mpi4py import MPI
         provided = MPI.Query_thread()
@@ -131,29 +154,72 @@ def init(backend="numpy", threads=1, allow_gpu_sharing=False, need_threads=True)
             raise SetupError(f"MPI gives thread level {provided}, the overlapped allreduce needs "
                              f"MPI_THREAD_SERIALIZED or better; run with --overlap false")
         comm = MPI.COMM_WORLD.Dup()
-        if local_rank is None or local_size is None:
-            node = comm.Split_type(MPI.COMM_TYPE_SHARED)
-            local_rank, local_size = node.Get_rank(), node.Get_size()
-            node.Free()
+        check_world_size(comm.Get_size())
+        # the ranks that share this node, as MPI sees them (the truth, whatever the
+        # environment said)
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        local_rank, local_size = node.Get_rank(), node.Get_size()
     else:
         local_rank, local_size = 0, 1
-    if backend == "cuda" and not gpu_chosen:
-        _initialize_gpu(local_rank, local_size, allow_gpu_sharing)
+    try:
+        if backend == "cuda":
+            if not gpu_chosen:
+                gpu_error = _initialize_gpu(local_rank, local_size)
+            _agree_on_gpus(comm, node, gpu_error, allow_gpu_sharing)
+    finally:
+        if node is not None:
+            node.Free()
 
     world = World(comm, local_rank, local_size)
     _install_abort_hook(world)
     return world
 
 
-def _initialize_gpu(local_rank, local_size, allow_sharing):
+def check_world_size(size, environ=os.environ):
+    """srun with an --mpi plugin this MPI does not speak starts every task as a world of
+    one: N trainers would then write into the same run directory. Say so instead."""
+    tasks = environ.get("SLURM_STEP_NUM_TASKS", "")
+    # only where srun itself launched the ranks: mpirun and mpiexec set their own variables
+    launched_by_srun = not any(v in environ for v in ("OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "PMI_SIZE"))
+    if size == 1 and tasks.isdigit() and int(tasks) > 1 and launched_by_srun:
+        raise SetupError(f"srun started {tasks} tasks but MPI sees each as a world of 1: srun's --mpi plugin does "
+                         f"not match this MPI (MPICH, and the pip mpich wheel: srun --mpi=pmi2; Open MPI: srun "
+                         f"--mpi=pmix; srun --mpi=list shows what the site has)")
+
+
+def _initialize_gpu(local_rank, local_size):
+    """Make this rank's GPU current; the one-line reason it cannot, or None."""
     from mpiconvnet.backends import get_backend
     try:
-        get_backend("cuda").initialize(local_rank, local_size, allow_sharing)
+        get_backend("cuda").initialize(local_rank, local_size)
     except (RuntimeError, ValueError) as e:
         # the CUDA backend's set-up errors (import_driver, choose_device, the library
-        # search, cuDNN/cuBLAS handles) are RuntimeErrors whose message says what to do;
-        # a bad MPICONVNET_* setting is a ValueError that names it
-        raise SetupError(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+        # search, cuDNN/cuBLAS handles, the device itself) are RuntimeErrors whose message
+        # says what to do; a bad MPICONVNET_* setting is a ValueError that names it
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return None
+
+
+def _agree_on_gpus(comm, node, error, allow_sharing):
+    """Every rank raises SetupError if any rank has no usable GPU or, unless sharing is
+    allowed, if ranks of a node took the same GPU; each cause is printed once."""
+    from mpiconvnet.backends import get_backend
+    from mpiconvnet.backends.cuda import device as device_policy
+    if comm is None:
+        if error:
+            raise SetupError(error)
+        return
+    identity = None if error else get_backend("cuda").device_identity()
+    placements = node.allgather((comm.Get_rank(), identity))   # every rank of the node takes part
+    mine = error
+    if mine is None and node.Get_rank() == 0 and not device_policy.sharing_allowed(allow_sharing):
+        mine = device_policy.shared_gpu_problem(placements)   # said by the node's first rank
+    problems = comm.allgather(mine)
+    if mine:
+        raise SetupError(f"rank {comm.Get_rank()}: {mine}" if comm.Get_size() > 1 else mine)
+    first = next((rank for rank, problem in enumerate(problems) if problem), None)
+    if first is not None:
+        raise SetupError(f"rank {first} cannot start: {problems[first]}", echo=False)
 
 
 class Heartbeat:

@@ -62,7 +62,8 @@ def main(argv=None):
         net = build_model(cfg.model, num_classes=meta["num_classes"], backend=backend, dtype=cfg.dtype, seed=cfg.seed)
         net.load_state_dict(params, source=path)
     except (checkpoint.CheckpointError, DatasetError, ModelError, distributed.SetupError) as e:
-        print(f"mpiconvnet.evaluate: {e}", file=sys.stderr)
+        if getattr(e, "echo", True):   # a rank stopped by another rank's set-up error is silent
+            print(f"mpiconvnet.evaluate: {e}", file=sys.stderr)
         return 2
     try:
         result = evaluate(net, world, args.data, args.batch, crops=args.crops, mean=cfg.mean, workers=args.workers,

@@ -57,11 +57,16 @@ def main(argv=None):
     except ConfigError as e:
         print(f"mpiconvnet.train: {e}", file=sys.stderr)
         return EXIT_USAGE
+    # before the set-up, which may take minutes (MPI, GPUs, data checks, a checkpoint to
+    # restore): a USR1 or TERM from SLURM meanwhile then stops the run after its first step,
+    # with a checkpoint and exit 75, instead of killing it without either
+    stop = StopSignal()
     try:
         world = distributed.init(cfg.backend, cfg.threads, cfg.allow_gpu_sharing, need_threads=cfg.overlap)
     except distributed.SetupError as e:
-        # every rank says it: a rank with no GPU left may be the only one that fails
-        print(f"mpiconvnet.train: {e}", file=sys.stderr)
+        # every rank with a cause says it: a rank with no GPU may be the only one that fails
+        if e.echo:
+            print(f"mpiconvnet.train: {e}", file=sys.stderr)
         return EXIT_USAGE
     try:
         # every rank runs the same checks on the same inputs, so all of them stop together
@@ -84,7 +89,7 @@ def main(argv=None):
         world.barrier()
         if not resume_from:
             trainer.broadcast_parameters()
-        code = train(cfg, world, trainer, resume_from)
+        code = train(cfg, world, trainer, resume_from, stop)
     except checkpoint.OutputError as e:
         print(f"mpiconvnet.train: {e}", file=sys.stderr, flush=True)
         world.abort(EXIT_CANNOT_WRITE)   # the other ranks may wait for this one in a collective
@@ -113,9 +118,9 @@ def write_config(cfg):
         raise checkpoint.OutputError(checkpoint.cannot_write(path, error, cfg.out)) from None
 
 
-def train(cfg, world, trainer, resume_from):
+def train(cfg, world, trainer, resume_from, stop):
     """The banner, rank 0's progress bar and the run; returns the exit code."""
-    stop = StopSignal()
+    stop.catch_interrupt()
     log = MetricsLog(cfg.out, world.is_root, trainer.step if resume_from else None)
     world.print(f"mpiconvnet: {cfg.model} ({trainer.net.num_parameters:,} parameters) on {world.size} rank(s), "
                 f"backend {cfg.backend}, global batch {cfg.global_batch}, {trainer.steps_per_epoch} steps/epoch"

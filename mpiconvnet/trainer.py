@@ -52,12 +52,16 @@ class NonFiniteLoss(RuntimeError):
 class StopSignal:
     """Remembers SIGTERM/SIGUSR1 (what SLURM sends before a time limit or preemption) and
     SIGINT (ctrl-c at an interactive mpirun): each stops every rank after the same step,
-    with a checkpoint, rather than mid-step with a traceback per rank."""
+    with a checkpoint, rather than mid-step with a traceback per rank. SIGINT only from
+    catch_interrupt() on: during the set-up ctrl-c should still stop at once."""
 
     def __init__(self):
         self.received = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
+
+    def catch_interrupt(self):
+        signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame):
         self.received = signal.Signals(signum).name

@@ -171,7 +171,17 @@ def test_buckets_follow_reverse_layer_order_and_size():
 
 
 def test_local_rank_from_launcher_variables():
-    assert distributed.local_rank_from_environment({"SLURM_LOCALID": "3", "SLURM_NTASKS_PER_NODE": "4(x2)"}) == (3, 4)
+    assert distributed.local_rank_from_environment({"SLURM_LOCALID": "3", "SLURM_STEP_TASKS_PER_NODE": "4(x2)"}) == (3, 4)
+    # nodes with different task counts, or none said: known after MPI_Init
+    assert distributed.local_rank_from_environment({"SLURM_LOCALID": "1", "SLURM_STEP_TASKS_PER_NODE": "2(x3),1"}) \
+        == (1, None)
+    assert distributed.local_rank_from_environment({"SLURM_LOCALID": "1"}) == (1, None)
+    # mpirun inside a job: the ranks inherit the batch shell's SLURM_LOCALID=0; the launcher's own wins
+    assert distributed.local_rank_from_environment({"SLURM_LOCALID": "0", "MPI_LOCALRANKID": "1",
+                                                    "MPI_LOCALNRANKS": "2"}) == (1, 2)
+    assert distributed.local_rank_from_environment({"SLURM_LOCALID": "0", "OMPI_COMM_WORLD_LOCAL_RANK": "3",
+                                                    "OMPI_COMM_WORLD_LOCAL_SIZE": "4"}) == (3, 4)
+    assert distributed.local_rank_from_environment({"PALS_LOCAL_RANKID": "2", "PALS_LOCAL_SIZE": "4"}) == (2, 4)
     assert distributed.local_rank_from_environment({"OMPI_COMM_WORLD_LOCAL_RANK": "1",
                                                     "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}) == (1, 2)
     assert distributed.local_rank_from_environment({"MPI_LOCALRANKID": "0", "MPI_LOCALNRANKS": "8"}) == (0, 8)
@@ -230,3 +240,43 @@ def test_a_communication_thread_that_cannot_start_fails_the_step_at_once():
         assert time.perf_counter() - started < 10
     finally:
         reducer.close()
+
+
+@pytest.mark.parametrize("case", ["own GPUs", "one GPU", "one GPU, sharing allowed", "rank 1 has no GPU"])
+def test_ranks_agree_on_their_gpus_before_training(world, monkeypatch, case):
+    # the check distributed.init makes once MPI runs: every rank stops when any rank has no
+    # GPU or ranks of a node took the same one, and each cause is printed by one rank only
+    from mpi4py import MPI
+    import mpiconvnet.backends.cuda as cuda
+    uuid = "GPU-same" if case.startswith("one GPU") else f"GPU-{world.rank}"
+    monkeypatch.setattr(cuda, "device_identity", lambda: uuid)
+    error = "no CUDA device visible" if case == "rank 1 has no GPU" and world.rank == 1 else None
+    comm = world.comm if world.comm is not None else MPI.COMM_SELF
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        raised = None
+        try:
+            distributed._agree_on_gpus(comm, node, error, allow_sharing=case.endswith("allowed"))
+        except distributed.SetupError as e:
+            raised = e
+    finally:
+        node.Free()
+    fails = (case == "one GPU" and world.size > 1) or (case == "rank 1 has no GPU" and world.size > 1)
+    assert (raised is not None) == fails
+    if case == "one GPU" and fails:
+        assert "all compute on GPU GPU-same" in str(raised) and raised.echo == (node_rank_zero := world.rank == 0)
+        assert ("cannot start" in str(raised)) != node_rank_zero
+    if case == "rank 1 has no GPU" and fails:
+        assert raised.echo == (world.rank == 1)
+        assert str(raised) == ("rank 1: no CUDA device visible" if world.rank == 1
+                               else "rank 1 cannot start: no CUDA device visible")
+
+
+def test_a_world_of_one_under_srun_with_several_tasks_is_an_mpi_plugin_mismatch():
+    with pytest.raises(distributed.SetupError, match=r"srun started 4 tasks .* srun --mpi=pmi2"):
+        distributed.check_world_size(1, {"SLURM_STEP_NUM_TASKS": "4"})
+    distributed.check_world_size(4, {"SLURM_STEP_NUM_TASKS": "4"})
+    distributed.check_world_size(1, {"SLURM_STEP_NUM_TASKS": "1"})
+    distributed.check_world_size(1, {})                                    # not in a job step
+    # mpirun inside a job: its ranks carry the daemons' step; its own variables say so
+    distributed.check_world_size(1, {"SLURM_STEP_NUM_TASKS": "2", "OMPI_COMM_WORLD_SIZE": "1"})

@@ -23,35 +23,39 @@ from mpiconvnet.backends.cuda import cudnn_graph as graph
 
 
 def test_one_rank_per_gpu():
-    assert [device.choose_device(r, 4, 4) for r in range(4)] == [0, 1, 2, 3]
-    assert device.choose_device(1, 2, 8) == 1  # fewer ranks than GPUs: the first ones
+    assert [device.choose_device(r, 4, 4, environ={}) for r in range(4)] == [0, 1, 2, 3]
+    assert device.choose_device(1, 2, 8, environ={}) == 1     # fewer ranks than GPUs: the first ones
+    assert device.choose_device(3, None, 4, environ={}) == 3  # the node's rank count not known yet
 
 
-def test_more_ranks_than_gpus_is_a_one_line_error():
-    with pytest.raises(device.DeviceChoiceError) as e:
-        device.choose_device(5, 8, 4)
-    message = str(e.value)
-    assert "\n" not in message
-    assert "8 ranks" in message and "4 visible GPU" in message and "MPICONVNET_ALLOW_GPU_SHARING=1" in message
-
-
-def test_sharing_goes_round_robin():
-    assert [device.choose_device(r, 6, 4, allow_sharing=True) for r in range(6)] == [0, 1, 2, 3, 0, 1]
+def test_more_ranks_than_visible_gpus_go_round_robin():
+    # sharing, or each rank seeing only its own GPU(s) (srun --gpu-bind, --ntasks-per-gpu, a
+    # site's CUDA_VISIBLE_DEVICES per task): the GPUs' UUIDs tell which (shared_gpu_problem)
+    assert [device.choose_device(r, 6, 4, environ={}) for r in range(6)] == [0, 1, 2, 3, 0, 1]
+    assert [device.choose_device(r, 4, 1, environ={}) for r in range(4)] == [0] * 4
 
 
 def test_gpus_bound_per_task_by_srun():
-    # srun --gpus-per-task=1: each of the node's 4 ranks sees one GPU, its own
+    # srun --gpus-per-task=G: each rank sees its own G GPUs and takes the first
     for value in ("1", "a100:1"):
         assert [device.choose_device(r, 4, 1, environ={"SLURM_GPUS_PER_TASK": value}) for r in range(4)] == [0] * 4
+    assert device.choose_device(3, 4, 2, environ={"SLURM_GPUS_PER_TASK": "h100:2"}) == 0
     assert device.gpus_bound_per_task({"SLURM_GPUS_PER_TASK": "h100:2"}) == 2
     assert device.gpus_bound_per_task({}) is None and device.gpus_bound_per_task({"SLURM_GPUS_PER_TASK": "x"}) is None
-    # one visible GPU without a per-task binding, or fewer than the binding gives: oversubscribed
-    with pytest.raises(device.DeviceChoiceError):
-        device.choose_device(1, 4, 1, environ={})
-    with pytest.raises(device.DeviceChoiceError):
-        device.choose_device(1, 4, 1, environ={"SLURM_GPUS_PER_TASK": "2"})
     # --gpu-bind=none: every rank sees the node's GPUs and takes its own by local rank
     assert device.choose_device(2, 4, 4, environ={"SLURM_GPUS_PER_TASK": "1"}) == 2
+
+
+def test_ranks_sharing_a_gpu_is_a_one_line_error_naming_them():
+    own = [(0, "GPU-a"), (1, "GPU-b"), (2, "GPU-c"), (3, "GPU-d")]
+    assert device.shared_gpu_problem(own) is None
+    assert device.shared_gpu_problem([(0, None), (1, None)]) is None   # a driver that cannot say
+    message = device.shared_gpu_problem([(4, "GPU-a"), (5, "GPU-b"), (6, "GPU-a"), (7, "GPU-b")])
+    assert "\n" not in message
+    assert message.startswith("ranks 4, 6 all compute on GPU GPU-a: 4 ranks on this node, 2 GPU(s) among them")
+    assert "--ntasks-per-node=2 --gpus-per-task=1" in message and "MPICONVNET_ALLOW_GPU_SHARING=1" in message
+    assert device.sharing_allowed(True, {}) and device.sharing_allowed(False, {"MPICONVNET_ALLOW_GPU_SHARING": "1"})
+    assert not device.sharing_allowed(False, {})
 
 
 def test_no_gpu_and_bad_rank():
@@ -469,9 +473,18 @@ def test_device_array_indexes_only_1d_slices():
         b[::2]
 
 
+def test_device_identity_is_the_gpu_uuid_as_nvidia_smi_prints_it(fake_backend, monkeypatch):
+    cb, _ = fake_backend
+    cb.initialize(0, 1)
+    assert cb.device_identity() == "GPU-00010203-0405-0607-0809-0a0b0c0d0e0f"
+    driver = libs.load_driver()
+    monkeypatch.setattr(type(driver), "cuDeviceGetUuid_v2", lambda self, uuid, device: 101)   # an error
+    assert cb.device_identity() is None
+
+
 def test_empty_arrays_hold_their_pool_block_until_the_last_view_is_gone(fake_backend):
     cb, _ = fake_backend
-    cb.initialize(0, 1, False)
+    cb.initialize(0, 1)
     pool = context.get().pool.fake
     a = cb.empty((3, 4), np.float32)
     assert (type(a).__name__, a.shape, a.dtype, a.nbytes) == ("DeviceArray", (3, 4), np.float32, 48)
@@ -517,7 +530,7 @@ class _FunctionWithoutLaunchKernel:
 
 def test_kernel_packs_as_pycuda_does_and_falls_back_to_prepared_async_call(fake_backend):
     cb, launches = fake_backend
-    cb.initialize(0, 1, False)
+    cb.initialize(0, 1)
     st = context.get()
     kernel = st.kernel("scale", np.dtype(np.float32))
     assert st.kernel("scale", np.dtype(np.float32)) is kernel and st.kernel("scale", np.float32).name == "scale_f32"
@@ -865,6 +878,7 @@ def _fake_pycuda(launches):
     drv = types.ModuleType("pycuda.driver")
     drv.init = lambda: None
     drv.Device, drv.Stream, drv.Event = Device, Stream, Event
+    drv.Error = type("Error", (Exception,), {})   # PyCUDA's: not a RuntimeError
     drv.event_flags = types.SimpleNamespace(DISABLE_TIMING=2)
     drv.memcpy_htod_async = lambda dst, src, stream: copy("htod", int(dst), src.ctypes.data, src.nbytes, stream)
     drv.memcpy_dtoh_async = lambda dst, src, stream: copy("dtoh", dst.ctypes.data, int(src), dst.nbytes, stream)
@@ -909,6 +923,14 @@ class _FakeDriver:
         text._obj.value = b"out of memory"
         return 0
 
+    def cuDeviceGet(self, device, ordinal):
+        device._obj.value = ordinal.value
+        return 0
+
+    def cuDeviceGetUuid_v2(self, uuid, device):
+        uuid[:] = list(range(16 * device.value, 16 * device.value + 16))
+        return 0
+
 
 @pytest.fixture
 def fake_backend(fake_libs, monkeypatch):
@@ -931,7 +953,7 @@ def fake_backend(fake_libs, monkeypatch):
 def test_every_op_runs_through_the_python_plumbing(fake_backend):
     cb, launches = fake_backend
     rng = np.random.default_rng(3)
-    assert cb.initialize(0, 1, False) == 0
+    assert cb.initialize(0, 1) == 0
     # memory: real copies through the stand-in driver
     a = rng.standard_normal((3, 4)).astype(np.float32)
     d = cb.to_device(a)
@@ -1037,7 +1059,7 @@ def test_staged_batches_order_the_copy_stream_and_the_compute_stream(fake_backen
     # pool, which hands out blocks the compute stream has just used (a 3-crop output of
     # 8 x 8 -> 4 x 4 is as many bytes as 3 images: 576)
     cb, launches = fake_backend
-    cb.initialize(0, 1, False)
+    cb.initialize(0, 1)
     order = sys.modules["pycuda.driver"].fake_order
     mean = np.zeros((3, 1, 1), np.float32)
     rng = np.random.default_rng(0)
@@ -1066,7 +1088,7 @@ def test_each_new_loader_s_equal_mean_reuses_the_one_device_copy(fake_backend):
     # every loader (each epoch, each evaluation) makes its own mean array: an equal one must
     # not leave another copy on the device each time (0.8 MB at 256 px, ~180 in a long run)
     cb, _ = fake_backend
-    cb.initialize(0, 1, False)
+    cb.initialize(0, 1)
     images = np.zeros((2, 8, 8, 3), np.uint8)
     st = context.get()
 
@@ -1089,7 +1111,7 @@ def test_each_new_loader_s_equal_mean_reuses_the_one_device_copy(fake_backend):
 
 def test_a_staged_batch_cropped_after_its_area_was_reused_is_an_error(fake_backend):
     cb, _ = fake_backend
-    cb.initialize(0, 1, False)
+    cb.initialize(0, 1)
     images, mean = np.zeros((2, 8, 8, 3), np.uint8), np.zeros((3, 1, 1), np.float32)
     first = cb.stage_batch(images, _staging_plan(2, 2), 4, mean)
     cb.stage_batch(images, _staging_plan(2, 2), 4, mean)
@@ -1104,7 +1126,7 @@ def test_use_in_this_thread_pushes_once_and_pops_when_the_thread_ends(fake_backe
     # PyCUDA aborts the process when a thread ends with a context on its stack, and the
     # gradient-reduction thread of a CUDA-aware run calls use_in_this_thread() then ends
     cb, _ = fake_backend
-    cb.initialize(0, 1, False)
+    cb.initialize(0, 1)
     main = threading.get_ident()
     assert _FakeContext.depth[main] == 1
     cb.use_in_this_thread()               # the initialising thread: already current
@@ -1129,7 +1151,7 @@ def test_tf32_each_convolution_kind_runs_with_the_math_type_its_search_chose(fak
     # over for the FMA algorithm (3) after it; with TF32 allowed each kind must run, step
     # after step, with the math type its workspace was sized for
     cb, _ = fake_backend
-    cb.initialize(0, 1, False)
+    cb.initialize(0, 1)
     cb.set_tf32(True)
     lib = cudnn.lib()
     x = cb.to_device(np.ones((2, 4, 9, 9), np.float32))
@@ -1297,7 +1319,7 @@ def graph_backend(fake_backend, monkeypatch):
     monkeypatch.setattr(graph, "lib", lambda: api)
     monkeypatch.setattr(graph, "_declared", api)
     monkeypatch.setenv("MPICONVNET_CUDNN_API", "graph")
-    cb.initialize(0, 1, False)
+    cb.initialize(0, 1)
     st = context.get()
 
     class TimedEvent:   # reads the stand-in's clock, which only execute advances
@@ -1471,7 +1493,20 @@ def test_a_bad_setting_is_a_one_line_setup_error_before_any_context_is_pushed(fa
                         ("MPICONVNET_CUDNN_WORKSPACE_MB", "lots")):
         with monkeypatch.context() as setting:
             setting.setenv(name, value)
-            with pytest.raises(distributed.SetupError) as e:
-                distributed._initialize_gpu(0, 1, False)
-        assert name in str(e.value) and "\n" not in str(e.value)
+            message = distributed._initialize_gpu(0, 1)   # the reason this rank cannot start
+        assert name in message and "\n" not in message
         assert _FakeContext.depth.get(threading.get_ident(), 0) == 0 and not context.is_initialized()
+
+
+def test_a_gpu_taken_in_exclusive_process_mode_is_a_one_line_reason(fake_backend, monkeypatch):
+    # PyCUDA's errors are no RuntimeErrors: without the conversion each rank printed a traceback
+    from mpiconvnet import distributed
+    drv = sys.modules["pycuda.driver"]
+
+    def busy(self):
+        raise drv.Error("cuDevicePrimaryCtxRetain failed: CUDA-capable device(s) is/are busy or unavailable")
+    monkeypatch.setattr(drv.Device, "retain_primary_context", busy)
+    message = distributed._initialize_gpu(0, 2)
+    assert message.startswith("CUDA device 0 (local rank 0) cannot be used: cuDevicePrimaryCtxRetain failed")
+    assert "exclusive-process" in message and "MPS" in message and "\n" not in message
+    assert not context.is_initialized()

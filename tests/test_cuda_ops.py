@@ -37,7 +37,7 @@ def cb():
     if UNAVAILABLE:
         pytest.skip(UNAVAILABLE)
     from mpiconvnet.backends import cuda
-    cuda.initialize(0, 1, False)
+    cuda.initialize(0, 1)
     return cuda
 
 
@@ -101,7 +101,7 @@ DTYPES = [np.float32, np.float64]
 
 
 def test_initialize_is_idempotent(cb):
-    assert cb.initialize(0, 1, False) == cb.initialize(0, 1, False)
+    assert cb.initialize(0, 1) == cb.initialize(0, None)
     assert cb.is_initialized()
 
 

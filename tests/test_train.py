@@ -377,13 +377,16 @@ def test_a_gpu_set_up_failure_becomes_a_setup_error_with_its_first_line(monkeypa
     from mpiconvnet.backends import cuda
     from mpiconvnet.backends.cuda import device
 
-    def no_gpu_left(local_rank, local_size, allow_sharing):
-        raise device.DeviceChoiceError("rank with local rank 2 has no GPU: 2 visible; run fewer ranks per node\n"
+    def no_gpu_left(local_rank, local_size):
+        raise device.DeviceChoiceError("no CUDA device visible (CUDA_VISIBLE_DEVICES=''); run on a GPU node\n"
                                        "(details)")
     monkeypatch.setattr(cuda, "initialize", no_gpu_left)
+    for launcher in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK", "SLURM_NTASKS"):
+        monkeypatch.delenv(launcher, raising=False)   # one process, no MPI
+    monkeypatch.setattr(distributed, "set_blas_threads", lambda n: None)   # leave this process's BLAS alone
     with pytest.raises(distributed.SetupError) as e:
-        distributed._initialize_gpu(2, 3, False)
-    assert str(e.value) == "rank with local rank 2 has no GPU: 2 visible; run fewer ranks per node"
+        distributed.init("cuda")
+    assert str(e.value) == "no CUDA device visible (CUDA_VISIBLE_DEVICES=''); run on a GPU node" and e.value.echo
 
 
 @pytest.mark.mpi

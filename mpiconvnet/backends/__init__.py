@@ -113,6 +113,10 @@ Threads
     use_in_this_thread()                      make the backend usable from the calling thread
                                               (CUDA: make its context current there; NumPy:
                                               nothing to do)
+    device_identity() -> str or None          the device this process computes on, so that
+                                              ranks can tell whether they share one (CUDA:
+                                              the GPU's UUID; NumPy: None, CPU cores are not
+                                              owned by one rank)
 
 Communication (how the trainer hands a flat gradient bucket to MPI)
     HOST_MEMORY: bool                         True when arrays live in host memory (NumPy):

@@ -94,6 +94,10 @@ def synchronize():
     """NumPy runs every op to completion before returning: nothing is queued."""
 
 
+def device_identity():
+    return None   # the CPU: ranks sharing a node's cores is the normal case
+
+
 def memory_high_water():
     # the arrays are the process's memory: its peak resident set (Linux reports KiB)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -173,7 +177,7 @@ def use_in_this_thread():
 
 
 __all__ = [
-    "NAME", "to_device", "to_host", "empty", "zeros", "copy_into", "flat_views", "synchronize", "memory_high_water",
+    "NAME", "to_device", "to_host", "empty", "zeros", "copy_into", "flat_views", "synchronize", "memory_high_water", "device_identity",
     "conv_forward", "conv_backward_data", "conv_backward_filter", "conv_backward_bias",
     "relu_forward", "relu_backward", "lrn_forward", "lrn_backward",
     "maxpool_forward", "maxpool_backward", "dropout_forward", "dropout_backward", "dropout_keep",

@@ -5,14 +5,14 @@ mpiconvnet/backends/__init__.py); arrays are DeviceArrays (array.py) in the same
 checkpoint written with one backend loads in the other through to_host / to_device.
 
 Importing this package touches no GPU and loads no CUDA library. The trainer calls
-`initialize(local_rank, local_size, allow_sharing)` first thing (before MPI uses CUDA);
+`initialize(local_rank, local_size)` first thing (before MPI uses CUDA);
 any op called before that initialises on device 0.
 
 Float32 GEMMs and convolutions run in true float32 unless MPICONVNET_TF32=1 or
 set_tf32(True) allows TF32 tensor cores. See docs/gpu.md for installation and the stack.
 """
 from .augment import crop_flip_normalize, crop_staged, stage_batch
-from .context import initialize, is_initialized, use_in_this_thread
+from .context import device_identity, initialize, is_initialized, use_in_this_thread
 from .conv import conv_backward_bias, conv_backward_data, conv_backward_filter, conv_forward
 from .dense import linear_backward_bias, linear_backward_data, linear_backward_filter, linear_forward
 from .layers import (dropout_backward, dropout_forward, lrn_backward, lrn_forward, maxpool_backward,
@@ -39,7 +39,7 @@ def set_tf32(enabled):
 
 
 __all__ = [
-    "NAME", "initialize", "is_initialized", "use_in_this_thread", "set_tf32", "set_num_threads", "cuda_aware_mpi",
+    "NAME", "initialize", "is_initialized", "use_in_this_thread", "device_identity", "set_tf32", "set_num_threads", "cuda_aware_mpi",
     "to_device", "to_host", "empty", "zeros", "copy_into", "flat_views", "synchronize", "memory_high_water",
     "conv_forward", "conv_backward_data", "conv_backward_filter", "conv_backward_bias",
     "relu_forward", "relu_backward", "lrn_forward", "lrn_backward", "maxpool_forward", "maxpool_backward",

@@ -11,12 +11,14 @@ on a second one (augment.py); pycuda's own synchronous copies use the legacy def
 stream, which waits for our (blocking) streams, so mixing them is safe.
 """
 import atexit
+import ctypes
 import os
 import threading
 
 import numpy as np
 
 from . import device as device_policy
+from . import libs
 
 KERNEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
 # fat binaries from `python -m mpiconvnet.backends.cuda.prebuild`, for nodes without nvcc
@@ -137,7 +139,7 @@ class Kernel:
 class State:
     """Everything `initialize` creates; one per process."""
 
-    def __init__(self, ordinal, allow_sharing):
+    def __init__(self, ordinal):
         import pycuda.driver as drv
         import pycuda.tools
 
@@ -296,24 +298,43 @@ def load_module(filename):
 _state = None
 
 
-def initialize(local_rank=0, local_size=1, allow_sharing=False):
+def initialize(local_rank=0, local_size=None):
     """Pick this rank's GPU, make its context current, create the stream and handles.
 
     Call once per process, before MPI touches CUDA; later calls return the existing state
     (a second call asking for a different device is an error). Returns the device ordinal.
+    local_size: ranks on this node, or None where it is not known yet. Whether ranks share
+    a GPU is checked later, across the ranks (distributed.init).
     """
     global _state
-    if os.environ.get("MPICONVNET_ALLOW_GPU_SHARING", "0") == "1":
-        allow_sharing = True
     drv = import_driver()
-    ordinal = device_policy.choose_device(local_rank, local_size, drv.Device.count(), allow_sharing)
+    ordinal = device_policy.choose_device(local_rank, local_size, drv.Device.count())
     if _state is not None:
         if _state.ordinal != ordinal:
             raise RuntimeError(f"CUDA backend already initialised on device {_state.ordinal}; "
                                f"initialize() was called again for device {ordinal}")
         return ordinal
-    _state = State(ordinal, allow_sharing)
+    try:
+        _state = State(ordinal)
+    except drv.Error as e:   # PyCUDA's errors are no RuntimeErrors: give the set-up's one line
+        raise RuntimeError(f"CUDA device {ordinal} (local rank {local_rank}) cannot be used: {e}; if its compute "
+                           f"mode is exclusive-process (nvidia-smi -q -d COMPUTE), it takes one process: run one "
+                           f"rank per GPU, or start MPS where ranks must share one") from None
     return ordinal
+
+
+def device_identity():
+    """The UUID of the GPU this process computes on, as nvidia-smi -L prints it (a MIG
+    instance's own), or None where the driver cannot say."""
+    st = get()
+    driver = libs.load_driver()
+    get_uuid = getattr(driver, "cuDeviceGetUuid_v2", None) or getattr(driver, "cuDeviceGetUuid", None)
+    device, uuid = ctypes.c_int(), (ctypes.c_ubyte * 16)()
+    if get_uuid is None or driver.cuDeviceGet(ctypes.byref(device), ctypes.c_int(st.ordinal)) != 0 \
+            or get_uuid(uuid, device) != 0:
+        return None
+    h = bytes(uuid).hex()
+    return f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 @atexit.register
@@ -360,7 +381,7 @@ def use_in_this_thread():
 def get():
     """The process state, initialising on device 0 if nobody called initialize()."""
     if _state is None:
-        initialize(0, 1, False)
+        initialize(0, 1)
     return _state
 
 

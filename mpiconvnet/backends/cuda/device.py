@@ -4,12 +4,19 @@ Pure Python (no pycuda): the device count is passed in, so the policy is tested 
 machines without GPUs (tests/test_cuda_logic.py). `initialize` in context.py calls it with
 pycuda's count, which already honours CUDA_VISIBLE_DEVICES; `visible_device_count` is the
 same count read from the environment, for error messages and tests.
+
+Whether ranks share a GPU is not judged from counts: what each rank sees depends on the
+launcher's binding (srun --gpus-per-task, --gpu-bind, --ntasks-per-gpu, a site's
+CUDA_VISIBLE_DEVICES per task), which no variable reliably tells. Each rank takes
+local_rank % (GPUs it sees), and once MPI runs, the ranks of a node compare the UUIDs of
+the GPUs they took (shared_gpu_problem): two ranks on one GPU is an error unless sharing
+is allowed.
 """
 import os
 
 
 class DeviceChoiceError(RuntimeError):
-    """More ranks on a node than GPUs (or no GPU); the message says how to fix it."""
+    """No GPU visible, or a bad CUDA_VISIBLE_DEVICES; the message says how to fix it."""
 
 
 def parse_visible_devices(value):
@@ -70,29 +77,50 @@ def gpus_bound_per_task(environ=None):
     return int(count) if count.isdigit() and int(count) > 0 else None
 
 
-def choose_device(local_rank, local_size, device_count, allow_sharing=False, environ=None):
+def choose_device(local_rank, local_size, device_count, environ=None):
     """The device ordinal (among the visible ones) for node-local rank `local_rank`.
 
     device_count: devices this process sees (pycuda.driver.Device.count(), which already
-    honours CUDA_VISIBLE_DEVICES). One rank per GPU: rank r gets device r. When the
-    launcher bound GPUs per task (srun --gpus-per-task) and this rank sees exactly its
-    share, its first visible device is its own. When the node runs more ranks than it has
-    GPUs, that is an error unless sharing is allowed, in which case ranks go round-robin
-    (rank r gets r % device_count).
+    honours CUDA_VISIBLE_DEVICES). One rank per GPU: rank r gets device r % device_count
+    (with every GPU of the node visible, its own; with fewer, ranks would share, which
+    shared_gpu_problem then finds). When the launcher bound GPUs per task (srun
+    --gpus-per-task) and this rank sees exactly its share, its first one. local_size may
+    be None (not known before MPI starts).
     """
-    if not 0 <= local_rank < local_size:
-        raise ValueError(f"local rank {local_rank} outside 0..{local_size - 1}")
+    if local_rank < 0 or (local_size is not None and local_rank >= local_size):
+        raise ValueError(f"local rank {local_rank} outside 0..{(local_size or 1) - 1}")
     if device_count < 1:
         shown = os.environ.get("CUDA_VISIBLE_DEVICES")
         hint = f" (CUDA_VISIBLE_DEVICES={shown!r})" if shown is not None else ""
         raise DeviceChoiceError(f"no CUDA device visible{hint}; run on a GPU node, fix "
                                 f"CUDA_VISIBLE_DEVICES, or use --backend numpy")
-    if local_size > device_count and gpus_bound_per_task(environ) == device_count:
-        # every rank of the node sees only the GPUs bound to it: not oversubscription
-        return 0
-    if local_size > device_count and not allow_sharing:
-        raise DeviceChoiceError(
-            f"{local_size} ranks on this node but {device_count} visible GPU(s); start at most "
-            f"{device_count} ranks per node (mpirun --map-by ppr:{device_count}:node, srun "
-            f"--ntasks-per-node={device_count}) or let ranks share GPUs (--allow-gpu-sharing, or MPICONVNET_ALLOW_GPU_SHARING=1)")
+    if gpus_bound_per_task(environ) == device_count:
+        return 0   # the GPUs this rank sees are its own
     return local_rank % device_count
+
+
+def shared_gpu_problem(placements):
+    """A one-line error when ranks of one node compute on the same GPU, else None.
+
+    placements: (world rank, GPU UUID or None where the driver cannot say) of every rank
+    on the node, in local-rank order.
+    """
+    ranks_of = {}
+    for rank, uuid in placements:
+        if uuid is not None:
+            ranks_of.setdefault(uuid, []).append(rank)
+    shared = {uuid: ranks for uuid, ranks in ranks_of.items() if len(ranks) > 1}
+    if not shared:
+        return None
+    uuid, ranks = next(iter(shared.items()))
+    gpus = len(ranks_of)
+    return (f"ranks {', '.join(map(str, ranks))} all compute on GPU {uuid}: {len(placements)} ranks on this node, "
+            f"{gpus} GPU(s) among them; start at most {gpus} rank(s) per node, each with its own GPU "
+            f"(srun --ntasks-per-node={gpus} --gpus-per-task=1, mpirun --map-by ppr:{gpus}:node), or let ranks "
+            f"share GPUs (--allow-gpu-sharing, or MPICONVNET_ALLOW_GPU_SHARING=1)")
+
+
+def sharing_allowed(flag, environ=None):
+    """--allow-gpu-sharing, or MPICONVNET_ALLOW_GPU_SHARING=1."""
+    environ = os.environ if environ is None else environ
+    return bool(flag) or environ.get("MPICONVNET_ALLOW_GPU_SHARING", "0") == "1"
