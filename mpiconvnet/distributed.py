@@ -175,16 +175,25 @@ def init(backend="numpy", threads=1, allow_gpu_sharing=False, need_threads=True)
     return world
 
 
-def check_world_size(size, environ=os.environ):
+def world_size_problem(size, environ=os.environ):
     """srun with an --mpi plugin this MPI does not speak starts every task as a world of
-    one: N trainers would then write into the same run directory. Say so instead."""
+    one: N trainers (or packers) would then write into the same directory. The one-line
+    reason, or None."""
     tasks = environ.get("SLURM_STEP_NUM_TASKS", "")
-    # only where srun itself launched the ranks: mpirun and mpiexec set their own variables
-    launched_by_srun = not any(v in environ for v in ("OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "PMI_SIZE"))
+    # only where srun itself launched the ranks: mpirun's (Open MPI) and mpiexec's (Hydra)
+    # ranks inside a job carry the step of the launcher's daemons
+    launched_by_srun = not any(v in environ for v in ("OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS"))
     if size == 1 and tasks.isdigit() and int(tasks) > 1 and launched_by_srun:
-        raise SetupError(f"srun started {tasks} tasks but MPI sees each as a world of 1: srun's --mpi plugin does "
-                         f"not match this MPI (MPICH, and the pip mpich wheel: srun --mpi=pmi2; Open MPI: srun "
-                         f"--mpi=pmix; srun --mpi=list shows what the site has)")
+        return (f"srun started {tasks} tasks but MPI sees each as a world of 1: srun's --mpi plugin does not "
+                f"match this MPI (MPICH, and the pip mpich wheel: srun --mpi=pmi2; Open MPI: srun --mpi=pmix; "
+                f"srun --mpi=list shows what the site has)")
+    return None
+
+
+def check_world_size(size, environ=os.environ):
+    problem = world_size_problem(size, environ)
+    if problem:
+        raise SetupError(problem)
 
 
 def _initialize_gpu(local_rank, local_size):

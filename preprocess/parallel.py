@@ -64,11 +64,16 @@ def make_team(rank=None, size=None):
             raise ValueError(f"--rank {rank} --size {size}: give both, with 0 <= rank < size "
                              f"(e.g. --rank $SLURM_ARRAY_TASK_ID --size $SLURM_ARRAY_TASK_COUNT)")
         return Team(rank, size)
+    from mpiconvnet.distributed import world_size_problem
+    team = Team(0, 1)
     if launched_under_mpi():
         from mpi4py import MPI
         comm = MPI.COMM_WORLD.Dup()   # our traffic never mixes with a caller's COMM_WORLD
-        return Team(comm.Get_rank(), comm.Get_size(), comm)
-    return Team(0, 1)
+        team = Team(comm.Get_rank(), comm.Get_size(), comm)
+    problem = world_size_problem(team.size)   # N tasks each packing everything into one --out
+    if problem:
+        raise ValueError(problem)
+    return team
 
 
 def worker_context():

@@ -271,3 +271,16 @@ def test_mpiexec_two_ranks_give_the_same_data_set(tree, tmp_path):
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "one" / "dataset.json").read_text() == (tmp_path / "mpi" / "dataset.json").read_text()
     assert run.stdout.count("preprocess: packed") == 1      # only rank 0 merges and reports
+
+
+def test_tasks_of_an_srun_that_mpi_does_not_join_refuse_to_pack(monkeypatch):
+    # srun --mpi=none (or a plugin the MPI does not speak): each task would pack everything
+    from preprocess.parallel import make_team
+    for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "3")
+    with pytest.raises(ValueError, match="srun started 3 tasks but MPI sees each as a world of 1"):
+        make_team()
+    assert make_team(1, 3).rank == 1     # array tasks (--rank/--size) are meant to be separate
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
+    assert make_team().size == 1

@@ -8,7 +8,8 @@ the CPU backend on a tiny data set.
 
 Without a cluster every test here is skipped with the reason; with MPICONVNET_REQUIRE_SLURM=1
 (CI) that is a failure instead. Each job's world size is checked from what the ranks print,
-because srun with the wrong --mpi starts N singletons of size 1 and no error.
+because srun with the wrong --mpi starts N singletons of size 1 (which the trainer and
+evaluation now refuse; preprocess does not use distributed.init).
 """
 import json
 import os
@@ -234,16 +235,20 @@ def test_evaluate_prints_top1_and_top5_once_for_two_ranks(cluster, data, uninter
     assert (top1, top5) == (round(final["top1"], 4), round(final["top5"], 4))
 
 
-def test_srun_with_the_wrong_mpi_shows_up_as_two_worlds(cluster, data, uninterrupted, tmp_path):
-    # the failure the world-size checks above exist for: no error, just N singletons
+def test_srun_with_the_wrong_mpi_stops_every_task_with_one_line(cluster, data, uninterrupted, tmp_path):
+    # a plugin MPICH does not speak starts each task as a world of one, which left alone
+    # would give N singleton runs writing into the same place: each task says so and stops
     _, _, run = uninterrupted
     job = Job(cluster, "jobs/evaluate.sbatch", ["--data", data, "--checkpoint", run, "--workers", "0"],
               tmp_path / "evaluate.out", MPICONVNET_SRUN_MPI="none")
     try:
-        assert_completed(job, job.wait(120))
+        info = job.wait(120)
     finally:
         job.cancel()
-    assert len(re.findall(r"\(20 images, 1 crop\): top-1", job.output())) == 2, job.output()
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", job.output()
+    assert len(re.findall(r"srun started 2 tasks but MPI sees each as a world of 1: srun's --mpi plugin does not "
+                          r"match this MPI", job.output())) == 2, job.output()
+    assert "top-1" not in job.output()
 
 
 def test_usr1_to_the_batch_shell_checkpoints_requeues_and_matches_the_uninterrupted_run(cluster, data, uninterrupted,
