@@ -177,7 +177,8 @@ def use_in_this_thread():
 
 
 __all__ = [
-    "NAME", "to_device", "to_host", "empty", "zeros", "copy_into", "flat_views", "synchronize", "memory_high_water", "device_identity",
+    "NAME", "to_device", "to_host", "empty", "zeros", "copy_into", "flat_views", "synchronize", "memory_high_water",
+    "device_identity",
     "conv_forward", "conv_backward_data", "conv_backward_filter", "conv_backward_bias",
     "relu_forward", "relu_backward", "lrn_forward", "lrn_backward",
     "maxpool_forward", "maxpool_backward", "dropout_forward", "dropout_backward", "dropout_keep",

@@ -19,7 +19,8 @@ from .layers import (dropout_backward, dropout_forward, lrn_backward, lrn_forwar
                      maxpool_forward, relu_backward, relu_forward)
 from .loss import softmax_cross_entropy, softmax_cross_entropy_rows, topk_correct
 from .memory import (HOST_MEMORY, copy_from_host, copy_into, copy_to_host, copy_to_host_async, empty, flat_views,
-                     memory_high_water, mpi_buffer, pin_host_memory, pinned_host_empty, record_event, synchronize, to_device, to_host, wait_event, zeros)
+                     memory_high_water, mpi_buffer, pin_host_memory, pinned_host_empty, record_event, synchronize,
+                     to_device, to_host, wait_event, zeros)
 from .mpi_cuda import cuda_aware_mpi
 from .update import scale_, sgd_momentum_update, sgd_momentum_update_many
 
@@ -39,7 +40,8 @@ def set_tf32(enabled):
 
 
 __all__ = [
-    "NAME", "initialize", "is_initialized", "use_in_this_thread", "device_identity", "set_tf32", "set_num_threads", "cuda_aware_mpi",
+    "NAME", "initialize", "is_initialized", "use_in_this_thread", "device_identity", "set_tf32", "set_num_threads",
+    "cuda_aware_mpi",
     "to_device", "to_host", "empty", "zeros", "copy_into", "flat_views", "synchronize", "memory_high_water",
     "conv_forward", "conv_backward_data", "conv_backward_filter", "conv_backward_bias",
     "relu_forward", "relu_backward", "lrn_forward", "lrn_backward", "maxpool_forward", "maxpool_backward",
