@@ -1,4 +1,4 @@
-"""Plot a run: loss, top-1/top-5 error, learning rate and throughput, into one PNG.
+"""Plot a run: loss, top-1/top-5 error, learning rate, throughput and memory, into one PNG.
 
     python -m mpiconvnet.plot runs/a                # writes runs/a/training.png
     python -m mpiconvnet.plot runs/a --out a.png
@@ -57,6 +57,14 @@ def plot(run_dir, out):
     ax = axes[1, 1]
     ax.plot(steps, [r["images_per_s"] for r in train], label="images/s")
     ax.set(title="throughput", xlabel="step", ylabel="images/s")
+    with_memory = [r for r in train if "memory_mb" in r]   # runs before 2026-11-24 have none
+    if with_memory:
+        # a high water that keeps rising over epochs is a leak, long before memory runs out
+        memory = ax.twinx()
+        memory.plot([r["step"] for r in with_memory], [r["memory_mb"] for r in with_memory], "--", color="tab:gray")
+        memory.set_ylabel("memory high water, MB (largest rank)", color="tab:gray")
+        memory.set_ylim(bottom=0)   # from zero: the first evaluation's few MB are no cliff
+        ax.set_title("throughput (line) and memory (dashes)")
     fig.suptitle(os.path.basename(os.path.abspath(run_dir)))
     fig.tight_layout()
     try:
