@@ -98,6 +98,24 @@ def test_two_ranks_sharing_one_gpu_equal_one_rank_and_numpy(data, tmp_path):
         np.testing.assert_allclose(two_velocity[name], one_velocity[name], rtol=1e-9, atol=1e-12, err_msg=name)
 
 
+@pytest.mark.cuda
+@pytest.mark.mpi
+@needs_mpiexec
+def test_two_ranks_on_one_gpu_without_sharing_allowed_stop_with_one_line(data, tmp_path):
+    # the ranks compare their GPUs' UUIDs (cuDeviceGetUuid_v2 on the real driver) once MPI runs
+    if visible_gpus() < 1:
+        pytest.skip("no GPU visible to pycuda (needs pycuda and a CUDA driver); on a GPU node run scripts/gpu-check.sh")
+    env = dict(ENV, CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0])
+    env.pop("MPICONVNET_ALLOW_GPU_SHARING", None)
+    result = train(["--data", data, "--global-batch", "8", "--max-steps", "1", "--backend", "cuda",
+                    "--out", str(tmp_path / "run")], ranks=2, env=env, check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len([line for line in lines if "all compute on GPU GPU-" in line]) == 1, \
+        result.stderr
+    assert "ranks 0, 1 all compute on GPU GPU-" in result.stderr and "--allow-gpu-sharing" in result.stderr
+    assert not os.path.exists(tmp_path / "run")
+
+
 @pytest.mark.mpi
 @needs_mpiexec
 def test_averaging_parameters_every_step_equals_averaging_gradients(data, tmp_path):
