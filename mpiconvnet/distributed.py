@@ -121,8 +121,9 @@ def launched_by_mpi(environ=os.environ):
 
 
 class SetupError(RuntimeError):
-    """This rank cannot start: no pycuda or CUDA driver, no GPU left for it, libraries not
-    found, or an MPI without the thread level the overlap needs. str() is one line, with
+    """This rank cannot start: no pycuda or CUDA driver, no usable GPU or one shared with
+    another rank, libraries not found, srun's --mpi not matching the MPI, or an MPI without
+    the thread level the overlap needs. str() is one line, with
     the fix; entry points print it (when `echo`: a rank that stops because another rank
     cannot start says nothing, so the log holds each cause once) and exit 2."""
 
@@ -201,12 +202,18 @@ def _initialize_gpu(local_rank, local_size):
     from mpiconvnet.backends import get_backend
     try:
         get_backend("cuda").initialize(local_rank, local_size)
-    except (RuntimeError, ValueError) as e:
+    except Exception as e:
         # the CUDA backend's set-up errors (import_driver, choose_device, the library
         # search, cuDNN/cuBLAS handles, the device itself) are RuntimeErrors whose message
-        # says what to do; a bad MPICONVNET_* setting is a ValueError that names it
-        return str(e).splitlines()[0] if str(e) else type(e).__name__
+        # says what to do; a bad MPICONVNET_* setting is a ValueError that names it; anything
+        # else must not leave the other ranks waiting in the collectives that follow either
+        return _first_line(e)
     return None
+
+
+def _first_line(error):
+    text = str(error)
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _agree_on_gpus(comm, node, error, allow_sharing):
@@ -218,7 +225,12 @@ def _agree_on_gpus(comm, node, error, allow_sharing):
         if error:
             raise SetupError(error)
         return
-    identity = None if error else get_backend("cuda").device_identity()
+    identity = None
+    if not error:
+        try:
+            identity = get_backend("cuda").device_identity()
+        except Exception as e:   # every rank must still reach the allgathers below
+            error = f"cannot read the GPU's UUID: {_first_line(e)}"
     placements = node.allgather((comm.Get_rank(), identity))   # every rank of the node takes part
     mine = error
     if mine is None and node.Get_rank() == 0 and not device_policy.sharing_allowed(allow_sharing):

@@ -61,7 +61,10 @@ class StopSignal:
             signal.signal(sig, self._handle)
 
     def catch_interrupt(self):
-        signal.signal(signal.SIGINT, self._handle)
+        """From here on SIGINT too; TERM and USR1 again, in case a library started during
+        the set-up (MPI, CUDA) put its own handlers in their place."""
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         self.received = signal.Signals(signum).name

@@ -242,14 +242,20 @@ def test_a_communication_thread_that_cannot_start_fails_the_step_at_once():
         reducer.close()
 
 
-@pytest.mark.parametrize("case", ["own GPUs", "one GPU", "one GPU, sharing allowed", "rank 1 has no GPU"])
+@pytest.mark.parametrize("case", ["own GPUs", "one GPU", "one GPU, sharing allowed", "rank 1 has no GPU",
+                                  "rank 1 cannot read its GPU's UUID"])
 def test_ranks_agree_on_their_gpus_before_training(world, monkeypatch, case):
     # the check distributed.init makes once MPI runs: every rank stops when any rank has no
     # GPU or ranks of a node took the same one, and each cause is printed by one rank only
     from mpi4py import MPI
     import mpiconvnet.backends.cuda as cuda
     uuid = "GPU-same" if case.startswith("one GPU") else f"GPU-{world.rank}"
-    monkeypatch.setattr(cuda, "device_identity", lambda: uuid)
+
+    def identity():
+        if case.endswith("UUID") and world.rank == 1:
+            raise OSError("cuDeviceGetUuid_v2: undefined symbol")
+        return uuid
+    monkeypatch.setattr(cuda, "device_identity", identity)
     error = "no CUDA device visible" if case == "rank 1 has no GPU" and world.rank == 1 else None
     comm = world.comm if world.comm is not None else MPI.COMM_SELF
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
@@ -261,7 +267,7 @@ def test_ranks_agree_on_their_gpus_before_training(world, monkeypatch, case):
             raised = e
     finally:
         node.Free()
-    fails = (case == "one GPU" and world.size > 1) or (case == "rank 1 has no GPU" and world.size > 1)
+    fails = world.size > 1 and case in ("one GPU", "rank 1 has no GPU", "rank 1 cannot read its GPU's UUID")
     assert (raised is not None) == fails
     if case == "one GPU" and fails:
         assert "all compute on GPU GPU-same" in str(raised) and raised.echo == (node_rank_zero := world.rank == 0)
@@ -270,6 +276,8 @@ def test_ranks_agree_on_their_gpus_before_training(world, monkeypatch, case):
         assert raised.echo == (world.rank == 1)
         assert str(raised) == ("rank 1: no CUDA device visible" if world.rank == 1
                                else "rank 1 cannot start: no CUDA device visible")
+    if case.endswith("UUID") and fails:
+        assert "cannot read the GPU's UUID: cuDeviceGetUuid_v2: undefined symbol" in str(raised)
 
 
 def test_a_world_of_one_under_srun_with_several_tasks_is_an_mpi_plugin_mismatch():

@@ -44,6 +44,10 @@ def test_gpus_bound_per_task_by_srun():
     assert device.gpus_bound_per_task({}) is None and device.gpus_bound_per_task({"SLURM_GPUS_PER_TASK": "x"}) is None
     # --gpu-bind=none: every rank sees the node's GPUs and takes its own by local rank
     assert device.choose_device(2, 4, 4, environ={"SLURM_GPUS_PER_TASK": "1"}) == 2
+    # mpirun -np 4 inside an allocation of one task with --gpus-per-task=4: every rank
+    # inherits the variable and sees the 4 GPUs, which are the node's, not each rank's own
+    assert [device.choose_device(r, 4, 4, environ={"SLURM_GPUS_PER_TASK": "4"}) for r in range(4)] == [0, 1, 2, 3]
+    assert device.choose_device(0, None, 2, environ={"SLURM_GPUS_PER_TASK": "2"}) == 0
 
 
 def test_ranks_sharing_a_gpu_is_a_one_line_error_naming_them():
@@ -501,6 +505,8 @@ def test_empty_arrays_hold_their_pool_block_until_the_last_view_is_gone(fake_bac
     assert cb.memory_high_water() == held and again.nbytes == 48
     bigger = cb.empty((1000,), np.float64)
     assert cb.memory_high_water() == held + bigger.nbytes
+    pool.managed_bytes = 0   # what PyCUDA's pool does when an allocation ran out of memory
+    assert cb.memory_high_water() == held + bigger.nbytes, "a high water does not fall"
     nothing = cb.zeros((0, 9216), np.float32)            # a rank with no evaluation images left
     assert (nothing.shape, nothing.ptr, nothing.memory) == ((0, 9216), 0, None)
     assert cb.empty(7, np.float64).shape == (7,) and cb.empty(np.int64(2), "f").shape == (2,)
@@ -1423,6 +1429,21 @@ def test_graph_api_tries_engines_needing_runtime_compilation_last(graph_backend,
     api.executed.clear()
     _graph_conv_forward(cb)
     assert [engine for engine, _ in api.executed] == [1] * 4 + [0] * 4 + [2] * 4 + [0]
+
+
+def test_graph_api_without_behaviour_notes_keeps_the_heuristics_order(graph_backend, monkeypatch):
+    # an older cuDNN that cannot say which engines need NVRTC: the ordering is lost, not the convolution
+    cb, api, st = graph_backend
+    monkeypatch.setattr(sys.modules[__name__], "_ENGINES", [(set(), 0, 0.1, {graph.NOTE_RUNTIME_COMPILATION}),
+                                                            (set(), 0, 1.0)])
+    answer = api.cudnnBackendGetAttribute
+
+    def no_behaviour_notes(pointer, name, *args):
+        return 3000 if name == graph.ENGINE_BEHAVIOR_NOTE else answer(pointer, name, *args)
+    monkeypatch.setattr(api, "cudnnBackendGetAttribute", no_behaviour_notes)
+    monkeypatch.setattr(st, "find_algorithms", False)
+    _graph_conv_forward(cb)
+    assert [engine for engine, _ in api.executed] == [0]
 
 
 def test_graph_api_drops_an_engine_whose_run_fails_in_the_search(graph_backend, monkeypatch):

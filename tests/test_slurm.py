@@ -8,8 +8,8 @@ the CPU backend on a tiny data set.
 
 Without a cluster every test here is skipped with the reason; with MPICONVNET_REQUIRE_SLURM=1
 (CI) that is a failure instead. Each job's world size is checked from what the ranks print,
-because srun with the wrong --mpi starts N singletons of size 1 (which the trainer and
-evaluation now refuse; preprocess does not use distributed.init).
+because srun with the wrong --mpi starts N singletons of size 1 (which training,
+evaluation and preprocess now refuse, each with one line).
 """
 import json
 import os

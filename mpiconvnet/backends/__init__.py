@@ -21,10 +21,11 @@ Memory
     synchronize()                             wait for all queued work (no-op on NumPy)
     memory_high_water() -> int                the most bytes the backend's arrays have held
                                               in this process: NumPy, the process's peak
-                                              resident set; CUDA, the device memory its pool
-                                              holds (the pool keeps what it allocates, so
-                                              that is its peak; the CUDA context and the
-                                              libraries' own small allocations not counted)
+                                              resident set; CUDA, the largest size of its
+                                              device memory pool seen so far (the pool keeps
+                                              what it allocates unless an allocation runs out
+                                              of memory; the CUDA context and the libraries'
+                                              own small allocations not counted)
 
 Convolution  x: (N, C, H, W)  w: (K, C/groups, R, S)  b: (K,)  y: (N, K, P, Q)
     conv_forward(x, w, b, stride, pad, groups) -> y

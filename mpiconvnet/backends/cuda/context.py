@@ -163,6 +163,7 @@ class State:
         self._copy_stream = None   # made on first use (augment.stage_batch)
         self.staging = None        # augment.py's staging areas, made on first use
         self.pool = pycuda.tools.DeviceMemoryPool()
+        self.pool_high_water = 0   # memory.memory_high_water's largest pool size seen
         self.blas = cublas.Handle(self.stream.handle, self.tf32)
         self.dnn = cudnn.Handle(self.stream.handle)
         self.cudnn_version = int(cudnn.lib().cudnnGetVersion())
@@ -324,8 +325,9 @@ def initialize(local_rank=0, local_size=None):
 
 
 def device_identity():
-    """The UUID of the GPU this process computes on, as nvidia-smi -L prints it (a MIG
-    instance's own), or None where the driver cannot say."""
+    """The UUID of the GPU this process computes on ("GPU-" and the hex digits, as
+    nvidia-smi -L prints a GPU's; a MIG instance has its own, which nvidia-smi prefixes
+    "MIG-"), or None where the driver cannot say."""
     st = get()
     driver = libs.load_driver()
     get_uuid = getattr(driver, "cuDeviceGetUuid_v2", None) or getattr(driver, "cuDeviceGetUuid", None)

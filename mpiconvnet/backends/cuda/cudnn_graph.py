@@ -227,8 +227,17 @@ def heuristic_configs(graph):
             configs += engine_configs(graph, mode)
         except cudnn.CudnnError as e:
             failures.append(f"the {name} heuristics failed ({status_of(e)})")
-    configs.sort(key=lambda config: NOTE_RUNTIME_COMPILATION in notes(config, ENGINE_BEHAVIOR_NOTE, TYPE_BEHAVIOR_NOTE))
+    configs.sort(key=needs_runtime_compilation)
     return configs, failures
+
+
+def needs_runtime_compilation(config):
+    """Whether an engine is built with NVRTC; False where cuDNN cannot say (an older cuDNN
+    without behaviour notes), which only loses the ordering."""
+    try:
+        return NOTE_RUNTIME_COMPILATION in notes(config, ENGINE_BEHAVIOR_NOTE, TYPE_BEHAVIOR_NOTE)
+    except cudnn.CudnnError:
+        return False
 
 
 def notes(config, attribute, attr_type):

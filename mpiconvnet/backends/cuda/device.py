@@ -94,8 +94,11 @@ def choose_device(local_rank, local_size, device_count, environ=None):
         hint = f" (CUDA_VISIBLE_DEVICES={shown!r})" if shown is not None else ""
         raise DeviceChoiceError(f"no CUDA device visible{hint}; run on a GPU node, fix "
                                 f"CUDA_VISIBLE_DEVICES, or use --backend numpy")
-    if gpus_bound_per_task(environ) == device_count:
-        return 0   # the GPUs this rank sees are its own
+    outnumbered = local_size is None or local_size > device_count
+    if outnumbered and gpus_bound_per_task(environ) == device_count:
+        # the GPUs this rank sees are its own (with as many ranks as GPUs, they may instead
+        # be the node's, which an mpirun inside a --gpus-per-task=G allocation shows them all)
+        return 0
     return local_rank % device_count
 
 
@@ -117,7 +120,7 @@ def shared_gpu_problem(placements):
     return (f"ranks {', '.join(map(str, ranks))} all compute on GPU {uuid}: {len(placements)} ranks on this node, "
             f"{gpus} GPU(s) among them; start at most {gpus} rank(s) per node, each with its own GPU "
             f"(srun --ntasks-per-node={gpus} --gpus-per-task=1, mpirun --map-by ppr:{gpus}:node), or let ranks "
-            f"share GPUs (--allow-gpu-sharing, or MPICONVNET_ALLOW_GPU_SHARING=1)")
+            f"share GPUs (train's --allow-gpu-sharing, or MPICONVNET_ALLOW_GPU_SHARING=1)")
 
 
 def sharing_allowed(flag, environ=None):

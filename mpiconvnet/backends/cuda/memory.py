@@ -99,9 +99,12 @@ HOST_MEMORY = False
 
 
 def memory_high_water():
-    # the pool never returns a block to the driver while the backend runs, so what it
-    # manages (blocks in use and blocks held for reuse) is the most it ever held
-    return int(context.get().pool.managed_bytes)
+    # what the pool manages (blocks in use and blocks held for reuse) only shrinks when an
+    # allocation ran out of memory and the pool freed its held blocks to retry: keep the
+    # largest size seen (sampled when asked: at every metrics line in training)
+    st = context.get()
+    st.pool_high_water = max(st.pool_high_water, int(st.pool.managed_bytes))
+    return st.pool_high_water
 
 
 def pinned_host_empty(shape, dtype):
