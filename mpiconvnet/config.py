@@ -28,20 +28,20 @@ class Config:
     seed: int = 0                   # weights, sampling, augmentation and dropout all derive from it
 
     # optimisation (Krizhevsky 2012 defaults)
-    epochs: int = 90
+    epochs: int = 90                # passes over the training set
     global_batch: int = 256         # images per step over all ranks; must divide by the rank count
     lr: float = 0.01                # learning rate for global_batch, after warm-up
     lr_scale_by_batch: int = 0      # when > 0: lr *= global_batch / this (the linear scaling rule)
-    momentum: float = 0.9
+    momentum: float = 0.9           # heavy-ball momentum of SGD
     weight_decay: float = 5e-4      # on weights only, never on biases
     bias_lr_mult: float = 2.0       # Caffe's 2x learning rate for biases
     schedule: str = "step"          # step | multistep | plateau | constant
-    lr_step_epochs: int = 30        # step: divide by lr_gamma every this many epochs
+    lr_step_epochs: int = 30        # step: multiply the lr by lr_gamma every this many epochs
     lr_milestones: str = ""         # multistep: comma-separated epochs, e.g. "30,60,80"
-    lr_gamma: float = 0.1
+    lr_gamma: float = 0.1           # step, multistep and plateau multiply the lr by this at each drop
     plateau_patience: int = 1       # plateau: evaluations without a better top-1 before a drop
     warmup_epochs: float = 0.0      # linear warm-up from lr/warmup_start_div (Goyal et al. use 5)
-    warmup_start_div: float = 10.0
+    warmup_start_div: float = 10.0  # warm-up starts at lr / this
 
     # data
     drop_last: bool = True          # False pads the last batch by wrapping around the epoch
@@ -214,7 +214,7 @@ def help_text():
     source = inspect.getsource(Config)
     lines = []
     for f in fields(Config):
-        match = re.search(rf"^\s+{f.name}: [^=]+= (.+?)(?:\s+# (.*))?$", source, re.M)
+        match = re.search(rf"^[ \t]+{f.name}: [^=\n]+= (.+?)(?:[ \t]+# (.*))?$", source, re.M)
         default, comment = (match.group(1), match.group(2) or "") if match else (repr(f.default), "")
         lines.append(f"  --{f.name.replace('_', '-'):<20} {default:<12} {comment}")
     return "\n".join(lines)

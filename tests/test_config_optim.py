@@ -77,3 +77,18 @@ def test_plateau_drops_when_top1_stops_improving_and_survives_a_resume():
     t = schedule(lr=0.1, schedule="plateau", plateau_patience=2)
     t.load_state_dict(s.state_dict())
     assert t.at(100) == s.at(100) and not math.isinf(t.best_top1)
+
+
+def test_help_gives_every_flag_the_comment_on_its_own_line():
+    # the help was once read by a regex that ran on past a field without a comment and
+    # took the next section's header ("# data") as that field's meaning
+    import inspect
+    from dataclasses import fields
+
+    from mpiconvnet.config import help_text
+    source_lines = inspect.getsource(Config).splitlines()
+    help_lines = {line.split()[0]: line for line in help_text().splitlines()}
+    for f in fields(Config):
+        own_line = next(line for line in source_lines if line.strip().startswith(f"{f.name}:"))
+        comment = own_line.split("  # ", 1)[1].strip()
+        assert help_lines[f"--{f.name.replace('_', '-')}"].rstrip().endswith(comment), f.name
