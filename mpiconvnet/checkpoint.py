@@ -119,6 +119,18 @@ def load(path):
     return params, velocity, meta
 
 
+def find_checkpoint(path, flag="--checkpoint"):
+    """A checkpoint file as given, or a run directory's newest checkpoint."""
+    if os.path.isdir(path):
+        found = list_checkpoints(path)
+        if not found:
+            raise CheckpointError(f"{flag} {path}: holds no checkpoints/ckpt-*.h5; give a checkpoint file")
+        return found[-1]
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{flag} {path}: no such file or directory; give a checkpoint file or a run directory")
+    return path
+
+
 def resolve_resume(resume, run_dir):
     """The checkpoint to start from: None for a fresh run."""
     if not resume:

@@ -69,6 +69,8 @@ class Config:
     checkpoint_every: int = 0       # steps between checkpoints (0: at each epoch end only)
     keep_checkpoints: int = 3       # how many recent checkpoints to keep
     resume: str = ""                # "", "auto" (newest in out/checkpoints) or a checkpoint path
+    init_weights: str = ""          # start from these weights instead of the random init: an .npz (ours or torchvision's names), a checkpoint or a run directory; a run that resumes from a checkpoint ignores it
+    init_skip: str = ""             # with --init-weights: comma-separated layers that keep their random init, e.g. fc8 for another class count
     progress: bool = True           # tqdm bar on rank 0
 
     def to_dict(self):
@@ -137,6 +139,8 @@ def _check(cfg):
             [int(m) for m in cfg.lr_milestones.split(",")]
         except ValueError:
             raise ConfigError(f"--lr-milestones {cfg.lr_milestones!r}: give comma-separated epochs, e.g. 30,60,80") from None
+    if cfg.init_skip and not cfg.init_weights:
+        raise ConfigError(f"--init-skip {cfg.init_skip} needs --init-weights: the file the other layers start from")
     return cfg
 
 

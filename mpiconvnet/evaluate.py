@@ -10,7 +10,6 @@ image of the split is counted exactly once whatever the rank count. Exit 2 on ba
 """
 import argparse
 import json
-import os
 import sys
 
 from mpiconvnet import checkpoint, distributed
@@ -36,21 +35,11 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    path = args.checkpoint
-    if os.path.isdir(path):
-        found = checkpoint.list_checkpoints(path)
-        if not found:
-            print(f"mpiconvnet.evaluate: {path} holds no checkpoints/ckpt-*.h5; give a checkpoint file", file=sys.stderr)
-            return 2
-        path = found[-1]
-    elif not os.path.isfile(path):
-        print(f"mpiconvnet.evaluate: --checkpoint {path}: no such file or directory; give a checkpoint file or a "
-              f"run directory", file=sys.stderr)
-        return 2
     if args.batch < 1:
         print(f"mpiconvnet.evaluate: --batch {args.batch} must be at least 1", file=sys.stderr)
         return 2
     try:
+        path = checkpoint.find_checkpoint(args.checkpoint)
         params, _, meta = checkpoint.load(path)
         cfg = from_dict(meta["config"])
         backend = args.backend or cfg.backend

@@ -23,6 +23,7 @@ from mpiconvnet.data.shards import DatasetError
 from mpiconvnet.models import MODELS, ModelError
 from mpiconvnet.trainer import (EXIT_CANNOT_WRITE, EXIT_NONFINITE, EXIT_USAGE, MetricsLog, NonFiniteLoss, StopSignal,
                                 Trainer, open_datasets)
+from mpiconvnet.weights import initial_state
 
 
 def check_before_work(cfg, world, train_set):
@@ -45,6 +46,10 @@ def check_before_work(cfg, world, train_set):
                           f"{input_size}px; repack with --size {max(256, input_size)} or pick a smaller model")
     if cfg.resume and cfg.resume != "auto" and not os.path.isfile(cfg.resume):
         raise ConfigError(f"--resume {cfg.resume}: no such checkpoint; give a file or 'auto'")
+    if cfg.drop_last and cfg.global_batch > train_set.num_images:
+        raise ConfigError(f"--global-batch {cfg.global_batch} is larger than the {train_set.num_images} training images "
+                          f"of {cfg.data}, so dropping the last batch leaves no step; lower --global-batch or pad the "
+                          f"batch with --drop-last false")
 
 
 def main(argv=None):
@@ -78,6 +83,9 @@ def main(argv=None):
         resume_from = checkpoint.resolve_resume(cfg.resume, cfg.out)
         if resume_from:
             trainer.restore(resume_from)
+        elif cfg.init_weights:
+            skip = [layer.strip() for layer in cfg.init_skip.split(",") if layer.strip()]
+            trainer.net.load_state_dict(initial_state(trainer.net, cfg.init_weights, skip), source=cfg.init_weights)
     except (ConfigError, DatasetError, ModelError, checkpoint.CheckpointError) as e:
         if world.is_root:
             print(f"mpiconvnet.train: {e}", file=sys.stderr)
@@ -128,7 +136,9 @@ def train(cfg, world, trainer, resume_from, stop):
                 + (", every layer split across the ranks" if cfg.parallel == "model" else "")
                 + (f", asynchronous: rank 0 serves the weights to {world.size - 1} worker(s)"
                    if cfg.sync == "async" else "")
-                + (f", resuming at step {trainer.step} from {resume_from}" if resume_from else ""))
+                + (f", resuming at step {trainer.step} from {resume_from}" if resume_from else "")
+                + (f", starting from the weights in {cfg.init_weights}" if cfg.init_weights and not resume_from else "")
+                + (f" but {cfg.init_skip}" if cfg.init_skip and not resume_from else ""))
     progress = None
     if world.is_root and cfg.progress:
         from tqdm import tqdm

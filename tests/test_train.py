@@ -367,6 +367,7 @@ def test_a_shard_broken_after_packing_is_one_line_and_exit_2(tmp_path):
     (["--model", "alexnet"], "images are 64px, model alexnet crops 227px"),
     (["--resume", "/nonexistent.h5"], "--resume /nonexistent.h5: no such checkpoint"),
     (["--out", "/dev/null"], "--out /dev/null is a file; give the run directory"),
+    (["--global-batch", "128"], "--global-batch 128 is larger than the 96 training images"),
 ])
 def test_bad_input_is_one_line_and_exit_2(data, tmp_path, args, message):
     base = ["--data", data, "--out", str(tmp_path / "run")]

@@ -1,0 +1,152 @@
+"""Weights out of a run (python -m mpiconvnet.export) and into a new one (--init-weights),
+in our names and in torchvision's."""
+import os
+
+import numpy as np
+import pytest
+
+from mpiconvnet import export
+from mpiconvnet.models import ModelError, build_model
+from mpiconvnet.weights import TORCHVISION_ALEXNET, from_torchvision, initial_state, to_torchvision
+from tests.data_fixtures import write_tiny_dataset
+from tests.test_train import needs_mpiexec, params_at, train
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_tiny_dataset(str(tmp_path_factory.mktemp("shards")), 48, 10, 5, 64)
+
+
+@pytest.fixture(scope="module")
+def run(data, tmp_path_factory):
+    """A float64 alexnet-mini run of 3 steps: its checkpoint is the one at step 3."""
+    out = str(tmp_path_factory.mktemp("run") / "a")
+    train(["--data", data, "--out", out, "--global-batch", "8", "--dtype", "float64", "--max-steps", "3"])
+    return out
+
+
+def test_export_writes_the_checkpoint_s_arrays_in_our_names(run, tmp_path, capsys):
+    out = str(tmp_path / "weights.npz")
+    assert export.main(["--checkpoint", run, "--out", out]) == 0
+    assert "alexnet-mini at step 3" in capsys.readouterr().out
+    params, _ = params_at(run, 3)
+    with np.load(out) as f:
+        assert sorted(f.files) == sorted(params)
+        for name in params:
+            assert f[name].dtype == np.float64
+            np.testing.assert_array_equal(f[name], params[name], err_msg=name)
+    assert os.listdir(tmp_path) == ["weights.npz"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--checkpoint", "/nonexistent"], "--checkpoint /nonexistent: no such file or directory"),
+    (["--names", "torchvision"], "torchvision's AlexNet is alexnet-owt, this checkpoint is alexnet-mini"),
+    (["--out", "/nonexistent/dir/w.npz"], "cannot write /nonexistent/dir/w.npz"),
+])
+def test_export_bad_input_is_one_line_exit_2_and_writes_nothing(run, tmp_path, capsys, args, message):
+    flags = {"--checkpoint": run, "--out": str(tmp_path / "w.npz"), **dict(zip(args[::2], args[1::2]))}
+    assert export.main([word for pair in flags.items() for word in pair]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("ranks, parallel", [(1, "data"), pytest.param(2, "hybrid", marks=[pytest.mark.mpi, needs_mpiexec])])
+def test_a_run_started_from_exported_weights_starts_from_them(data, run, tmp_path, ranks, parallel):
+    weights = str(tmp_path / "w.npz")
+    assert export.main(["--checkpoint", run, "--out", weights]) == 0
+    fresh, started = str(tmp_path / "fresh"), str(tmp_path / "started")
+    # an lr of 1e-12 moves the weights by ~1e-12 of a gradient: the step-1 checkpoint is the start;
+    # with --parallel hybrid each rank loads its own rows of the fc layers
+    common = ["--data", data, "--global-batch", "8", "--dtype", "float64", "--max-steps", "1", "--lr", "1e-12",
+              "--parallel", parallel]
+    train(common + ["--out", fresh], ranks=ranks)
+    result = train(common + ["--out", started, "--init-weights", weights], ranks=ranks)
+    assert f"starting from the weights in {weights}" in result.stdout
+    exported, _ = params_at(run, 3)
+    (from_weights, _), (from_seed, _) = params_at(started, 1), params_at(fresh, 1)
+    for name, value in exported.items():
+        np.testing.assert_allclose(from_weights[name], value, rtol=1e-9, atol=1e-12, err_msg=name)
+        assert not np.allclose(from_seed[name], value, rtol=1e-6, atol=1e-9), name
+
+
+def test_a_resumed_run_takes_its_checkpoint_not_the_init_weights(data, run, tmp_path):
+    out = str(tmp_path / "b")
+    common = ["--data", data, "--out", out, "--global-batch", "8", "--dtype", "float64", "--init-weights", run]
+    train(common + ["--max-steps", "1"])
+    result = train(common + ["--max-steps", "2", "--resume", "auto"])
+    assert "resuming at step 1" in result.stdout and "starting from the weights" not in result.stdout
+
+
+def test_init_skip_keeps_the_seed_s_init_for_another_class_count(run, tmp_path):
+    net = build_model("alexnet-mini", num_classes=7, dtype="float64", seed=5)
+    own = net.state_dict()
+    with pytest.raises(ModelError, match=r"fc8.weight has shape \(5, 256\), alexnet-mini with 7 classes has "
+                                         r"\(7, 256\); keep that layer's random init with --init-skip fc8"):
+        initial_state(net, run, [])
+    with pytest.raises(ModelError, match=r"--init-skip fc9: not a layer of alexnet-mini"):
+        initial_state(net, run, ["fc8", "fc9"])
+    state = initial_state(net, run, ["fc8"])
+    exported, _ = params_at(run, 3)
+    for name, value in state.items():
+        expected = own[name] if name.startswith("fc8.") else exported[name]
+        np.testing.assert_array_equal(value, expected, err_msg=name)
+
+
+def test_weights_of_another_model_are_refused_by_name(tmp_path):
+    path = str(tmp_path / "w.npz")
+    np.savez(path, **build_model("alexnet-mini", num_classes=5, dtype="float32").state_dict(), extra=np.zeros(2))
+    with pytest.raises(ModelError, match=r"holds extra, which alexnet-mini does not have"):
+        initial_state(build_model("alexnet-mini", num_classes=5, dtype="float32"), path)
+    (tmp_path / "bad.npz").write_text("not a zip")
+    with pytest.raises(ModelError, match=r"not a readable \.npz of arrays"):
+        initial_state(build_model("alexnet-mini", num_classes=5), str(tmp_path / "bad.npz"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--init-skip", "fc8"], "--init-skip fc8 needs --init-weights"),
+    (["--init-weights", "/nonexistent.npz"], "--init-weights /nonexistent.npz: no such file"),
+])
+def test_bad_init_flags_are_one_line_and_exit_2(data, tmp_path, args, message):
+    result = train(["--data", data, "--out", str(tmp_path / "run"), "--global-batch", "8"] + args, check=False)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not os.path.exists(tmp_path / "run")
+
+
+def torchvision_alexnet(torch, num_classes):
+    """torchvision.models.AlexNet as torchvision defines it (torchvision itself is not a
+    dependency): the module indices are what its state dict names."""
+    nn = torch.nn
+    model = nn.Module()
+    model.features = nn.Sequential(
+        nn.Conv2d(3, 64, 11, 4, 2), nn.ReLU(True), nn.MaxPool2d(3, 2),
+        nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(True), nn.MaxPool2d(3, 2),
+        nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(True),
+        nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(True),
+        nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(True), nn.MaxPool2d(3, 2))
+    model.avgpool = nn.AdaptiveAvgPool2d((6, 6))
+    model.classifier = nn.Sequential(
+        nn.Dropout(0.5), nn.Linear(256 * 6 * 6, 4096), nn.ReLU(True),
+        nn.Dropout(0.5), nn.Linear(4096, 4096), nn.ReLU(True), nn.Linear(4096, num_classes))
+    model.forward = lambda x: model.classifier(torch.flatten(model.avgpool(model.features(x)), 1))
+    return model
+
+
+def test_torchvision_names_load_into_torchvision_s_alexnet_and_compute_the_same():
+    torch = pytest.importorskip("torch")
+    net = build_model("alexnet-owt", num_classes=10, dtype="float32", seed=3)
+    state = to_torchvision(net.state_dict(), "alexnet-owt")
+    assert set(state) == {f"{prefix}.{kind}" for prefix in TORCHVISION_ALEXNET.values() for kind in ("weight", "bias")}
+    model = torchvision_alexnet(torch, 10)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
+    model.eval()
+    x = np.random.default_rng(0).normal(size=(2, 3, 224, 224)).astype(np.float32)
+    with torch.no_grad():
+        expected = model.forward(torch.from_numpy(x)).numpy()
+    # float32 sums of ~10^4 products in a different order: relative 1e-4 (tests/tolerances.py's GEMM bound)
+    np.testing.assert_allclose(net.forward(x, train=False), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    back = from_torchvision({k: v.numpy() for k, v in model.state_dict().items()})
+    for name, value in net.state_dict().items():
+        np.testing.assert_array_equal(back[name], value, err_msg=name)
