@@ -35,7 +35,7 @@ class Config:
     momentum: float = 0.9           # heavy-ball momentum of SGD
     weight_decay: float = 5e-4      # on weights only, never on biases
     bias_lr_mult: float = 2.0       # Caffe's 2x learning rate for biases
-    schedule: str = "step"          # step | multistep | plateau | constant
+    schedule: str = "step"          # step | multistep | plateau | cosine (to 0 at the last epoch's end) | constant
     lr_step_epochs: int = 30        # step: multiply the lr by lr_gamma every this many epochs
     lr_milestones: str = ""         # multistep: comma-separated epochs, e.g. "30,60,80"
     lr_gamma: float = 0.1           # step, multistep and plateau multiply the lr by this at each drop
@@ -84,7 +84,7 @@ CHOICES = {
     "model": ("alexnet", "caffenet", "alexnet-owt", "alexnet-mini"),
     "backend": ("numpy", "cuda"),
     "dtype": ("float32", "float64"),
-    "schedule": ("step", "multistep", "plateau", "constant"),
+    "schedule": ("step", "multistep", "plateau", "cosine", "constant"),
     "mean": ("channel", "image"),
     "eval_crops": (1, 10),
     "sync": ("grads", "params", "async"),

@@ -4,8 +4,9 @@ The update is Krizhevsky 2012's (and Caffe's), with the learning rate inside the
     v <- momentum * v + lr * (g + weight_decay * w)
     w <- w - v
 Weight decay applies to weights only; biases get `bias_lr_mult` times the learning rate
-(Caffe's 2x). Schedules work on whole epochs (`step // steps_per_epoch`), after an
-optional linear warm-up that works on fractional epochs (Goyal et al. 2017).
+(Caffe's 2x). Step, multistep and plateau schedules work on whole epochs (`step //
+steps_per_epoch`), cosine on every step (Loshchilov and Hutter 2017, without restarts),
+each after an optional linear warm-up that works on fractional epochs (Goyal et al. 2017).
 """
 import math
 
@@ -55,6 +56,10 @@ class LearningRate:
         if cfg.warmup_epochs > 0 and epoch_f < cfg.warmup_epochs:
             start = 1.0 / cfg.warmup_start_div
             return self.base * (start + (1.0 - start) * epoch_f / cfg.warmup_epochs)
+        if cfg.schedule == "cosine":
+            # half a cosine from the end of the warm-up to the end of the last epoch, per step
+            done = (epoch_f - cfg.warmup_epochs) / max(cfg.epochs - cfg.warmup_epochs, 1e-9)
+            return self.base * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
         epoch = step // self.steps_per_epoch
         if cfg.schedule == "step":
             drops = epoch // cfg.lr_step_epochs

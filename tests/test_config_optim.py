@@ -21,7 +21,7 @@ def test_flags_override_toml_which_overrides_defaults(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--epochs", "2.5"], "--epochs expects int, got '2.5'"),
     (["--nope", "1"], "unknown flag --nope"),
-    (["--schedule", "cosine"], "--schedule 'cosine' is not one of"),
+    (["--schedule", "linear"], "--schedule 'linear' is not one of"),
     (["--global-batch", "0"], "--global-batch must be at least 1"),
     (["--lr"], "flag --lr needs a value"),
     (["--lr-milestones", "30,x"], "--lr-milestones"),
@@ -67,6 +67,14 @@ def test_step_multistep_and_warmup_schedules():
     # linear scaling rule and a 2-epoch warm-up from lr/10 (Goyal et al.)
     s = schedule(lr=0.1, schedule="constant", global_batch=512, lr_scale_by_batch=256, warmup_epochs=2)
     assert s.at(0) == pytest.approx(0.02) and s.at(10) == pytest.approx(0.02 + 0.18 / 2) and s.at(20) == pytest.approx(0.2)
+
+
+def test_cosine_falls_from_the_end_of_the_warm_up_to_zero_at_the_last_step():
+    s = schedule(lr=0.1, schedule="cosine", epochs=10, warmup_epochs=2)
+    assert s.at(0) == pytest.approx(0.01) and s.at(20) == pytest.approx(0.1)
+    assert s.at(60) == pytest.approx(0.05)                       # halfway through the 8 cosine epochs
+    assert s.at(25) == pytest.approx(0.05 * (1 + math.cos(math.pi * 0.5 / 8)))   # per step, not per epoch
+    assert s.at(100) == pytest.approx(0.0, abs=1e-15) and s.at(130) == pytest.approx(0.0, abs=1e-15)
 
 
 def test_plateau_drops_when_top1_stops_improving_and_survives_a_resume():
