@@ -11,7 +11,7 @@ setup(
     description="Data-parallel AlexNet training with MPI, a NumPy reference backend and a CUDA backend",
     packages=find_packages(include=["mpiconvnet", "mpiconvnet.*", "preprocess", "preprocess.*"]),
     package_data={"mpiconvnet.backends.cuda": ["kernels/*.cu", "kernels/*.cuh", "kernels/prebuilt/*.fatbin"]},
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     install_requires=[
         "numpy>=1.24",
         "h5py>=3.8",

@@ -427,6 +427,9 @@ def main(argv=None):
     """python -m mpiconvnet.models [--classes N]: each model with its input size and parameter count."""
     argv = sys.argv[1:] if argv is None else argv
     classes = 1000
+    if argv[:1] in (["-h"], ["--help"]):
+        print("usage: python -m mpiconvnet.models [--classes N]: each model with its input size and parameter count")
+        return 0
     if argv[:1] == ["--classes"] and len(argv) == 2 and argv[1].isdigit():
         classes = int(argv[1])
     elif argv:

@@ -43,7 +43,8 @@ def check_before_work(cfg, world, train_set):
     input_size = MODELS[cfg.model].input_size
     if train_set.image_size < input_size:
         raise ConfigError(f"{cfg.data}: images are {train_set.image_size}px, model {cfg.model} crops "
-                          f"{input_size}px; repack with --size {max(256, input_size)} or pick a smaller model")
+                          f"{input_size}px; repack with python -m preprocess ... --image-size {max(256, input_size)} or pick a "
+                          f"smaller model")
     if cfg.resume and cfg.resume != "auto" and not os.path.isfile(cfg.resume):
         raise ConfigError(f"--resume {cfg.resume}: no such checkpoint; give a file or 'auto'")
     if cfg.drop_last and cfg.global_batch > train_set.num_images:

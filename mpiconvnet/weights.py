@@ -1,7 +1,7 @@
 """Weights in and out of a run: `.npz` files with PyTorch names and layouts.
 
 Out: `python -m mpiconvnet.export` writes a checkpoint's weights as `.npz`, in our names
-(`conv1.weight`, ..., `fc8.bias`: the names of `bench/torch_twin.py`'s nn.Module) or, for
+(`conv1.weight`, ..., `fc8.bias`: the names of `torch_twin.py`'s nn.Module) or, for
 alexnet-owt, in torchvision's (`features.0.weight`, ..., `classifier.6.bias`), so that
 
     state = {k: torch.from_numpy(v) for k, v in numpy.load("owt.npz").items()}

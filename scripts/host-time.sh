@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The host time of a CUDA training step, measured on a machine without a GPU.
 #
-#   scripts/host-time.sh [bench step options]     # default: --model alexnet-owt --batch 8 --steps 300
+#   scripts/host-time.sh [bench step options]     # no options: --model alexnet-owt --batch 8 --steps 300;
+#                                                 # any option: bench step's defaults for the rest
 #   scripts/host-time.sh --run COMMAND...         # any command over the same fake GPU, e.g.
 #       scripts/host-time.sh --run .venv/bin/mpiexec -n 2 python -m mpiconvnet.train --backend cuda ...
 #   (`python` is the build's venv; MPICONVNET_ALLOW_GPU_SHARING=1 lets ranks share the one

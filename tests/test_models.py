@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from mpiconvnet.bench.torch_twin import torch_twin
+from mpiconvnet.torch_twin import torch_twin
 from mpiconvnet.models import MODELS, ModelError, build_layers, build_model, describe
 from tests.tolerances import FD_EPS, REDUCTION_F32
 
@@ -134,7 +134,7 @@ def test_the_pytorch_baseline_s_sgd_makes_our_update():
     # bench step's PyTorch side must do the work ours does, no more: biases at 2x lr and
     # without weight decay, the fused one-pass kernel where torch has it
     torch = pytest.importorskip("torch")
-    from mpiconvnet.bench.torch_twin import torch_sgd
+    from mpiconvnet.torch_twin import torch_sgd
     from mpiconvnet.optim import SGD
     net = build_model("alexnet-mini", num_classes=10, dtype="float64", seed=0)
     weights = {n: torch.nn.Parameter(torch.from_numpy(p.copy())) for n, p in net.params.items()}

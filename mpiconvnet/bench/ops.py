@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 import mpiconvnet.backends.numpy_backend as B
-from mpiconvnet.bench.torch_twin import torch_sgd
+from mpiconvnet.torch_twin import torch_sgd
 
 LRN = dict(size=5, alpha=1e-4, beta=0.75, k=2.0)
 ALEXNET_PARAMETERS = [(96, 3, 11, 11), (96,), (256, 48, 5, 5), (256,), (384, 256, 3, 3), (384,),

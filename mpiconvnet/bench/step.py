@@ -61,7 +61,7 @@ def make_ours(args, x, labels):
 def make_torch(args, net, x, labels):
     """(one training step, synchronize) of the same network in PyTorch."""
     import torch
-    from mpiconvnet.bench.torch_twin import torch_sgd, torch_twin
+    from mpiconvnet.torch_twin import torch_sgd, torch_twin
     device = "cuda" if args.backend == "cuda" else "cpu"
     if device == "cuda":
         torch.backends.cudnn.benchmark = True
