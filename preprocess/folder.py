@@ -19,6 +19,9 @@ def gather(args):
     splits = {"train": files_in_class_folders(args.train, classes, index)}
     if args.val:
         val_classes = list_class_folders(args.val)
+        if not val_classes:
+            raise InputError(f"--val {args.val} has no class subfolders; pass a folder with one subfolder per class, "
+                             f"named as in --train")
         unknown = sorted(set(val_classes) - set(classes))
         if unknown:
             raise InputError(f"--val {args.val}: class folder {unknown[0]!r} is not in --train {args.train}; "

@@ -24,6 +24,7 @@ import io
 import os
 import re
 import tarfile
+import zlib
 
 import numpy as np
 
@@ -59,6 +60,11 @@ def train_inputs(path, workers=1):
         archives = [path]
         ids = None
     elif os.path.isdir(path) and any(e.name.endswith(".tar") and e.is_file() for e in os.scandir(path)):
+        folders = list_class_folders(path)
+        if folders:
+            # e.g. an extraction stopped halfway: packing either half would drop classes silently
+            raise InputError(f"--train {path} holds both class tars and class folders (e.g. {folders[0]}); finish "
+                             f"extracting the tars into folders (and remove the tars), or pass only tars")
         inner_tars = sorted(e.name for e in os.scandir(path) if e.name.endswith(".tar") and e.is_file())
         archives = [os.path.join(path, name) for name in inner_tars]
         per_class = {wnid_of(name): members for name, members in zip(inner_tars, tar_files_members(archives, workers))}
@@ -100,9 +106,10 @@ def read_devkit(path):
                     name = basename(member.name)
                     if member.isreg() and name in wanted and wanted[name] is None:
                         wanted[name] = archive.extractfile(member).read()
-        except tarfile.TarError as error:
-            raise InputError(f"--devkit {path} is not a readable tar archive ({error}); pass "
-                             f"ILSVRC2012_devkit_t12.tar.gz or its extracted folder") from None
+        except (tarfile.TarError, EOFError, zlib.error, OSError) as error:   # gzip's errors are OSError or EOFError
+            reason = " ".join(str(error).split())   # tarfile lists each method it tried on a line of its own
+            raise InputError(f"--devkit {path} is not a readable tar archive ({reason}); download "
+                             f"ILSVRC2012_devkit_t12.tar.gz again, or pass its extracted folder") from None
     else:
         raise InputError(f"--devkit {path} does not exist; pass ILSVRC2012_devkit_t12.tar.gz or its extracted folder")
     for name, data in wanted.items():
@@ -114,7 +121,11 @@ def read_devkit(path):
 def leaf_synsets(meta_bytes, devkit_path="devkit"):
     """{ILSVRC2012_ID: (wnid, words)} for the leaf synsets (num_children == 0) of meta.mat."""
     from scipy.io import loadmat
-    synsets = loadmat(io.BytesIO(meta_bytes), squeeze_me=True)["synsets"]
+    try:
+        synsets = loadmat(io.BytesIO(meta_bytes), squeeze_me=True)["synsets"]
+    except Exception as error:   # scipy's MatReadError, ValueError, KeyError, ... for a damaged file
+        raise InputError(f"--devkit {devkit_path}: meta.mat is damaged ({type(error).__name__}: {error}); download "
+                         f"the ILSVRC2012 devkit again") from None
     leaves = {}
     for synset in np.atleast_1d(synsets):
         if int(synset["num_children"]) == 0:

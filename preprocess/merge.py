@@ -4,14 +4,14 @@ Runs once every shard exists (rank 0 under MPI, or whichever array task finds th
 complete). Everything it writes is deterministic in the shards, so two tasks merging at
 once write the same bytes, and each file appears by an atomic rename.
 """
+import io
 import json
 import os
 
 import numpy as np
 
-from mpiconvnet.data.shards import (FORMAT_VERSION, INDEX_FILE, LAYOUT, MEAN_IMAGE_FILE, SKIPPED_FILE,
-                                    TMP_SUFFIX, open_shard)
-from preprocess.writer import receipt_path, write_atomic_text
+from mpiconvnet.data.shards import FORMAT_VERSION, INDEX_FILE, LAYOUT, MEAN_IMAGE_FILE, SKIPPED_FILE, open_shard
+from preprocess.writer import receipt_path, write_atomic
 
 
 def missing_shards(out_dir, shard_files):
@@ -60,13 +60,12 @@ def merge_dataset(out_dir, settings, split_shards):
         splits[split] = {"num_images": sum(e["num_images"] for e in entries), "shards": entries}
     size = settings["image_size"]
     mean_image, mean, std = train_statistics(out_dir, split_shards.get("train", []), size)
-    mean_tmp = os.path.join(out_dir, f"{MEAN_IMAGE_FILE}.{os.getpid()}{TMP_SUFFIX}")
-    with open(mean_tmp, "wb") as stream:
-        np.save(stream, mean_image)
-    os.replace(mean_tmp, os.path.join(out_dir, MEAN_IMAGE_FILE))
+    npy = io.BytesIO()
+    np.save(npy, mean_image)
+    write_atomic(os.path.join(out_dir, MEAN_IMAGE_FILE), npy.getvalue())
     skipped_rows.sort()
     lines = ["split\tsource\treason"] + ["\t".join(row) for row in skipped_rows]
-    write_atomic_text(os.path.join(out_dir, SKIPPED_FILE), "\n".join(lines) + "\n")
+    write_atomic(os.path.join(out_dir, SKIPPED_FILE), "\n".join(lines) + "\n")
     index = {
         "format_version": FORMAT_VERSION,
         "classes": settings["classes"],
@@ -83,5 +82,5 @@ def merge_dataset(out_dir, settings, split_shards):
         "skipped": len(skipped_rows),
     }
     # dataset.json last: its presence means the whole set is complete
-    write_atomic_text(os.path.join(out_dir, INDEX_FILE), json.dumps(index, indent=1) + "\n")
+    write_atomic(os.path.join(out_dir, INDEX_FILE), json.dumps(index, indent=1) + "\n")
     return index

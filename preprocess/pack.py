@@ -18,16 +18,20 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from mpiconvnet.data.shards import FORMATS, INDEX_FILE, RESIZE_MODES, SPLITS, TMP_SUFFIX, shard_filename
+from mpiconvnet.data.shards import DatasetError, FORMATS, INDEX_FILE, RESIZE_MODES, SPLITS, TMP_SUFFIX, shard_filename
 from preprocess.decode import DEFAULT_MAX_PIXELS, BadImage, decode_image, encode_jpeg
 from preprocess.merge import merge_dataset, missing_shards
 from preprocess.parallel import make_team, worker_context
 from preprocess.sources import InputError
-from preprocess.writer import WORK_DIR, ShardWriter, publish, write_atomic_text
+from preprocess.writer import WORK_DIR, ShardWriter, publish, write_atomic
 
 PLAN_FILE = "plan.json"
 EXIT_INTERRUPTED = 130   # the shell's code for a ctrl-c
 SPLIT_SEED_OFFSET = {"train": 0, "val": 1}   # train and val get unrelated shuffles
+
+
+class NothingToPack(InputError):
+    """An input tree or archive without a single image (exit 1, as documented)."""
 
 
 def add_pack_arguments(parser):
@@ -56,6 +60,14 @@ def check_flags(args):
             raise InputError(f"{flag} {value}: must be at least {low}")
     if not 1 <= args.quality <= 100:
         raise InputError(f"--quality {args.quality}: must be in 1..100")
+    if args.seed < 0:
+        raise InputError(f"--seed {args.seed}: must be at least 0")
+    out = os.path.realpath(args.out)
+    for flag in ("--train", "--val"):
+        given = getattr(args, flag[2:], None)
+        if given and os.path.isdir(given) and (out + os.sep).startswith(os.path.realpath(given) + os.sep):
+            raise InputError(f"--out {args.out} is inside {flag} {given}: its files would be packed as images; "
+                             f"choose an --out outside the input trees")
 
 
 def fingerprint(inputs):
@@ -80,7 +92,6 @@ def make_plan(args, classes, class_names, splits):
 def record_plan(out_dir, plan):
     """Write OUT/.pack/plan.json, or refuse if OUT holds a pack made with other inputs or flags."""
     work = os.path.join(out_dir, WORK_DIR)
-    os.makedirs(work, exist_ok=True)
     path = os.path.join(work, PLAN_FILE)
     if os.path.exists(path):
         with open(path) as stream:
@@ -92,7 +103,8 @@ def record_plan(out_dir, plan):
         return
     elif os.path.exists(os.path.join(out_dir, INDEX_FILE)):
         raise InputError(f"{out_dir} already holds a data set packed by another tool or version; use a new --out")
-    write_atomic_text(path, json.dumps(plan, indent=1) + "\n")
+    os.makedirs(work, exist_ok=True)
+    write_atomic(path, json.dumps(plan, indent=1) + "\n")
 
 
 def shard_tasks(plan, seed):
@@ -124,6 +136,7 @@ def init_pool_worker(*job):
     # ctrl-c reaches the whole process group: the parent alone handles it (it stops the
     # pool and removes unfinished shards), instead of a traceback from every worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)   # the parent's handler (below) is not theirs
     init_worker(*job)
 
 
@@ -226,6 +239,9 @@ def pack(args, gather):
         classes, class_names, splits = gather(args)
         if not classes:
             raise InputError("no classes found; check --train")
+        for split, inputs in splits.items():
+            if len(inputs) == 0:   # before --out exists: a fixed re-run must find nothing to refuse
+                raise NothingToPack(f"no {split} images found under --{split} {getattr(args, split)}; check the path")
         plan = make_plan(args, classes, class_names, splits)
         # only now: bad inputs must leave no empty --out folder behind
         try:
@@ -241,15 +257,14 @@ def pack(args, gather):
     except (InputError, ValueError) as error:
         if team.is_root:
             print(f"preprocess: {error}", file=sys.stderr)
-        return 2
-    if plan["splits"]["train"]["num_inputs"] == 0:
-        if team.is_root:
-            print(f"preprocess: no training images found under --train {args.train}; check the path", file=sys.stderr)
-        return 1
+        return 1 if isinstance(error, NothingToPack) else 2
     tasks = shard_tasks(plan, args.seed)
     mine = [task for task in tasks[team.rank::team.size] if not is_finished(out_dir, task[0], task[1])]
     label = "packing" if team.size == 1 else f"rank 0 of {team.size}"
     who = "" if team.size == 1 else f"rank {team.rank}: "
+    # a SIGTERM (kill, scancel) ends the packing as ctrl-c does: the pool stopped, unfinished
+    # shards removed, finished ones kept
+    previous_handler = signal.signal(signal.SIGTERM, _interrupt)
     try:
         done, _ = run_tasks(mine, args.workers, out_dir, plan, splits,
                                   team.is_root and not args.no_progress, label)
@@ -261,7 +276,7 @@ def pack(args, gather):
               f"shards are kept", file=sys.stderr)
         team.abort(1)
         return 1
-    except KeyboardInterrupt:   # ctrl-c
+    except KeyboardInterrupt:   # ctrl-c, or SIGTERM through _interrupt
         remove_unfinished(out_dir, mine)
         print(f"preprocess: {who}interrupted; finished shards are kept: run the same command again to pack the rest",
               file=sys.stderr)
@@ -272,6 +287,8 @@ def pack(args, gather):
         print(f"preprocess: {who}failed: {type(error).__name__}: {error}", file=sys.stderr)
         team.abort(1)
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     done = team.sum(done)
     team.barrier()
     shard_names = {split: [shard_filename(split, n) for n in range(entry["num_shards"])]
@@ -284,8 +301,20 @@ def pack(args, gather):
         return 0
     if not team.is_root and team.comm is not None:
         return 0
-    index = merge_dataset(out_dir, plan, shard_names)
+    try:
+        index = merge_dataset(out_dir, plan, shard_names)
+    except OSError as error:
+        print(f"preprocess: writing under --out {out_dir} failed: {describe_os_error(error)}; free space or fix "
+              f"permissions there, then run the same command again: the shards are kept", file=sys.stderr)
+        return 1
+    except DatasetError as error:   # a finished shard damaged since (a re-run only checks that it exists)
+        print(f"preprocess: {error}; delete it and run the same command again to pack it anew", file=sys.stderr)
+        return 1
     return report(index, out_dir, done, time.perf_counter() - started, args.strict)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def remove_unfinished(out_dir, tasks):

@@ -117,19 +117,37 @@ def files_in_class_folders(root, classes, class_index):
     Listing 20,000 files takes 3-5 us a file (11-13 us when each path was made relative on
     its own); listed by 2 processes it took longer here, so it stays serial."""
     names, labels = [], []
+    # every real folder is listed once, and a class folder only as its own class: a symlink
+    # up the tree or into another class would otherwise list images again, mislabelled
+    visited = {_folder_identity(os.path.join(root, name)) for name in ["", *classes]}
     for name in classes:
-        found = _files_in_folder(root, name)
+        found = _files_in_folder(root, name, visited)
         names.extend(found)
         labels.extend([class_index[name]] * len(found))
     paths = [os.path.join(root, *name.split("/")) for name in names]
     return sorted_inputs(FileInputs, names, labels, paths)
 
 
-def _files_in_folder(root, name):
-    """'CLASS/relpath' of every file under root/CLASS, hidden ones left out."""
+def _folder_identity(path):
+    info = os.stat(path)
+    return info.st_dev, info.st_ino
+
+
+def _files_in_folder(root, name, visited):
+    """'CLASS/relpath' of every file under root/CLASS, hidden ones and folders already in
+    `visited` (which this extends) left out."""
     found = []
     for folder, subfolders, files in os.walk(os.path.join(root, name), followlinks=True):
-        subfolders[:] = sorted(d for d in subfolders if not is_hidden(d))
+        kept = []
+        for sub in sorted(d for d in subfolders if not is_hidden(d)):
+            try:
+                identity = _folder_identity(os.path.join(folder, sub))
+            except OSError:   # a dangling link: os.walk lists it as a folder only if it resolves
+                continue
+            if identity not in visited:
+                visited.add(identity)
+                kept.append(sub)
+        subfolders[:] = kept
         relative = os.path.relpath(folder, root).replace(os.sep, "/")   # once per folder
         found.extend(f"{relative}/{file}" for file in sorted(files) if not is_hidden(file))
     return found

@@ -6,7 +6,7 @@
 Checks, per split and shard: the file's sha256 against dataset.json (which catches a
 truncated file and a flipped byte anywhere, image data included), the shard's attributes
 and shapes, the content checksum of format version 1 shards (which carry one), labels
-in range, indices unique and within the split, counts adding up, jpeg offsets increasing
+in range, indices unique and not negative, counts adding up, jpeg offsets increasing
 and every jpeg decoding to S x S x 3; then the mean image. Exits 1 naming the first bad
 file, 2 when there is no data set at all.
 """
@@ -82,12 +82,17 @@ def verify_dataset(root, decode=True, log=print):
                                f"images, its shards hold {total}; {REPACK_HINT}")
         if len(np.unique(positions)) != len(positions):
             raise DatasetError(f"{root}: split {split!r} holds an input twice; {REPACK_HINT}")
+        if len(positions) and positions.min() < 0:
+            raise DatasetError(f"{root}: split {split!r} holds a negative input index; {REPACK_HINT}")
         count = len(entry["shards"])
         log(f"verify: {split}: {total} images in {count} shard{'' if count == 1 else 's'} ok")
     mean_path = os.path.join(root, index.get("mean_image", MEAN_IMAGE_FILE))
     if not os.path.isfile(mean_path):
         raise DatasetError(f"{mean_path} not found; {REPACK_HINT}")
-    mean_image = np.load(mean_path)
+    try:
+        mean_image = np.load(mean_path, allow_pickle=False)
+    except (OSError, ValueError) as error:   # truncated, not an .npy, pickled objects
+        raise DatasetError(f"{mean_path} cannot be read ({error}); {REPACK_HINT}") from None
     if mean_image.shape != (size, size, 3) or not np.all(np.isfinite(mean_image)):
         raise DatasetError(f"{mean_path}: shape {mean_image.shape} or values are wrong; {REPACK_HINT}")
     return checked

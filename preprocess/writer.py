@@ -21,14 +21,20 @@ def receipt_path(out_dir, shard_file):
     return os.path.join(out_dir, WORK_DIR, shard_file + ".json")
 
 
-def write_atomic_text(path, text):
-    """Write a small text file so that it is either absent, the old one, or complete."""
+def write_atomic(path, text):
+    """Write a small file (str or bytes) so that it is either absent, the old one, or
+    complete; a failed write (a full disk) leaves no temporary file behind."""
     tmp = f"{path}.{os.getpid()}{TMP_SUFFIX}"
-    with open(tmp, "w") as stream:
-        stream.write(text)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as stream:
+            stream.write(text.encode() if isinstance(text, str) else text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 class ShardWriter:
@@ -176,6 +182,6 @@ def publish(closed):
     receipt = {"file": shard_file, "num_images": closed["num_images"], "sha256": file_sha256(tmp_path),
                "skipped": closed["skipped"]}
     os.makedirs(os.path.join(out_dir, WORK_DIR), exist_ok=True)
-    write_atomic_text(receipt_path(out_dir, shard_file), json.dumps(receipt))
+    write_atomic(receipt_path(out_dir, shard_file), json.dumps(receipt))
     os.replace(tmp_path, path)
     return receipt

@@ -228,3 +228,27 @@ def test_class_tars_indexed_by_two_processes_as_by_one(release):
     path = str(release / "ILSVRC2012_img_train.tar")
     one = nested_tar_members(path, workers=1)
     assert nested_tar_members(path, workers=2) == one and len(one) == 4 and all(len(m) == 10 for _, m in one)
+
+
+def test_a_train_folder_with_both_class_tars_and_class_folders_is_refused(release, tmp_path, capsys):
+    train, _, devkit = extract_like_a_user(release, tmp_path / "extracted")
+    with tarfile.open(release / "ILSVRC2012_img_train.tar") as outer:   # one class tar left over
+        member = outer.getmembers()[0]
+        (train / member.name).write_bytes(outer.extractfile(member).read())
+    assert main(["imagenet", "--train", str(train), "--devkit", str(devkit), "--out", str(tmp_path / "out")]
+                + PACK) == 2
+    assert "holds both class tars and class folders" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_damaged_devkit_is_one_line(release, tmp_path, capsys):
+    truncated = tmp_path / "devkit.tar.gz"
+    truncated.write_bytes((release / "ILSVRC2012_devkit_t12.tar.gz").read_bytes()[:300])
+    _, val, devkit = extract_like_a_user(release, tmp_path / "extracted")
+    (next(devkit.rglob("meta.mat"))).write_bytes(b"garbage")
+    base = ["imagenet", "--train", str(release / "ILSVRC2012_img_train.tar"), "--val", str(val)] + PACK
+    for given, message in ((truncated, "is not a readable tar archive"), (devkit, "meta.mat is damaged")):
+        assert main([*base, "--devkit", str(given), "--out", str(tmp_path / "out")]) == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and f"--devkit {given}" in error[0] and message in error[0], error
+    assert not (tmp_path / "out").exists()

@@ -191,7 +191,8 @@ def test_resume_after_a_kill_mid_shard(tmp_path):
     assert 0 < len(finished_before) < 8, "the kill should land after the first shard and before the last"
 
 
-def test_ctrl_c_is_one_line_keeps_finished_shards_and_the_same_command_finishes(tmp_path):
+@pytest.mark.parametrize("signal_to", ["SIGINT to the group", "SIGTERM to the parent"])
+def test_ctrl_c_is_one_line_keeps_finished_shards_and_the_same_command_finishes(tmp_path, signal_to):
     source = tmp_path / "src"
     assert main(["synth", "--out", str(source), "--classes", "2", "--per-class", "40", "--val-per-class", "1",
                  "--size", "400x300"]) == 0
@@ -204,8 +205,12 @@ def test_ctrl_c_is_one_line_keeps_finished_shards_and_the_same_command_finishes(
     deadline = time.time() + 60
     while time.time() < deadline and not (out.exists() and any(n.endswith(".h5") for n in os.listdir(out))):
         time.sleep(0.002)
-    os.killpg(process.pid, signal.SIGINT)
+    if signal_to == "SIGINT to the group":   # a terminal's ctrl-c
+        os.killpg(process.pid, signal.SIGINT)
+    else:                                     # kill PID, or a batch system's end of a job step
+        os.kill(process.pid, signal.SIGTERM)
     _, err = process.communicate(timeout=60)
+    time.sleep(0.5)   # a worker left running would write a .tmp file by now
     assert process.returncode == 130, err
     assert err.strip() == ("preprocess: interrupted; finished shards are kept: run the same command again to pack the "
                            "rest"), err
@@ -284,3 +289,83 @@ def test_tasks_of_an_srun_that_mpi_does_not_join_refuse_to_pack(monkeypatch):
     assert make_team(1, 3).rank == 1     # array tasks (--rank/--size) are meant to be separate
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
     assert make_team().size == 1
+
+
+def test_a_symlink_up_the_tree_or_into_another_class_lists_no_image_twice(tree, tmp_path):
+    train = tmp_path / "train"
+    shutil.copytree(tree / "train", train)
+    first, second = sorted(os.listdir(train))[:2]
+    (train / first / "up").symlink_to("..")                 # a loop: every class again, under `first`
+    (train / first / "other").symlink_to(f"../{second}")    # another class's images, mislabelled
+    outside = tmp_path / "elsewhere"                        # a folder kept on other storage: followed
+    outside.mkdir()
+    shutil.copy(next((train / second).iterdir()), outside / "extra.jpg")
+    (train / first / "more").symlink_to(outside)
+    out = tmp_path / "out"
+    assert main(["folder", "--train", str(train), "--out", str(out)] + PACK) == 0
+    sources = []
+    for name in sorted(os.listdir(out)):
+        if name.startswith("train-"):
+            with h5py.File(out / name, "r") as shard:
+                sources += [s.decode() for s in shard["source"][()]]
+    assert len(sources) == 27 + 1 and f"{first}/more/extra.jpg" in sources
+    assert not any("/up/" in s or "/other/" in s for s in sources), sources
+
+
+def test_inputs_that_cannot_be_packed_are_refused_before_out_exists(tree, tmp_path, capsys):
+    train = tmp_path / "train"
+    shutil.copytree(tree / "train", train)
+    base = ["folder", "--train", str(train)] + PACK
+    inside = train / "packed"
+    assert main([*base, "--out", str(inside)]) == 2
+    assert f"--out {inside} is inside --train {train}" in capsys.readouterr().err
+    assert not inside.exists()
+    out = tmp_path / "out"
+    assert main([*base, "--out", str(out), "--seed", "-1"]) == 2
+    assert "--seed -1: must be at least 0" in capsys.readouterr().err
+    assert main([*base, "--out", str(out), "--val", str(tree / "val" / sorted(os.listdir(tree / "val"))[0])]) == 2
+    assert "has no class subfolders" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_an_empty_tree_exits_1_and_leaves_nothing_that_blocks_the_fixed_command(tree, tmp_path, capsys):
+    train = tmp_path / "train"
+    for name in ("a", "b"):
+        (train / name).mkdir(parents=True)
+    argv = ["folder", "--train", str(train), "--out", str(tmp_path / "out")] + PACK
+    assert main(argv) == 1
+    assert "no train images found under --train" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    for name in ("a", "b"):
+        for image in sorted((tree / "train").iterdir())[0].iterdir():
+            shutil.copy(image, train / name / image.name)
+    assert main(argv) == 0
+
+
+def test_a_full_disk_while_merging_is_one_line_and_leaves_no_temporary_file(tree, tmp_path, monkeypatch, capsys):
+    import preprocess.writer
+    argv = ["folder", "--train", str(tree / "train"), "--out", str(tmp_path / "out")] + PACK
+    replace = os.replace
+
+    def full_at_the_mean_image(source, target):
+        if target.endswith("mean_image.npy"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return replace(source, target)
+
+    monkeypatch.setattr(preprocess.writer.os, "replace", full_at_the_mean_image)
+    assert main(argv) == 1
+    assert capsys.readouterr().err.strip().endswith("No space left on device; free space or fix permissions there, "
+                                                    "then run the same command again: the shards are kept")
+    assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path / "out"))
+    monkeypatch.setattr(preprocess.writer.os, "replace", replace)
+    assert main(argv) == 0 and main(["verify", str(tmp_path / "out")]) == 0
+
+
+def test_a_shard_damaged_before_a_re_run_is_named(tree, tmp_path, capsys):
+    argv = ["folder", "--train", str(tree / "train"), "--out", str(tmp_path / "out")] + PACK
+    assert main(argv) == 0
+    shard = tmp_path / "out" / "train-00001.h5"
+    os.truncate(shard, 1000)
+    assert main(argv) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and str(shard) in error[0] and "delete it and run the same command again" in error[0]

@@ -112,3 +112,25 @@ def test_a_missing_shard_and_a_missing_index(packed, capsys):
     os.remove(packed / "dataset.json")
     code, error = verify_error(packed, capsys)
     assert code == 2 and "dataset.json not found" in error
+
+
+@pytest.mark.parametrize("damage", ["index is a list", "shard without sha256", "shard file null",
+                                    "mean image truncated", "mean image is text"])
+def test_a_damaged_index_or_mean_image_is_one_line(packed, capsys, damage):
+    index_path = packed / "dataset.json"
+    index = json.loads(index_path.read_text())
+    if damage == "index is a list":
+        index = []
+    elif damage == "shard without sha256":
+        del index["splits"]["train"]["shards"][0]["sha256"]
+    elif damage == "shard file null":
+        index["splits"]["train"]["shards"][0]["file"] = None
+    index_path.write_text(json.dumps(index))
+    mean = packed / "mean_image.npy"
+    if damage == "mean image truncated":
+        os.truncate(mean, os.path.getsize(mean) // 2)
+    elif damage == "mean image is text":
+        mean.write_text("not an array")
+    code, err = verify_error(packed, capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert ("dataset.json" in err) if "mean" not in damage else ("mean_image.npy" in err), err

@@ -108,6 +108,8 @@ def load_index(root):
             index = json.load(stream)
     except (OSError, ValueError) as error:
         raise DatasetError(f"{path} cannot be parsed ({error}); {REPACK_HINT}") from None
+    if not isinstance(index, dict):
+        raise DatasetError(f"{path}: not a JSON object; {REPACK_HINT}")
     version = index.get("format_version")
     if version not in READABLE_FORMAT_VERSIONS:
         readable = " or ".join(map(str, READABLE_FORMAT_VERSIONS))
@@ -117,7 +119,37 @@ def load_index(root):
             raise DatasetError(f"{path}: field {key!r} missing; {REPACK_HINT}")
     if index["format"] not in FORMATS:
         raise DatasetError(f"{path}: format {index['format']!r} is not one of {FORMATS}; {REPACK_HINT}")
+    problem = _index_shape_problem(index)
+    if problem:
+        raise DatasetError(f"{path}: {problem}; {REPACK_HINT}")
     return index
+
+
+def _index_shape_problem(index):
+    """What is wrong with the types of dataset.json's fields (a hand edit, another tool), or None."""
+    def is_int(value, low=0):
+        return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+    if not (isinstance(index["classes"], list) and index["classes"] and all(isinstance(c, str) for c in index["classes"])):
+        return "'classes' is not a list of class names"
+    if not is_int(index["image_size"], 1):
+        return f"'image_size' {index['image_size']!r} is not a positive integer"
+    for key in ("mean", "std"):
+        if not (isinstance(index[key], list) and len(index[key]) == 3
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in index[key])):
+            return f"'{key}' is not a list of 3 numbers"
+    if not (isinstance(index["splits"], dict) and index["splits"]):
+        return "'splits' is not an object of splits"
+    for split, entry in index["splits"].items():
+        if split not in SPLITS or not isinstance(entry, dict):
+            return f"split {split!r} is not one of {', '.join(SPLITS)} with an object of shards"
+        if not is_int(entry.get("num_images")) or not isinstance(entry.get("shards"), list):
+            return f"split {split!r} lacks 'num_images' or a list of 'shards'"
+        for shard in entry["shards"]:
+            if not (isinstance(shard, dict) and isinstance(shard.get("file"), str) and shard["file"]
+                    and is_int(shard.get("num_images")) and isinstance(shard.get("sha256"), str)):
+                return f"split {split!r} has a shard entry without 'file', 'num_images' and 'sha256': {shard!r}"
+    return None
 
 
 def open_shard(path):
