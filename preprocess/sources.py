@@ -125,7 +125,17 @@ def files_in_class_folders(root, classes, class_index):
         names.extend(found)
         labels.extend([class_index[name]] * len(found))
     paths = [os.path.join(root, *name.split("/")) for name in names]
-    return sorted_inputs(FileInputs, names, labels, paths)
+    return sorted_inputs(FileInputs, [printable(name) for name in names], labels, paths)
+
+
+def printable(name):
+    """A file name as text that HDF5, JSON and skipped.tsv can hold: a name that is not
+    UTF-8 on disk (Python keeps its bytes as surrogates) gets them as \\xNN escapes."""
+    try:
+        name.encode()
+        return name
+    except UnicodeEncodeError:
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def _folder_identity(path):

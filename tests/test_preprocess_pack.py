@@ -369,3 +369,18 @@ def test_a_shard_damaged_before_a_re_run_is_named(tree, tmp_path, capsys):
     assert main(argv) == 1
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and str(shard) in error[0] and "delete it and run the same command again" in error[0]
+
+
+def test_a_file_name_that_is_not_utf8_is_packed_under_an_escaped_name(tree, tmp_path):
+    train = tmp_path / "train"
+    shutil.copytree(tree / "train", train)
+    folder = train / sorted(os.listdir(train))[0]
+    shutil.copy(next(folder.iterdir()), os.path.join(os.fsencode(folder), b"latin-1 caf\xe9.jpg"))
+    out = tmp_path / "out"
+    assert main(["folder", "--train", str(train), "--out", str(out)] + PACK) == 0
+    sources = []
+    for name in sorted(os.listdir(out)):
+        if name.startswith("train-"):
+            with h5py.File(out / name, "r") as shard:
+                sources += [s.decode() for s in shard["source"][()]]
+    assert f"{folder.name}/latin-1 caf\\xe9.jpg" in sources and len(sources) == 28
