@@ -104,8 +104,14 @@ def to_rgb(image):
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         values = np.asarray(image, dtype=np.float64)
-        # 16-bit samples: keep the top 8 bits; 8-bit data stored wide stays as it is
-        scale = 257.0 if values.max(initial=0) > 255 else 1.0
+        if image.mode.startswith("I;16"):
+            scale = 257.0     # 16-bit samples, however dark the image: keep the top 8 bits
+        elif image.mode == "F" and values.max(initial=0) <= 1.0:
+            scale = 1 / 255   # floating-point samples in 0..1
+        else:
+            # 32-bit integers or floats of no stated range: 8-bit data stored wide stays as
+            # it is, anything larger is taken as 16-bit
+            scale = 257.0 if values.max(initial=0) > 255 else 1.0
         gray = np.clip(np.rint(values / scale), 0, 255).astype(np.uint8)
         return Image.fromarray(gray).convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):

@@ -44,6 +44,11 @@ def train_statistics(out_dir, shard_files, image_size):
     return mean_image.astype(np.float32), [float(x) for x in mean], [float(x) for x in std]
 
 
+def _tsv_field(text):
+    # a tab or a line break inside a file name would split its row
+    return text.replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
 def merge_dataset(out_dir, settings, split_shards):
     """Write the index of a finished pack.
 
@@ -64,7 +69,7 @@ def merge_dataset(out_dir, settings, split_shards):
     np.save(npy, mean_image)
     write_atomic(os.path.join(out_dir, MEAN_IMAGE_FILE), npy.getvalue())
     skipped_rows.sort()
-    lines = ["split\tsource\treason"] + ["\t".join(row) for row in skipped_rows]
+    lines = ["split\tsource\treason"] + ["\t".join(map(_tsv_field, row)) for row in skipped_rows]
     write_atomic(os.path.join(out_dir, SKIPPED_FILE), "\n".join(lines) + "\n")
     index = {
         "format_version": FORMAT_VERSION,

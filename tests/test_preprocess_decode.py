@@ -124,3 +124,16 @@ def test_unreadable_file_is_a_bad_image(tmp_path):
     inputs = FileInputs(["gone.jpg"], [0], [str(tmp_path / "gone.jpg")])
     with pytest.raises(BadImage, match="unreadable"):
         inputs.read(0)
+
+
+@pytest.mark.parametrize("mode, values, expected", [
+    ("I;16", [200, 300, 65535], [1, 1, 255]),        # a dark 16-bit image stays dark
+    ("F", [0.0, 0.5, 1.0], [0, 128, 255]),           # floats in 0..1
+])
+def test_wide_samples_keep_their_range(mode, values, expected):
+    from preprocess.decode import to_rgb
+    array = np.array([values], dtype=np.uint16 if mode == "I;16" else np.float32)
+    image = Image.fromarray(array)
+    assert image.mode == mode
+    rgb = np.asarray(to_rgb(image))
+    np.testing.assert_array_equal(rgb[0, :, 0], expected)
