@@ -338,7 +338,7 @@ def report(index, out_dir, processed, seconds, strict):
     counts = ", ".join(f"{entry['num_images']} {split}" for split, entry in index["splits"].items())
     shards = sum(len(entry["shards"]) for entry in index["splits"].values())
     rate = f"; this run: {processed} inputs in {seconds:.1f} s ({processed / max(seconds, 1e-9):.0f}/s)" if processed else ""
-    print(f"preprocess: packed {counts} images into {shards} shards in {out_dir}; "
+    print(f"preprocess: packed {counts} images into {shards} shard{'' if shards == 1 else 's'} in {out_dir}; "
           f"skipped {index['skipped']} (listed in skipped.tsv){rate}")
     if index["splits"]["train"]["num_images"] == 0:
         print(f"preprocess: no usable training image; see {os.path.join(out_dir, 'skipped.tsv')}", file=sys.stderr)

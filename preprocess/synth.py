@@ -197,7 +197,7 @@ def add_arguments(parser):
     parser.add_argument("--layout", choices=("folder", "imagenet"), default="folder",
                         help="folder: train/CLASS/*.jpg and val/CLASS/*.jpg; imagenet: the ILSVRC2012 tars and devkit")
     parser.add_argument("--size", default="500x375", help="typical image size WxH; each image varies around it")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the images drawn (default 0)")
 
 
 def main(args):
@@ -205,6 +205,10 @@ def main(args):
         size = parse_size(args.size)
         if args.classes < 1 or args.per_class < 1:
             raise ValueError(f"--classes {args.classes} --per-class {args.per_class}: both must be at least 1")
+        if args.val_per_class is not None and args.val_per_class < 0:
+            raise ValueError(f"--val-per-class {args.val_per_class}: must be at least 0")
+        if args.seed < 0:
+            raise ValueError(f"--seed {args.seed}: must be at least 0")
     except ValueError as error:
         print(f"synth: {error}", file=sys.stderr)
         return 2
