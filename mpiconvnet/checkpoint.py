@@ -70,12 +70,31 @@ def save(run_dir, step, params, velocity, meta, keep):
     return path
 
 
+def step_of(path):
+    match = NAME.match(os.path.basename(path))
+    return int(match.group(1)) if match else None
+
+
+def set_aside_newer(run_dir, step):
+    """Move the run's checkpoints of steps after `step` into checkpoints/superseded/: a run
+    resumed from an older checkpoint (say with a lower lr after a NaN) must neither have
+    its own checkpoints pruned in their favour nor be resumed from them by --resume auto.
+    Returns the names moved."""
+    newer = [p for p in list_checkpoints(run_dir) if step_of(p) > step]
+    if newer:
+        aside = os.path.join(checkpoint_dir(run_dir), "superseded")
+        os.makedirs(aside, exist_ok=True)
+        for path in newer:
+            os.replace(path, os.path.join(aside, os.path.basename(path)))
+        _fsync_dir(checkpoint_dir(run_dir))
+    return [os.path.basename(p) for p in newer]
+
+
 def _write(tmp, params, velocity, meta):
-    # no HDF5 file locks, here or in load(): a checkpoint is only ever read once renamed
-    # into place, and locking fails outright on file systems without flock (some Lustre
-    # and NFS mounts), which would stop every resume there
-    f = h5py.File(tmp, "w", locking=False)
-    try:
+    """The HDF5 file is built in memory and written with plain writes: HDF5 reports a full
+    disk met while flushing its metadata as a RuntimeError, sometimes from a destructor or
+    as a crash, where an OSError from a write of ours is one line and exit 5."""
+    with h5py.File(f"{tmp} (in memory)", "w", driver="core", backing_store=False) as f:
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["meta"] = json.dumps(meta, sort_keys=True)
         for group, arrays in (("params", params), ("velocity", velocity)):
@@ -83,14 +102,11 @@ def _write(tmp, params, velocity, meta):
             for name, value in arrays.items():
                 g.create_dataset(name, data=np.asarray(value))
         f.flush()
-        os.fsync(f.id.get_vfd_handle())
-    except BaseException:
-        try:
-            f.close()
-        except Exception:   # closing a file whose writes failed fails too; report the first error
-            pass
-        raise
-    f.close()
+        image = f.id.get_file_image()
+    with open(tmp, "wb") as stream:
+        stream.write(image)
+        stream.flush()
+        os.fsync(stream.fileno())
 
 
 def _fsync_dir(folder):
@@ -107,6 +123,9 @@ def load(path):
         raise CheckpointError(f"checkpoint {path} not found")
     try:
         with h5py.File(path, "r", locking=False) as f:
+            if "meta" not in f.attrs or "params" not in f:
+                raise CheckpointError(f"{path} is not an mpiconvnet checkpoint (a data shard?); give a checkpoint "
+                                      f"from a run's checkpoints/ folder")
             version = int(f.attrs.get("format_version", -1))
             if version != FORMAT_VERSION:
                 raise CheckpointError(f"checkpoint {path} has format version {version}, this mpiconvnet reads "
@@ -114,8 +133,12 @@ def load(path):
             meta = json.loads(f.attrs["meta"])
             params = {name: f["params"][name][()] for name in f["params"]}
             velocity = {name: f["velocity"][name][()] for name in f["velocity"]}
-    except (OSError, KeyError) as e:
-        raise CheckpointError(f"checkpoint {path} is unreadable ({e}); resume from an older one") from None
+        if not (isinstance(meta, dict) and all(key in meta for key in ("step", "model", "config"))):
+            raise KeyError("its meta attribute lacks step, model or config")
+    except CheckpointError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as e:   # ValueError: a meta that is not JSON
+        raise CheckpointError(f"checkpoint {path} is unreadable ({e}); use an older checkpoint") from None
     return params, velocity, meta
 
 

@@ -4,13 +4,18 @@
     python -m mpiconvnet.plot runs/a --out a.png
 """
 import argparse
-import json
 import os
 import sys
+
+from mpiconvnet.metrics import read_records
 
 
 class CannotWrite(Exception):
     """The PNG could not be written (full disk, permissions); one line with the fix."""
+
+
+# what each kind of record must hold for its panels
+NEEDED = {"train": ("loss", "lr", "images_per_s"), "eval": ("loss", "top1", "top5")}
 
 
 def read_metrics(run_dir):
@@ -18,15 +23,13 @@ def read_metrics(run_dir):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found; is {run_dir} a run directory of python -m mpiconvnet.train?")
     train, evals = [], []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                raise ValueError(f"{path}:{number} is not JSON; the file is damaged") from None
-            (evals if record.get("kind") == "eval" else train).append(record)
+    for record in read_records(path):
+        kind = "eval" if record.get("kind") == "eval" else "train"
+        missing = [key for key in NEEDED[kind] if not isinstance(record.get(key), (int, float))]
+        if missing:
+            raise ValueError(f"{path}: the {kind} record of step {record['step']} has no {', '.join(missing)}; "
+                             f"the file is damaged or not mpiconvnet's")
+        (evals if kind == "eval" else train).append(record)
     return train, evals
 
 

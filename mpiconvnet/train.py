@@ -21,8 +21,9 @@ from mpiconvnet import checkpoint, distributed
 from mpiconvnet.config import ConfigError, help_text, resolve
 from mpiconvnet.data.shards import DatasetError
 from mpiconvnet.models import MODELS, ModelError
-from mpiconvnet.trainer import (EXIT_CANNOT_WRITE, EXIT_NONFINITE, EXIT_USAGE, MetricsLog, NonFiniteLoss, StopSignal,
-                                Trainer, open_datasets)
+from mpiconvnet.metrics import MetricsLog
+from mpiconvnet.trainer import (EXIT_CANNOT_WRITE, EXIT_NONFINITE, EXIT_USAGE, NonFiniteLoss, StopSignal, Trainer,
+                                open_datasets)
 from mpiconvnet.weights import initial_state
 
 
@@ -82,6 +83,10 @@ def main(argv=None):
         check_before_work(cfg, world, train_set)
         trainer = Trainer(cfg, world, train_set, val_set)
         resume_from = checkpoint.resolve_resume(cfg.resume, cfg.out)
+        earlier = checkpoint.list_checkpoints(cfg.out)
+        if earlier and not resume_from:
+            raise ConfigError(f"--out {cfg.out} holds the checkpoints of an earlier run (newest "
+                              f"{os.path.basename(earlier[-1])}); continue it with --resume auto, or choose a new --out")
         if resume_from:
             trainer.restore(resume_from)
         elif cfg.init_weights:
@@ -95,6 +100,12 @@ def main(argv=None):
     try:
         if world.is_root:
             write_config(cfg)
+            if resume_from:
+                superseded = set_aside_newer(cfg, trainer.step)
+                if superseded:
+                    print(f"mpiconvnet: resuming from step {trainer.step}: the later checkpoints "
+                          f"{', '.join(superseded)} moved to {checkpoint.checkpoint_dir(cfg.out)}/superseded/",
+                          file=sys.stderr)
         world.barrier()
         if not resume_from:
             trainer.broadcast_parameters()
@@ -117,6 +128,13 @@ def main(argv=None):
     return code
 
 
+def set_aside_newer(cfg, step):
+    try:
+        return checkpoint.set_aside_newer(cfg.out, step)
+    except OSError as error:
+        raise checkpoint.OutputError(checkpoint.cannot_write(checkpoint.checkpoint_dir(cfg.out), error, cfg.out)) from None
+
+
 def write_config(cfg):
     path = os.path.join(cfg.out, "config.json")
     try:
@@ -130,7 +148,7 @@ def write_config(cfg):
 def train(cfg, world, trainer, resume_from, stop):
     """The banner, rank 0's progress bar and the run; returns the exit code."""
     stop.catch_interrupt()
-    log = MetricsLog(cfg.out, world.is_root, trainer.step if resume_from else None)
+    log = MetricsLog(cfg.out, world.is_root, trainer.step)   # 0 for a fresh run: its old lines go
     world.print(f"mpiconvnet: {cfg.model} ({trainer.net.num_parameters:,} parameters) on {world.size} rank(s), "
                 f"backend {cfg.backend}, global batch {cfg.global_batch}, {trainer.steps_per_epoch} steps/epoch"
                 + (", fc layers split across the ranks" if cfg.parallel == "hybrid" else "")

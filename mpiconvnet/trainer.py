@@ -13,9 +13,7 @@ replicated (model_parallel.py); the convolutions' gradients are reduced as above
 --parallel model every layer is split and every rank runs the whole batch: nothing is
 replicated, so only the activations' gathers communicate.
 """
-import json
 import math
-import os
 import signal
 import sys
 import time
@@ -68,35 +66,6 @@ class StopSignal:
 
     def _handle(self, signum, frame):
         self.received = signal.Signals(signum).name
-
-
-class MetricsLog:
-    """metrics.jsonl: one JSON object per logged step and per evaluation (rank 0 writes)."""
-
-    def __init__(self, run_dir, enabled, resume_step=None):
-        self.path = os.path.join(run_dir, "metrics.jsonl")
-        self.enabled = enabled
-        if enabled and resume_step is not None and os.path.exists(self.path):
-            # a resumed run redoes the steps after its checkpoint: drop their old lines
-            with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
-            try:
-                with open(self.path + ".tmp", "w") as f:
-                    f.writelines(kept)
-                os.replace(self.path + ".tmp", self.path)
-            except OSError as error:
-                raise self._cannot_write(error) from None
-
-    def write(self, record):
-        if self.enabled:
-            try:
-                with open(self.path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            except OSError as error:
-                raise self._cannot_write(error) from None
-
-    def _cannot_write(self, error):
-        return checkpoint.OutputError(checkpoint.cannot_write(self.path, error, os.path.dirname(self.path)))
 
 
 class Trainer:
@@ -171,6 +140,7 @@ class Trainer:
                 "step_in_epoch": self.step % self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch,
                 "model": self.cfg.model, "num_classes": self.net.num_classes, "world_size": self.world.size,
                 "config": self.cfg.to_dict(), "schedule": self.schedule.state_dict(),
+                "evaluated_at": self.evaluated_at,
                 "rng": {"seed": self.cfg.seed, "note": "all draws are functions of (seed, epoch, step, rank)"}}
         checkpoint.save(self.cfg.out, self.step, params, velocity, meta, self.cfg.keep_checkpoints)
         self.saved_at = self.step
@@ -190,6 +160,8 @@ class Trainer:
         self.optimizer.load_state_dict({n: self.net.local_part(n, v) for n, v in velocity.items()}, source=path)
         self.schedule.load_state_dict(meta["schedule"])
         self.step = int(meta["step"])
+        # checkpoints before 2026-11-25 do not say; their epoch-end evaluation came after them
+        self.evaluated_at = meta.get("evaluated_at")
 
     # -- the loop --------------------------------------------------------------------
 
@@ -240,6 +212,8 @@ class Trainer:
         total_steps = cfg.epochs * self.steps_per_epoch
         if cfg.max_steps:
             total_steps = min(total_steps, cfg.max_steps)
+        if self._evaluation_due():   # resumed from a checkpoint written before its evaluation
+            self._evaluate(self.step // self.steps_per_epoch - 1, log)
         window = {"loss": 0.0, "images": 0, "data": 0.0, "compute": 0.0, "comm": 0.0, "steps": 0, "t": time.perf_counter()}
         while self.step < total_steps:
             epoch, start = divmod(self.step, self.steps_per_epoch)
@@ -284,21 +258,32 @@ class Trainer:
                         self._log_window(window, epoch, lr, log, progress)
                     end_of_epoch = self.step % self.steps_per_epoch == 0
                     if stop_votes > 0:
+                        # no evaluation first: the time left may be short; the checkpoint
+                        # says it is due, and the resumed run does it before its first step
                         self.save_checkpoint()
                         world.print(f"stopped by {stop.received or 'a signal on another rank'} after step "
                                     f"{self.step}; checkpoint written, continue with --resume auto")
                         return EXIT_PREEMPTED
+                    # the evaluation before the checkpoint: the plateau schedule's state
+                    # after it is what the checkpoint must hold for an exact resume, and a
+                    # finished run's last checkpoint then says its evaluation is done
+                    if self._evaluation_due() or (self.step == total_steps and self.evaluated_at != self.step):
+                        self._evaluate(epoch, log)
                     if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or end_of_epoch \
                             or self.step == total_steps:
                         self.save_checkpoint()
-                    if end_of_epoch and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0:
-                        self._evaluate(epoch, log)
                     since = time.perf_counter()
                     if self.step == total_steps:
                         break
-        if self.evaluated_at != self.step:
-            self._evaluate(self.step // self.steps_per_epoch, log)   # the final evaluation, if not just done
+        if self.evaluated_at != self.step:   # resumed at the end with its evaluation not done
+            self._evaluate(max(self.step - 1, 0) // self.steps_per_epoch, log)
         return EXIT_OK
+
+    def _evaluation_due(self):
+        """At the end of an epoch that --eval-every evaluates, not yet evaluated."""
+        epochs_done, within = divmod(self.step, self.steps_per_epoch)
+        return (self.step > 0 and within == 0 and self.cfg.eval_every > 0 and epochs_done % self.cfg.eval_every == 0
+                and self.evaluated_at != self.step)
 
     def _log_window(self, window, epoch, lr, log, progress):
         """Every rank calls this at the same steps (it holds a collective)."""

@@ -431,3 +431,56 @@ def test_sigusr1_to_one_rank_stops_every_rank_after_the_same_step(data, tmp_path
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 75, err
     assert "checkpoint written, continue with --resume auto" in out
+
+
+def test_the_plateau_schedule_resumes_exactly_from_an_epoch_end(data, tmp_path):
+    # the epoch-end checkpoint comes after that epoch's evaluation, so it holds the plateau
+    # state the evaluation left (it once came before, and a resumed run's lr drops differed)
+    args = ["--data", data, "--global-batch", "16", "--epochs", "4", "--schedule", "plateau",
+            "--plateau-patience", "1", "--lr", "0.05"]
+    train(args + ["--out", str(tmp_path / "whole")])
+    train(args + ["--out", str(tmp_path / "split"), "--max-steps", "12"])
+    train(args + ["--out", str(tmp_path / "split"), "--resume", "auto"])
+    for run in ("whole", "split"):
+        with open(tmp_path / run / "metrics.jsonl") as f:
+            records = [{k: v for k, v in r.items() if k not in ("time", "images_per_s", "time_data", "time_compute",
+                                                                   "time_comm", "memory_mb")} for r in map(json.loads, f)]
+        if run == "whole":
+            expected = records
+    assert records == expected
+    assert len({r["lr"] for r in records if r["kind"] == "train"}) > 1, "the test needs the lr to drop"
+
+
+def test_a_stop_at_an_epoch_end_evaluates_when_resumed(tmp_path):
+    # one step an epoch: every stop lands on an epoch end, after its checkpoint and before
+    # its evaluation; the resumed run evaluates first, so no epoch goes unevaluated
+    data = write_tiny_dataset(str(tmp_path / "shards"), 16, 10, 4, 64, shard_size=16)
+    run = str(tmp_path / "run")
+    args = ["--data", data, "--global-batch", "16", "--out", run]
+    proc = subprocess.Popen([PYTHON, "-m", "mpiconvnet.train"] + TINY + args + ["--epochs", "400"],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_checkpoint_then(proc, os.path.join(run, "checkpoints"), lambda: proc.send_signal(signal.SIGTERM))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err
+    stopped_at = max(int(f[5:13]) for f in os.listdir(os.path.join(run, "checkpoints")))
+    train(TINY + args + ["--epochs", str(stopped_at + 2), "--resume", "auto"])
+    assert [r["step"] for r in evaluations(run)] == list(range(1, stopped_at + 3))
+    train(TINY + args + ["--epochs", str(stopped_at + 2), "--resume", "auto"])   # a finished run: nothing again
+    assert [r["step"] for r in evaluations(run)] == list(range(1, stopped_at + 3))
+
+
+def test_a_run_directory_with_checkpoints_is_resumed_never_overwritten(data, tmp_path):
+    run = tmp_path / "run"
+    args = ["--data", data, "--global-batch", "16", "--out", str(run)]
+    train(args + ["--epochs", "2", "--checkpoint-every", "4", "--keep-checkpoints", "5"])
+    assert sorted(os.listdir(run / "checkpoints")) == [f"ckpt-{s:08d}.h5" for s in (4, 6, 8, 12)]
+    result = train(args + ["--epochs", "2"], check=False)
+    assert result.returncode == 2
+    assert f"--out {run} holds the checkpoints of an earlier run (newest ckpt-00000012.h5)" in result.stderr
+    # back to step 4 (say with a lower lr after a NaN): the later checkpoints step aside, so
+    # neither pruning nor --resume auto picks the abandoned ones
+    result = train(args + ["--epochs", "2", "--lr", "0.001", "--max-steps", "6", "--keep-checkpoints", "1",
+                           "--resume", str(run / "checkpoints" / "ckpt-00000004.h5")])
+    assert "ckpt-00000006.h5, ckpt-00000008.h5, ckpt-00000012.h5 moved to" in result.stderr
+    assert sorted(os.listdir(run / "checkpoints")) == ["ckpt-00000006.h5", "superseded"]
+    assert "resuming at step 6" in train(args + ["--epochs", "2", "--lr", "0.001", "--resume", "auto"]).stdout

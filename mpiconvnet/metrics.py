@@ -1,0 +1,73 @@
+"""metrics.jsonl: one JSON object per logged step ("kind": "train") and per evaluation
+("kind": "eval"), written by rank 0 and read by plot.
+
+A write that fails (a full disk) is taken back to the last whole line, and a reader skips
+a last line without its newline (a write cut short by a crash), so a run that resumed after
+either still has a file every reader takes.
+"""
+import json
+import os
+
+from mpiconvnet.checkpoint import OutputError, cannot_write
+
+
+def read_records(path):
+    """The records of a metrics file in order; ValueError naming the line for a damaged one."""
+    with open(path) as f:
+        lines = f.readlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if number == len(lines) and not line.endswith("\n"):
+                break   # cut short while being written
+            raise ValueError(f"{path}:{number} is not JSON; the file is damaged") from None
+        if not (isinstance(record, dict) and isinstance(record.get("step"), int)):
+            raise ValueError(f"{path}:{number} is not a metrics record (an object with a step); the file is damaged")
+        records.append(record)
+    return records
+
+
+class MetricsLog:
+    """Rank 0's metrics.jsonl for a run. A resumed run redoes the steps after its
+    checkpoint, so their old lines go; a run from scratch starts the file anew."""
+
+    def __init__(self, run_dir, enabled, resume_step=0):
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.enabled = enabled
+        if enabled and os.path.exists(self.path):
+            try:
+                records = read_records(self.path)
+            except ValueError as error:   # edited by hand, or another tool's
+                raise OutputError(f"{error}; move it aside and run the same command again") from None
+            kept = [json.dumps(r) + "\n" for r in records if r["step"] <= resume_step]
+            try:
+                with open(self.path + ".tmp", "w") as f:
+                    f.writelines(kept)
+                os.replace(self.path + ".tmp", self.path)
+            except OSError as error:
+                raise self._cannot_write(error) from None
+
+    def write(self, record):
+        if not self.enabled:
+            return
+        data = memoryview((json.dumps(record) + "\n").encode())
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise self._cannot_write(error) from None
+        start = os.fstat(fd).st_size
+        try:
+            while data:   # unbuffered: a failed write leaves nothing queued to fail again
+                data = data[os.write(fd, data):]
+        except OSError as error:
+            os.ftruncate(fd, start)   # no half line; shrinking needs no space
+            raise self._cannot_write(error) from None
+        finally:
+            os.close(fd)
+
+    def _cannot_write(self, error):
+        return OutputError(cannot_write(self.path, error, os.path.dirname(self.path)))

@@ -1,0 +1,94 @@
+"""metrics.jsonl and checkpoints on a disk that fills up: whole lines and whole files, or
+none, and one line naming the file."""
+import errno
+import json
+import os
+
+import numpy as np
+import pytest
+
+from mpiconvnet import checkpoint
+from mpiconvnet.metrics import MetricsLog, read_records
+from mpiconvnet.plot import read_metrics
+
+
+def record(step, kind="train"):
+    if kind == "eval":
+        return {"kind": "eval", "step": step, "loss": 1.0, "top1": 0.5, "top5": 0.9}
+    return {"kind": "train", "step": step, "loss": 2.0, "lr": 0.01, "images_per_s": 10.0}
+
+
+def test_a_line_cut_short_is_skipped_by_readers_and_dropped_on_resume(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    whole = "".join(json.dumps(record(s)) + "\n" for s in (1, 2, 3))
+    path.write_text(whole + json.dumps(record(4))[:20])    # a crash in the middle of a write
+    assert [r["step"] for r in read_records(path)] == [1, 2, 3]
+    assert [r["step"] for r in read_metrics(tmp_path)[0]] == [1, 2, 3]
+    MetricsLog(tmp_path, True, resume_step=2).write(record(3))
+    assert [r["step"] for r in read_records(path)] == [1, 2, 3]
+    assert path.read_text().endswith("\n")
+
+
+def test_a_fresh_run_starts_the_file_anew(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(record(5)) + "\n")
+    MetricsLog(tmp_path, True).write(record(1))
+    assert [r["step"] for r in read_records(tmp_path / "metrics.jsonl")] == [1]
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"kind": "train", "step": 1\n' + json.dumps(record(2)) + "\n", "metrics.jsonl:1 is not JSON"),
+    ("[1, 2]\n", "metrics.jsonl:1 is not a metrics record"),
+    ('{"kind": "train", "step": 1}\n', "the train record of step 1 has no loss, lr, images_per_s"),
+])
+def test_damage_before_the_last_line_is_named(tmp_path, text, message):
+    (tmp_path / "metrics.jsonl").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        read_metrics(tmp_path)
+
+
+def test_a_failed_metrics_write_leaves_no_half_line(tmp_path, monkeypatch):
+    log = MetricsLog(tmp_path, True)
+    log.write(record(1))
+    write = os.write
+
+    def half_then_full(fd, data):
+        if len(data) > 10:
+            return write(fd, data[:10])     # the disk takes ten bytes, then is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(checkpoint.OutputError, match="cannot write .*metrics.jsonl: No space left on device"):
+        log.write(record(2))
+    monkeypatch.setattr(os, "write", write)
+    assert (tmp_path / "metrics.jsonl").read_text() == json.dumps(record(1)) + "\n"
+
+
+def test_a_checkpoint_that_meets_a_full_disk_leaves_no_file(tmp_path, monkeypatch):
+    params = {"conv1.weight": np.ones((4, 3, 2, 2), np.float32)}
+    checkpoint.save(tmp_path, 1, params, params, {"step": 1, "model": "m", "config": {}}, keep=3)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(checkpoint.OutputError, match="ckpt-00000002.h5: No space left on device"):
+        checkpoint.save(tmp_path, 2, params, params, {"step": 2, "model": "m", "config": {}}, keep=3)
+    assert os.listdir(tmp_path / "checkpoints") == ["ckpt-00000001.h5"]
+    loaded, _, meta = checkpoint.load(checkpoint.list_checkpoints(tmp_path)[0])
+    np.testing.assert_array_equal(loaded["conv1.weight"], params["conv1.weight"])
+    assert meta["step"] == 1
+
+
+def test_files_that_are_not_checkpoints_are_named(tmp_path):
+    import h5py
+    with h5py.File(tmp_path / "shard.h5", "w") as f:   # a data shard: attributes, no params
+        f.attrs["format_version"] = 2
+    with h5py.File(tmp_path / "broken.h5", "w") as f:
+        f.attrs["format_version"] = checkpoint.FORMAT_VERSION
+        f.attrs["meta"] = "{not json"
+        f.create_group("params")
+        f.create_group("velocity")
+    with pytest.raises(checkpoint.CheckpointError, match="is not an mpiconvnet checkpoint"):
+        checkpoint.load(str(tmp_path / "shard.h5"))
+    with pytest.raises(checkpoint.CheckpointError, match="broken.h5 is unreadable"):
+        checkpoint.load(str(tmp_path / "broken.h5"))
