@@ -6,6 +6,7 @@ into every checkpoint, so a run can always say how it was made.
 """
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass, fields
 
@@ -108,6 +109,8 @@ def _coerce(key, value, where):
             if text in ("0", "false", "no", "off"):
                 return False
             raise ValueError
+        if isinstance(value, bool):   # TOML true/false for a number
+            raise ValueError
         if kind is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
@@ -115,7 +118,10 @@ def _coerce(key, value, where):
                 raise ValueError
             return int(value)
         if kind is float:
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError
+            return number
         return str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: {flag} expects {kind.__name__}, got {value!r}") from None
@@ -126,12 +132,19 @@ def _check(cfg):
         if getattr(cfg, key) not in allowed:
             flag = "--" + key.replace("_", "-")
             raise ConfigError(f"{flag} {getattr(cfg, key)!r} is not one of {', '.join(map(str, allowed))}")
-    for key in ("epochs", "global_batch", "log_every", "keep_checkpoints", "threads", "average_every", "async_every"):
+    for key in ("epochs", "global_batch", "log_every", "keep_checkpoints", "threads", "average_every", "async_every",
+                "lr_step_epochs", "prefetch", "plateau_patience"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(cfg, key)}")
-    for key in ("lr", "bucket_mb", "stall_timeout"):
+    for key in ("seed", "workers", "max_steps", "eval_every", "checkpoint_every", "weight_decay", "bias_lr_mult",
+                "warmup_epochs", "lr_scale_by_batch"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"--{key.replace('_', '-')} must be at least 0, got {getattr(cfg, key)}")
+    for key in ("lr", "bucket_mb", "stall_timeout", "lr_gamma", "warmup_start_div"):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"--{key.replace('_', '-')} must be positive, got {getattr(cfg, key)}")
+    if not 0 <= cfg.momentum < 1:
+        raise ConfigError(f"--momentum must be in [0, 1), got {cfg.momentum}")
     if cfg.parallel != "data" and cfg.sync != "grads":
         raise ConfigError(f"--parallel {cfg.parallel} needs --sync grads: the split layers have no replicas to average")
     if cfg.lr_milestones:
@@ -139,6 +152,11 @@ def _check(cfg):
             [int(m) for m in cfg.lr_milestones.split(",")]
         except ValueError:
             raise ConfigError(f"--lr-milestones {cfg.lr_milestones!r}: give comma-separated epochs, e.g. 30,60,80") from None
+    elif cfg.schedule == "multistep":
+        raise ConfigError("--schedule multistep needs --lr-milestones, e.g. 30,60,80 (the epochs where the lr drops)")
+    if cfg.schedule == "plateau" and (cfg.eval_every == 0 or cfg.sync == "async"):
+        raise ConfigError("--schedule plateau drops the lr when evaluations stop improving: it needs --eval-every 1 "
+                          "or more, and --sync grads or params (async evaluates only at the end)")
     if cfg.init_skip and not cfg.init_weights:
         raise ConfigError(f"--init-skip {cfg.init_skip} needs --init-weights: the file the other layers start from")
     return cfg

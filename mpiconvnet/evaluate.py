@@ -49,6 +49,9 @@ def main(argv=None):
             raise ModelError(f"{args.data} has {data.num_classes} classes, checkpoint {path} was trained on "
                              f"{meta['num_classes']}; evaluate on the data set it was trained on")
         net = build_model(cfg.model, num_classes=meta["num_classes"], backend=backend, dtype=cfg.dtype, seed=cfg.seed)
+        if data.image_size < net.input_size:
+            raise ModelError(f"{args.data}: images are {data.image_size}px, model {cfg.model} crops {net.input_size}px; "
+                             f"evaluate on the data set it was trained on")
         net.load_state_dict(params, source=path)
     except (checkpoint.CheckpointError, DatasetError, ModelError, distributed.SetupError) as e:
         if getattr(e, "echo", True):   # a rank stopped by another rank's set-up error is silent

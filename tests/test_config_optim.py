@@ -9,6 +9,13 @@ from mpiconvnet.config import Config, ConfigError, from_dict, resolve
 from mpiconvnet.optim import SGD, LearningRate
 
 
+def test_a_toml_boolean_is_no_number(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text("epochs = true\n")
+    with pytest.raises(ConfigError, match="--epochs expects int, got True"):
+        resolve(["--config", str(toml)])
+
+
 def test_flags_override_toml_which_overrides_defaults(tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text('global_batch = 128\nlr = 0.02\nmodel = "alexnet-mini"\noverlap = false\n')
@@ -25,6 +32,15 @@ def test_flags_override_toml_which_overrides_defaults(tmp_path):
     (["--global-batch", "0"], "--global-batch must be at least 1"),
     (["--lr"], "flag --lr needs a value"),
     (["--lr-milestones", "30,x"], "--lr-milestones"),
+    (["--lr-step-epochs", "0"], "--lr-step-epochs must be at least 1"),
+    (["--warmup-start-div", "0"], "--warmup-start-div must be positive"),
+    (["--prefetch", "0"], "--prefetch must be at least 1"),
+    (["--workers", "-1"], "--workers must be at least 0"),
+    (["--seed", "-1"], "--seed must be at least 0"),
+    (["--momentum", "-5"], "--momentum must be in "),
+    (["--lr", "nan"], "--lr expects float, got 'nan'"),
+    (["--schedule", "multistep"], "--schedule multistep needs --lr-milestones"),
+    (["--schedule", "plateau", "--eval-every", "0"], "--schedule plateau drops the lr"),
 ])
 def test_bad_flags_are_named(argv, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -41,10 +41,13 @@ def test_evaluate_prints_json_for_a_run_directory(trained):
 
 @pytest.mark.parametrize("args, message", [
     (["--checkpoint", "/nonexistent.h5"], "--checkpoint /nonexistent.h5: no such file or directory"),
+    (["--data", "SMALL"], "images are 48px, model alexnet-mini crops 56px"),
     (["--batch", "0"], "--batch 0 must be at least 1"),
 ])
-def test_evaluate_bad_input_is_one_line_and_exit_2(trained, args, message):
+def test_evaluate_bad_input_is_one_line_and_exit_2(trained, tmp_path, args, message):
     data, run_dir = trained
+    if "SMALL" in args:
+        args = [write_tiny_dataset(str(tmp_path / "small"), 8, 8, 4, 48) if a == "SMALL" else a for a in args]
     result = run("mpiconvnet.evaluate", "--data", data, "--checkpoint", run_dir, *args)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

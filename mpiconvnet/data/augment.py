@@ -68,7 +68,7 @@ def draw_augmentation(rng, n, image_size, crop_size, pca_lighting):
     """Draw offsets, flips and (optionally) lighting for n images from rng, in a fixed order."""
     if crop_size > image_size:
         raise ValueError(f"crop size {crop_size} is larger than the stored images ({image_size}px); "
-                         f"use a smaller model input or re-pack with a larger --size")
+                         f"use a smaller model input or re-pack with a larger --image-size")
     offsets = rng.integers(0, image_size - crop_size + 1, size=(n, 2), dtype=np.int64)
     flips = rng.random(n) < 0.5
     # drawn last, so turning lighting on or off leaves the crops and flips unchanged
@@ -170,7 +170,7 @@ def eval_plan(count, image_size, crop_size, crops=1):
     """
     if crop_size > image_size:
         raise ValueError(f"crop size {crop_size} is larger than the stored images ({image_size}px); "
-                         f"use a smaller model input or re-pack with a larger --size")
+                         f"use a smaller model input or re-pack with a larger --image-size")
     if crops == 1:
         offsets = np.tile(np.array(center_offset(image_size, crop_size), dtype=np.int64), (count, 1))
         flips = np.zeros(count, dtype=bool)

@@ -191,7 +191,7 @@ class BatchLoader:
         self.dataset = ShardedDataset(data_dir, split)
         if crop_size > self.dataset.image_size:
             raise ValueError(f"crop size {crop_size} is larger than the {self.dataset.image_size}px images in "
-                             f"{data_dir}; use a smaller model input or re-pack with a larger --size")
+                             f"{data_dir}; use a smaller model input or re-pack with a larger --image-size")
         if train:
             self.sampler = DistributedSampler(self.dataset.num_images, rank, size, seed, epoch, batch_per_rank,
                                               drop_last=drop_last, shuffle=shuffle)
