@@ -358,4 +358,6 @@ def open_datasets(cfg):
     train_set = ShardedDataset(cfg.data, "train")
     # a data set packed without --val trains without evaluation
     val_set = ShardedDataset(cfg.data, "val") if "val" in load_index(cfg.data)["splits"] else None
+    if cfg.mean == "image":
+        train_set.mean_image()   # read now: missing or damaged, the run stops before any work
     return train_set, val_set

@@ -136,11 +136,13 @@ def test_errors_name_the_file_and_the_fix(tmp_path):
     json.dump(index, open(index_path, "w"))
     with pytest.raises(DatasetError, match=r"no 'val' split.*--val"):
         ShardedDataset(root, "val")
-    os.remove(os.path.join(root, "train-00001.h5"))
     ds = ShardedDataset(root, "train")
+    os.remove(os.path.join(root, "train-00001.h5"))   # gone after the data set was opened
     ds.read([0])                             # shard 0 is fine
     with pytest.raises(DatasetError, match=r"train-00001.h5 not found; finish packing"):
         ds.read([5])
+    with pytest.raises(DatasetError, match=r"train-00001.h5 not found; finish packing"):
+        ShardedDataset(root, "train")        # gone before: found at once
     index["format_version"] = 99
     json.dump(index, open(index_path, "w"))
     with pytest.raises(DatasetError, match=r"format_version 99"):

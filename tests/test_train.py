@@ -484,3 +484,11 @@ def test_a_run_directory_with_checkpoints_is_resumed_never_overwritten(data, tmp
     assert "ckpt-00000006.h5, ckpt-00000008.h5, ckpt-00000012.h5 moved to" in result.stderr
     assert sorted(os.listdir(run / "checkpoints")) == ["ckpt-00000006.h5", "superseded"]
     assert "resuming at step 6" in train(args + ["--epochs", "2", "--lr", "0.001", "--resume", "auto"]).stdout
+
+
+def test_a_missing_validation_shard_stops_the_run_before_its_first_step(tmp_path):
+    data = write_tiny_dataset(str(tmp_path / "shards"), 32, 20, 4, 64, shard_size=16)
+    os.remove(os.path.join(data, "val-00001.h5"))
+    result = train(["--data", data, "--global-batch", "16", "--out", str(tmp_path / "run")], check=False)
+    assert result.returncode == 2 and "val-00001.h5 not found" in result.stderr, result.stderr
+    assert not os.path.exists(tmp_path / "run")

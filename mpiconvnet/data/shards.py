@@ -297,6 +297,12 @@ class ShardedDataset:
         self.std = np.asarray(index["std"], dtype=np.float32).reshape(3)
         self.mean_image_path = os.path.join(self.root, index.get("mean_image", MEAN_IMAGE_FILE))
         self.shard_files = [os.path.join(self.root, shard["file"]) for shard in entry["shards"]]
+        # a stat each, so that a missing shard stops a run before its first step, not at
+        # the evaluation after an epoch of training (a damaged one is found when read)
+        for path in self.shard_files:
+            if not os.path.isfile(path):
+                raise DatasetError(f"{path} not found; finish packing by re-running the same python -m preprocess "
+                                   f"command")
         self.shard_sizes = np.array([shard["num_images"] for shard in entry["shards"]], dtype=np.int64)
         # shard_offsets[k] is the global index of shard k's first image
         self.shard_offsets = np.concatenate([[0], np.cumsum(self.shard_sizes)]).astype(np.int64)
@@ -321,7 +327,10 @@ class ShardedDataset:
         """The mean training image, float32 (S, S, 3) on the 0-255 scale."""
         if not os.path.isfile(self.mean_image_path):
             raise DatasetError(f"{self.mean_image_path} not found; {REPACK_HINT}")
-        mean = np.load(self.mean_image_path).astype(np.float32)
+        try:
+            mean = np.load(self.mean_image_path, allow_pickle=False).astype(np.float32)
+        except (OSError, ValueError) as error:
+            raise DatasetError(f"{self.mean_image_path} cannot be read ({error}); {REPACK_HINT}") from None
         if mean.shape != (self.image_size, self.image_size, 3):
             raise DatasetError(f"{self.mean_image_path} has shape {mean.shape}, expected "
                                f"{(self.image_size, self.image_size, 3)}; {REPACK_HINT}")
