@@ -15,6 +15,7 @@ stops with the same one-line error if two share one (unless sharing is allowed).
 """
 import os
 import sys
+import threading
 import time
 import traceback
 
@@ -69,6 +70,24 @@ class World:
         self.size = comm.Get_size() if comm is not None else 1
         self.local_rank, self.local_size = local_rank, local_size
         self.is_root = self.rank == 0
+        self.watchdog = None
+
+    def start_watchdog(self, timeout):
+        """From here on a rank that makes no progress (see progress()) for `timeout`
+        seconds ends the run with exit 3; returns the Watchdog (None for one rank)."""
+        if self.size > 1 and self.watchdog is None:
+            self.watchdog = Watchdog(self, timeout)
+        return self.watchdog
+
+    def progress(self, where):
+        """Tell the watchdog, if one runs, that this rank moved on to `where`."""
+        if self.watchdog is not None:
+            self.watchdog.progress(where)
+
+    def stop_watchdog(self):
+        if self.watchdog is not None:
+            self.watchdog.close()
+            self.watchdog = None
 
     def print(self, *args, **kwargs):
         if self.is_root:
@@ -241,6 +260,41 @@ def _agree_on_gpus(comm, node, error, allow_sharing):
     first = next((rank for rank, problem in enumerate(problems) if problem), None)
     if first is not None:
         raise SetupError(f"rank {first} cannot start: {problems[first]}", echo=False)
+
+
+class Watchdog:
+    """The backstop for the collectives that block without a time limit: the evaluation's
+    sums, a checkpoint's gathers and barrier, the layer gathers of --parallel hybrid and
+    model. The trainer and the evaluation mark progress; a rank that makes none for
+    `timeout` says where it was waiting and ends the run (exit 3), instead of every rank
+    waiting until the job's time limit. A blocked MPI call cannot be polled, so unlike
+    Heartbeat it cannot name the silent rank."""
+
+    def __init__(self, world, timeout):
+        self.world, self.timeout = world, timeout
+        self.where, self.since = "the set-up", time.monotonic()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="watchdog", daemon=True)
+        self._thread.start()
+
+    def progress(self, where):
+        self.where, self.since = where, time.monotonic()
+
+    def close(self):
+        self._stopped.set()
+        self._thread.join()
+
+    def _watch(self):
+        while not self._stopped.wait(min(self.timeout / 4, 5.0)):
+            idle = time.monotonic() - self.since
+            if idle > self.timeout:
+                sys.stderr.write(f"rank {self.world.rank}: no progress for {idle:.0f} s in {self.where}; another rank "
+                                 f"is dead or hung (or the file system is); aborting all ranks\n")
+                sys.stderr.flush()
+                from mpi4py import MPI
+                if MPI.Query_thread() == MPI.THREAD_MULTIPLE:
+                    self.world.abort(3)
+                os._exit(3)   # MPI calls from this thread are not allowed: the launcher ends the others
 
 
 class Heartbeat:

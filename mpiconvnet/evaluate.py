@@ -57,6 +57,7 @@ def main(argv=None):
         if getattr(e, "echo", True):   # a rank stopped by another rank's set-up error is silent
             print(f"mpiconvnet.evaluate: {e}", file=sys.stderr)
         return 2
+    world.start_watchdog(2 * cfg.stall_timeout)   # a rank that hangs ends the run, as in training
     try:
         result = evaluate(net, world, args.data, args.batch, crops=args.crops, mean=cfg.mean, workers=args.workers,
                           split=args.split, seed=cfg.seed)
@@ -68,6 +69,7 @@ def main(argv=None):
         world.print("mpiconvnet.evaluate: interrupted", file=sys.stderr)
         world.abort(130)
         return 130
+    world.stop_watchdog()
     result.update(checkpoint=path, step=meta["step"], split=args.split, crops=args.crops, model=cfg.model)
     if world.is_root:
         if args.json:

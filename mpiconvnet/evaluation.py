@@ -46,6 +46,7 @@ def evaluate(net, world, data_dir, batch_per_rank, crops=1, mean="channel", work
             from mpi4py import MPI
             missing_steps = world.comm.allreduce(len(loader), op=MPI.MAX) - len(loader)
         for batch, images in loader.device_batches(net.ops):
+            world.progress(f"the evaluation ({split}, {int(totals[3])} images scored)")
             labels = batch.labels
             n = len(labels)
             probabilities = softmax(net.forward(images, train=False).astype(np.float64))
@@ -56,6 +57,7 @@ def evaluate(net, world, data_dir, batch_per_rank, crops=1, mean="channel", work
             totals += (top1, top5, loss, n)
         for _ in range(missing_steps):
             net.forward(np.zeros((0, 3, net.input_size, net.input_size), net.dtype), train=False)
+    world.progress(f"the evaluation's final sum ({split}, {int(totals[3])} images scored here)")
     top1, top5, loss, images = totals if same_images else world.allreduce_sum(totals)
     images = max(images, 1)
     return {"top1": top1 / images, "top5": top5 / images, "loss": loss / images, "images": int(images)}

@@ -123,6 +123,7 @@ class Trainer:
         self.net.load_state_dict(state)
 
     def save_checkpoint(self):
+        self.world.progress(f"the checkpoint of step {self.step}")
         if self.averager is not None and self.step % self.cfg.average_every:
             # replicas between averagings differ: the checkpoint holds their mean, which
             # every scheduled checkpoint of an uninterrupted run takes too
@@ -212,6 +213,8 @@ class Trainer:
         total_steps = cfg.epochs * self.steps_per_epoch
         if cfg.max_steps:
             total_steps = min(total_steps, cfg.max_steps)
+        # twice the heartbeat's limit: where the heartbeat can name a silent rank, it does first
+        world.start_watchdog(2 * cfg.stall_timeout)
         if self._evaluation_due():   # resumed from a checkpoint written before its evaluation
             self._evaluate(self.step // self.steps_per_epoch - 1, log)
         window = {"loss": 0.0, "images": 0, "data": 0.0, "compute": 0.0, "comm": 0.0, "steps": 0, "t": time.perf_counter()}
@@ -229,6 +232,7 @@ class Trainer:
                 since = time.perf_counter()
                 # the next batch's copy to the GPU runs during this step (device_batches)
                 for batch, images in loader.device_batches(self.net.ops):
+                    world.progress(f"step {self.step + 1}")
                     self.heartbeat.beat(self.step)
                     lr = self.schedule.at(self.step)
                     loss, exposed = self.train_step(images, batch.labels, lr)
@@ -309,6 +313,7 @@ class Trainer:
 
     def _evaluate(self, epoch, log):
         self.evaluated_at = self.step
+        self.world.progress(f"the evaluation after step {self.step}")
         if self.val_set is None:
             return None
         result = evaluate(self.net, self.world, self.cfg.data, self.batch_per_rank, crops=self.cfg.eval_crops,
@@ -326,6 +331,7 @@ class Trainer:
         return result
 
     def close(self):
+        self.world.stop_watchdog()
         if self.reducer is not None:
             self.reducer.close()
 

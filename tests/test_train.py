@@ -263,6 +263,22 @@ def test_a_stopped_rank_is_named_after_the_stall_timeout(data, tmp_path):
 
 @pytest.mark.mpi
 @needs_mpiexec
+def test_a_rank_stopped_inside_the_blocking_gathers_of_hybrid_ends_the_run(data, tmp_path):
+    # the fc layers' gathers are blocking MPI calls the heartbeat cannot poll: the watchdog
+    # ends the run after twice --stall-timeout instead of letting it wait forever
+    run = str(tmp_path / "run")
+    proc = start_long_run(data, run, extra=["--stall-timeout", "3", "--parallel", "hybrid"])
+    _wait_for_checkpoint_then(proc, os.path.join(run, "checkpoints"), lambda: None)
+    started = time.monotonic()
+    with hung(rank_pids(proc)[-1]):
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and time.monotonic() - started < 30
+    assert ("rank 0: no progress for" in err and "another rank is dead or hung" in err
+            or "rank 0: ranks [1] sent nothing for 3 s" in err), err
+
+
+@pytest.mark.mpi
+@needs_mpiexec
 def test_a_rank_missing_from_the_step_s_loss_allreduce_is_reported():
     # the window the heartbeat cannot see: a rank hangs after the gradients were reduced
     # and before the per-step sum of losses and stop votes (here: never calls it)
