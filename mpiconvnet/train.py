@@ -9,10 +9,10 @@ is listed by --help. The resolved config is saved as RUN_DIR/config.json and in 
 checkpoint.
 
 Exit codes: 0 finished; 2 bad flags or data, nothing done; 3 a rank stopped answering; 4
-the loss became NaN/Inf (last good checkpoint kept); 5 --out cannot be written (full
-disk, quota, permissions; the last complete checkpoint is kept); 75 stopped by
-SIGTERM/SIGUSR1/SIGINT (ctrl-c) after writing a checkpoint: run the same command with
---resume auto to continue.
+the loss became NaN/Inf (checkpoints kept: --resume PATH of an earlier one, lower --lr); 5
+--out cannot be written (full disk, quota, permissions; the last complete checkpoint is
+kept); 75 stopped by SIGTERM/SIGUSR1/SIGINT (ctrl-c) after writing a checkpoint: run the
+same command with --resume auto to continue.
 """
 import os
 import sys
