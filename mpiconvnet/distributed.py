@@ -139,6 +139,15 @@ def launched_by_mpi(environ=os.environ):
     return False
 
 
+def first_rank_by_environment(environ=os.environ):
+    """False only for a process its launcher numbered other than 0: before MPI starts, so
+    that a bad flag, which every rank sees alike, is printed once rather than once a rank."""
+    for var in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID"):
+        if environ.get(var, "").isdigit():
+            return environ[var] == "0"
+    return True
+
+
 class SetupError(RuntimeError):
     """This rank cannot start: no pycuda or CUDA driver, no usable GPU or one shared with
     another rank, libraries not found, srun's --mpi not matching the MPI, or an MPI without

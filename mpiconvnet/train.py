@@ -62,7 +62,8 @@ def main(argv=None):
     try:
         cfg = resolve(argv)
     except ConfigError as e:
-        print(f"mpiconvnet.train: {e}", file=sys.stderr)
+        if distributed.first_rank_by_environment():
+            print(f"mpiconvnet.train: {e}", file=sys.stderr)
         return EXIT_USAGE
     # before the set-up, which may take minutes (MPI, GPUs, data checks, a checkpoint to
     # restore): a USR1 or TERM from SLURM meanwhile then stops the run after its first step,

@@ -434,6 +434,14 @@ def test_a_global_batch_that_does_not_divide_by_the_ranks_is_refused(data, tmp_p
 
 @pytest.mark.mpi
 @needs_mpiexec
+def test_a_bad_flag_under_mpiexec_is_said_once(data, tmp_path):
+    result = train(["--data", data, "--out", str(tmp_path / "run"), "--momentum", "2"], ranks=2, check=False)
+    assert result.returncode == 2
+    assert result.stderr.count("--momentum must be in [0, 1)") == 1, result.stderr
+
+
+@pytest.mark.mpi
+@needs_mpiexec
 def test_sigusr1_to_one_rank_stops_every_rank_after_the_same_step(data, tmp_path):
     # SLURM signals every task, but not at the same instant: the stop is voted on in the
     # per-step allreduce, so all ranks checkpoint after the same step and exit 75
