@@ -120,8 +120,9 @@ class ParameterServer:
                                f"{cfg.stall_timeout:.0f} s at step {t.step}; aborting all ranks")
             batches, loss = int(header[1]), header[2] / header[1]
             if stopping is None and not math.isfinite(loss):
-                failure = (f"loss became {loss} at step {t.step} (a push from worker {worker}); last good checkpoint "
-                           f"kept in {checkpoint.checkpoint_dir(cfg.out)}; lower --lr or check the data's mean")
+                failure = (f"loss became {loss} at step {t.step} (a push from worker {worker}); the checkpoints in "
+                           f"{checkpoint.checkpoint_dir(cfg.out)} are kept; resume from one well before the loss grew "
+                           f"(--resume PATH) with a lower --lr, or check the data's mean")
                 stopping = "failure"
             if stopping is None and stop.received:
                 stopping = stop.received
@@ -366,5 +367,8 @@ def run(trainer, stop, progress, log):
         weights.gather(t.net.params)
     t.world.comm.Bcast(weights.buffer, root=0)
     weights.scatter(t.net.params)
-    t.evaluate_now(log)
+    if t.evaluated_at != t.step:   # a finished run resumed once more has nothing to do
+        t.evaluate_now(log)
+        if t.world.is_root:   # the last checkpoint again, now saying its evaluation is done
+            t.write_checkpoint(t.net.state_dict(), t.optimizer.state_dict())
     return outcome

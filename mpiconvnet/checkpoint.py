@@ -76,18 +76,21 @@ def step_of(path):
 
 
 def set_aside_newer(run_dir, step):
-    """Move the run's checkpoints of steps after `step` into checkpoints/superseded/: a run
-    resumed from an older checkpoint (say with a lower lr after a NaN) must neither have
-    its own checkpoints pruned in their favour nor be resumed from them by --resume auto.
-    Returns the names moved."""
+    """Move the run's checkpoints of steps after `step` into checkpoints/superseded/N/ (N
+    counts such moves, so none overwrites another): a run resumed from an older checkpoint
+    (say with a lower lr after a NaN) must neither have its own checkpoints pruned in
+    their favour nor be resumed from them by --resume auto. Returns the names moved."""
     newer = [p for p in list_checkpoints(run_dir) if step_of(p) > step]
     if newer:
-        aside = os.path.join(checkpoint_dir(run_dir), "superseded")
-        os.makedirs(aside, exist_ok=True)
+        root = os.path.join(checkpoint_dir(run_dir), "superseded")
+        os.makedirs(root, exist_ok=True)
+        aside = os.path.join(root, str(len(os.listdir(root)) + 1))
+        os.makedirs(aside)
         for path in newer:
             os.replace(path, os.path.join(aside, os.path.basename(path)))
         _fsync_dir(checkpoint_dir(run_dir))
-    return [os.path.basename(p) for p in newer]
+        return aside, [os.path.basename(p) for p in newer]
+    return None, []
 
 
 def _write(tmp, params, velocity, meta):

@@ -61,7 +61,7 @@ class Config:
     overlap: bool = True            # reduce buckets while backward runs (false: ~5% faster where ranks fill every core)
     threads: int = 1                # BLAS threads per rank
     allow_gpu_sharing: bool = False  # cuda: let ranks on a node share a GPU
-    stall_timeout: float = 300.0    # seconds without progress before naming the silent rank (blocking collectives: the run ends after twice this)
+    stall_timeout: float = 300.0    # seconds without progress before naming the silent rank; inside blocking collectives (not --sync async) the run ends after twice this, so one step, evaluation batch or checkpoint must take less
 
     # bookkeeping
     max_steps: int = 0              # stop after this many steps in total (0: run all epochs)
@@ -133,11 +133,11 @@ def _check(cfg):
             flag = "--" + key.replace("_", "-")
             raise ConfigError(f"{flag} {getattr(cfg, key)!r} is not one of {', '.join(map(str, allowed))}")
     for key in ("epochs", "global_batch", "log_every", "keep_checkpoints", "threads", "average_every", "async_every",
-                "lr_step_epochs", "prefetch", "plateau_patience"):
+                "lr_step_epochs", "prefetch"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(cfg, key)}")
     for key in ("seed", "workers", "max_steps", "eval_every", "checkpoint_every", "weight_decay", "bias_lr_mult",
-                "warmup_epochs", "lr_scale_by_batch"):
+                "warmup_epochs", "lr_scale_by_batch", "plateau_patience"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"--{key.replace('_', '-')} must be at least 0, got {getattr(cfg, key)}")
     for key in ("lr", "bucket_mb", "stall_timeout", "lr_gamma", "warmup_start_div"):
@@ -152,7 +152,13 @@ def _check(cfg):
             [int(m) for m in cfg.lr_milestones.split(",")]
         except ValueError:
             raise ConfigError(f"--lr-milestones {cfg.lr_milestones!r}: give comma-separated epochs, e.g. 30,60,80") from None
-    elif cfg.schedule == "multistep":
+    return cfg
+
+
+def _check_combinations(cfg):
+    """Flags that run but cannot do what they ask, refused when a user gives them (not
+    when a saved config is read: a checkpoint made before these checks still resumes)."""
+    if cfg.schedule == "multistep" and not cfg.lr_milestones:
         raise ConfigError("--schedule multistep needs --lr-milestones, e.g. 30,60,80 (the epochs where the lr drops)")
     if cfg.schedule == "plateau" and (cfg.eval_every == 0 or cfg.sync == "async"):
         raise ConfigError("--schedule plateau drops the lr when evaluations stop improving: it needs --eval-every 1 "
@@ -216,7 +222,7 @@ def resolve(argv=(), base=None):
             setattr(cfg, key, value)
     for key, value in flags.items():
         setattr(cfg, key, value)
-    return _check(cfg)
+    return _check_combinations(_check(cfg))
 
 
 def from_dict(values):

@@ -280,8 +280,11 @@ class Watchdog:
     Heartbeat it cannot name the silent rank."""
 
     def __init__(self, world, timeout):
+        from mpi4py import MPI
         self.world, self.timeout = world, timeout
         self.where, self.since = "the set-up", time.monotonic()
+        # asked here, in the main thread: MPI_Abort from the watchdog's thread needs it
+        self.can_abort = MPI.Query_thread() == MPI.THREAD_MULTIPLE
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="watchdog", daemon=True)
         self._thread.start()
@@ -300,8 +303,7 @@ class Watchdog:
                 sys.stderr.write(f"rank {self.world.rank}: no progress for {idle:.0f} s in {self.where}; another rank "
                                  f"is dead or hung (or the file system is); aborting all ranks\n")
                 sys.stderr.flush()
-                from mpi4py import MPI
-                if MPI.Query_thread() == MPI.THREAD_MULTIPLE:
+                if self.can_abort:
                     self.world.abort(3)
                 os._exit(3)   # MPI calls from this thread are not allowed: the launcher ends the others
 

@@ -13,7 +13,7 @@ import json
 import sys
 
 from mpiconvnet import checkpoint, distributed
-from mpiconvnet.config import from_dict
+from mpiconvnet.config import ConfigError, from_dict
 from mpiconvnet.data.shards import SPLITS, DatasetError, ShardedDataset
 from mpiconvnet.evaluation import evaluate
 from mpiconvnet.models import ModelError, build_model
@@ -29,12 +29,18 @@ def parse_args(argv):
     p.add_argument("--backend", choices=("numpy", "cuda"), default=None, help="default: the training run's")
     p.add_argument("--workers", type=int, default=1, help="loader processes per rank")
     p.add_argument("--threads", type=int, default=1, help="BLAS threads per rank")
+    p.add_argument("--stall-timeout", type=float, default=None,
+                   help="seconds: a rank that makes no progress for twice this (one batch) ends the run with exit 3 "
+                        "(default: the training run's)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.stall_timeout is not None and not args.stall_timeout > 0:
+        print(f"mpiconvnet.evaluate: --stall-timeout {args.stall_timeout} must be positive", file=sys.stderr)
+        return 2
     if args.batch < 1:
         print(f"mpiconvnet.evaluate: --batch {args.batch} must be at least 1", file=sys.stderr)
         return 2
@@ -53,11 +59,11 @@ def main(argv=None):
             raise ModelError(f"{args.data}: images are {data.image_size}px, model {cfg.model} crops {net.input_size}px; "
                              f"evaluate on the data set it was trained on")
         net.load_state_dict(params, source=path)
-    except (checkpoint.CheckpointError, DatasetError, ModelError, distributed.SetupError) as e:
+    except (checkpoint.CheckpointError, ConfigError, DatasetError, ModelError, distributed.SetupError) as e:
         if getattr(e, "echo", True):   # a rank stopped by another rank's set-up error is silent
             print(f"mpiconvnet.evaluate: {e}", file=sys.stderr)
         return 2
-    world.start_watchdog(2 * cfg.stall_timeout)   # a rank that hangs ends the run, as in training
+    world.start_watchdog(2 * (args.stall_timeout or cfg.stall_timeout))   # a rank that hangs ends the run
     try:
         result = evaluate(net, world, args.data, args.batch, crops=args.crops, mean=cfg.mean, workers=args.workers,
                           split=args.split, seed=cfg.seed)

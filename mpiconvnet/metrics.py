@@ -33,9 +33,10 @@ def read_records(path):
 
 class MetricsLog:
     """Rank 0's metrics.jsonl for a run. A resumed run redoes the steps after its
-    checkpoint, so their old lines go; a run from scratch starts the file anew."""
+    checkpoint, and the evaluation at it unless the checkpoint says it was done
+    (`evaluated_at`), so their old lines go; a run from scratch starts the file anew."""
 
-    def __init__(self, run_dir, enabled, resume_step=0):
+    def __init__(self, run_dir, enabled, resume_step=0, evaluated_at=None):
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.enabled = enabled
         if enabled and os.path.exists(self.path):
@@ -43,7 +44,9 @@ class MetricsLog:
                 records = read_records(self.path)
             except ValueError as error:   # edited by hand, or another tool's
                 raise OutputError(f"{error}; move it aside and run the same command again") from None
-            kept = [json.dumps(r) + "\n" for r in records if r["step"] <= resume_step]
+            kept = [json.dumps(r) + "\n" for r in records
+                    if r["step"] < resume_step or r["step"] == resume_step and (
+                        r.get("kind") != "eval" or evaluated_at == resume_step)]
             try:
                 with open(self.path + ".tmp", "w") as f:
                     f.writelines(kept)

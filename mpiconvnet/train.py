@@ -27,7 +27,7 @@ from mpiconvnet.trainer import (EXIT_CANNOT_WRITE, EXIT_NONFINITE, EXIT_USAGE, N
 from mpiconvnet.weights import initial_state
 
 
-def check_before_work(cfg, world, train_set):
+def check_before_work(cfg, world, train_set, val_set):
     """Everything that can be wrong with the inputs, found before the first step (--data
     was checked before the data set was opened)."""
     if not cfg.out:
@@ -48,6 +48,9 @@ def check_before_work(cfg, world, train_set):
                           f"smaller model")
     if cfg.resume and cfg.resume != "auto" and not os.path.isfile(cfg.resume):
         raise ConfigError(f"--resume {cfg.resume}: no such checkpoint; give a file or 'auto'")
+    if cfg.schedule == "plateau" and val_set is None:
+        raise ConfigError(f"--schedule plateau follows the validation top-1, and {cfg.data} has no val split; pack "
+                          f"one (python -m preprocess ... --val) or choose another --schedule")
     if cfg.drop_last and cfg.global_batch > train_set.num_images:
         raise ConfigError(f"--global-batch {cfg.global_batch} is larger than the {train_set.num_images} training images "
                           f"of {cfg.data}, so dropping the last batch leaves no step; lower --global-batch or pad the "
@@ -81,7 +84,7 @@ def main(argv=None):
         if not cfg.data:
             raise ConfigError("--data is required: a directory written by python -m preprocess")
         train_set, val_set = open_datasets(cfg)
-        check_before_work(cfg, world, train_set)
+        check_before_work(cfg, world, train_set, val_set)
         trainer = Trainer(cfg, world, train_set, val_set)
         resume_from = checkpoint.resolve_resume(cfg.resume, cfg.out)
         earlier = checkpoint.list_checkpoints(cfg.out)
@@ -92,7 +95,8 @@ def main(argv=None):
             trainer.restore(resume_from)
         elif cfg.init_weights:
             skip = [layer.strip() for layer in cfg.init_skip.split(",") if layer.strip()]
-            trainer.net.load_state_dict(initial_state(trainer.net, cfg.init_weights, skip), source=cfg.init_weights)
+            trainer.net.load_state_dict(initial_state(trainer.net, cfg.init_weights, skip, world),
+                                        source=cfg.init_weights)
     except (ConfigError, DatasetError, ModelError, checkpoint.CheckpointError) as e:
         if world.is_root:
             print(f"mpiconvnet.train: {e}", file=sys.stderr)
@@ -102,11 +106,10 @@ def main(argv=None):
         if world.is_root:
             write_config(cfg)
             if resume_from:
-                superseded = set_aside_newer(cfg, trainer.step)
-                if superseded:
+                aside, names = set_aside_newer(cfg, trainer.step)
+                if names:
                     print(f"mpiconvnet: resuming from step {trainer.step}: the later checkpoints "
-                          f"{', '.join(superseded)} moved to {checkpoint.checkpoint_dir(cfg.out)}/superseded/",
-                          file=sys.stderr)
+                          f"{', '.join(names)} moved to {aside}", file=sys.stderr)
         world.barrier()
         if not resume_from:
             trainer.broadcast_parameters()
@@ -130,6 +133,7 @@ def main(argv=None):
 
 
 def set_aside_newer(cfg, step):
+    """(the folder, [names]) of the later checkpoints moved aside; (None, []) for none."""
     try:
         return checkpoint.set_aside_newer(cfg.out, step)
     except OSError as error:
@@ -149,7 +153,7 @@ def write_config(cfg):
 def train(cfg, world, trainer, resume_from, stop):
     """The banner, rank 0's progress bar and the run; returns the exit code."""
     stop.catch_interrupt()
-    log = MetricsLog(cfg.out, world.is_root, trainer.step)   # 0 for a fresh run: its old lines go
+    log = MetricsLog(cfg.out, world.is_root, trainer.step, trainer.evaluated_at)   # step 0: a fresh file
     world.print(f"mpiconvnet: {cfg.model} ({trainer.net.num_parameters:,} parameters) on {world.size} rank(s), "
                 f"backend {cfg.backend}, global batch {cfg.global_batch}, {trainer.steps_per_epoch} steps/epoch"
                 + (", fc layers split across the ranks" if cfg.parallel == "hybrid" else "")

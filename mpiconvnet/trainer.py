@@ -124,7 +124,8 @@ class Trainer:
 
     def save_checkpoint(self):
         self.world.progress(f"the checkpoint of step {self.step}")
-        if self.averager is not None and self.step % self.cfg.average_every:
+        # (written again after the run's last evaluation: the replicas are averaged already)
+        if self.averager is not None and self.step % self.cfg.average_every and self.saved_at != self.step:
             # replicas between averagings differ: the checkpoint holds their mean, which
             # every scheduled checkpoint of an uninterrupted run takes too
             self.averager.average()
@@ -134,6 +135,8 @@ class Trainer:
         if self.world.is_root:
             self.write_checkpoint(params, velocity)
         self.world.barrier()
+        self.saved_at = self.step
+        self.world.progress(f"the step after the checkpoint of step {self.step}")
 
     def write_checkpoint(self, params, velocity):
         """Rank 0's part of a checkpoint (--sync async's server calls it alone)."""
@@ -161,8 +164,10 @@ class Trainer:
         self.optimizer.load_state_dict({n: self.net.local_part(n, v) for n, v in velocity.items()}, source=path)
         self.schedule.load_state_dict(meta["schedule"])
         self.step = int(meta["step"])
-        # checkpoints before 2026-11-25 do not say; their epoch-end evaluation came after them
+        # a checkpoint's evaluation comes after it (checkpoints before 2026-11-25 do not say):
+        # the resumed run does it again unless the checkpoint was written again afterwards
         self.evaluated_at = meta.get("evaluated_at")
+        self.saved_at = self.step
 
     # -- the loop --------------------------------------------------------------------
 
@@ -226,6 +231,7 @@ class Trainer:
                              divide_by_std=self.net.spec.standardize_input, pca_lighting=cfg.pca_lighting,
                              drop_last=cfg.drop_last, workers=cfg.workers,
                              prefetch=cfg.prefetch) as loader:
+                world.progress(f"the first step of epoch {epoch}")
                 waited = loader.time_waiting
                 # compute: the host's time from here, less waiting for data and exposed
                 # communication (the model input, staged one batch ahead, is compute)
@@ -269,19 +275,25 @@ class Trainer:
                         world.print(f"stopped by {stop.received or 'a signal on another rank'} after step "
                                     f"{self.step}; checkpoint written, continue with --resume auto")
                         return EXIT_PREEMPTED
-                    # the evaluation before the checkpoint: the plateau schedule's state
-                    # after it is what the checkpoint must hold for an exact resume, and a
-                    # finished run's last checkpoint then says its evaluation is done
-                    if self._evaluation_due() or (self.step == total_steps and self.evaluated_at != self.step):
-                        self._evaluate(epoch, log)
+                    # the checkpoint first: an evaluation cut short (preemption, a bad val
+                    # shard) then loses no training. The checkpoint says its evaluation is
+                    # not done, and a run resumed from it does it before its first step.
                     if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or end_of_epoch \
                             or self.step == total_steps:
                         self.save_checkpoint()
+                    if self._evaluation_due():
+                        self._evaluate(epoch, log)
                     since = time.perf_counter()
                     if self.step == total_steps:
                         break
-        if self.evaluated_at != self.step:   # resumed at the end with its evaluation not done
-            self._evaluate(max(self.step - 1, 0) // self.steps_per_epoch, log)
+        if self.evaluated_at != self.step:
+            # the run's last evaluation; mid-epoch (--max-steps) it leaves the plateau schedule
+            # alone, as a longer run would never have made it. The last checkpoint is written
+            # again, now saying it is done, so resuming a finished run evaluates nothing twice.
+            self._evaluate(max(self.step - 1, 0) // self.steps_per_epoch, log,
+                           report=self.step % self.steps_per_epoch == 0)
+            if self.saved_at == self.step:
+                self.save_checkpoint()
         return EXIT_OK
 
     def _evaluation_due(self):
@@ -312,14 +324,16 @@ class Trainer:
         the epoch of the last step done, as the evaluations at epoch ends are."""
         return self._evaluate(max(self.step - 1, 0) // self.steps_per_epoch, log)
 
-    def _evaluate(self, epoch, log):
+    def _evaluate(self, epoch, log, report=True):
+        """report: tell the plateau schedule (epoch-end evaluations only)."""
         self.evaluated_at = self.step
         self.world.progress(f"the evaluation after step {self.step}")
         if self.val_set is None:
             return None
         result = evaluate(self.net, self.world, self.cfg.data, self.batch_per_rank, crops=self.cfg.eval_crops,
                           mean=self.cfg.mean, workers=self.cfg.workers, seed=self.cfg.seed)
-        self.schedule.report_evaluation(result["top1"])
+        if report:
+            self.schedule.report_evaluation(result["top1"])
         record = {"kind": "eval", "step": self.step, "epoch": epoch, **result, "time": time.time()}
         if log is not None:
             log.write(record)

@@ -12,6 +12,8 @@ naming), or from another run's checkpoint, instead of the random init; `--init-s
 leaves the listed layers at their random init, for fine-tuning to another class count.
 """
 import os
+import zipfile
+import zlib
 
 import numpy as np
 
@@ -60,16 +62,26 @@ def read_weights(path):
     try:
         with np.load(path, allow_pickle=False) as f:
             state = {name: f[name] for name in f.files}
-    except (OSError, ValueError) as e:   # not a zip, a truncated one, an object array
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:   # truncated, corrupt, objects
         raise ModelError(f"--init-weights {path}: not a readable .npz of arrays ({e}); write it with numpy.savez "
                          f"or python -m mpiconvnet.export") from None
     return from_torchvision(state)
 
 
-def initial_state(net, path, skip_layers=()):
+def initial_state(net, path, skip_layers=(), world=None):
     """The whole-array state to start `net` from: the file's arrays, and net's own (random)
-    ones for the layers in skip_layers. A collective when the model is split."""
-    state = read_weights(path)
+    ones for the layers in skip_layers. A collective of `world`'s ranks."""
+    try:
+        state, failure = read_weights(path), None
+    except (ModelError, checkpoint.CheckpointError) as error:
+        state, failure = None, error
+    if world is not None and world.size > 1:
+        # a file that one node cannot read stops every rank, before the gathers below
+        failures = world.comm.allgather(None if failure is None else f"rank {world.rank}: {failure}")
+        if failure is None and any(failures):
+            raise ModelError(next(f for f in failures if f))
+    if failure is not None:
+        raise failure
     own = net.state_dict()
     layers = {name.split(".")[0] for name in own}
     unknown = sorted(set(skip_layers) - layers)

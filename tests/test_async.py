@@ -41,6 +41,10 @@ def test_one_worker_pushing_every_batch_is_synchronous_sgd_and_resumes_exactly(d
                            "--resume", "auto"], ranks=2)
     assert "resuming at step 3" in result.stdout
     assert_same_state(tmp_path / "parts", tmp_path / "async", 6, rtol=0, atol=0)
+    # a finished run resumed once more: its last checkpoint says it was evaluated
+    train(args + ["--out", str(tmp_path / "parts"), "--max-steps", "6", "--sync", "async", "--resume", "auto"],
+          ranks=2)
+    assert [r["step"] for r in evaluations(tmp_path / "parts")] == [3, 6]
 
 
 @pytest.mark.cuda

@@ -9,6 +9,14 @@ from mpiconvnet.config import Config, ConfigError, from_dict, resolve
 from mpiconvnet.optim import SGD, LearningRate
 
 
+def test_a_saved_config_is_not_refused_for_combinations_checked_since():
+    # checkpoints from before the combination checks must still resume and evaluate
+    saved = Config(schedule="multistep", lr_milestones="").to_dict()
+    assert from_dict(saved).schedule == "multistep"
+    with pytest.raises(ConfigError, match="needs --lr-milestones"):
+        resolve(["--schedule", "multistep"])
+
+
 def test_a_toml_boolean_is_no_number(tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text("epochs = true\n")

@@ -457,22 +457,43 @@ def test_sigusr1_to_one_rank_stops_every_rank_after_the_same_step(data, tmp_path
     assert "checkpoint written, continue with --resume auto" in out
 
 
-def test_the_plateau_schedule_resumes_exactly_from_an_epoch_end(data, tmp_path):
-    # the epoch-end checkpoint comes after that epoch's evaluation, so it holds the plateau
-    # state the evaluation left (it once came before, and a resumed run's lr drops differed)
+@pytest.mark.parametrize("split_at", [12, 9])   # an epoch end (6 steps an epoch), and mid-epoch
+def test_the_plateau_schedule_resumes_exactly(data, tmp_path, split_at):
+    # the evaluation at an epoch end comes after its checkpoint, and a run resumed from that
+    # checkpoint evaluates first; a --max-steps run's last, mid-epoch evaluation leaves the
+    # schedule alone, as the longer run never made it
     args = ["--data", data, "--global-batch", "16", "--epochs", "4", "--schedule", "plateau",
             "--plateau-patience", "1", "--lr", "0.05"]
     train(args + ["--out", str(tmp_path / "whole")])
-    train(args + ["--out", str(tmp_path / "split"), "--max-steps", "12"])
+    train(args + ["--out", str(tmp_path / "split"), "--max-steps", str(split_at)])
     train(args + ["--out", str(tmp_path / "split"), "--resume", "auto"])
+    runs = {}
     for run in ("whole", "split"):
         with open(tmp_path / run / "metrics.jsonl") as f:
-            records = [{k: v for k, v in r.items() if k not in ("time", "images_per_s", "time_data", "time_compute",
-                                                                   "time_comm", "memory_mb")} for r in map(json.loads, f)]
-        if run == "whole":
-            expected = records
-    assert records == expected
-    assert len({r["lr"] for r in records if r["kind"] == "train"}) > 1, "the test needs the lr to drop"
+            runs[run] = [{k: v for k, v in r.items() if k not in ("time", "images_per_s", "time_data", "time_compute",
+                                                                     "time_comm", "memory_mb")}
+                         for r in map(json.loads, f)]
+    extra = [r for r in runs["split"] if r["kind"] == "eval" and r["step"] == split_at and split_at % 6]
+    assert [r for r in runs["split"] if r not in extra] == runs["whole"]
+    assert len(extra) == (1 if split_at % 6 else 0)   # the first part's own last evaluation
+    lrs = [r["lr"] for r in runs["whole"] if r["kind"] == "train"]
+    assert lrs[12] < lrs[11], "the test needs the lr to drop after the evaluation at step 12"
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+def test_parameter_averaging_evaluates_the_averaged_replicas(data, tmp_path):
+    # epoch ends (step 6) fall between averagings (every 4): the checkpoint averages, and the
+    # evaluation after it must score that one model, not each rank's own replica
+    run = tmp_path / "run"
+    train(["--data", data, "--out", str(run), "--global-batch", "16", "--epochs", "1", "--sync", "params",
+           "--average-every", "4"], ranks=2)
+    during = evaluations(run)[0]
+    result = subprocess.run([PYTHON, "-m", "mpiconvnet.evaluate", "--data", data, "--checkpoint", str(run), "--json",
+                             "--workers", "0"], env=ENV, capture_output=True, text=True, timeout=120)
+    after = json.loads(result.stdout)
+    assert (during["step"], after["step"]) == (6, 6)
+    assert during["top1"] == after["top1"] and during["loss"] == pytest.approx(after["loss"], rel=1e-6)
 
 
 def test_a_stop_at_an_epoch_end_evaluates_when_resumed(tmp_path):
@@ -507,6 +528,7 @@ def test_a_run_directory_with_checkpoints_is_resumed_never_overwritten(data, tmp
                            "--resume", str(run / "checkpoints" / "ckpt-00000004.h5")])
     assert "ckpt-00000006.h5, ckpt-00000008.h5, ckpt-00000012.h5 moved to" in result.stderr
     assert sorted(os.listdir(run / "checkpoints")) == ["ckpt-00000006.h5", "superseded"]
+    assert sorted(os.listdir(run / "checkpoints" / "superseded" / "1")) == [f"ckpt-{s:08d}.h5" for s in (6, 8, 12)]
     assert "resuming at step 6" in train(args + ["--epochs", "2", "--lr", "0.001", "--resume", "auto"]).stdout
 
 
