@@ -9,6 +9,7 @@ RNG state a resumed run needs to redraw exactly what the uninterrupted run would
 Rank 0 writes `ckpt-00001234.h5.tmp`, fsyncs it, renames it and fsyncs the directory:
 a run killed at any moment leaves either the old set of checkpoints or the new one.
 """
+import io
 import json
 import os
 import re
@@ -96,18 +97,19 @@ def set_aside_newer(run_dir, step):
 def _write(tmp, params, velocity, meta):
     """The HDF5 file is built in memory and written with plain writes: HDF5 reports a full
     disk met while flushing its metadata as a RuntimeError, sometimes from a destructor or
-    as a crash, where an OSError from a write of ours is one line and exit 5."""
-    with h5py.File(f"{tmp} (in memory)", "w", driver="core", backing_store=False) as f:
+    as a crash, where an OSError from a write of ours is one line and exit 5. Costs one
+    file's size of memory on rank 0 (AlexNet: 474 MB) and ~0.5 s more than HDF5 writing
+    the file itself (python -m mpiconvnet.bench checkpoint: 1.3-1.4 s against 0.8 s)."""
+    image = io.BytesIO()
+    with h5py.File(image, "w") as f:
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["meta"] = json.dumps(meta, sort_keys=True)
         for group, arrays in (("params", params), ("velocity", velocity)):
             g = f.create_group(group)
             for name, value in arrays.items():
                 g.create_dataset(name, data=np.asarray(value))
-        f.flush()
-        image = f.id.get_file_image()
     with open(tmp, "wb") as stream:
-        stream.write(image)
+        stream.write(image.getbuffer())   # no copy of the image
         stream.flush()
         os.fsync(stream.fileno())
 

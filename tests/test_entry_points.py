@@ -180,3 +180,10 @@ def test_bench_step_host_profile_names_our_functions_and_profile_needs_cuda():
     assert "host time of our step by function" in result.stdout and "mpiconvnet/backends/numpy_ops" in result.stdout
     refused = run("mpiconvnet.bench", "step", "--profile", "--no-torch")
     assert refused.returncode == 2 and "use it with --backend cuda" in refused.stderr
+
+
+def test_bench_checkpoint_compares_ours_with_hdf5_writing_itself(tmp_path):
+    result = run("mpiconvnet.bench", "checkpoint", "--model", "alexnet-mini", "--repeats", "1", "--dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "HDF5 writes itself" in result.stdout and "ratio ours / HDF5:" in result.stdout
+    assert os.listdir(tmp_path) == []   # its files are removed
