@@ -291,6 +291,16 @@ def test_tasks_of_an_srun_that_mpi_does_not_join_refuse_to_pack(monkeypatch):
     assert make_team().size == 1
 
 
+def train_sources(out):
+    """The source names of every packed training image, read straight from the shards."""
+    sources = []
+    for name in sorted(os.listdir(out)):
+        if name.startswith("train-"):
+            with h5py.File(out / name, "r") as shard:
+                sources += [s.decode() for s in shard["source"][()]]
+    return sources
+
+
 def test_a_symlink_up_the_tree_or_into_another_class_lists_no_image_twice(tree, tmp_path):
     train = tmp_path / "train"
     shutil.copytree(tree / "train", train)
@@ -303,11 +313,7 @@ def test_a_symlink_up_the_tree_or_into_another_class_lists_no_image_twice(tree, 
     (train / first / "more").symlink_to(outside)
     out = tmp_path / "out"
     assert main(["folder", "--train", str(train), "--out", str(out)] + PACK) == 0
-    sources = []
-    for name in sorted(os.listdir(out)):
-        if name.startswith("train-"):
-            with h5py.File(out / name, "r") as shard:
-                sources += [s.decode() for s in shard["source"][()]]
+    sources = train_sources(out)
     assert len(sources) == 27 + 1 and f"{first}/more/extra.jpg" in sources
     assert not any("/up/" in s or "/other/" in s for s in sources), sources
 
@@ -378,9 +384,5 @@ def test_a_file_name_that_is_not_utf8_is_packed_under_an_escaped_name(tree, tmp_
     shutil.copy(next(folder.iterdir()), os.path.join(os.fsencode(folder), b"latin-1 caf\xe9.jpg"))
     out = tmp_path / "out"
     assert main(["folder", "--train", str(train), "--out", str(out)] + PACK) == 0
-    sources = []
-    for name in sorted(os.listdir(out)):
-        if name.startswith("train-"):
-            with h5py.File(out / name, "r") as shard:
-                sources += [s.decode() for s in shard["source"][()]]
+    sources = train_sources(out)
     assert f"{folder.name}/latin-1 caf\\xe9.jpg" in sources and len(sources) == 28
