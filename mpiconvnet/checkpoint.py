@@ -76,16 +76,19 @@ def step_of(path):
     return int(match.group(1)) if match else None
 
 
-def set_aside_newer(run_dir, step):
-    """Move the run's checkpoints of steps after `step` into checkpoints/superseded/N/ (N
-    counts such moves, so none overwrites another): a run resumed from an older checkpoint
-    (say with a lower lr after a NaN) must neither have its own checkpoints pruned in
-    their favour nor be resumed from them by --resume auto. Returns the names moved."""
-    newer = [p for p in list_checkpoints(run_dir) if step_of(p) > step]
+def set_aside_newer(run_dir, resumed_from, step):
+    """Move the run's checkpoints of steps after `step` (and one of that step that is not
+    `resumed_from`) into checkpoints/superseded/N/ (N counts such moves, so none overwrites
+    another): a run resumed from an older checkpoint (say with a lower lr after a NaN) must
+    neither have its own checkpoints pruned in their favour nor be resumed from them by
+    --resume auto. Returns (the folder, [the names moved])."""
+    newer = [p for p in list_checkpoints(run_dir)
+             if step_of(p) > step or step_of(p) == step and not os.path.samefile(p, resumed_from)]
     if newer:
         root = os.path.join(checkpoint_dir(run_dir), "superseded")
         os.makedirs(root, exist_ok=True)
-        aside = os.path.join(root, str(len(os.listdir(root)) + 1))
+        taken = [int(name) for name in os.listdir(root) if name.isdigit()]
+        aside = os.path.join(root, str(max(taken, default=0) + 1))   # a folder deleted since frees no number
         os.makedirs(aside)
         for path in newer:
             os.replace(path, os.path.join(aside, os.path.basename(path)))

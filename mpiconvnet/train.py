@@ -106,7 +106,7 @@ def main(argv=None):
         if world.is_root:
             write_config(cfg)
             if resume_from:
-                aside, names = set_aside_newer(cfg, trainer.step)
+                aside, names = set_aside_newer(cfg, resume_from, trainer.step)
                 if names:
                     print(f"mpiconvnet: resuming from step {trainer.step}: the later checkpoints "
                           f"{', '.join(names)} moved to {aside}", file=sys.stderr)
@@ -132,10 +132,10 @@ def main(argv=None):
     return code
 
 
-def set_aside_newer(cfg, step):
+def set_aside_newer(cfg, resumed_from, step):
     """(the folder, [names]) of the later checkpoints moved aside; (None, []) for none."""
     try:
-        return checkpoint.set_aside_newer(cfg.out, step)
+        return checkpoint.set_aside_newer(cfg.out, resumed_from, step)
     except OSError as error:
         raise checkpoint.OutputError(checkpoint.cannot_write(checkpoint.checkpoint_dir(cfg.out), error, cfg.out)) from None
 

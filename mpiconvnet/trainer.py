@@ -106,6 +106,9 @@ class Trainer:
         self.progress = None     # rank 0's tqdm bar while run() runs
         self.evaluated_at = None  # the step of the last evaluation
         self.saved_at = None      # the step of the last checkpoint
+        self.saved_evaluated_at = None  # the evaluated_at that checkpoint records
+        self.window = None        # run()'s metrics window, whose loss sum a checkpoint keeps
+        self.restored_window = {}
 
     def _sampler(self, epoch):
         return DistributedSampler(self.train_set.num_images, self.worker_index, self.workers, self.cfg.seed,
@@ -135,7 +138,7 @@ class Trainer:
         if self.world.is_root:
             self.write_checkpoint(params, velocity)
         self.world.barrier()
-        self.saved_at = self.step
+        self.saved_at, self.saved_evaluated_at = self.step, self.evaluated_at
         self.world.progress(f"the step after the checkpoint of step {self.step}")
 
     def write_checkpoint(self, params, velocity):
@@ -145,6 +148,8 @@ class Trainer:
                 "model": self.cfg.model, "num_classes": self.net.num_classes, "world_size": self.world.size,
                 "config": self.cfg.to_dict(), "schedule": self.schedule.state_dict(),
                 "evaluated_at": self.evaluated_at,
+                "log_window": ({"loss": self.window["loss"], "loss_steps": self.window["loss_steps"]}
+                               if self.window is not None else None),
                 "rng": {"seed": self.cfg.seed, "note": "all draws are functions of (seed, epoch, step, rank)"}}
         checkpoint.save(self.cfg.out, self.step, params, velocity, meta, self.cfg.keep_checkpoints)
         self.saved_at = self.step
@@ -166,8 +171,9 @@ class Trainer:
         self.step = int(meta["step"])
         # a checkpoint's evaluation comes after it (checkpoints before 2026-11-25 do not say):
         # the resumed run does it again unless the checkpoint was written again afterwards
-        self.evaluated_at = meta.get("evaluated_at")
+        self.evaluated_at = self.saved_evaluated_at = meta.get("evaluated_at")
         self.saved_at = self.step
+        self.restored_window = meta.get("log_window") or {}
 
     # -- the loop --------------------------------------------------------------------
 
@@ -222,7 +228,12 @@ class Trainer:
         world.start_watchdog(2 * cfg.stall_timeout)
         if self._evaluation_due():   # resumed from a checkpoint written before its evaluation
             self._evaluate(self.step // self.steps_per_epoch - 1, log)
-        window = {"loss": 0.0, "images": 0, "data": 0.0, "compute": 0.0, "comm": 0.0, "steps": 0, "t": time.perf_counter()}
+        # the loss sums over the steps since the last metrics line, those before a resume
+        # included (the checkpoint holds them), so a resumed run logs the lines it would
+        # have; the times and images/s count this process's steps only
+        window = {"loss": 0.0, "loss_steps": 0, "images": 0, "data": 0.0, "compute": 0.0, "comm": 0.0, "steps": 0,
+                  "t": time.perf_counter(), **self.restored_window}
+        self.window = window
         while self.step < total_steps:
             epoch, start = divmod(self.step, self.steps_per_epoch)
             with BatchLoader(cfg.data, split="train", rank=self.worker_index, size=self.workers,
@@ -257,6 +268,7 @@ class Trainer:
                                             f"the data's mean (a healthy first loss is ln(classes))")
                     self.step += 1
                     window["loss"] += global_loss
+                    window["loss_steps"] += 1
                     window["images"] += cfg.global_batch
                     window["data"] += data
                     window["compute"] += compute
@@ -266,7 +278,11 @@ class Trainer:
                         progress.update(1)
                         progress.set_postfix(loss=f"{global_loss:.3f}", lr=f"{lr:.3g}")
                     if self.step % cfg.log_every == 0 or self.step == total_steps:
-                        self._log_window(window, epoch, lr, log, progress)
+                        # a last line off the --log-every grid (--max-steps) keeps its loss sum
+                        # for the checkpoint: a longer run resumed from it logs what an
+                        # uninterrupted run would
+                        self._log_window(window, epoch, lr, log, progress,
+                                         keep_loss=self.step % cfg.log_every != 0)
                     end_of_epoch = self.step % self.steps_per_epoch == 0
                     if stop_votes > 0:
                         # no evaluation first: the time left may be short; the checkpoint
@@ -288,12 +304,13 @@ class Trainer:
                         break
         if self.evaluated_at != self.step:
             # the run's last evaluation; mid-epoch (--max-steps) it leaves the plateau schedule
-            # alone, as a longer run would never have made it. The last checkpoint is written
-            # again, now saying it is done, so resuming a finished run evaluates nothing twice.
+            # alone, as a longer run would never have made it
             self._evaluate(max(self.step - 1, 0) // self.steps_per_epoch, log,
                            report=self.step % self.steps_per_epoch == 0)
-            if self.saved_at == self.step:
-                self.save_checkpoint()
+        if self.saved_at == self.step and self.saved_evaluated_at != self.evaluated_at:
+            # the last checkpoint again, now saying its evaluation is done: a finished run
+            # run once more (a requeue) then evaluates nothing twice
+            self.save_checkpoint()
         return EXIT_OK
 
     def _evaluation_due(self):
@@ -302,14 +319,15 @@ class Trainer:
         return (self.step > 0 and within == 0 and self.cfg.eval_every > 0 and epochs_done % self.cfg.eval_every == 0
                 and self.evaluated_at != self.step)
 
-    def _log_window(self, window, epoch, lr, log, progress):
+    def _log_window(self, window, epoch, lr, log, progress, keep_loss=False):
         """Every rank calls this at the same steps (it holds a collective)."""
         elapsed = time.perf_counter() - window["t"]
         steps = max(window["steps"], 1)
         # the rank nearest to running out of memory is the one that matters
         memory = self.heartbeat.allreduce_max(np.array([float(self.net.ops.memory_high_water())]), self.step,
                                               "the memory high water's allreduce")[0]
-        record = {"kind": "train", "step": self.step, "epoch": epoch, "loss": window["loss"] / steps, "lr": lr,
+        record = {"kind": "train", "step": self.step, "epoch": epoch,
+                  "loss": window["loss"] / max(window["loss_steps"], 1), "lr": lr,
                   "images_per_s": window["images"] / max(elapsed, 1e-9),
                   "time_data": window["data"] / steps, "time_compute": window["compute"] / steps,
                   "time_comm": window["comm"] / steps, "memory_mb": memory / 2**20, "time": time.time()}
@@ -317,7 +335,9 @@ class Trainer:
             log.write(record)
         if progress is not None:
             progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.3g}", img_s=f"{record['images_per_s']:.0f}")
-        window.update(loss=0.0, images=0, data=0.0, compute=0.0, comm=0.0, steps=0, t=time.perf_counter())
+        window.update(images=0, data=0.0, compute=0.0, comm=0.0, steps=0, t=time.perf_counter())
+        if not keep_loss:
+            window.update(loss=0.0, loss_steps=0)
 
     def evaluate_now(self, log):
         """An evaluation of the current weights by every rank (a collective), labelled with

@@ -53,19 +53,34 @@ def _rename(name, table):
 def read_weights(path):
     """{name: array} from an .npz file, a checkpoint file or a run directory (its newest
     checkpoint), in our names."""
-    if os.path.isdir(path) or path.endswith(".h5"):
-        params, _, _ = checkpoint.load(checkpoint.find_checkpoint(path, "--init-weights"))
-        return params
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise ModelError(f"--init-weights {path}: no such file; give an .npz of weights, a checkpoint or a run "
                          f"directory")
+    if os.path.isdir(path) or _starts_with(path, HDF5_SIGNATURE):   # whatever its name ends with
+        params, _, _ = checkpoint.load(checkpoint.find_checkpoint(path, "--init-weights"))
+        return params
+    hint = "give an .npz of named arrays (numpy.savez, python -m mpiconvnet.export), a checkpoint or a run directory"
     try:
-        with np.load(path, allow_pickle=False) as f:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):   # an .npy: one array, no names
+            raise ValueError("it holds one unnamed array")
+        with loaded as f:
             state = {name: f[name] for name in f.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:   # truncated, corrupt, objects
-        raise ModelError(f"--init-weights {path}: not a readable .npz of arrays ({e}); write it with numpy.savez "
-                         f"or python -m mpiconvnet.export") from None
+        raise ModelError(f"--init-weights {path}: not a readable .npz of arrays ({e}); {hint}") from None
+    for name, value in state.items():
+        if not np.issubdtype(value.dtype, np.floating) or not np.all(np.isfinite(value)):
+            raise ModelError(f"--init-weights {path}: {name} is not finite floating-point numbers "
+                             f"(dtype {value.dtype}); {hint}")
     return from_torchvision(state)
+
+
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _starts_with(path, signature):
+    with open(path, "rb") as f:
+        return f.read(len(signature)) == signature
 
 
 def initial_state(net, path, skip_layers=(), world=None):
@@ -97,9 +112,12 @@ def initial_state(net, path, skip_layers=(), world=None):
             raise ModelError(f"--init-weights {path}: has no {name} for model {net.name}; give weights of this "
                              f"model, or keep that layer's random init with --init-skip {layer}")
         elif tuple(state[name].shape) != tuple(value.shape):
+            # another class count changes the classifier alone; any other layer, another model
+            classifier = layer == list(own)[-1].split(".")[0]   # forward order: the classifier last
+            fix = (f"keep that layer's random init with --init-skip {layer}" if classifier else
+                   f"these are another model's weights; give weights of model {net.name}")
             raise ModelError(f"--init-weights {path}: {name} has shape {tuple(state[name].shape)}, {net.name} with "
-                             f"{net.num_classes} classes has {tuple(value.shape)}; keep that layer's random init "
-                             f"with --init-skip {layer}")
+                             f"{net.num_classes} classes has {tuple(value.shape)}; {fix}")
         else:
             merged[name] = state[name]
     unused = sorted(set(state) - set(own))
@@ -111,6 +129,9 @@ def initial_state(net, path, skip_layers=(), world=None):
 
 def write_npz(path, state):
     """np.savez to path, atomically: a crash leaves the old file or none, never half of one."""
+    if os.path.lexists(path) and (os.path.islink(path) or not os.path.isfile(path)):
+        raise checkpoint.OutputError(f"--out {path} exists and is not a regular file (a link, a device, a folder); "
+                                     f"give a file name")
     partial = path + ".tmp"
     try:
         with open(partial, "wb") as f:   # a file object: savez would append .npz to a name

@@ -92,3 +92,29 @@ def test_files_that_are_not_checkpoints_are_named(tmp_path):
         checkpoint.load(str(tmp_path / "shard.h5"))
     with pytest.raises(checkpoint.CheckpointError, match="broken.h5 is unreadable"):
         checkpoint.load(str(tmp_path / "broken.h5"))
+
+
+def test_checkpoints_set_aside_never_overwrite_and_a_same_step_branch_goes_too(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+
+    def make(*steps):
+        for step in steps:
+            (folder / f"ckpt-{step:08d}.h5").write_text(str(step))
+
+    make(4, 6, 8)
+    aside, names = checkpoint.set_aside_newer(tmp_path, str(folder / "ckpt-00000004.h5"), 4)
+    assert aside.endswith("superseded/1") and names == ["ckpt-00000006.h5", "ckpt-00000008.h5"]
+    make(6)
+    assert checkpoint.set_aside_newer(tmp_path, str(folder / "ckpt-00000004.h5"), 4)[0].endswith("superseded/2")
+    # the first folder deleted (to free space): the next move still takes a new number
+    for name in os.listdir(folder / "superseded" / "1"):
+        os.remove(folder / "superseded" / "1" / name)
+    os.rmdir(folder / "superseded" / "1")
+    make(5)
+    # resumed from the other branch's step 4: this branch's step 4 goes aside too
+    other = folder / "superseded" / "2" / "ckpt-00000004.h5"
+    other.write_text("the other branch")
+    aside, names = checkpoint.set_aside_newer(tmp_path, str(other), 4)
+    assert aside.endswith("superseded/3") and names == ["ckpt-00000004.h5", "ckpt-00000005.h5"]
+    assert (folder / "superseded" / "2" / "ckpt-00000006.h5").read_text() == "6"

@@ -182,6 +182,20 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(data, tmp_path, ran
     assert memory[:7] == sorted(memory[:7]) and memory[7:] == sorted(memory[7:])
 
 
+def test_a_resume_inside_a_metrics_window_logs_the_lines_of_the_uninterrupted_run(data, tmp_path):
+    # lines every 5 steps, the run split at step 7: the checkpoint carries the loss summed
+    # over steps 6-7, so the line at step 10 averages 6-10 as the uninterrupted run's does
+    args = ["--data", data, "--global-batch", "16", "--epochs", "2", "--log-every", "5"]
+    train(args + ["--out", str(tmp_path / "whole")])
+    train(args + ["--out", str(tmp_path / "split"), "--max-steps", "7"])
+    train(args + ["--out", str(tmp_path / "split"), "--resume", "auto"])
+    lines = {}
+    for run in ("whole", "split"):
+        with open(tmp_path / run / "metrics.jsonl") as f:
+            lines[run] = [(r["step"], r["loss"], r["lr"]) for r in map(json.loads, f) if r["kind"] == "train"]
+    assert [line for line in lines["split"] if line[0] != 7] == lines["whole"]   # 7: the first part's last line
+
+
 def start_long_run(data, run, ranks=2, extra=()):
     """A training run far longer than any test, started in the background."""
     launcher = [MPIEXEC, "-n", str(ranks)] if ranks > 1 else []
@@ -510,8 +524,11 @@ def test_a_stop_at_an_epoch_end_evaluates_when_resumed(tmp_path):
     stopped_at = max(int(f[5:13]) for f in os.listdir(os.path.join(run, "checkpoints")))
     train(TINY + args + ["--epochs", str(stopped_at + 2), "--resume", "auto"])
     assert [r["step"] for r in evaluations(run)] == list(range(1, stopped_at + 3))
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        finished = f.read()
     train(TINY + args + ["--epochs", str(stopped_at + 2), "--resume", "auto"])   # a finished run: nothing again
-    assert [r["step"] for r in evaluations(run)] == list(range(1, stopped_at + 3))
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        assert f.read() == finished   # not even the last evaluation redone (its time would differ)
 
 
 def test_a_run_directory_with_checkpoints_is_resumed_never_overwritten(data, tmp_path):

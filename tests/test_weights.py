@@ -42,13 +42,17 @@ def test_export_writes_the_checkpoint_s_arrays_in_our_names(run, tmp_path, capsy
     (["--checkpoint", "/nonexistent"], "--checkpoint /nonexistent: no such file or directory"),
     (["--names", "torchvision"], "torchvision's AlexNet is alexnet-owt, this checkpoint is alexnet-mini"),
     (["--out", "/nonexistent/dir/w.npz"], "cannot write /nonexistent/dir/w.npz"),
+    (["--out", "LINK"], "exists and is not a regular file"),
 ])
 def test_export_bad_input_is_one_line_exit_2_and_writes_nothing(run, tmp_path, capsys, args, message):
     flags = {"--checkpoint": run, "--out": str(tmp_path / "w.npz"), **dict(zip(args[::2], args[1::2]))}
+    if flags["--out"] == "LINK":   # a link to elsewhere: replacing it would leave its target as it was
+        (tmp_path / "link.npz").symlink_to(tmp_path / "target")
+        flags["--out"] = str(tmp_path / "link.npz")
     assert export.main([word for pair in flags.items() for word in pair]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
-    assert os.listdir(tmp_path) == []
+    assert [n for n in os.listdir(tmp_path) if n != "link.npz"] == []
 
 
 @pytest.mark.parametrize("ranks, parallel", [(1, "data"), pytest.param(2, "hybrid", marks=[pytest.mark.mpi, needs_mpiexec])])
@@ -100,9 +104,18 @@ def test_weights_of_another_model_are_refused_by_name(tmp_path):
         initial_state(build_model("alexnet-mini", num_classes=5, dtype="float32"), path)
     (tmp_path / "bad.npz").write_text("not a zip")
     (tmp_path / "cut.npz").write_bytes(open(path, "rb").read()[:20000])   # a copy cut short
-    for name in ("bad.npz", "cut.npz"):
+    np.save(tmp_path / "one.npy", np.zeros(3, np.float32))
+    for name in ("bad.npz", "cut.npz", "one.npy"):
         with pytest.raises(ModelError, match=r"not a readable \.npz of arrays"):
             initial_state(build_model("alexnet-mini", num_classes=5), str(tmp_path / name))
+    good = build_model("alexnet-mini", num_classes=5, dtype="float32").state_dict()
+    for bad in (np.full(good["fc6.weight"].shape, "x"), np.full(good["fc6.weight"].shape, np.nan, np.float32)):
+        np.savez(tmp_path / "odd.npz", **{**good, "fc6.weight": bad})
+        with pytest.raises(ModelError, match=r"fc6.weight is not finite floating-point numbers"):
+            initial_state(build_model("alexnet-mini", num_classes=5), str(tmp_path / "odd.npz"))
+    np.savez(tmp_path / "other.npz", **build_model("alexnet-owt", num_classes=5, dtype="float32").state_dict())
+    with pytest.raises(ModelError, match=r"conv1.weight has shape .* these are another model's weights"):
+        initial_state(build_model("alexnet-mini", num_classes=5), str(tmp_path / "other.npz"))
 
 
 @pytest.mark.parametrize("args, message", [
