@@ -355,7 +355,10 @@ def run(trainer, stop, progress, log):
         outcome, failure = ParameterServer(t).run(stop, progress, log, total_steps)
     else:
         outcome, failure = AsyncWorker(t).run(stop), None
-    # every rank learns the outcome and the final weights, then they evaluate together
+    # every rank learns the outcome and the final weights, then they evaluate together: all
+    # blocking collectives, so from here a rank that hangs ends the run as in sync training
+    t.world.start_watchdog(2 * cfg.stall_timeout)
+    t.world.progress("the end of the asynchronous training (every rank's outcome)")
     outcome, failure, step = t.world.broadcast_object((outcome, failure, t.step))
     t.step = step
     if outcome == "failed" or failure:
@@ -365,6 +368,7 @@ def run(trainer, stop, progress, log):
     weights = FlatParameters(t.net)
     if t.world.is_root:
         weights.gather(t.net.params)
+    t.world.progress("the broadcast of the final weights")
     t.world.comm.Bcast(weights.buffer, root=0)
     weights.scatter(t.net.params)
     if t.evaluated_at != t.step:   # a finished run resumed once more has nothing to do
