@@ -386,3 +386,14 @@ def test_a_file_name_that_is_not_utf8_is_packed_under_an_escaped_name(tree, tmp_
     assert main(["folder", "--train", str(train), "--out", str(out)] + PACK) == 0
     sources = train_sources(out)
     assert f"{folder.name}/latin-1 caf\\xe9.jpg" in sources and len(sources) == 28
+
+
+def test_a_skipped_name_with_a_tab_or_line_break_keeps_its_row(tmp_path):
+    train = tmp_path / "train" / "a"
+    train.mkdir(parents=True)
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(train / "good.png")
+    (train / "bad\tname\n.jpg").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    assert main(["folder", "--train", str(tmp_path / "train"), "--out", str(out)] + PACK) == 0
+    rows = (out / "skipped.tsv").read_text().splitlines()
+    assert len(rows) == 2 and rows[1].split("\t")[:2] == ["train", "a/bad\\tname\\n.jpg"], rows
