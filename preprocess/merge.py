@@ -10,7 +10,8 @@ import os
 
 import numpy as np
 
-from mpiconvnet.data.shards import FORMAT_VERSION, INDEX_FILE, LAYOUT, MEAN_IMAGE_FILE, SKIPPED_FILE, open_shard
+from mpiconvnet.data.shards import (FORMAT_VERSION, INDEX_FILE, LAYOUT, MEAN_IMAGE_FILE, SKIPPED_FILE, DatasetError,
+                                    open_shard)
 from preprocess.writer import receipt_path, write_atomic
 
 
@@ -60,6 +61,11 @@ def merge_dataset(out_dir, settings, split_shards):
         entries = []
         for name in shard_files:
             receipt = read_receipt(out_dir, name)
+            # a stat, not a checksum: a re-run must not read 140 GB; verify reads every byte
+            size = os.path.getsize(os.path.join(out_dir, name))
+            if size != receipt.get("bytes", size):   # receipts before 2026-11-25 have no size
+                raise DatasetError(f"{os.path.join(out_dir, name)} has {size} bytes where its receipt says "
+                                   f"{receipt['bytes']} (truncated or changed since it was packed)")
             entries.append({"file": name, "num_images": receipt["num_images"], "sha256": receipt["sha256"]})
             skipped_rows += [(split, source, reason) for source, reason in receipt["skipped"]]
         splits[split] = {"num_images": sum(e["num_images"] for e in entries), "shards": entries}

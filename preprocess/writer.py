@@ -180,7 +180,7 @@ def publish(closed):
     with open(tmp_path, "rb+") as stream:
         os.fsync(stream.fileno())
     receipt = {"file": shard_file, "num_images": closed["num_images"], "sha256": file_sha256(tmp_path),
-               "skipped": closed["skipped"]}
+               "bytes": os.path.getsize(tmp_path), "skipped": closed["skipped"]}
     os.makedirs(os.path.join(out_dir, WORK_DIR), exist_ok=True)
     write_atomic(receipt_path(out_dir, shard_file), json.dumps(receipt))
     os.replace(tmp_path, path)

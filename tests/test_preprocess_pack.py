@@ -367,14 +367,15 @@ def test_a_full_disk_while_merging_is_one_line_and_leaves_no_temporary_file(tree
     assert main(argv) == 0 and main(["verify", str(tmp_path / "out")]) == 0
 
 
-def test_a_shard_damaged_before_a_re_run_is_named(tree, tmp_path, capsys):
-    argv = ["folder", "--train", str(tree / "train"), "--out", str(tmp_path / "out")] + PACK
+@pytest.mark.parametrize("shard", ["train-00001.h5", "val-00000.h5"])
+def test_a_shard_damaged_before_a_re_run_is_named(tree, tmp_path, capsys, shard):
+    argv = ["folder", "--train", str(tree / "train"), "--val", str(tree / "val"), "--out", str(tmp_path / "out")] + PACK
     assert main(argv) == 0
-    shard = tmp_path / "out" / "train-00001.h5"
-    os.truncate(shard, 1000)
+    path = tmp_path / "out" / shard
+    os.truncate(path, 1000)
     assert main(argv) == 1
     error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and str(shard) in error[0] and "delete it and run the same command again" in error[0]
+    assert len(error) == 1 and str(path) in error[0] and "delete it and run the same command again" in error[0]
 
 
 def test_a_file_name_that_is_not_utf8_is_packed_under_an_escaped_name(tree, tmp_path):
