@@ -30,6 +30,8 @@ def read_metrics(run_dir):
             raise ValueError(f"{path}: the {kind} record of step {record['step']} has no {', '.join(missing)}; "
                              f"the file is damaged or not mpiconvnet's")
         (evals if kind == "eval" else train).append(record)
+    if not train and not evals:
+        raise ValueError(f"{path} holds no records yet; the run logs one every --log-every steps")
     return train, evals
 
 

@@ -94,6 +94,10 @@ def test_plot_on_a_full_disk_is_one_line_and_leaves_nothing(trained, tmp_path):
 def test_plot_names_a_directory_without_metrics(tmp_path):
     result = run("mpiconvnet.plot", str(tmp_path))
     assert result.returncode == 2 and f"{tmp_path}/metrics.jsonl not found" in result.stderr
+    (tmp_path / "metrics.jsonl").write_text("")
+    result = run("mpiconvnet.plot", str(tmp_path))
+    assert result.returncode == 2 and "metrics.jsonl holds no records yet" in result.stderr
+    assert not (tmp_path / "training.png").exists()
 
 
 def test_bench_lists_the_benchmarks_and_refuses_an_unknown_one():
