@@ -34,7 +34,7 @@ def list_checkpoints(run_dir):
     folder = checkpoint_dir(run_dir)
     if not os.path.isdir(folder):
         return []
-    found = sorted((int(m.group(1)), f) for f in os.listdir(folder) if (m := NAME.match(f)))
+    found = sorted((step_of(f), f) for f in os.listdir(folder) if NAME.match(f))
     return [os.path.join(folder, f) for _, f in found]
 
 
@@ -72,6 +72,7 @@ def save(run_dir, step, params, velocity, meta, keep):
 
 
 def step_of(path):
+    """The step in a checkpoint's file name (ckpt-00001234.h5), or None for another name."""
     match = NAME.match(os.path.basename(path))
     return int(match.group(1)) if match else None
 

@@ -44,8 +44,8 @@ def check_before_work(cfg, world, train_set, val_set):
     input_size = MODELS[cfg.model].input_size
     if train_set.image_size < input_size:
         raise ConfigError(f"{cfg.data}: images are {train_set.image_size}px, model {cfg.model} crops "
-                          f"{input_size}px; repack with python -m preprocess ... --image-size {max(256, input_size)} or pick a "
-                          f"smaller model")
+                          f"{input_size}px; repack with python -m preprocess ... --image-size "
+                          f"{max(256, input_size)} or pick a smaller model")
     if cfg.resume and cfg.resume != "auto" and not os.path.isfile(cfg.resume):
         raise ConfigError(f"--resume {cfg.resume}: no such checkpoint; give a file or 'auto'")
     if cfg.schedule == "plateau" and val_set is None:
@@ -137,7 +137,8 @@ def set_aside_newer(cfg, resumed_from, step):
     try:
         return checkpoint.set_aside_newer(cfg.out, resumed_from, step)
     except OSError as error:
-        raise checkpoint.OutputError(checkpoint.cannot_write(checkpoint.checkpoint_dir(cfg.out), error, cfg.out)) from None
+        folder = checkpoint.checkpoint_dir(cfg.out)
+        raise checkpoint.OutputError(checkpoint.cannot_write(folder, error, cfg.out)) from None
 
 
 def write_config(cfg):

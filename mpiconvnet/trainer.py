@@ -263,9 +263,9 @@ class Trainer:
                     compute = time.perf_counter() - since - data - exposed
                     if not math.isfinite(global_loss):
                         raise NonFiniteLoss(f"loss became {global_loss} at step {self.step} (epoch {epoch}, lr {lr:g}); "
-                                            f"the checkpoints in {checkpoint.checkpoint_dir(cfg.out)} are kept; resume from "
-                                            f"one well before the loss grew (--resume PATH) with a lower --lr, or check "
-                                            f"the data's mean (a healthy first loss is ln(classes))")
+                                            f"the checkpoints in {checkpoint.checkpoint_dir(cfg.out)} are kept; "
+                                            f"resume from one well before the loss grew (--resume PATH) with a lower "
+                                            f"--lr, or check the data's mean (a healthy first loss is ln(classes))")
                     self.step += 1
                     window["loss"] += global_loss
                     window["loss_steps"] += 1

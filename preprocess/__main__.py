@@ -6,12 +6,13 @@
     python -m preprocess synth --out /tmp/synth --classes 10 --per-class 100 [--layout imagenet]
     python -m preprocess verify /data/imagenet-256
 
-Across nodes: `mpirun -np 4 python -m preprocess imagenet ...` or
-`srun --mpi=pmi2 -n 4 python -m preprocess imagenet ...` (each rank packs a disjoint set of
-shards, rank 0 writes the index), or a SLURM array where each task adds
-`--rank $SLURM_ARRAY_TASK_ID --size $SLURM_ARRAY_TASK_COUNT` (for an array numbered from 0;
-jobs/preprocess.sbatch subtracts SLURM_ARRAY_TASK_MIN; the last task to finish writes the index). `--workers N` adds N processes per rank or task. Re-running the same command
-finishes a killed run; every shard appears by an atomic rename and dataset.json last.
+Across nodes: `mpirun -np 4 python -m preprocess imagenet ...` or `srun --mpi=pmi2 -n 4
+python -m preprocess imagenet ...` (each rank packs a disjoint set of shards, rank 0
+writes the index), or a SLURM array where each task adds `--rank $SLURM_ARRAY_TASK_ID
+--size $SLURM_ARRAY_TASK_COUNT` (for an array numbered from 0; jobs/preprocess.sbatch
+subtracts SLURM_ARRAY_TASK_MIN; the last task to finish writes the index). `--workers N`
+adds N processes per rank or task. Re-running the same command finishes a killed run;
+every shard appears by an atomic rename and dataset.json last.
 
 Exit codes of imagenet and folder: 0 packed; 1 nothing usable found, anything skipped
 with --strict, or --out could not be written (full disk, permissions; finished shards

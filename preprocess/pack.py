@@ -307,7 +307,7 @@ def pack(args, gather):
         print(f"preprocess: writing under --out {out_dir} failed: {describe_os_error(error)}; free space or fix "
               f"permissions there, then run the same command again: the shards are kept", file=sys.stderr)
         return 1
-    except DatasetError as error:   # a finished shard damaged since (a re-run only checks that it exists)
+    except DatasetError as error:   # a finished shard damaged since (a re-run checks its size, not its bytes)
         print(f"preprocess: {error}; delete it and run the same command again to pack it anew", file=sys.stderr)
         return 1
     return report(index, out_dir, done, time.perf_counter() - started, args.strict)

@@ -130,7 +130,8 @@ def _index_shape_problem(index):
     def is_int(value, low=0):
         return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
-    if not (isinstance(index["classes"], list) and index["classes"] and all(isinstance(c, str) for c in index["classes"])):
+    classes = index["classes"]
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
         return "'classes' is not a list of class names"
     if not is_int(index["image_size"], 1):
         return f"'image_size' {index['image_size']!r} is not a positive integer"
