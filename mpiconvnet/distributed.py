@@ -263,6 +263,9 @@ def _agree_on_gpus(comm, node, error, allow_sharing):
     mine = error
     if mine is None and node.Get_rank() == 0 and not device_policy.sharing_allowed(allow_sharing):
         mine = device_policy.shared_gpu_problem(placements)   # said by the node's first rank
+        note = device_policy.unchecked_gpus_note(placements)
+        if mine is None and note:
+            print(f"rank {comm.Get_rank()}: {note}", file=sys.stderr, flush=True)
     problems = comm.allgather(mine)
     if mine:
         raise SetupError(f"rank {comm.Get_rank()}: {mine}" if comm.Get_size() > 1 else mine)

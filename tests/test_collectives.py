@@ -243,8 +243,8 @@ def test_a_communication_thread_that_cannot_start_fails_the_step_at_once():
 
 
 @pytest.mark.parametrize("case", ["own GPUs", "one GPU", "one GPU, sharing allowed", "rank 1 has no GPU",
-                                  "rank 1 cannot read its GPU's UUID"])
-def test_ranks_agree_on_their_gpus_before_training(world, monkeypatch, case):
+                                  "rank 1 cannot read its GPU's UUID", "rank 1's driver names no GPU"])
+def test_ranks_agree_on_their_gpus_before_training(world, monkeypatch, capsys, case):
     # the check distributed.init makes once MPI runs: every rank stops when any rank has no
     # GPU or ranks of a node took the same one, and each cause is printed by one rank only
     from mpi4py import MPI
@@ -254,7 +254,7 @@ def test_ranks_agree_on_their_gpus_before_training(world, monkeypatch, case):
     def identity():
         if case.endswith("UUID") and world.rank == 1:
             raise OSError("cuDeviceGetUuid_v2: undefined symbol")
-        return uuid
+        return None if case.endswith("names no GPU") and world.rank == 1 else uuid
     monkeypatch.setattr(cuda, "device_identity", identity)
     error = "no CUDA device visible" if case == "rank 1 has no GPU" and world.rank == 1 else None
     comm = world.comm if world.comm is not None else MPI.COMM_SELF
@@ -279,6 +279,9 @@ def test_ranks_agree_on_their_gpus_before_training(world, monkeypatch, case):
                                else "rank 1 cannot start: no CUDA device visible")
     if case.endswith("UUID") and fails:
         assert "cannot read the GPU's UUID: cuDeviceGetUuid_v2: undefined symbol" in str(raised)
+    if case.endswith("names no GPU"):   # the run goes on, and the node's first rank says what went unchecked
+        noted = "did not report the GPU UUID of rank(s) 1, so whether ranks of this node share a GPU was not checked"
+        assert (noted in capsys.readouterr().err) == (world.size > 1 and world.rank == 0)
 
 
 def test_a_world_of_one_under_srun_with_several_tasks_is_an_mpi_plugin_mismatch():

@@ -54,6 +54,8 @@ def test_ranks_sharing_a_gpu_is_a_one_line_error_naming_them():
     own = [(0, "GPU-a"), (1, "GPU-b"), (2, "GPU-c"), (3, "GPU-d")]
     assert device.shared_gpu_problem(own) is None
     assert device.shared_gpu_problem([(0, None), (1, None)]) is None   # a driver that cannot say
+    assert "UUID of rank(s) 1, so" in device.unchecked_gpus_note([(0, "GPU-a"), (1, None)])   # ... is said so
+    assert device.unchecked_gpus_note([(0, None)]) is None and device.unchecked_gpus_note(own) is None
     message = device.shared_gpu_problem([(4, "GPU-a"), (5, "GPU-b"), (6, "GPU-a"), (7, "GPU-b")])
     assert "\n" not in message
     assert message.startswith("ranks 4, 6 all compute on GPU GPU-a: 4 ranks on this node, 2 GPU(s) among them")
@@ -204,6 +206,16 @@ def test_missing_library_message_is_one_line_and_says_the_fix(tmp_path):
     assert "\n" not in message
     assert "cuDNN not found" in message and str(tmp_path) in message
     assert "pip install nvidia-cudnn-cu12" in message and "MPICONVNET_CUDA_LIBS" in message
+
+
+def test_a_library_found_but_not_loadable_is_one_line_naming_it(tmp_path):
+    broken = tmp_path / "libcublas.so.13"
+    broken.write_bytes(b"not an ELF file")
+    with pytest.raises(libs.LibraryNotFound) as e:
+        libs._dlopen_first(libs.CUBLAS_SONAMES, [str(tmp_path)], "cuBLAS", "pip install nvidia-cublas-cu12")
+    message = str(e.value)
+    assert "\n" not in message and f"cuBLAS at {broken} did not load" in message
+    assert "MPICONVNET_CUDA_LIBS" in message
 
 
 def test_backend_import_touches_no_gpu():
@@ -484,6 +496,20 @@ def test_device_identity_is_the_gpu_uuid_as_nvidia_smi_prints_it(fake_backend, m
     driver = libs.load_driver()
     monkeypatch.setattr(type(driver), "cuDeviceGetUuid_v2", lambda self, uuid, device: 101)   # an error
     assert cb.device_identity() is None
+
+
+def test_a_handle_that_fails_to_create_leaves_no_context_on_the_stack(fake_backend, monkeypatch):
+    # PyCUDA aborts the process at exit when a context is still pushed: the set-up's one-line
+    # error (exit 2) would become a SIGABRT and a banner
+    cb, _ = fake_backend
+
+    def refuse(*args):
+        raise cudnn.CudnnError("cudnnCreate failed: CUDNN_STATUS_NOT_INITIALIZED")
+    monkeypatch.setattr(cudnn, "Handle", refuse)
+    with pytest.raises(cudnn.CudnnError):
+        cb.initialize(0, 1)
+    assert context._state is None
+    assert all(depth == 0 for depth in _FakeContext.depth.values())
 
 
 def test_empty_arrays_hold_their_pool_block_until_the_last_view_is_gone(fake_backend):
@@ -1455,6 +1481,22 @@ def test_graph_api_drops_an_engine_whose_run_fails_in_the_search(graph_backend, 
     cb.set_tf32(False)
     with pytest.raises(cudnn.CudnnError, match=r"2 plans failed to build or to run \(CUDNN_STATUS_BAD_PARAM\)"):
         _graph_conv_forward(cb)
+
+
+def test_graph_api_passes_over_an_engine_that_cannot_tell_its_numerical_notes(graph_backend, monkeypatch):
+    cb, api, st = graph_backend
+    monkeypatch.setattr(sys.modules[__name__], "_ENGINES", [(set(), 0, 0.1), (set(), 0, 1.0)])
+    answer, asked = api.cudnnBackendGetAttribute, []
+
+    def first_engine_has_no_notes(pointer, name, *args):
+        if name == graph.ENGINE_NUMERICAL_NOTE:
+            asked.append(pointer)
+            if len(asked) == 1:
+                return 3000   # CUDNN_STATUS_NOT_SUPPORTED
+        return answer(pointer, name, *args)
+    monkeypatch.setattr(api, "cudnnBackendGetAttribute", first_engine_has_no_notes)
+    _graph_conv_forward(cb)
+    assert [engine for engine, _ in api.executed] == [1]   # the only candidate left: run untimed
 
 
 def test_cudnn_api_setting_is_checked():

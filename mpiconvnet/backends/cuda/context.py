@@ -159,14 +159,21 @@ class State:
         # MPI) uses for this device, so all of them share our allocations and stream
         self.context = self.device.retain_primary_context()
         self.context.push()
-        self.stream = drv.Stream()
+        try:
+            self.stream = drv.Stream()
+            self.pool = pycuda.tools.DeviceMemoryPool()
+            self.blas = cublas.Handle(self.stream.handle, self.tf32)
+            self.dnn = cudnn.Handle(self.stream.handle)
+            self.cudnn_version = int(cudnn.lib().cudnnGetVersion())
+        except BaseException:
+            # a library that fails to load or a handle that fails to create is a one-line
+            # error (exit 2); left on the stack, the context would turn that into PyCUDA's
+            # abort at exit ("The context stack was not empty upon module cleanup")
+            self.context.pop()
+            raise
         self._copy_stream = None   # made on first use (augment.stage_batch)
         self.staging = None        # augment.py's staging areas, made on first use
-        self.pool = pycuda.tools.DeviceMemoryPool()
         self.pool_high_water = 0   # memory.memory_high_water's largest pool size seen
-        self.blas = cublas.Handle(self.stream.handle, self.tf32)
-        self.dnn = cudnn.Handle(self.stream.handle)
-        self.cudnn_version = int(cudnn.lib().cudnnGetVersion())
         self.descriptors = {}    # cache of cuDNN descriptors by their arguments
         self.workspace = None    # one growing cuDNN workspace
         self._modules = {}

@@ -317,10 +317,10 @@ class GraphConvPlan:
         candidates, skipped, failed, too_big = [], 0, [], 0
         limit = FIND_CANDIDATES if st.find_algorithms else 1
         for config in configs:
-            if not allowed(numerical_notes(config), self.dtype, self.tf32, st.deterministic):
-                skipped += 1
-                continue
-            try:
+            try:   # an engine that cannot tell its notes or build its plan is passed over
+                if not allowed(numerical_notes(config), self.dtype, self.tf32, st.deterministic):
+                    skipped += 1
+                    continue
                 plan, ws_bytes = execution_plan(st.dnn.ptr, config)
             except cudnn.CudnnError as e:
                 failed.append(status_of(e))

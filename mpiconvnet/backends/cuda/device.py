@@ -123,6 +123,17 @@ def shared_gpu_problem(placements):
             f"share GPUs (train's --allow-gpu-sharing, or MPICONVNET_ALLOW_GPU_SHARING=1)")
 
 
+def unchecked_gpus_note(placements):
+    """A one-line note when ranks of a node could not name their GPU, so shared_gpu_problem
+    could not tell whether they share one, else None."""
+    unknown = [rank for rank, uuid in placements if uuid is None]
+    if len(placements) < 2 or not unknown:
+        return None
+    return (f"note: the CUDA driver did not report the GPU UUID of rank(s) {', '.join(map(str, unknown))}, so "
+            f"whether ranks of this node share a GPU was not checked; make sure each rank has its own "
+            f"(nvidia-smi -L lists the GPUs)")
+
+
 def sharing_allowed(flag, environ=None):
     """--allow-gpu-sharing, or MPICONVNET_ALLOW_GPU_SHARING=1."""
     environ = os.environ if environ is None else environ

@@ -77,9 +77,9 @@ def _dlopen_first(sonames, dirs, what, fix, preload_pattern=None):
     path = find_library_file(sonames, dirs)
     if path is not None:
         if preload_pattern:
-            # cuDNN 9 dlopens its sub-libraries (libcudnn_ops, _cnn, _engines_*) by soname;
-            # loading them first from the same directory makes that lookup find them even
-            # when the directory is not on LD_LIBRARY_PATH.
+            # cuDNN 9 dlopens its sub-libraries (libcudnn_ops, _cnn, _engines_*) and cuBLAS
+            # needs libcublasLt, each by soname; loading them first from the same directory
+            # makes that lookup find them even when the directory is not on LD_LIBRARY_PATH.
             # they depend on each other, so retry until a pass loads nothing new; one that
             # never loads is an optional engine needing something absent (cuDNN reports it
             # only if a call needs it).
@@ -94,7 +94,11 @@ def _dlopen_first(sonames, dirs, what, fix, preload_pattern=None):
                 if len(failed) == len(pending):
                     break
                 pending = failed
-        return ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        try:
+            return ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        except OSError as e:   # found but not loadable: a dependency missing, another architecture
+            raise LibraryNotFound(f"{what} at {path} did not load ({e}); {fix}, or set "
+                                  f"MPICONVNET_CUDA_LIBS to a directory with a complete copy (see docs/gpu.md)") from None
     for name in sonames:
         try:
             return ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
@@ -134,7 +138,8 @@ def load_cublas():
     if "cublas" not in _loaded:
         _loaded["cublas"] = _dlopen_first(
             CUBLAS_SONAMES, candidate_dirs(), "cuBLAS",
-            "pip install nvidia-cublas-cu12 (or the site's CUDA module / a CUDA build of PyTorch)")
+            "pip install nvidia-cublas-cu12 (or the site's CUDA module / a CUDA build of PyTorch)",
+            preload_pattern="libcublasLt.so.[0-9]*")
     return _loaded["cublas"]
 
 
