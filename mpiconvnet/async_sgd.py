@@ -29,6 +29,10 @@ twice that by a worker; the server receives headers from any worker):
                     water bytes] (float64),
                     then, for PUSH, the summed gradients as one flat array
   server -> worker  a reply [GO | STOP | FAILED], then, for GO, the weights as one flat array
+  server -> worker  once the worker is done or stopped: [ALIVE] every --stall-timeout / 2
+                    while other workers still train, then [END]; the worker waits for END
+                    before the run's closing collectives, so a worker that finishes hours
+                    before the slowest one is not taken for a hung server
 """
 import math
 import sys
@@ -39,9 +43,10 @@ import numpy as np
 from mpiconvnet import checkpoint
 from mpiconvnet.data.loader import BatchLoader
 
-TAG_HEADER, TAG_GRADS, TAG_REPLY, TAG_PARAMS = 301, 302, 303, 304
+TAG_HEADER, TAG_GRADS, TAG_REPLY, TAG_PARAMS, TAG_END = 301, 302, 303, 304, 305
 PUSH, DONE, STOPPED = 0.0, 1.0, 2.0     # header kinds
 GO, STOP, FAILED = 0.0, 1.0, 2.0        # replies
+ALIVE, END = 0.0, 1.0                   # to workers waiting for the others (TAG_END)
 HEADER_SIZE = 7
 
 
@@ -93,22 +98,32 @@ class ParameterServer:
         self.weights.gather(t.net.params)
         for worker in range(1, t.world.size):
             self._to(worker, self.weights.buffer, TAG_PARAMS)
-        active = set(range(1, t.world.size))
+        workers = set(range(1, t.world.size))
+        active = set(workers)
         stopping, failure = None, None
         window = _Window()
         header, status = np.empty(HEADER_SIZE), MPI.Status()
         heard = {worker: time.monotonic() for worker in active}   # when each worker last spoke
+        next_alive = time.monotonic() + cfg.stall_timeout / 2     # when the finished ones hear from us
         while active:
+            if active != workers and time.monotonic() >= next_alive:
+                for worker in sorted(workers - active):
+                    self._to(worker, np.array([ALIVE]), TAG_END)
+                next_alive = time.monotonic() + cfg.stall_timeout / 2
             request = self.comm.Irecv(header, source=MPI.ANY_SOURCE, tag=TAG_HEADER)
-            # wake up when the longest-silent worker's time is up, even if no one writes
-            arrived = _wait(request, min(heard[w] for w in active) + cfg.stall_timeout, status)
+            # wake up when the longest-silent worker's time is up, even if no one writes, or
+            # when the finished workers are due to hear that the server still serves
+            deadline = min(heard[w] for w in active) + cfg.stall_timeout
+            arrived = _receive_by(request, min(deadline, next_alive) if active != workers else deadline, status)
             if arrived:
                 heard[status.Get_source()] = time.monotonic()
             # and check after every message: the others' pushes must not hide a silent one
-            silent = sorted(w for w in active if time.monotonic() - heard[w] > cfg.stall_timeout)
-            if silent or not arrived:
+            silent = self._silent(active, heard)
+            if silent:
                 _die(t.world, f"rank 0: workers {silent} sent nothing for {cfg.stall_timeout:.0f} s at step "
                               f"{t.step} (dead, hung or stuck in I/O); aborting all ranks")
+            if not arrived:
+                continue   # woken to tell the finished workers the server still serves
             worker, kind = status.Get_source(), header[0]
             if kind != PUSH:
                 active.discard(worker)
@@ -134,6 +149,7 @@ class ParameterServer:
             window.add(header, cfg.global_batch // t.workers)
             self._to(worker, np.array([GO]), TAG_REPLY)
             self._to(worker, self.weights.gather(t.net.params), TAG_PARAMS)
+            heard[worker] = time.monotonic()   # its silence counts from when it could speak again
             before, t.step = t.step, min(self.batches // t.workers, total_steps)
             if progress is not None and t.step > before:
                 progress.update(t.step - before)
@@ -144,6 +160,8 @@ class ParameterServer:
                 self.save()
             if t.step >= total_steps:
                 stopping = "the last step"   # max_steps: the others stop at their next push
+        for worker in sorted(workers):
+            self._to(worker, np.array([END]), TAG_END)
         if failure:
             return None, failure
         if stopping not in (None, "the last step"):
@@ -153,6 +171,23 @@ class ParameterServer:
             return "preempted", None
         self.save()
         return "done", None
+
+    def _silent(self, active, heard):
+        """The active workers not heard from for --stall-timeout. Before naming one, the
+        server looks for a header it has sent already: after a pause of the server's own (a
+        slow checkpoint, a busy machine) its workers are not silent, only not yet read. MPI
+        moves a few messages per probe, so it keeps looking for up to a second."""
+        timeout = self.trainer.cfg.stall_timeout
+        until = time.monotonic() + 1.0
+        while True:
+            silent = [w for w in active if time.monotonic() - heard[w] > timeout]
+            for w in silent:
+                if self.comm.Iprobe(source=w, tag=TAG_HEADER):
+                    heard[w] = time.monotonic()
+            silent = sorted(w for w in silent if time.monotonic() - heard[w] > timeout)
+            if not silent or time.monotonic() > until:
+                return silent
+            time.sleep(1e-3)
 
     def _to(self, worker, buffer, tag):
         """Send to a worker, or name it after --stall-timeout if it never takes the message."""
@@ -240,6 +275,16 @@ class AsyncWorker:
         self.pending += 1
         self.loss_sum += loss
 
+    def wait_for_the_end(self):
+        """Once this worker is done or stopped: wait until the server has heard the last of
+        every worker. The server says it is alive every --stall-timeout / 2 meanwhile, so
+        only a server that stops saying so is named (after twice --stall-timeout)."""
+        note = np.empty(1)
+        while True:
+            self._from_server(note, TAG_END)
+            if note[0] == END:
+                return
+
     def _send_header(self, kind):
         memory = float(self.trainer.net.ops.memory_high_water())
         header = np.array([kind, self.pending, self.loss_sum, *self.times, memory])
@@ -298,8 +343,9 @@ class _Window:
             return
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         per_batch = self.times / self.batches
-        record = {"kind": "train", "step": trainer.step, "epoch": trainer.step // trainer.steps_per_epoch,
-                  "loss": self.loss / self.batches, "lr": trainer.schedule.at(trainer.step),
+        last = max(trainer.step - 1, 0)   # the last step taken: its epoch and lr, as in sync training
+        record = {"kind": "train", "step": trainer.step, "epoch": last // trainer.steps_per_epoch,
+                  "loss": self.loss / self.batches, "lr": trainer.schedule.at(last),
                   "images_per_s": self.images / elapsed, "time_data": per_batch[0], "time_compute": per_batch[1],
                   "time_comm": per_batch[2],
                   "memory_mb": max(self.memory, trainer.net.ops.memory_high_water()) / 2**20, "time": time.time()}
@@ -322,6 +368,16 @@ def _wait(request, deadline, status=None):
         time.sleep(pause)
         pause = min(pause * 2, 1e-3)
     return True
+
+
+def _receive_by(request, deadline, status):
+    """_wait for a receive that is given up at the deadline and posted again later. Its
+    cancel may come too late, when a message has matched it already: that message is kept
+    (the wait after a receive's cancel returns at once, cancelled or received)."""
+    if _wait(request, deadline, status):
+        return True
+    request.Wait(status)
+    return not status.Is_cancelled()
 
 
 def _complete(request, timeout, world, message):
@@ -354,7 +410,9 @@ def run(trainer, stop, progress, log):
     if t.world.is_root:
         outcome, failure = ParameterServer(t).run(stop, progress, log, total_steps)
     else:
-        outcome, failure = AsyncWorker(t).run(stop), None
+        worker = AsyncWorker(t)
+        outcome, failure = worker.run(stop), None
+        worker.wait_for_the_end()
     # every rank learns the outcome and the final weights, then they evaluate together: all
     # blocking collectives, so from here a rank that hangs ends the run as in sync training
     t.world.start_watchdog(2 * cfg.stall_timeout)

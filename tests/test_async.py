@@ -5,6 +5,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -127,6 +128,54 @@ def test_a_hung_rank_is_named_after_the_stall_timeout(data, tmp_path, stopped, m
         _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0
     assert re.search(message, err), err
+
+
+def _ranks_of(proc):
+    out = subprocess.run(["pgrep", "-f", "mpiconvnet.train"], capture_output=True, text=True).stdout.split()
+    return {mpi_rank_of(int(p)): int(p) for p in out if int(p) != proc.pid and _is_descendant(int(p), proc.pid)}
+
+
+def test_a_server_pause_shorter_than_the_workers_limit_blames_no_one(data, tmp_path):
+    # the server stopped for 1.5x --stall-timeout (a slow checkpoint): the workers' headers
+    # wait in its queue meanwhile, and a header waiting there is not a silent worker
+    run = str(tmp_path / "run")
+    proc = start_long_run(run, ["--data", data, "--global-batch", "16", "--epochs", "400", "--checkpoint-every", "2",
+                                "--sync", "async", "--stall-timeout", "2"])
+    server = _ranks_of(proc)[0]
+    os.kill(server, signal.SIGSTOP)
+    time.sleep(3)
+    os.kill(server, signal.SIGCONT)
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err
+
+
+def test_a_worker_that_finishes_long_before_another_waits_for_it(data, tmp_path):
+    # worker 2 runs at a tenth of worker 1's speed (stopped 0.45 s of every 0.5 s, never
+    # silent for --stall-timeout), so worker 1 is done seconds before it: the run still ends
+    # well, the server telling the finished worker it still serves
+    run = str(tmp_path / "run")
+    proc = subprocess.Popen([MPIEXEC, "-n", "3", PYTHON, "-m", "mpiconvnet.train"] + TINY +
+                            ["--data", data, "--global-batch", "16", "--epochs", "4", "--sync", "async",
+                             "--stall-timeout", "2", "--checkpoint-every", "0", "--out", run],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while sorted(ranks := _ranks_of(proc)) != [0, 1, 2]:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    slow = ranks[2]
+    try:
+        while proc.poll() is None:
+            os.kill(slow, signal.SIGSTOP)
+            time.sleep(0.45)
+            os.kill(slow, signal.SIGCONT)
+            time.sleep(0.05)
+    except ProcessLookupError:
+        pass
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert evaluations(run)[-1]["step"] == 4 * 6
 
 
 def test_a_nonfinite_loss_ends_every_rank_with_exit_4(data, tmp_path):
