@@ -30,7 +30,7 @@ class Config:
 
     # optimisation (Krizhevsky 2012 defaults)
     epochs: int = 90                # passes over the training set
-    global_batch: int = 256         # images per step over all ranks; must divide by the rank count
+    global_batch: int = 256         # images per step over all ranks; must divide by the ranks that read data (all, or the async workers; any with --parallel model)
     lr: float = 0.01                # learning rate for global_batch, after warm-up
     lr_scale_by_batch: int = 0      # when > 0: lr *= global_batch / this (the linear scaling rule)
     momentum: float = 0.9           # heavy-ball momentum of SGD
@@ -56,7 +56,7 @@ class Config:
     parallel: str = "data"          # data: every rank holds the whole model | hybrid: convolutions data-parallel, fc layers split across ranks by output neuron (Krizhevsky 2014) | model: every layer split by output unit, every rank runs the whole batch (Yadan 2013)
     sync: str = "grads"             # grads: average gradients every step (synchronous SGD) | params: each rank steps alone, weights and momentum averaged every --average-every steps | async: rank 0 serves the weights, the others push gradients without waiting for each other (Paine 2013)
     average_every: int = 1          # sync=params: steps between averagings (1 equals sync=grads; theano_alexnet averaged every step)
-    async_every: int = 1            # sync=async: batches a worker sums before each push to the server (Downpour's n_push)
+    async_every: int = 1            # sync=async: batches a worker sums before each push to the server (Downpour's n_push); they must take less than stall_timeout
     bucket_mb: float = 25.0         # gradient bucket size for allreduce (DDP's default)
     overlap: bool = True            # reduce buckets while backward runs (false: ~5% faster where ranks fill every core)
     threads: int = 1                # BLAS threads per rank
@@ -146,7 +146,8 @@ def _check(cfg):
     if not 0 <= cfg.momentum < 1:
         raise ConfigError(f"--momentum must be in [0, 1), got {cfg.momentum}")
     if cfg.parallel != "data" and cfg.sync != "grads":
-        raise ConfigError(f"--parallel {cfg.parallel} needs --sync grads: the split layers have no replicas to average")
+        raise ConfigError(f"--parallel {cfg.parallel} needs --sync grads: its ranks hold different parts of the "
+                          f"split layers, which neither averaging replicas (params) nor one server's copy (async) fits")
     if cfg.lr_milestones:
         try:
             [int(m) for m in cfg.lr_milestones.split(",")]
@@ -163,6 +164,11 @@ def _check_combinations(cfg):
     if cfg.schedule == "plateau" and (cfg.eval_every == 0 or cfg.sync == "async"):
         raise ConfigError("--schedule plateau drops the lr when evaluations stop improving: it needs --eval-every 1 "
                           "or more, and --sync grads or params (async evaluates only at the end)")
+    # a flag of another --sync mode would be ignored: most likely --sync itself was forgotten
+    for key, mode in (("average_every", "params"), ("async_every", "async")):
+        if getattr(cfg, key) != 1 and cfg.sync != mode:
+            raise ConfigError(f"--{key.replace('_', '-')} {getattr(cfg, key)} applies to --sync {mode} only, and this "
+                              f"run has --sync {cfg.sync}; add --sync {mode}, or leave the flag out")
     if cfg.init_skip and not cfg.init_weights:
         raise ConfigError(f"--init-skip {cfg.init_skip} needs --init-weights: the file the other layers start from")
     return cfg

@@ -268,10 +268,20 @@ def _agree_on_gpus(comm, node, error, allow_sharing):
             print(f"rank {comm.Get_rank()}: {note}", file=sys.stderr, flush=True)
     problems = comm.allgather(mine)
     if mine:
-        raise SetupError(f"rank {comm.Get_rank()}: {mine}" if comm.Get_size() > 1 else mine)
+        # the same cause on many ranks (no pycuda on any node) is said once, by the first
+        same = [rank for rank, problem in enumerate(problems) if problem == mine]
+        who = f"rank {same[0]}" if len(same) == 1 else f"ranks {_rank_list(same)}"
+        raise SetupError(f"{who}: {mine}" if comm.Get_size() > 1 else mine, echo=same[0] == comm.Get_rank())
     first = next((rank for rank, problem in enumerate(problems) if problem), None)
     if first is not None:
         raise SetupError(f"rank {first} cannot start: {problems[first]}", echo=False)
+
+
+def _rank_list(ranks, shown=8):
+    """"0, 1, 2" or, for many, "0, 1, …, 63 (64 ranks)"."""
+    if len(ranks) <= shown:
+        return ", ".join(map(str, ranks))
+    return f"{', '.join(map(str, ranks[:shown - 1]))}, …, {ranks[-1]} ({len(ranks)} ranks)"
 
 
 class Watchdog:

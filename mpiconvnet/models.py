@@ -178,7 +178,8 @@ def build_layers(name, num_classes, ops, dropout=0.5, shards=None):
             out = out or num_classes
             if shards is not None:
                 if out < shards.size:
-                    raise ModelError(f"--parallel hybrid splits {lname}'s {out} outputs over {shards.size} ranks, "
+                    mode = "model" if split_convs else "hybrid"
+                    raise ModelError(f"--parallel {mode} splits {lname}'s {out} outputs over {shards.size} ranks, "
                                      f"leaving some with none; use at most {out} ranks, or --parallel data")
                 start, stop = shards.share(out)
                 split_width, out = out, stop - start

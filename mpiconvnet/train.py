@@ -75,7 +75,7 @@ def main(argv=None):
     try:
         world = distributed.init(cfg.backend, cfg.threads, cfg.allow_gpu_sharing, need_threads=cfg.overlap)
     except distributed.SetupError as e:
-        # every rank with a cause says it: a rank with no GPU may be the only one that fails
+        # each cause is said once, by the first rank it stops: a rank with no GPU may be the only one
         if e.echo:
             print(f"mpiconvnet.train: {e}", file=sys.stderr)
         return EXIT_USAGE

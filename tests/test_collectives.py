@@ -243,7 +243,8 @@ def test_a_communication_thread_that_cannot_start_fails_the_step_at_once():
 
 
 @pytest.mark.parametrize("case", ["own GPUs", "one GPU", "one GPU, sharing allowed", "rank 1 has no GPU",
-                                  "rank 1 cannot read its GPU's UUID", "rank 1's driver names no GPU"])
+                                  "rank 1 cannot read its GPU's UUID", "rank 1's driver names no GPU",
+                                  "no rank has pycuda"])
 def test_ranks_agree_on_their_gpus_before_training(world, monkeypatch, capsys, case):
     # the check distributed.init makes once MPI runs: every rank stops when any rank has no
     # GPU or ranks of a node took the same one, and each cause is printed by one rank only
@@ -257,6 +258,7 @@ def test_ranks_agree_on_their_gpus_before_training(world, monkeypatch, capsys, c
         return None if case.endswith("names no GPU") and world.rank == 1 else uuid
     monkeypatch.setattr(cuda, "device_identity", identity)
     error = "no CUDA device visible" if case == "rank 1 has no GPU" and world.rank == 1 else None
+    error = "--backend cuda needs pycuda" if case == "no rank has pycuda" else error
     comm = world.comm if world.comm is not None else MPI.COMM_SELF
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
     try:
@@ -268,6 +270,7 @@ def test_ranks_agree_on_their_gpus_before_training(world, monkeypatch, capsys, c
     finally:
         node.Free()
     fails = world.size > 1 and case in ("one GPU", "rank 1 has no GPU", "rank 1 cannot read its GPU's UUID")
+    fails = fails or case == "no rank has pycuda"
     assert (raised is not None) == fails
     if case == "one GPU" and fails:
         says_it = world.rank == 0   # the node's first rank states the cause; the others stop quietly
@@ -279,6 +282,9 @@ def test_ranks_agree_on_their_gpus_before_training(world, monkeypatch, capsys, c
                                else "rank 1 cannot start: no CUDA device visible")
     if case.endswith("UUID") and fails:
         assert "cannot read the GPU's UUID: cuDeviceGetUuid_v2: undefined symbol" in str(raised)
+    if case == "no rank has pycuda":   # one cause, said once, naming every rank it stops
+        assert raised.echo == (world.rank == 0)
+        assert str(raised) == ("ranks 0, 1: " if world.size > 1 else "") + "--backend cuda needs pycuda"
     if case.endswith("names no GPU"):   # the run goes on, and the node's first rank says what went unchecked
         noted = "did not report the GPU UUID of rank(s) 1, so whether ranks of this node share a GPU was not checked"
         assert (noted in capsys.readouterr().err) == (world.size > 1 and world.rank == 0)

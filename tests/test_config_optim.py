@@ -49,6 +49,8 @@ def test_flags_override_toml_which_overrides_defaults(tmp_path):
     (["--lr", "nan"], "--lr expects float, got 'nan'"),
     (["--schedule", "multistep"], "--schedule multistep needs --lr-milestones"),
     (["--schedule", "plateau", "--eval-every", "0"], "--schedule plateau drops the lr"),
+    (["--average-every", "4"], "--average-every 4 applies to --sync params only, and this run has --sync grads"),
+    (["--async-every", "2", "--sync", "params"], "--async-every 2 applies to --sync async only"),
 ])
 def test_bad_flags_are_named(argv, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -157,6 +157,15 @@ def test_channel_bounds_follow_the_channel_split():
     assert shards.column_bounds(10) == shards.bounds(10)
 
 
+@pytest.mark.parametrize("split_convs, mode", [(False, "hybrid"), (True, "model")])
+def test_more_ranks_than_fc_outputs_names_the_mode_given(split_convs, mode):
+    from mpiconvnet.backends import numpy_backend
+    from mpiconvnet.model_parallel import Shards
+    from mpiconvnet.models import ModelError, build_layers
+    with pytest.raises(ModelError, match=f"--parallel {mode} splits fc8's 2 outputs over 4 ranks"):
+        build_layers("alexnet-mini", 2, numpy_backend, 0.5, Shards(None, 0, 4, numpy_backend, split_convs))
+
+
 @pytest.mark.parametrize("rank", [0, 1])
 def test_model_parallel_on_two_ranks_is_the_two_towers(rank):
     # alexnet on 2 ranks: conv2, conv4 and conv5 see only their own tower's channels, so
