@@ -191,3 +191,61 @@ def test_bench_checkpoint_compares_ours_with_hdf5_writing_itself(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "HDF5 writes itself" in result.stdout and "ratio ours / HDF5:" in result.stdout
     assert os.listdir(tmp_path) == []   # its files are removed
+
+
+@pytest.mark.parametrize("args, message", [
+    (["step", "--model", "nope"], "argument --model: invalid choice: 'nope'"),
+    (["step", "--batch", "0"], "argument --batch: must be at least 1, got 0"),
+    (["step", "--steps", "-1"], "argument --steps: must be at least 1, got -1"),
+    (["input", "--rounds", "0"], "argument --rounds: must be at least 1"),
+    (["input", "--data", "/nonexistent"], "argument --data: /nonexistent is not an existing directory"),
+    (["loader", "--workers", "1,x"], "argument --workers: expects comma-separated whole numbers of at least 0"),
+    (["checkpoint", "--dir", "/nonexistent"], "argument --dir: /nonexistent is not an existing directory"),
+    (["ops", "--repeat", "0"], "argument --repeat: must be at least 1"),
+    (["scaling", "--ranks", "1"], "argument --ranks: must be at least 2"),
+    (["allreduce", "--bucket-mb", "nan"], "argument --bucket-mb: must be at least"),
+    (["preprocess", "--workers", "0"], "argument --workers: expects comma-separated whole numbers of at least 1"),
+])
+def test_bench_bad_values_are_refused_before_anything_runs(args, message):
+    result = run("mpiconvnet.bench", *args)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_bench_data_that_is_no_packed_set_is_one_line(tmp_path):
+    result = run("mpiconvnet.bench", "loader", "--data", str(tmp_path), "--repeats", "1")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == f"mpiconvnet.bench loader: {tmp_path}/dataset.json not found; pack the data " \
+                                    f"first with python -m preprocess folder|imagenet|synth"
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(sys.executable), "mpiexec")),
+                    reason="no mpiexec next to this Python")
+def test_bench_killed_by_sigterm_takes_its_mpi_ranks_with_it():
+    # a job's time limit or kill: mpiexec and its ranks must not run on, orphaned
+    import signal
+    import time
+    proc = subprocess.Popen([sys.executable, "-m", "mpiconvnet.bench", "allreduce", "--model", "alexnet-mini",
+                             "--repeats", "100000"], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not _ranks_running("--repeats 100000"):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+        assert proc.returncode == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 30
+        while _ranks_running("--repeats 100000", at_least=1) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _ranks_running("--repeats 100000", at_least=1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        subprocess.run(["pkill", "-f", "allreduce --model alexnet-mini --repeats 100000"])
+
+
+def _ranks_running(marker, at_least=3):
+    """Whether at_least processes of the run are up (3: mpiexec and its 2 ranks, the driver aside)."""
+    found = subprocess.run(["pgrep", "-f", f"mpiconvnet.bench allreduce .*{marker}"], capture_output=True, text=True)
+    return len(found.stdout.split()) >= at_least

@@ -33,7 +33,14 @@ def main(argv=None):
         print(f"mpiconvnet.bench: unknown benchmark {name!r}; choose one of {', '.join(names)}",
               file=sys.stderr)
         return 2
-    return importlib.import_module(f"mpiconvnet.bench.{name}").main(rest)
+    from mpiconvnet.checkpoint import CheckpointError
+    from mpiconvnet.data.shards import DatasetError
+    from mpiconvnet.models import ModelError
+    try:
+        return importlib.import_module(f"mpiconvnet.bench.{name}").main(rest)
+    except (DatasetError, ModelError, CheckpointError) as e:   # bad input met after the flags' checks
+        print(f"mpiconvnet.bench {name}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

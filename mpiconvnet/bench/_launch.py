@@ -1,19 +1,52 @@
-"""Re-run a benchmark under mpiexec when it was started as a single process."""
+"""Start the MPI runs a benchmark measures, and end them with it."""
 import os
+import signal
 import subprocess
 import sys
 
 from mpiconvnet.distributed import launched_by_mpi
 
 
+def mpiexec_path():
+    """The mpiexec beside this Python (the venv's, from the mpich wheel), else the one on PATH."""
+    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    return beside if os.path.exists(beside) else "mpiexec"
+
+
+def run_child(command, env=None, capture=False):
+    """Run `command` to its end and return (exit code, stdout, stderr; None unless captured).
+    A SIGTERM to this process (a job's time limit, kill) is passed on to the child, whose
+    mpiexec ends its ranks, and this process then exits too: killed alone it would leave
+    them running, orphaned. ctrl-c reaches the whole process group by itself."""
+    pipe = subprocess.PIPE if capture else None
+    try:
+        child = subprocess.Popen(command, env=env, stdout=pipe, stderr=pipe, text=True)
+    except FileNotFoundError:
+        raise SystemExit(f"mpiconvnet.bench: {command[0]} not found: install the MPI extra (pip install -e .[mpi]) "
+                         f"or put an mpiexec on PATH") from None
+    terminated = []
+
+    def pass_on(signum, frame):
+        terminated.append(signum)
+        child.send_signal(signum)
+    previous = signal.signal(signal.SIGTERM, pass_on)
+    try:
+        out, err = child.communicate()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    if terminated:
+        raise SystemExit(128 + signal.SIGTERM)
+    return child.returncode, out, err
+
+
 def relaunch_under_mpiexec(module, argv, ranks):
     """If this process is not an MPI rank, run `python -m module argv` on `ranks` ranks
-    with the mpiexec beside this Python, and return its exit code; else return None."""
+    with mpiexec, and return its exit code; else return None."""
     if launched_by_mpi():
         return None
-    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    if not os.path.exists(mpiexec):
-        mpiexec = "mpiexec"
-    command = [mpiexec, "-n", str(ranks), sys.executable, "-m", module] + list(argv)
+    command = [mpiexec_path(), "-n", str(ranks), sys.executable, "-m", module] + list(argv)
     print("running:", " ".join(command), flush=True)
-    return subprocess.call(command)
+    return run_child(command)[0]

@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 
+from mpiconvnet.bench._args import at_least, model_names
 from mpiconvnet.bench._launch import relaunch_under_mpiexec
 
 
@@ -40,12 +41,12 @@ def median_time(fn, repeats, world):
 
 def main(argv):
     p = argparse.ArgumentParser(prog="python -m mpiconvnet.bench allreduce", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="alexnet")
-    p.add_argument("--bucket-mb", type=float, default=25.0)
-    p.add_argument("--batch", type=int, default=8, help="images per rank in the NumPy backward")
-    p.add_argument("--backward-ms", type=float, default=0.0, help="length of the GPU-like backward (default 2x bucketed)")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--ranks", type=int, default=2, help="ranks when it starts mpiexec itself")
+    p.add_argument("--model", choices=model_names(), default="alexnet")
+    p.add_argument("--bucket-mb", type=at_least(0.001, float), default=25.0)
+    p.add_argument("--batch", type=at_least(1), default=8, help="images per rank in the NumPy backward")
+    p.add_argument("--backward-ms", type=at_least(0, float), default=0.0, help="length of the GPU-like backward (default 2x bucketed)")
+    p.add_argument("--repeats", type=at_least(1), default=5)
+    p.add_argument("--ranks", type=at_least(2), default=2, help="ranks when it starts mpiexec itself")
     args = p.parse_args(argv)
     code = relaunch_under_mpiexec("mpiconvnet.bench", ["allreduce"] + list(argv), args.ranks)
     if code is not None:
@@ -108,8 +109,10 @@ def main(argv):
 
     if world.is_root:
         mb = total * 4 / 1e6
-        print(f"{args.model}: {total:,} gradients ({mb:.0f} MB float32) in {len(buckets.sizes)} buckets of "
-              f"<= {args.bucket_mb:g} MB, {world.size} ranks, median of {args.repeats}")
+        count = sum(int(np.prod(shape)) for shape in net.param_shapes.values())
+        print(f"{args.model}: {count:,} gradients, {total:,} with the buckets' alignment padding ({mb:.0f} MB "
+              f"float32), in {len(buckets.sizes)} buckets of <= {args.bucket_mb:g} MiB, {world.size} ranks, "
+              f"median of {args.repeats}")
         print(f"{'raw Allreduce of one flat buffer':<44}{raw * 1e3:>10.1f} ms  ({mb / raw / 1e3:.2f} GB/s)")
         print(f"{'bucketed GradientReducer, no backward':<44}{bucketed * 1e3:>10.1f} ms")
         print(f"ratio bucketed / raw: {bucketed / raw:.3f}   (target <= 1.05)")

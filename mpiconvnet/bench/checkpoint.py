@@ -14,6 +14,7 @@ import argparse
 import os
 import resource
 import shutil
+import sys
 import tempfile
 import time
 
@@ -21,6 +22,7 @@ import h5py
 import numpy as np
 
 from mpiconvnet import checkpoint
+from mpiconvnet.bench._args import at_least, directory
 from mpiconvnet.models import MODELS, build_model
 
 
@@ -54,8 +56,8 @@ def peak_mb():
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m mpiconvnet.bench checkpoint", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=sorted(MODELS), default="alexnet")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--dir", default=None, help="where to write (default: a temporary folder)")
+    p.add_argument("--repeats", type=at_least(1), default=3)
+    p.add_argument("--dir", type=directory, default=None, help="where to write (default: a temporary folder)")
     args = p.parse_args(argv)
     net = build_model(args.model, num_classes=1000, dtype="float32")
     params = net.state_dict()
@@ -72,9 +74,13 @@ def main(argv=None):
     finally:
         shutil.rmtree(folder)
     size_mb = sum(v.nbytes for v in params.values()) * 2 / 2**20
-    print(f"{args.model}: {size_mb:.0f} MB of parameters and momentum, best of {args.repeats}, fsync included, "
+    print(f"{args.model}: {size_mb:.0f} MiB of parameters and momentum, best of {args.repeats}, fsync included, "
           f"in {args.dir or tempfile.gettempdir()}")
     print(f"  HDF5 writes itself  {base_s:6.2f} s")
-    print(f"  ours (in memory)    {ours_s:6.2f} s   +{ours_peak - base_peak:.0f} MB resident at the peak")
+    print(f"  ours (in memory)    {ours_s:6.2f} s   +{ours_peak - base_peak:.0f} MiB resident at the peak")
     print(f"ratio ours / HDF5: {ours_s / base_s:.2f} (target <= 2)")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -32,20 +32,22 @@ import sys
 import tempfile
 import time
 
+from mpiconvnet.bench._args import at_least, directory, model_names
+
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m mpiconvnet.bench input", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="alexnet-owt")
-    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--model", choices=model_names(), default="alexnet-owt")
+    p.add_argument("--batch", type=at_least(1), default=128)
     p.add_argument("--backend", choices=("numpy", "cuda"), default="numpy")
     p.add_argument("--tf32", action="store_true", help="allow TF32 (cuda only)")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads of the NumPy backend (default 2)")
-    p.add_argument("--data", help="a packed data set to read (default: a synthetic raw set in a temp dir)")
-    p.add_argument("--images", type=int, help="synthetic training images (default 24 batches, at most 4096)")
-    p.add_argument("--size", type=int, default=256, help="synthetic stored image size (default 256)")
-    p.add_argument("--workers", type=int, default=4, help="loader processes (default 4)")
-    p.add_argument("--skip", type=int, default=4, help="untimed steps at the start of each loop (default 4)")
-    p.add_argument("--rounds", type=int, default=2, help="times each loop runs, in turn; the fastest is kept")
+    p.add_argument("--threads", type=at_least(1), default=2, help="CPU threads of the NumPy backend (default 2)")
+    p.add_argument("--data", type=directory, help="a packed data set to read (default: a synthetic raw set in a temp dir)")
+    p.add_argument("--images", type=at_least(1), help="synthetic training images (default 24 batches, at most 4096)")
+    p.add_argument("--size", type=at_least(1), default=256, help="synthetic stored image size (default 256)")
+    p.add_argument("--workers", type=at_least(0), default=4, help="loader processes (default 4)")
+    p.add_argument("--skip", type=at_least(0), default=4, help="untimed steps at the start of each loop (default 4)")
+    p.add_argument("--rounds", type=at_least(1), default=2, help="times each loop runs, in turn; the fastest is kept")
     p.add_argument("--json", action="store_true", help="also print one JSON line of the results")
     args = p.parse_args(argv)
     if args.images is None:

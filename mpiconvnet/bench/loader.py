@@ -37,28 +37,30 @@ import time
 
 import numpy as np
 
+from mpiconvnet.bench._args import at_least, counts, directory
+
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m mpiconvnet.bench loader", description=__doc__.split("\n")[0])
-    parser.add_argument("--data", help="a packed data set to read (default: a synthetic raw set in a temp dir)")
-    parser.add_argument("--images", type=int, default=2048, help="synthetic training images (default 2048)")
-    parser.add_argument("--size", type=int, default=256, help="synthetic stored image size (default 256)")
-    parser.add_argument("--shard-size", type=int, default=1024,
+    parser.add_argument("--data", type=directory, help="a packed data set to read (default: a synthetic raw set in a temp dir)")
+    parser.add_argument("--images", type=at_least(1), default=2048, help="synthetic training images (default 2048)")
+    parser.add_argument("--size", type=at_least(1), default=256, help="synthetic stored image size (default 256)")
+    parser.add_argument("--shard-size", type=at_least(1), default=1024,
                         help="synthetic images per shard (default 1024, as python -m preprocess packs ImageNet: "
                              "a loader process then opens a shard per ~1,000 images it reads, as it does on "
                              "ImageNet; reads are one pread per image, so which shard an image is in does not "
                              "matter)")
-    parser.add_argument("--crop", type=int, default=227, help="crop size (default 227, AlexNet)")
-    parser.add_argument("--batch", type=int, default=64, help="batch per rank (default 64)")
-    parser.add_argument("--batches", type=int, default=24, help="batches timed per loader, after a warm-up of one batch per slot (default 24)")
-    parser.add_argument("--workers", default="0,1,2", help="comma-separated worker counts (default 0,1,2)")
-    parser.add_argument("--pool", type=int, default=2048,
+    parser.add_argument("--crop", type=at_least(1), default=227, help="crop size (default 227, AlexNet)")
+    parser.add_argument("--batch", type=at_least(1), default=64, help="batch per rank (default 64)")
+    parser.add_argument("--batches", type=at_least(1), default=24, help="batches timed per loader, after a warm-up of one batch per slot (default 24)")
+    parser.add_argument("--workers", type=counts(0), default="0,1,2", help="comma-separated worker counts (default 0,1,2)")
+    parser.add_argument("--pool", type=at_least(1), default=2048,
                         help="images held in memory for the copy bound (default 2048: 400 MB at 256 px, "
                              "far beyond the CPU caches)")
-    parser.add_argument("--prefetch", type=int, default=2,
+    parser.add_argument("--prefetch", type=at_least(1), default=2,
                         help="batches each loader prepares ahead (default 2, the trainer's default); a loader "
                              "with 1 worker then fills a ring of prefetch + 1 slots, and so does the copy bound")
-    parser.add_argument("--repeats", type=int, default=5, help="repeats of the read/augment/copy timings (best kept)")
+    parser.add_argument("--repeats", type=at_least(1), default=5, help="repeats of the read/augment/copy timings (best kept)")
     return parser.parse_args(argv)
 
 
@@ -164,7 +166,7 @@ def main(argv=None):
         for images in _h5py_files.values():
             images.file.close()
         _h5py_files.clear()
-        for workers in [int(w) for w in args.workers.split(",")]:
+        for workers in args.workers:
             rate = time_loader(root, workers, args)
             # workers=0 fills one private slot in the consumer; workers fill a shared ring
             rows.append((f"loader workers={workers}", max(workers, 1), rate, "ring" if workers else "one buffer"))

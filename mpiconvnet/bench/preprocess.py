@@ -24,12 +24,15 @@ import io
 import os
 import resource
 import shutil
+import sys
 import tempfile
 import time
 
 import h5py
 import numpy as np
 from PIL import Image
+
+from mpiconvnet.bench._args import at_least, counts
 
 
 def make_inputs(root, count, seed=0, classes=10):
@@ -112,21 +115,21 @@ def decode_stage(paths, size, repeats):
 def main(argv):
     parser = argparse.ArgumentParser(prog="python -m mpiconvnet.bench preprocess", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=None,
+    parser.add_argument("--images", type=at_least(1), default=None,
                         help="synthetic JPEGs to pack (default 1200, or 3 shards per worker of the largest "
                              "--workers count if that is more, so that every worker has shards to pack: with "
                              "1,200, what a packing run pays once -- planning, the index, the last shard's hash "
                              "and fsync, which nothing overlaps -- weighs ~2 %% per image; on ImageNet it weighs "
                              "nothing)")
-    parser.add_argument("--image-size", type=int, default=256, help="S (default 256)")
-    parser.add_argument("--workers", default="1,2", help="comma-separated worker counts (default 1,2)")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions; best kept (default 3)")
-    parser.add_argument("--shard-size", type=int, default=200,
+    parser.add_argument("--image-size", type=at_least(1), default=256, help="S (default 256)")
+    parser.add_argument("--workers", type=counts(1), default="1,2", help="comma-separated worker counts (default 1,2)")
+    parser.add_argument("--repeats", type=at_least(1), default=3, help="interleaved repetitions; best kept (default 3)")
+    parser.add_argument("--shard-size", type=at_least(1), default=200,
                         help="images per shard, and per block the naive pipeline writes (default 200: a shard's "
                              "fixed costs -- file creation, fsync, rename -- weigh per image closer to python -m "
                              "preprocess's default of 1,024 than the 50 used before 11:55 UTC)")
     args = parser.parse_args(argv)
-    worker_counts = [int(w) for w in args.workers.split(",")]
+    worker_counts = args.workers
     if args.images is None:
         args.images = max(1200, 3 * max(worker_counts) * args.shard_size)
     scratch = tempfile.mkdtemp(prefix="bench-preprocess-")
@@ -175,3 +178,7 @@ def main(argv):
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -20,11 +20,14 @@ target's ratio divided by it is what communication costs.
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
 import numpy as np
+
+from mpiconvnet.bench._args import at_least, model_names
+from mpiconvnet.bench._launch import mpiexec_path, run_child
+from mpiconvnet.distributed import launched_by_mpi
 
 
 def worker(args):
@@ -85,40 +88,39 @@ def worker(args):
 
 
 def run_with(ranks, args, communicate=True):
-    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    command = [mpiexec, "-n", str(ranks), sys.executable, "-m", "mpiconvnet.bench", "scaling", "--worker",
+    command = [mpiexec_path(), "-n", str(ranks), sys.executable, "-m", "mpiconvnet.bench", "scaling", "--worker",
                "--model", args.model, "--batch", str(args.batch), "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--overlap", args.overlap, "--sync", args.sync,
                "--average-every", str(args.average_every)]
     # the control runs whole models: a split one cannot run without its collectives
     command += ["--parallel", args.parallel] if communicate else ["--parallel", "data", "--no-communication"]
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    out = subprocess.run(command, env=env, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{out.stderr[-2000:]}")
-    line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    code, out, err = run_child(command, env=env, capture=True)
+    results = [line for line in out.splitlines() if line.startswith("RESULT ")]
+    if code != 0 or not results:
+        # mpiexec says which rank died, and how, on stdout
+        said = "\n".join(part.strip()[-2000:] for part in (out, err) if part.strip())
+        raise SystemExit(f"bench scaling: {' '.join(command)} failed (exit {code}):\n{said}")
+    return json.loads(results[-1][len("RESULT "):])
 
 
 def main(argv):
     p = argparse.ArgumentParser(prog="python -m mpiconvnet.bench scaling", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="alexnet-mini")
-    p.add_argument("--batch", type=int, default=64, help="images per rank per step")
-    p.add_argument("--ranks", type=int, default=2)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--model", choices=model_names(), default="alexnet-mini")
+    p.add_argument("--batch", type=at_least(1), default=64, help="images per rank per step")
+    p.add_argument("--ranks", type=at_least(2), default=2, help="ranks compared with 1")
+    p.add_argument("--steps", type=at_least(1), default=20)
+    p.add_argument("--warmup", type=at_least(0), default=3)
     p.add_argument("--overlap", choices=("on", "off"), default="on")
     p.add_argument("--sync", choices=("grads", "params"), default="grads",
                    help="grads: allreduce gradients every step; params: average weights and momentum every "
                         "--average-every steps (the trainer's --sync)")
-    p.add_argument("--average-every", type=int, default=1, help="--sync params: steps between averagings")
+    p.add_argument("--average-every", type=at_least(1), default=1, help="--sync params: steps between averagings")
     p.add_argument("--parallel", choices=("data", "hybrid"), default="data",
                    help="hybrid: fc layers split across the ranks (the trainer's --parallel)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no-communication", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.average_every < 1:
-        p.error(f"--average-every must be at least 1, got {args.average_every}")
     if args.parallel == "hybrid" and args.sync != "grads":
         p.error("--parallel hybrid needs --sync grads")
     if args.steps % args.average_every:
@@ -126,6 +128,8 @@ def main(argv):
                 f"time would over- or under-count averagings")
     if args.worker:
         return worker(args)
+    if launched_by_mpi():
+        p.error("run it as one process: it starts mpiexec itself, at 1 and at --ranks ranks")
     one = run_with(1, args)
     many = run_with(args.ranks, args)
     alone = run_with(args.ranks, args, communicate=False)
@@ -146,3 +150,7 @@ def main(argv):
     print(f"the machine's own bound ({args.ranks} ranks without communication / 1 rank): {bound:.2f}; "
           f"communication keeps {ratio / bound:.2f} of it")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -15,6 +15,8 @@ import time
 
 import numpy as np
 
+from mpiconvnet.bench._args import at_least, model_names
+
 
 def layer_flops(net, batch):
     """[FLOPs of each layer's forward] for `batch` images: multiply-adds x 2 of the conv and
@@ -83,12 +85,12 @@ def make_torch(args, net, x, labels):
 
 def main(argv):
     p = argparse.ArgumentParser(prog="python -m mpiconvnet.bench step", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="alexnet")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--threads", type=int, default=2, help="CPU threads for both implementations")
+    p.add_argument("--model", choices=model_names(), default="alexnet")
+    p.add_argument("--batch", type=at_least(1), default=64)
+    p.add_argument("--threads", type=at_least(1), default=2, help="CPU threads for both implementations")
     p.add_argument("--backend", choices=("numpy", "cuda"), default="numpy")
-    p.add_argument("--steps", type=int, help="timed steps, the median is reported (default 5 on numpy, 30 on cuda)")
-    p.add_argument("--warmup", type=int, help="untimed steps first (default 2 on numpy, 5 on cuda: cuDNN's "
+    p.add_argument("--steps", type=at_least(1), help="timed steps, the median is reported (default 5 on numpy, 30 on cuda)")
+    p.add_argument("--warmup", type=at_least(0), help="untimed steps first (default 2 on numpy, 5 on cuda: cuDNN's "
                                                  "algorithm searches run in the first steps)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 in both (cuda only)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
@@ -173,7 +175,9 @@ def main(argv):
     if theirs is not None:
         ratio = theirs / ours
         result.update(torch_images_per_s=args.batch / theirs, ratio=ratio)
-        print(f"ratio mpiconvnet / pytorch: {ratio:.2f}x")
+        target = ">= 1.3x (AlexNet, batch 64, 2 threads)" if args.backend == "numpy" else ">= 1x (same precision)"
+        print(f"ratio mpiconvnet / pytorch: {ratio:.2f}x   (target {target}; the two take turns step by step, "
+              f"but on a busy machine PyTorch's threads suffer most: compare with --threads 1)")
     if args.backend == "cuda":
         # device memory each caching allocator holds (in one process the two are separate);
         # the NumPy backend's figure, the process's peak resident set, would include PyTorch's
@@ -238,3 +242,7 @@ def _device_time(event):
         if value is not None:
             return value
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,42 @@
+"""Argument types the benchmarks share, so that a bad value is argparse's one-line error
+naming the flag (exit 2) before anything runs, not a traceback minutes later."""
+import argparse
+import os
+
+
+def at_least(minimum, kind=int):
+    """A number >= minimum: at_least(1) for counts, at_least(0) for counts that may be 0."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expects {'a whole number' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not value >= minimum:   # NaN fails too
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        return value
+    return parse
+
+
+def counts(minimum=1):
+    """Comma-separated whole numbers >= minimum, e.g. 1,2,4."""
+    def parse(text):
+        number = at_least(minimum)
+        try:
+            return [number(part) for part in text.split(",")]
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"expects comma-separated whole numbers of at least {minimum}, "
+                                             f"e.g. {minimum},2,4; got {text!r}") from None
+    return parse
+
+
+def model_names():
+    from mpiconvnet.models import MODELS
+    return sorted(MODELS)
+
+
+def directory(text):
+    """An existing directory (where the benchmark writes or reads)."""
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is not an existing directory")
+    return text
