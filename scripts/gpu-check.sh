@@ -25,7 +25,8 @@
 #   VENV=.venv-gpu        the venv (an existing one is reused)
 #   OFFLINE=1             never use a package index, only vendor/ (auto when pip's index,
 #                         PIP_INDEX_URL / pip.conf or else pypi.org, does not answer)
-#   CUDA_WHEELS=cu12|cu13 which nvidia-* wheels to install if the libraries are missing (cu12)
+#   CUDA_WHEELS=cu12|cu13 which nvidia-* wheels to install if the libraries are missing
+#                         (default: the driver's CUDA major version, cu13 from CUDA 13 on)
 #   SKIP_BENCH=1          skip the benchmark
 #   ONLY=cuda-tests,bench-input-*   run only these steps (comma-separated names or shell
 #                         patterns; the set-up steps always run): for a GPU lent by the
@@ -42,7 +43,6 @@ OUT=$(cd "$OUT" && pwd)
 REPORT="$OUT/report.md"
 VENV=${VENV:-.venv-gpu}
 PYTHON=${PYTHON:-python3}
-CUDA_WHEELS=${CUDA_WHEELS:-cu12}
 FAILED=0
 
 echo "# gpu-check $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname)" > "$REPORT"
@@ -98,6 +98,27 @@ machine() {
 }
 step machine machine
 
+# a node without a working driver and GPU can show nothing here: say so before installing
+# gigabytes of CUDA libraries and failing every step
+if ! "$PYTHON" - >> "$OUT/machine.log" 2>&1 <<'EOF'
+import ctypes, sys
+try:
+    cuda = ctypes.CDLL("libcuda.so.1")
+except OSError as e:
+    sys.exit(f"no CUDA driver (libcuda.so.1 does not load: {e})")
+count = ctypes.c_int(0)
+status = cuda.cuInit(0)
+if status != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value == 0:
+    sys.exit(f"the CUDA driver sees no usable GPU (cuInit returned {status}, {count.value} device(s); "
+             f"CUDA_VISIBLE_DEVICES and nvidia-smi say more)")
+print(f"CUDA driver: {count.value} GPU(s)")
+EOF
+then
+    echo "gpu-check: $(tail -n 1 "$OUT/machine.log"); run it on a GPU node (the CPU backend's tests are make test)" >&2
+    echo "| gpu | **FAIL**: $(tail -n 1 "$OUT/machine.log") | 0 | machine.log |" >> "$REPORT"
+    exit 1
+fi
+
 # --- 2. environment ---------------------------------------------------------------------------
 if [ -z "${OFFLINE:-}" ]; then
     # ask the index pip would use (a site mirror from PIP_INDEX_URL or pip.conf), not only
@@ -152,14 +173,30 @@ install_pycuda() {
         "$PY" -c "import pycuda; print('pycuda', pycuda.VERSION_TEXT, 'already installed')"
         return 0
     fi
-    # PyCUDA builds against the CUDA toolkit: its configure finds it from nvcc's location
-    # nvcc may be a symlink or a wrapper script, so ask it where its toolkit is (TOP=...)
-    if [ -z "${CUDA_ROOT:-}" ] && command -v nvcc >/dev/null; then
-        top=$(nvcc --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)
-        export CUDA_ROOT=$(readlink -f "${top:-$(dirname "$(readlink -f "$(command -v nvcc)")")/..}")
+    # a wheel built for this Python (vendor/, docs/gpu.md) needs no toolkit; PyPI has none
+    if ! "$PY" -m pip install "${PIP_SOURCES[@]}" --only-binary pycuda pycuda; then
+        # else build the sdist against the CUDA toolkit. PyCUDA's setup reads the toolkit from
+        # its siteconf.py (configure.py writes it), else from where nvcc is; nvcc may be a
+        # symlink or a wrapper script elsewhere, so ask nvcc where its toolkit is (TOP=...)
+        if [ -z "${CUDA_ROOT:-}" ] && command -v nvcc >/dev/null; then
+            top=$(nvcc --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)
+            CUDA_ROOT=$(readlink -f "${top:-$(dirname "$(readlink -f "$(command -v nvcc)")")/..}")
+        fi
+        if [ ! -f "${CUDA_ROOT:-}/include/cuda.h" ]; then
+            echo "no cuda.h under CUDA_ROOT=${CUDA_ROOT:-<unset>}/include: set CUDA_ROOT to the CUDA toolkit, or put a pycuda wheel for this Python in vendor/"
+            return 1
+        fi
+        local src="$OUT/pycuda-src" sdist
+        sdist=$(ls "$ROOT"/vendor/pycuda-*.tar.gz 2>/dev/null | tail -n 1)
+        if [ -z "$sdist" ]; then
+            "$PY" -m pip download "${PIP_SOURCES[@]}" --no-deps --no-binary pycuda -d "$OUT/pycuda-sdist" pycuda || return 1
+            sdist=$(ls "$OUT"/pycuda-sdist/pycuda-*.tar.gz | tail -n 1)
+        fi
+        echo "building pycuda from $sdist against CUDA_ROOT=$CUDA_ROOT"
+        rm -rf "$src" && mkdir -p "$src" && tar xzf "$sdist" -C "$src" --strip-components=1 || return 1
+        (cd "$src" && "$PY" configure.py --cuda-root="$CUDA_ROOT" \
+            && "$PY" -m pip install "${PIP_SOURCES[@]}" --no-build-isolation .) || return 1
     fi
-    echo "building pycuda against CUDA_ROOT=${CUDA_ROOT:-<unset>}"
-    "$PY" -m pip install "${PIP_SOURCES[@]}" --no-build-isolation pycuda
     "$PY" -c "import pycuda.driver as d; d.init(); print('pycuda OK,', d.Device.count(), 'device(s)')"
 }
 step install-pycuda install_pycuda
@@ -177,6 +214,9 @@ EOF
 }
 install_cuda_libraries() {
     if find_libraries; then return 0; fi
+    if [ -z "${CUDA_WHEELS:-}" ]; then   # the wheels for the CUDA major version the driver runs
+        CUDA_WHEELS=cu$("$PY" -c "import ctypes; v = ctypes.c_int(); ctypes.CDLL('libcuda.so.1').cuDriverGetVersion(ctypes.byref(v)); print(min(max(v.value // 1000, 12), 13))")
+    fi
     echo "cuBLAS / cuDNN not found where docs/gpu.md says we look; installing the $CUDA_WHEELS wheels"
     "$PY" -m pip install "${PIP_SOURCES[@]}" "nvidia-cublas-$CUDA_WHEELS" "nvidia-cudnn-$CUDA_WHEELS"
     find_libraries
@@ -192,8 +232,11 @@ cuda_tests() {
     # every cuda-marked test elsewhere in the suite (models, trainer) too, even after a failure above
     "$PY" -X faulthandler -m pytest -q -rs -p no:cacheprovider -m cuda tests || [ $? -eq 5 ] || status=1
     [ $status -eq 0 ] || return 1
-    # a run where the GPU tests all skipped proves nothing
-    "$PY" - "$OUT/cuda-tests.xml" <<'EOF'
+    gpu_op_tests_ran "$OUT/cuda-tests.xml"
+}
+# gpu_op_tests_ran JUNIT_XML: a run where the GPU op tests skipped proves nothing
+gpu_op_tests_ran() {
+    "$PY" - "$1" <<'EOF'
 import sys, xml.etree.ElementTree as ET
 suite = ET.parse(sys.argv[1]).getroot()
 suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
@@ -207,8 +250,12 @@ EOF
 step cuda-tests cuda_tests
 # the convolutions once more through cuDNN's graph API (MPICONVNET_CUDNN_API=graph, opt-in
 # until this passes on a GPU: docs/gpu.md item 17)
-step cuda-tests-graph env MPICONVNET_CUDNN_API=graph "$PY" -X faulthandler -m pytest -q -rs -p no:cacheprovider \
-    tests/test_cuda_ops.py -k "conv or alexnet"
+cuda_tests_graph() {
+    MPICONVNET_CUDNN_API=graph "$PY" -X faulthandler -m pytest -q -rs -p no:cacheprovider \
+        --junitxml="$OUT/cuda-tests-graph.xml" tests/test_cuda_ops.py -k "conv or alexnet" || return 1
+    gpu_op_tests_ran "$OUT/cuda-tests-graph.xml"
+}
+step cuda-tests-graph cuda_tests_graph
 
 # --- 4. training on synthetic shards ----------------------------------------------------------
 DATA="$OUT/data"

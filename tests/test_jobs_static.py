@@ -150,3 +150,20 @@ def test_gpu_check_only_runs_the_named_steps_and_always_the_set_up():
     assert chosen("") == names
     assert chosen("cuda-tests,bench-input-*") == ["machine", "shards", "cuda-tests", "bench-input-owt-tf32"]
     assert chosen("*-graph") == ["machine", "shards", "cuda-tests-graph", "bench-alexnet-owt-tf32-graph"]
+
+
+def test_gpu_check_on_a_node_without_a_gpu_stops_before_installing_anything(tmp_path):
+    import ctypes
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        pytest.skip("a CUDA driver loads here: gpu-check would run for real")
+    except OSError:
+        pass
+    venv = tmp_path / "venv-gpu"
+    result = subprocess.run(["bash", os.path.join(ROOT, "scripts/gpu-check.sh"), str(tmp_path / "out")],
+                            env={**os.environ, "VENV": str(venv), "PYTHON": sys.executable},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "gpu-check: no CUDA driver (libcuda.so.1 does not load" in result.stderr and "run it on a GPU node" in result.stderr
+    assert not venv.exists()
+    assert "| gpu | **FAIL**: no CUDA driver" in (tmp_path / "out" / "report.md").read_text()
