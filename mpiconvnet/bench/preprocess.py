@@ -119,7 +119,7 @@ def main(argv):
                         help="synthetic JPEGs to pack (default 1200, or 3 shards per worker of the largest "
                              "--workers count if that is more, so that every worker has shards to pack: with "
                              "1,200, what a packing run pays once -- planning, the index, the last shard's hash "
-                             "and fsync, which nothing overlaps -- weighs ~2 %% per image; on ImageNet it weighs "
+                             "and fsync, which nothing overlaps -- weighs ~3 %% per image; on ImageNet it weighs "
                              "nothing)")
     parser.add_argument("--image-size", type=at_least(1), default=256, help="S (default 256)")
     parser.add_argument("--workers", type=counts(1), default="1,2", help="comma-separated worker counts (default 1,2)")
@@ -127,7 +127,7 @@ def main(argv):
     parser.add_argument("--shard-size", type=at_least(1), default=200,
                         help="images per shard, and per block the naive pipeline writes (default 200: a shard's "
                              "fixed costs -- file creation, fsync, rename -- weigh per image closer to python -m "
-                             "preprocess's default of 1,024 than the 50 used before 11:55 UTC)")
+                             "preprocess's default of 1,024 than the 50 used before 11:53 UTC)")
     args = parser.parse_args(argv)
     worker_counts = args.workers
     if args.images is None:
