@@ -15,10 +15,15 @@ export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONUNBUFFER
 "$PY" -m pytest -q -m "not slurm" tests
 
 # 3. SLURM: a real one-node cluster on localhost (needs root and Debian's packages, as CI
-#    has); every daemon it started is stopped on exit. Elsewhere the SLURM tests are skipped.
+#    has); a cluster it started is stopped on exit, one already running (someone else's on a
+#    shared machine) is used and left running. Elsewhere the SLURM tests are skipped.
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  trap 'bash scripts/local-slurm.sh stop' EXIT
-  bash scripts/local-slurm.sh start
+  if bash scripts/local-slurm.sh running; then
+    echo "run-tests: a local SLURM cluster is already running: using it, and leaving it running"
+  else
+    trap 'bash scripts/local-slurm.sh stop' EXIT
+    bash scripts/local-slurm.sh start
+  fi
   eval "$(bash scripts/local-slurm.sh env)"
   MPICONVNET_REQUIRE_SLURM=1 "$PY" -m pytest -q -p no:cacheprovider -m slurm tests/test_slurm.py
 else

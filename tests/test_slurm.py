@@ -367,3 +367,18 @@ def test_the_time_limit_signal_requeues_the_job_until_training_finishes(cluster,
     records = metrics(run)
     assert [r["step"] for r in records if r["kind"] == "train"] == logged_steps(steps)
     assert [r["step"] for r in records if r["kind"] == "eval"] == [steps]
+
+
+def test_preprocess_synth_runs_once_in_a_job_of_two_tasks(cluster, tmp_path):
+    # under srun both tasks wrote the same tars, one crashed on the other's rename
+    out = tmp_path / "synth"
+    job = Job(cluster, "jobs/preprocess.sbatch", ["synth", "--out", str(out), "--classes", "3", "--per-class", "4",
+                                                  "--val-per-class", "2", "--size", "64x48", "--layout", "imagenet"],
+              tmp_path / "synth.out")
+    try:
+        assert_completed(job, job.wait(120))
+    finally:
+        job.cancel()
+    assert "synth runs as one process" in job.output()
+    assert sorted(os.listdir(out)) == ["ILSVRC2012_devkit_t12.tar.gz", "ILSVRC2012_img_train.tar",
+                                       "ILSVRC2012_img_val.tar"]
