@@ -20,6 +20,7 @@ enough images.
 """
 import io
 import os
+import shlex
 import sys
 import tarfile
 
@@ -218,9 +219,10 @@ def main(args):
     write = write_imagenet_layout if args.layout == "imagenet" else write_folder_layout
     paths = write(args.out, args.classes, args.per_class, val_per_class, size, rng)
     print(f"synth: {args.classes} classes x {args.per_class} train + {val_per_class} val images in {args.out}")
+    q = {name: shlex.quote(path) for name, path in paths.items()}   # a copy-paste that works with spaces
     if args.layout == "imagenet":
-        print(f"next: python -m preprocess imagenet --train {paths['train']} --val {paths['val']} "
-              f"--devkit {paths['devkit']} --out DIR")
+        print(f"next: python -m preprocess imagenet --train {q['train']} --val {q['val']} "
+              f"--devkit {q['devkit']} --out DIR")
     else:
-        print(f"next: python -m preprocess folder --train {paths['train']} --val {paths['val']} --out DIR")
+        print(f"next: python -m preprocess folder --train {q['train']} --val {q['val']} --out DIR")
     return 0

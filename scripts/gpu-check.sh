@@ -135,7 +135,7 @@ if [ -z "${OFFLINE:-}" ]; then
 fi
 PIP_SOURCES=(--find-links "$ROOT/vendor")
 [ "$OFFLINE" = 1 ] && PIP_SOURCES+=(--no-index)
-echo "package index: $([ "$OFFLINE" = 1 ] && echo "none (vendor/ only)" || echo "reachable (vendor/ first)")" | tee -a "$OUT/machine.log"
+echo "package index: $([ "$OFFLINE" = 1 ] && echo "none (vendor/ only)" || echo "reachable (vendor/ is one more source; pip takes the newest version from either)")" | tee -a "$OUT/machine.log"
 
 make_venv() {
     if [ ! -x "$VENV/bin/python" ]; then

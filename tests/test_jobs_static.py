@@ -186,3 +186,10 @@ def test_usr1_before_the_trainer_takes_it_is_a_stop_not_a_failure(data, tmp_path
     assert proc.returncode == 75, out + err
     assert "USR1 arrived before the trainer could take it" in out
     assert f"run the same command again to continue {run}" in err
+
+
+def test_evaluate_script_without_arguments_is_one_line(tmp_path):
+    result = run_script("jobs/evaluate.sbatch", [], MPICONVNET_OUTSIDE_SLURM="1")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == ("jobs/evaluate.sbatch: no arguments; use 'sbatch jobs/evaluate.sbatch --data DIR "
+                                     "--checkpoint RUN_DIR' (see python -m mpiconvnet.evaluate --help)")
