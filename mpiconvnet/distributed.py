@@ -94,6 +94,9 @@ class World:
             print(*args, **kwargs, flush=True)
 
     def abort(self, code=1):
+        cuda = sys.modules.get("mpiconvnet.backends.cuda.context")   # loaded only with --backend cuda
+        if cuda is not None:
+            cuda.release_before_abort()
         if self.comm is not None and self.size > 1:
             self.comm.Abort(code)
         os._exit(code)
@@ -260,13 +263,13 @@ def _agree_on_gpus(comm, node, error, allow_sharing):
         except Exception as e:   # every rank must still reach the allgathers below
             error = f"cannot read the GPU's UUID: {_first_line(e)}"
     placements = node.allgather((comm.Get_rank(), identity))   # every rank of the node takes part
-    mine = error
+    mine, note = error, None
     if mine is None and node.Get_rank() == 0 and not device_policy.sharing_allowed(allow_sharing):
         mine = device_policy.shared_gpu_problem(placements)   # said by the node's first rank
         note = device_policy.unchecked_gpus_note(placements)
-        if mine is None and note:
-            print(f"rank {comm.Get_rank()}: {note}", file=sys.stderr, flush=True)
     problems = comm.allgather(mine)
+    if note and not any(problems):   # a rank that could not start has no UUID to report either
+        print(f"rank {comm.Get_rank()}: {note}", file=sys.stderr, flush=True)
     if mine:
         # the same cause on many ranks (no pycuda on any node) is said once, by the first
         same = [rank for rank, problem in enumerate(problems) if problem == mine]

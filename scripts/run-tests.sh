@@ -16,14 +16,15 @@ export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONUNBUFFER
 
 # 3. SLURM: a real one-node cluster on localhost (needs root and Debian's packages, as CI
 #    has); a cluster it started is stopped on exit, one already running (someone else's on a
-#    shared machine) is used and left running. Elsewhere the SLURM tests are skipped.
+#    shared machine) is used and left running: two test runs at once share it, and the one
+#    that started it stops it when it ends. Elsewhere the SLURM tests are skipped.
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   if bash scripts/local-slurm.sh running; then
     echo "run-tests: a local SLURM cluster is already running: using it, and leaving it running"
   else
     trap 'bash scripts/local-slurm.sh stop' EXIT
-    bash scripts/local-slurm.sh start
   fi
+  bash scripts/local-slurm.sh start   # idempotent: on a running cluster it only waits for the node
   eval "$(bash scripts/local-slurm.sh env)"
   MPICONVNET_REQUIRE_SLURM=1 "$PY" -m pytest -q -p no:cacheprovider -m slurm tests/test_slurm.py
 else

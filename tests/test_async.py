@@ -140,10 +140,10 @@ def test_a_server_pause_shorter_than_the_workers_limit_blames_no_one(data, tmp_p
     # wait in its queue meanwhile, and a header waiting there is not a silent worker
     run = str(tmp_path / "run")
     proc = start_long_run(run, ["--data", data, "--global-batch", "16", "--epochs", "400", "--checkpoint-every", "2",
-                                "--sync", "async", "--stall-timeout", "2"])
+                                "--sync", "async", "--stall-timeout", "3"])
     server = _ranks_of(proc)[0]
     os.kill(server, signal.SIGSTOP)
-    time.sleep(3)
+    time.sleep(4.5)
     os.kill(server, signal.SIGCONT)
     time.sleep(2)
     proc.send_signal(signal.SIGTERM)
@@ -152,13 +152,14 @@ def test_a_server_pause_shorter_than_the_workers_limit_blames_no_one(data, tmp_p
 
 
 def test_a_worker_that_finishes_long_before_another_waits_for_it(data, tmp_path):
-    # worker 2 runs at a tenth of worker 1's speed (stopped 0.45 s of every 0.5 s, never
-    # silent for --stall-timeout), so worker 1 is done seconds before it: the run still ends
-    # well, the server telling the finished worker it still serves
+    # worker 2 runs at a quarter of worker 1's speed (stopped 0.3 s of every 0.4 s: a push
+    # takes it ~0.5 s, far from --stall-timeout), so worker 1 is done seconds before it, more
+    # than the 2x --stall-timeout a finished worker waits: the run still ends well, the
+    # server telling the finished worker it still serves
     run = str(tmp_path / "run")
     proc = subprocess.Popen([MPIEXEC, "-n", "3", PYTHON, "-m", "mpiconvnet.train"] + TINY +
-                            ["--data", data, "--global-batch", "16", "--epochs", "4", "--sync", "async",
-                             "--stall-timeout", "2", "--checkpoint-every", "0", "--out", run],
+                            ["--data", data, "--global-batch", "16", "--epochs", "12", "--sync", "async",
+                             "--stall-timeout", "3", "--checkpoint-every", "0", "--out", run],
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while sorted(ranks := _ranks_of(proc)) != [0, 1, 2]:
@@ -168,14 +169,14 @@ def test_a_worker_that_finishes_long_before_another_waits_for_it(data, tmp_path)
     try:
         while proc.poll() is None:
             os.kill(slow, signal.SIGSTOP)
-            time.sleep(0.45)
+            time.sleep(0.3)
             os.kill(slow, signal.SIGCONT)
-            time.sleep(0.05)
+            time.sleep(0.1)
     except ProcessLookupError:
         pass
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
-    assert evaluations(run)[-1]["step"] == 4 * 6
+    assert evaluations(run)[-1]["step"] == 12 * 6
 
 
 def test_a_nonfinite_loss_ends_every_rank_with_exit_4(data, tmp_path):

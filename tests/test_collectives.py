@@ -282,6 +282,7 @@ def test_ranks_agree_on_their_gpus_before_training(world, monkeypatch, capsys, c
                                else "rank 1 cannot start: no CUDA device visible")
     if case.endswith("UUID") and fails:
         assert "cannot read the GPU's UUID: cuDeviceGetUuid_v2: undefined symbol" in str(raised)
+        assert "did not report the GPU UUID" not in capsys.readouterr().err   # the cause is said, not a guess
     if case == "no rank has pycuda":   # one cause, said once, naming every rank it stops
         assert raised.echo == (world.rank == 0)
         assert str(raised) == ("ranks 0, 1: " if world.size > 1 else "") + "--backend cuda needs pycuda"

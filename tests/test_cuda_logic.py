@@ -512,6 +512,39 @@ def test_a_handle_that_fails_to_create_leaves_no_context_on_the_stack(fake_backe
     assert all(depth == 0 for depth in _FakeContext.depth.values())
 
 
+def test_a_bad_cuda_aware_setting_is_refused_at_set_up_even_on_one_rank(fake_backend, monkeypatch):
+    cb, _ = fake_backend
+    monkeypatch.setenv("MPICONVNET_CUDA_AWARE", "yes")
+    with pytest.raises(ValueError, match="MPICONVNET_CUDA_AWARE='yes': use 1"):
+        cb.initialize(0, 1)
+    assert all(depth == 0 for depth in _FakeContext.depth.values())
+
+
+def test_an_abort_pops_the_context_first(fake_backend):
+    # MPI_Abort exits through C's exit(), where PyCUDA aborts (SIGABRT) on a pushed context
+    cb, _ = fake_backend
+    cb.initialize(0, 1)
+    assert sum(_FakeContext.depth.values()) == 1
+    context.release_before_abort()
+    assert sum(_FakeContext.depth.values()) == 0
+
+
+def test_kernels_compile_with_stop_signals_held(fake_backend, monkeypatch):
+    # nvcc inherits the mask: a TERM to the job step must not kill it mid-compile
+    import signal
+    cb, _ = fake_backend
+    cb.initialize(0, 1)
+    masks = []
+    compiler = sys.modules["pycuda.compiler"]
+    build = compiler.SourceModule
+    monkeypatch.setattr(compiler, "SourceModule",
+                        lambda *a, **k: (masks.append(signal.pthread_sigmask(signal.SIG_BLOCK, set())), build(*a, **k))[1])
+    monkeypatch.setattr("mpiconvnet.backends.cuda.prebuild.nvcc_path", lambda: "/usr/bin/nvcc")
+    context.load_module("relu.cu")
+    assert masks and {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT} <= masks[0]
+    assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, set())   # released again
+
+
 def test_empty_arrays_hold_their_pool_block_until_the_last_view_is_gone(fake_backend):
     cb, _ = fake_backend
     cb.initialize(0, 1)

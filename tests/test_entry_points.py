@@ -204,6 +204,8 @@ def test_bench_checkpoint_compares_ours_with_hdf5_writing_itself(tmp_path):
     (["ops", "--repeat", "0"], "argument --repeat: must be at least 1"),
     (["scaling", "--ranks", "1"], "argument --ranks: must be at least 2"),
     (["allreduce", "--bucket-mb", "nan"], "argument --bucket-mb: must be at least"),
+    (["allreduce", "--backward-ms", "inf"], "argument --backward-ms: must be a finite number"),
+    (["scaling", "--average-every", "4"], "--average-every 4 applies to --sync params only"),
     (["preprocess", "--workers", "0"], "argument --workers: expects comma-separated whole numbers of at least 1"),
 ])
 def test_bench_bad_values_are_refused_before_anything_runs(args, message):
@@ -246,6 +248,13 @@ def test_bench_killed_by_sigterm_takes_its_mpi_ranks_with_it():
 
 
 def _ranks_running(marker, at_least=3):
-    """Whether at_least processes of the run are up (3: mpiexec and its 2 ranks, the driver aside)."""
+    """Whether at_least processes of the run are up (3: the driver, mpiexec and a rank, or more)."""
     found = subprocess.run(["pgrep", "-f", f"mpiconvnet.bench allreduce .*{marker}"], capture_output=True, text=True)
     return len(found.stdout.split()) >= at_least
+
+
+def test_bench_tells_an_mpi_rank_from_a_shell_inside_an_allocation():
+    # sbatch and salloc shells have SLURM_NTASKS: there the benchmarks still start mpiexec
+    from mpiconvnet.bench._launch import is_mpi_rank
+    assert not is_mpi_rank({"SLURM_NTASKS": "4", "SLURM_PROCID": "0"}) and not is_mpi_rank({})
+    assert is_mpi_rank({"PMI_RANK": "1", "PMI_SIZE": "2"}) and is_mpi_rank({"OMPI_COMM_WORLD_SIZE": "2"})

@@ -172,17 +172,23 @@ def test_gpu_check_on_a_node_without_a_gpu_stops_before_installing_anything(tmp_
 def test_usr1_before_the_trainer_takes_it_is_a_stop_not_a_failure(data, tmp_path):
     # the signal lands while Python is still starting, which kills the trainer: nothing is
     # lost since the last checkpoint, so the script stops (and would requeue) as after one
+    # (sent as soon as the trainer's process runs Python, which then takes ~0.3 s to start)
     run = str(tmp_path / "run")
     proc = subprocess.Popen(["bash", "jobs/train.sbatch", "--data", data, "--epochs", "500"] + TINY, cwd=ROOT,
                             env=outside_slurm_env(MPICONVNET_OUTSIDE_SLURM="1", MPICONVNET_RUN_DIR=run),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = proc.stdout.readline()
-    while "-m mpiconvnet.train" not in first:   # the command line, echoed just before the launch
-        assert first, proc.communicate()
-        first = proc.stdout.readline()
-    time.sleep(0.05)
-    proc.send_signal(signal.SIGUSR1)
-    out, err = proc.communicate(timeout=60)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "python.*mpiconvnet.train"],
+                                 capture_output=True).stdout:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGUSR1)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)   # the script and the trainer it started
+            proc.communicate()
     assert proc.returncode == 75, out + err
     assert "USR1 arrived before the trainer could take it" in out
     assert f"run the same command again to continue {run}" in err

@@ -1,6 +1,7 @@
 """Argument types the benchmarks share, so that a bad value is argparse's one-line error
 naming the flag (exit 2) before anything runs, not a traceback minutes later."""
 import argparse
+import math
 import os
 
 
@@ -14,6 +15,8 @@ def at_least(minimum, kind=int):
                                              f"got {text!r}") from None
         if not value >= minimum:   # NaN fails too
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         return value
     return parse
 

@@ -4,7 +4,12 @@ import signal
 import subprocess
 import sys
 
-from mpiconvnet.distributed import launched_by_mpi
+
+
+def is_mpi_rank(environ=os.environ):
+    """Whether a launcher started this process as an MPI rank. Not SLURM_NTASKS, which every
+    shell inside an allocation has: there the benchmark still starts mpiexec itself."""
+    return any(var in environ for var in ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK"))
 
 
 def mpiexec_path():
@@ -19,24 +24,29 @@ def run_child(command, env=None, capture=False):
     mpiexec ends its ranks, and this process then exits too: killed alone it would leave
     them running, orphaned. ctrl-c reaches the whole process group by itself."""
     pipe = subprocess.PIPE if capture else None
-    try:
-        child = subprocess.Popen(command, env=env, stdout=pipe, stderr=pipe, text=True)
-    except FileNotFoundError:
-        raise SystemExit(f"mpiconvnet.bench: {command[0]} not found: install the MPI extra (pip install -e .[mpi]) "
-                         f"or put an mpiexec on PATH") from None
-    terminated = []
+    terminated, started = [], []
 
     def pass_on(signum, frame):
         terminated.append(signum)
-        child.send_signal(signum)
+        if started:
+            started[0].send_signal(signum)
     previous = signal.signal(signal.SIGTERM, pass_on)
     try:
+        try:
+            child = subprocess.Popen(command, env=env, stdout=pipe, stderr=pipe, text=True)
+        except FileNotFoundError:
+            raise SystemExit(f"mpiconvnet.bench: {command[0]} not found: install the project (pip install -e ., "
+                             f"which brings the mpich wheel's mpiexec) or put the site's mpiexec on PATH") from None
+        started.append(child)
+        if terminated:   # the signal came while the child was being started
+            child.send_signal(signal.SIGTERM)
         out, err = child.communicate()
     finally:
         signal.signal(signal.SIGTERM, previous)
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+        for child in started:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
     if terminated:
         raise SystemExit(128 + signal.SIGTERM)
     return child.returncode, out, err
@@ -45,7 +55,7 @@ def run_child(command, env=None, capture=False):
 def relaunch_under_mpiexec(module, argv, ranks):
     """If this process is not an MPI rank, run `python -m module argv` on `ranks` ranks
     with mpiexec, and return its exit code; else return None."""
-    if launched_by_mpi():
+    if is_mpi_rank():
         return None
     command = [mpiexec_path(), "-n", str(ranks), sys.executable, "-m", module] + list(argv)
     print("running:", " ".join(command), flush=True)

@@ -26,8 +26,7 @@ import time
 import numpy as np
 
 from mpiconvnet.bench._args import at_least, model_names
-from mpiconvnet.bench._launch import mpiexec_path, run_child
-from mpiconvnet.distributed import launched_by_mpi
+from mpiconvnet.bench._launch import is_mpi_rank, mpiexec_path, run_child
 
 
 def worker(args):
@@ -121,6 +120,8 @@ def main(argv):
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no-communication", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.average_every != 1 and args.sync != "params":
+        p.error(f"--average-every {args.average_every} applies to --sync params only")
     if args.parallel == "hybrid" and args.sync != "grads":
         p.error("--parallel hybrid needs --sync grads")
     if args.steps % args.average_every:
@@ -128,7 +129,7 @@ def main(argv):
                 f"time would over- or under-count averagings")
     if args.worker:
         return worker(args)
-    if launched_by_mpi():
+    if is_mpi_rank():
         p.error("run it as one process: it starts mpiexec itself, at 1 and at --ranks ranks")
     one = run_with(1, args)
     many = run_with(args.ranks, args)

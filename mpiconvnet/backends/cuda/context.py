@@ -11,14 +11,16 @@ on a second one (augment.py); pycuda's own synchronous copies use the legacy def
 stream, which waits for our (blocking) streams, so mixing them is safe.
 """
 import atexit
+import contextlib
 import ctypes
 import os
+import signal
 import threading
 
 import numpy as np
 
 from . import device as device_policy
-from . import libs
+from . import libs, mpi_cuda
 
 KERNEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
 # fat binaries from `python -m mpiconvnet.backends.cuda.prebuild`, for nodes without nvcc
@@ -151,6 +153,7 @@ class State:
         self.find_algorithms = os.environ.get("MPICONVNET_CUDNN_FIND", "1") != "0"
         self.cudnn_api = cudnn_api_from_env()
         self.deterministic = deterministic_from_env()
+        mpi_cuda.override_from_env()   # read later, and only with 2+ ranks: a typo is found here, on 1 rank too
         self.drv = drv
         self.ordinal = ordinal
         self.thread = threading.get_ident()   # the thread whose context stack holds our context
@@ -282,6 +285,20 @@ def import_driver():
     return drv
 
 
+@contextlib.contextmanager
+def _stop_signals_held():
+    """TERM, USR1 and INT held back from this thread, and from the nvcc it starts (a child
+    inherits the mask), until the block ends. SLURM signals every process of a job step: an
+    nvcc killed in the first step's compile would fail the run, where the signal, held until
+    the compile is done, reaches the trainer's handler and stops it with a checkpoint."""
+    held = {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def load_module(filename):
     """The compiled kernels of kernels/<filename>: built by nvcc through PyCUDA when nvcc
     exists (cached by PyCUDA across runs), else loaded from kernels/prebuilt/."""
@@ -294,8 +311,9 @@ def load_module(filename):
             source = f.read()
         # no_extern_c: the files declare their own extern "C" entry points around C++
         # templates; the include dir makes `#include "common.cuh"` resolve
-        return SourceModule(source, nvcc=nvcc, no_extern_c=True, include_dirs=[KERNEL_DIR],
-                            options=list(DEFAULT_NVCC_FLAGS) + NVCC_OPTIONS)
+        with _stop_signals_held():
+            return SourceModule(source, nvcc=nvcc, no_extern_c=True, include_dirs=[KERNEL_DIR],
+                                options=list(DEFAULT_NVCC_FLAGS) + NVCC_OPTIONS)
     if os.path.isfile(prebuilt):
         import pycuda.driver as drv
         return drv.module_from_file(prebuilt)
@@ -344,6 +362,17 @@ def device_identity():
         return None
     h = bytes(uuid).hex()
     return f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def release_before_abort():
+    """Pop this thread's push of the backend's context, for an exit that skips Python's own
+    clean-up (MPI_Abort): PyCUDA's C++ clean-up at exit finds the context still pushed and
+    calls abort(), which turns the run's exit code into a SIGABRT (6) and a banner."""
+    if _state is not None and threading.get_ident() == _state.thread:
+        try:
+            _state.context.pop()
+        except Exception:
+            pass   # the driver may be in any state: the process is ending anyway
 
 
 @atexit.register
