@@ -241,7 +241,8 @@ class AsyncWorker:
                              batch_per_rank=t.batch_per_rank, epoch=epoch, start_step=start, seed=cfg.seed,
                              crop_size=t.net.input_size, train=True, mean=cfg.mean,
                              divide_by_std=t.net.spec.standardize_input, pca_lighting=cfg.pca_lighting,
-                             drop_last=cfg.drop_last, workers=cfg.workers, prefetch=cfg.prefetch) as loader:
+                             drop_last=cfg.drop_last, workers=cfg.workers, prefetch=cfg.prefetch,
+                             stall_timeout=cfg.stall_timeout) as loader:
                 waited = loader.time_waiting
                 since = time.perf_counter()   # compute: the time from here less waiting for data
                 for batch, images in loader.device_batches(t.net.ops):

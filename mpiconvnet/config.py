@@ -47,7 +47,7 @@ class Config:
     # data
     drop_last: bool = True          # False pads the last batch by wrapping around the epoch
     workers: int = 1                # loader processes per rank (0: load in the training process)
-    prefetch: int = 2               # batches queued ahead per rank
+    prefetch: int = 2               # batches queued ahead per rank; a rank's loader holds max(prefetch, workers) + 1 batches (1 with workers 0)
     mean: str = "channel"           # channel | image: what augmentation subtracts
     pca_lighting: bool = False      # AlexNet's colour augmentation
     eval_crops: int = 1             # 1 (centre) or 10 (corners, centre and flips)

@@ -14,6 +14,7 @@ import sys
 
 from mpiconvnet import checkpoint, distributed
 from mpiconvnet.config import ConfigError, from_dict
+from mpiconvnet.data.loader import LoaderError
 from mpiconvnet.data.shards import SPLITS, DatasetError, ShardedDataset
 from mpiconvnet.evaluation import evaluate
 from mpiconvnet.models import ModelError, build_model
@@ -63,14 +64,19 @@ def main(argv=None):
         if getattr(e, "echo", True):   # a rank stopped by another rank's set-up error is silent
             print(f"mpiconvnet.evaluate: {e}", file=sys.stderr)
         return 2
-    world.start_watchdog(2 * (args.stall_timeout or cfg.stall_timeout))   # a rank that hangs ends the run
+    stall_timeout = args.stall_timeout or cfg.stall_timeout
+    world.start_watchdog(2 * stall_timeout)   # a rank that hangs ends the run
     try:
         result = evaluate(net, world, args.data, args.batch, crops=args.crops, mean=cfg.mean, workers=args.workers,
-                          split=args.split, seed=cfg.seed)
+                          split=args.split, seed=cfg.seed, stall_timeout=stall_timeout)
     except DatasetError as e:   # a shard that cannot be read; only this rank may have met it
         print(f"mpiconvnet.evaluate: rank {world.rank}: {e}", file=sys.stderr, flush=True)
         world.abort(2)
         return 2
+    except LoaderError as e:    # a loader process died or hung: the others may wait in a collective
+        print(f"mpiconvnet.evaluate: rank {world.rank}: {e}", file=sys.stderr, flush=True)
+        world.abort(3)
+        return 3
     except KeyboardInterrupt:   # ctrl-c: one line, not a traceback per rank
         world.print("mpiconvnet.evaluate: interrupted", file=sys.stderr)
         world.abort(130)

@@ -28,7 +28,8 @@ def score_batch(probabilities, labels):
     return top1, top5, loss
 
 
-def evaluate(net, world, data_dir, batch_per_rank, crops=1, mean="channel", workers=1, split="val", seed=0):
+def evaluate(net, world, data_dir, batch_per_rank, crops=1, mean="channel", workers=1, split="val", seed=0,
+             stall_timeout=None):
     """{'top1', 'top5', 'loss', 'images'} over the whole split, identical on every rank."""
     totals = np.zeros(4)   # top-1 correct, top-5 correct, summed loss, images
     # --parallel model: every rank runs every image (its share of each layer), so every
@@ -37,7 +38,8 @@ def evaluate(net, world, data_dir, batch_per_rank, crops=1, mean="channel", work
     rank, size = (0, 1) if same_images else (world.rank, world.size)
     with BatchLoader(data_dir, split=split, rank=rank, size=size, batch_per_rank=batch_per_rank,
                      epoch=0, start_step=0, seed=seed, crop_size=net.input_size, train=False, mean=mean,
-                     divide_by_std=net.spec.standardize_input, workers=workers, crops=crops) as loader:
+                     divide_by_std=net.spec.standardize_input, workers=workers, crops=crops,
+                     stall_timeout=stall_timeout) as loader:
         missing_steps = 0
         if net.shards is not None and world.size > 1 and not same_images:
             # a split model's forward is a collective: a rank whose share of the split runs

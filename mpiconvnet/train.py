@@ -19,11 +19,12 @@ import sys
 
 from mpiconvnet import checkpoint, distributed
 from mpiconvnet.config import ConfigError, help_text, resolve
+from mpiconvnet.data.loader import LoaderError
 from mpiconvnet.data.shards import DatasetError
 from mpiconvnet.models import MODELS, ModelError
 from mpiconvnet.metrics import MetricsLog
-from mpiconvnet.trainer import (EXIT_CANNOT_WRITE, EXIT_NONFINITE, EXIT_USAGE, NonFiniteLoss, StopSignal, Trainer,
-                                open_datasets)
+from mpiconvnet.trainer import (EXIT_CANNOT_WRITE, EXIT_NONFINITE, EXIT_STALLED, EXIT_USAGE, NonFiniteLoss,
+                                StopSignal, Trainer, open_datasets)
 from mpiconvnet.weights import initial_state
 
 
@@ -122,6 +123,10 @@ def main(argv=None):
         print(f"mpiconvnet.train: rank {world.rank}: {e}", file=sys.stderr, flush=True)
         world.abort(EXIT_USAGE)
         return EXIT_USAGE
+    except LoaderError as e:    # one of this rank's loader processes died or hung: the others wait for it
+        print(f"mpiconvnet.train: rank {world.rank}: {e}", file=sys.stderr, flush=True)
+        world.abort(EXIT_STALLED)
+        return EXIT_STALLED
     except NonFiniteLoss as e:
         world.print(f"mpiconvnet.train: {e}", file=sys.stderr)
         return EXIT_NONFINITE

@@ -241,7 +241,7 @@ class Trainer:
                              crop_size=self.net.input_size, train=True, mean=cfg.mean,
                              divide_by_std=self.net.spec.standardize_input, pca_lighting=cfg.pca_lighting,
                              drop_last=cfg.drop_last, workers=cfg.workers,
-                             prefetch=cfg.prefetch) as loader:
+                             prefetch=cfg.prefetch, stall_timeout=cfg.stall_timeout) as loader:
                 world.progress(f"the first step of epoch {epoch}")
                 waited = loader.time_waiting
                 # compute: the host's time from here, less waiting for data and exposed
@@ -351,7 +351,8 @@ class Trainer:
         if self.val_set is None:
             return None
         result = evaluate(self.net, self.world, self.cfg.data, self.batch_per_rank, crops=self.cfg.eval_crops,
-                          mean=self.cfg.mean, workers=self.cfg.workers, seed=self.cfg.seed)
+                          mean=self.cfg.mean, workers=self.cfg.workers, seed=self.cfg.seed,
+                          stall_timeout=self.cfg.stall_timeout)
         if report:
             self.schedule.report_evaluation(result["top1"])
         record = {"kind": "eval", "step": self.step, "epoch": epoch, **result, "time": time.time()}

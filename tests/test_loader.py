@@ -296,6 +296,54 @@ def test_workers_leave_when_the_parent_dies(raw_dataset):
     assert alive == []
 
 
+def test_stopped_workers_leave_when_the_parent_dies(raw_dataset):
+    # a hung worker (here stopped) never runs its own check for a dead parent; the kernel
+    # ends it (PR_SET_PDEATHSIG), or it would hold mpiexec's output pipe open for ever
+    context = multiprocessing.get_context("fork")
+    reader, writer = context.Pipe(duplex=False)
+
+    def owner():
+        loader = BatchLoader(raw_dataset, batch_per_rank=4, crop_size=CROP, workers=2)
+        next(loader)
+        next(loader)    # each worker has made a batch: it runs its loop, its set-up is done
+        writer.send([p.pid for p in loader._processes])
+        time.sleep(60)
+
+    middle = context.Process(target=owner)
+    middle.start()
+    worker_pids = reader.recv()
+    for pid in worker_pids:
+        os.kill(pid, signal.SIGSTOP)
+    os.kill(middle.pid, signal.SIGKILL)
+    middle.join()
+    deadline = time.monotonic() + 10
+    alive = worker_pids
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [pid for pid in worker_pids if _running(pid)]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    assert alive == []
+
+
+def test_a_hung_worker_is_named_after_the_stall_timeout(raw_dataset):
+    loader = BatchLoader(raw_dataset, batch_per_rank=4, crop_size=CROP, workers=2, prefetch=1, stall_timeout=1.5)
+    processes = list(loader._processes)
+    os.kill(processes[1].pid, signal.SIGSTOP)       # worker 1 makes steps 1, 3, ...: the first or the next hangs
+    started = time.monotonic()
+    try:
+        with pytest.raises(LoaderError, match=r"loader worker 1 \(pid \d+\) has made no batch for step [13] of "
+                                              r"epoch 0 in 2 s: hung, stopped or stuck reading"):
+            for _ in loader:
+                pass
+    finally:
+        for process in processes:
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGCONT)
+    assert 1.5 <= time.monotonic() - started < 10
+    assert not any(p.is_alive() for p in processes)   # the stopped one too
+
+
 def _running(pid):
     """True while pid exists and is not a zombie (orphans are reaped by init, but slowly in containers)."""
     try:

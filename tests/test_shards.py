@@ -198,3 +198,17 @@ def test_image_offsets_by_either_walk_of_the_chunk_index(tmp_path):
     for local in range(5):
         stored = raw[fast[local]:fast[local] + SIZE * SIZE * 3].reshape(SIZE, SIZE, 3)
         np.testing.assert_array_equal(stored, known_image(100 + 7 + local))
+
+
+def test_a_shard_damaged_inside_is_one_line_naming_it(tmp_path):
+    # the file opens (its superblock is fine) but a group's B-tree is zeros: h5py's own
+    # errors on the reads that follow become one DatasetError naming the shard
+    root = pack(tmp_path, "raw")
+    path = os.path.join(root, "train-00000.h5")
+    with open(path, "r+b") as f:
+        f.seek(800)
+        f.write(b"\0" * 400)
+    with pytest.raises(DatasetError, match=rf"{path} is damaged \(.*\); check the set with python -m preprocess verify"):
+        ShardedDataset(root, "train").labels
+    with pytest.raises(DatasetError, match=rf"{path} is damaged"):
+        ShardedDataset(root, "train").read([0])

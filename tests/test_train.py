@@ -555,3 +555,24 @@ def test_a_missing_validation_shard_stops_the_run_before_its_first_step(tmp_path
     result = train(["--data", data, "--global-batch", "16", "--out", str(tmp_path / "run")], check=False)
     assert result.returncode == 2 and "val-00001.h5 not found" in result.stderr, result.stderr
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_killed_loader_process_ends_the_run_with_one_line_and_exit_3(data, tmp_path):
+    run = str(tmp_path / "run")
+    proc = start_long_run(data, run, ranks=1, extra=["--workers", "1"])
+    _wait_for_checkpoint_then(proc, os.path.join(run, "checkpoints"), lambda: None)
+    # a loader lives one epoch here (a few steps): kill what runs until the run notices
+    deadline = time.monotonic() + 30
+    while proc.poll() is None and time.monotonic() < deadline:
+        for child in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split():
+            try:
+                os.kill(int(child), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
+    if proc.poll() is None:
+        proc.kill()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 3, err
+    assert "mpiconvnet.train: rank 0: loader worker 0" in err and "died with exit code -9" in err
+    assert "Traceback" not in err

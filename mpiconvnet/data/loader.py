@@ -39,6 +39,7 @@ copies only the forking thread, so create loaders while no other thread of the t
 inside h5py (a checkpoint writer thread, say): a lock it held would stay held in the child.
 Checked under `mpiexec -n 2` with MPICH: forked workers run beside the MPI ranks.
 """
+import ctypes
 import mmap
 import multiprocessing
 import multiprocessing.connection
@@ -65,7 +66,8 @@ JOIN_TIMEOUT_S = 2.0
 
 
 class LoaderError(RuntimeError):
-    """A loader worker failed; the message carries the worker's traceback."""
+    """A loader worker failed, died or hung; the message says which, and for a failure
+    carries the worker's traceback."""
 
 
 class Batch(NamedTuple):
@@ -113,7 +115,11 @@ class BatchMaker:
 def shared_array(shape, dtype):
     """A zeroed array in an anonymous shared mapping: forked children write, the parent sees."""
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    buffer = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    try:
+        buffer = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except OSError as e:
+        raise LoaderError(f"cannot map {nbytes / 2**20:.0f} MiB for the loader's batch slots {tuple(shape)} ({e}); "
+                          f"lower --workers or --prefetch (max(prefetch, workers) + 1 batches a rank)") from None
     return np.frombuffer(buffer, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
 
 
@@ -134,10 +140,24 @@ def _pin_slots(pixels, ops):
         return False
 
 
+def _die_with_parent():
+    """Linux: the kernel kills this process when its parent ends, even when the parent ends
+    by MPI_Abort or SIGKILL and this one hangs or is stopped, where the check below never
+    runs; a stopped worker would keep mpiexec's output pipe, and so mpiexec, alive."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass                            # elsewhere the idle check must do
+
+
 def _worker_main(maker, connection, pixels, labels, parent_pid):
     """Loop in a worker: receive (step, slot), fill the slot, answer (step, slot, count)."""
     # ctrl-c reaches the whole process group; the parent handles it and closes us
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
+    if os.getppid() != parent_pid:
+        return    # the parent ended before the line above took effect
     try:
         while True:
             try:
@@ -175,8 +195,9 @@ class BatchLoader:
 
     def __init__(self, data_dir, split=None, *, rank=0, size=1, batch_per_rank, epoch=0, start_step=0, seed=0,
                  crop_size, train=True, mean="channel", divide_by_std=False, pca_lighting=False, drop_last=True,
-                 shuffle=True, workers=1, prefetch=2, crops=1):
+                 shuffle=True, workers=1, prefetch=2, crops=1, stall_timeout=None):
         self._processes = []
+        self.stall_timeout = stall_timeout   # seconds a batch may take a worker before it counts as hung
         self._connections = []
         self._closed = False
         if mean not in ("channel", "image"):
@@ -321,6 +342,11 @@ class BatchLoader:
         if self.workers:
             while step not in self._ready:
                 self._receive()
+                if self.stall_timeout is not None and time.perf_counter() - started > self.stall_timeout:
+                    worker = (step - self.start_step) % self.workers
+                    self._fail(f"loader worker {worker} (pid {self._processes[worker].pid}) has made no batch for "
+                               f"step {step} of epoch {self.epoch} in {self.stall_timeout:.0f} s: hung, stopped or "
+                               f"stuck reading {self.dataset.root} (its file system?); the run stops here")
             slot, count = self._ready.pop(step)
         else:
             slot = self._free_slots.pop(0)

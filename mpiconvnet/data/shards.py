@@ -12,6 +12,7 @@ Shards are opened lazily, in the process that reads them: h5py handles must neve
 a fork, so a reader created in a parent and used in loader worker processes opens its
 own handles in each worker.
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -164,6 +165,19 @@ def open_shard(path):
         raise DatasetError(f"{path} is not a readable HDF5 shard ({error}); {REPACK_HINT}") from None
 
 
+@contextlib.contextmanager
+def damage_named(path):
+    """h5py's errors from a shard damaged inside (a header, a B-tree: the file opens, a read
+    fails) as one DatasetError naming the file, as open_shard's are."""
+    try:
+        yield
+    except DatasetError:
+        raise
+    except (OSError, RuntimeError, KeyError, ValueError) as error:
+        raise DatasetError(f"{path} is damaged ({error}); check the set with python -m preprocess verify, "
+                           f"and {REPACK_HINT}") from None
+
+
 def check_shard(shard, path, expected_attributes, num_images):
     """Raise DatasetError unless an open shard matches what dataset.json says about it."""
     for key, want in expected_attributes.items():
@@ -253,15 +267,20 @@ class OpenShard:
 
     def __init__(self, path, attributes, num_images, image_format):
         self.file = open_shard(path)
-        check_shard(self.file, path, attributes, num_images)
         self.fd = None
-        if image_format == "jpeg":
-            self.offsets = self.file["jpeg_offsets"][()]
-        else:
-            self.offsets = raw_image_offsets(self.file["images"])
-            if self.offsets is not None:
-                self.fd = os.open(path, os.O_RDONLY)
-                self.offset_list = self.offsets.tolist()   # Python ints: no NumPy scalar per read
+        try:
+            with damage_named(path):
+                check_shard(self.file, path, attributes, num_images)
+                if image_format == "jpeg":
+                    self.offsets = self.file["jpeg_offsets"][()]
+                else:
+                    self.offsets = raw_image_offsets(self.file["images"])
+                    if self.offsets is not None:
+                        self.fd = os.open(path, os.O_RDONLY)
+                        self.offset_list = self.offsets.tolist()   # Python ints: no NumPy scalar per read
+        except DatasetError:
+            self.close()
+            raise
 
     def close(self):
         self.file.close()
@@ -345,7 +364,7 @@ class ShardedDataset:
             for number, path in enumerate(self.shard_files):
                 # opened and closed here, so that asking for labels before a fork leaves
                 # no HDF5 handle for the children to inherit
-                with open_shard(path) as shard:
+                with open_shard(path) as shard, damage_named(path):
                     check_shard(shard, path, self._attributes, int(self.shard_sizes[number]))
                     start, stop = self.shard_offsets[number], self.shard_offsets[number + 1]
                     labels[start:stop] = shard["labels"][()]
@@ -396,7 +415,8 @@ class ShardedDataset:
             # h5py fancy indexing needs strictly increasing indices: read each image once
             # in sorted order, then scatter back to every position that asked for it
             wanted, inverse = np.unique(local_of[positions], return_inverse=True)
-            out[positions] = self._read_sorted(int(number), self._shard(int(number)), wanted)[inverse]
+            with damage_named(self.shard_files[int(number)]):
+                out[positions] = self._read_sorted(int(number), self._shard(int(number)), wanted)[inverse]
         return out
 
     def _shard(self, number):
