@@ -7,6 +7,7 @@
 #   bash scripts/local-slurm.sh stop       cancel our jobs, stop only the daemons this script started
 #   bash scripts/local-slurm.sh status     what runs, sinfo, squeue
 #   bash scripts/local-slurm.sh running    exit 0 when both daemons of this cluster are alive
+#   bash scripts/local-slurm.sh wait       wait until the node takes jobs (stops nothing if it never does)
 #   bash scripts/local-slurm.sh selftest   a 2-task srun job must see ranks 0 and 1 of 2
 #   eval "$(bash scripts/local-slurm.sh env)"   SLURM_CONF for this shell
 #
@@ -297,7 +298,8 @@ case "${1:-}" in
   restart) stop; start ;;
   status) status ;;
   running) ours_alive "$RUN/slurmctld.pid" slurmctld && ours_alive "$RUN/slurmd.pid" slurmd ;;
+  wait) wait_for_node ;;
   selftest) selftest ;;
   env) echo "export SLURM_CONF=$CONF" ;;
-  *) echo "usage: bash scripts/local-slurm.sh start|stop|restart|status|running|selftest|env" >&2; exit 2 ;;
+  *) echo "usage: bash scripts/local-slurm.sh start|stop|restart|status|running|wait|selftest|env" >&2; exit 2 ;;
 esac

@@ -21,10 +21,11 @@ export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONUNBUFFER
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   if bash scripts/local-slurm.sh running; then
     echo "run-tests: a local SLURM cluster is already running: using it, and leaving it running"
+    bash scripts/local-slurm.sh wait   # not start: a start that fails stops the cluster, someone else's here
   else
     trap 'bash scripts/local-slurm.sh stop' EXIT
+    bash scripts/local-slurm.sh start
   fi
-  bash scripts/local-slurm.sh start   # idempotent: on a running cluster it only waits for the node
   eval "$(bash scripts/local-slurm.sh env)"
   MPICONVNET_REQUIRE_SLURM=1 "$PY" -m pytest -q -p no:cacheprovider -m slurm tests/test_slurm.py
 else

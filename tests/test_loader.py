@@ -333,7 +333,7 @@ def test_a_hung_worker_is_named_after_the_stall_timeout(raw_dataset):
     started = time.monotonic()
     try:
         with pytest.raises(LoaderError, match=r"loader worker 1 \(pid \d+\) has made no batch for step [13] of "
-                                              r"epoch 0 in 2 s: hung, stopped or stuck reading"):
+                                              r"epoch 0 in 1.5 s: hung, stopped or stuck reading"):
             for _ in loader:
                 pass
     finally:

@@ -212,3 +212,15 @@ def test_a_shard_damaged_inside_is_one_line_naming_it(tmp_path):
         ShardedDataset(root, "train").labels
     with pytest.raises(DatasetError, match=rf"{path} is damaged"):
         ShardedDataset(root, "train").read([0])
+
+
+def test_the_system_s_read_errors_are_not_called_damage(tmp_path):
+    # too many open files, EIO from a network file system: the shard is fine, re-packing
+    # would not help, so they pass through as what they are
+    from mpiconvnet.data.shards import damage_named
+    with pytest.raises(OSError, match="Too many open files"):
+        with damage_named("train-00000.h5"):
+            raise OSError(24, "Too many open files")
+    with pytest.raises(DatasetError, match="train-00000.h5 is damaged"):
+        with damage_named("train-00000.h5"):
+            raise OSError("Unable to synchronously open object (bad object header version number)")

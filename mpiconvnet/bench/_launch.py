@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 
-
 def is_mpi_rank(environ=os.environ):
     """Whether a launcher started this process as an MPI rank. Not SLURM_NTASKS, which every
     shell inside an allocation has: there the benchmark still starts mpiexec itself."""

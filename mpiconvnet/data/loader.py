@@ -342,10 +342,11 @@ class BatchLoader:
         if self.workers:
             while step not in self._ready:
                 self._receive()
-                if self.stall_timeout is not None and time.perf_counter() - started > self.stall_timeout:
+                if step not in self._ready and self.stall_timeout is not None \
+                        and time.perf_counter() - started > self.stall_timeout:
                     worker = (step - self.start_step) % self.workers
                     self._fail(f"loader worker {worker} (pid {self._processes[worker].pid}) has made no batch for "
-                               f"step {step} of epoch {self.epoch} in {self.stall_timeout:.0f} s: hung, stopped or "
+                               f"step {step} of epoch {self.epoch} in {self.stall_timeout:g} s: hung, stopped or "
                                f"stuck reading {self.dataset.root} (its file system?); the run stops here")
             slot, count = self._ready.pop(step)
         else:

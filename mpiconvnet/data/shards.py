@@ -171,9 +171,11 @@ def damage_named(path):
     fails) as one DatasetError naming the file, as open_shard's are."""
     try:
         yield
-    except DatasetError:
+    except (DatasetError, RecursionError, NotImplementedError):
         raise
     except (OSError, RuntimeError, KeyError, ValueError) as error:
+        if isinstance(error, OSError) and error.errno is not None:
+            raise   # the system's error (too many open files, EIO from the file system): not the file's
         raise DatasetError(f"{path} is damaged ({error}); check the set with python -m preprocess verify, "
                            f"and {REPACK_HINT}") from None
 
@@ -213,8 +215,9 @@ def check_shard(shard, path, expected_attributes, num_images):
 
 
 def open_file_budget():
-    """How many shards a reader may keep open: half the descriptor limit, after raising the
-    soft limit to the hard one (ImageNet's 1,252 train shards exceed the common soft 1,024)."""
+    """How many shards a reader may keep open: a quarter of the descriptor limit (a raw
+    shard read by pread holds two: h5py's and our own), after raising the soft limit to the
+    hard one (ImageNet's 1,252 train shards exceed the common soft 1,024)."""
     try:
         import resource
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -224,7 +227,7 @@ def open_file_budget():
             soft = wanted
     except (ImportError, ValueError, OSError):
         soft = 1024
-    return max(16, min(soft, 65536) // 2)
+    return max(16, min(soft, 65536) // 4)
 
 
 def raw_image_offsets(images):
