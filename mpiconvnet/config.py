@@ -61,7 +61,7 @@ class Config:
     overlap: bool = True            # reduce buckets while backward runs (false: ~5% faster where ranks fill every core)
     threads: int = 1                # BLAS threads per rank
     allow_gpu_sharing: bool = False  # cuda: let ranks on a node share a GPU
-    stall_timeout: float = 300.0    # seconds without progress before naming the silent rank; inside blocking collectives the run ends after twice this, so one step, evaluation batch or checkpoint must take less
+    stall_timeout: float = 300.0    # seconds without progress before naming the silent rank; inside blocking collectives the run ends after twice this, so one step, evaluation batch or checkpoint must take less (the async server's checkpoint 1.5x)
 
     # bookkeeping
     max_steps: int = 0              # stop after this many steps in total (0: run all epochs)

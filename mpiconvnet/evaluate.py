@@ -6,7 +6,10 @@
     srun --mpi=pmi2 python -m mpiconvnet.evaluate --data shards/ --checkpoint runs/a   (or jobs/evaluate.sbatch)
 
 --checkpoint takes a checkpoint file, or a run directory (its newest checkpoint). Every
-image of the split is counted exactly once whatever the rank count. Exit 2 on bad input.
+image of the split is counted exactly once whatever the rank count.
+
+Exit codes: 0 evaluated; 2 bad flag, data, checkpoint or set-up (one line); 3 a rank, or one
+of its loader processes, stopped answering; 130 ctrl-c.
 """
 import argparse
 import json
@@ -21,15 +24,16 @@ from mpiconvnet.models import ModelError, build_model
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m mpiconvnet.evaluate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mpiconvnet.evaluate", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n")[-1].strip())
     p.add_argument("--data", required=True, help="data set directory written by python -m preprocess")
     p.add_argument("--checkpoint", required=True, help="checkpoint file, or a run directory (newest checkpoint)")
     p.add_argument("--split", default="val", choices=SPLITS, help="split to score (default val)")
     p.add_argument("--crops", type=int, choices=(1, 10), default=1, help="centre crop, or 10 crops averaged")
-    p.add_argument("--batch", type=int, default=64, help="images per rank per batch")
+    p.add_argument("--batch", type=int, default=64, help="images per rank per batch (default 64)")
     p.add_argument("--backend", choices=("numpy", "cuda"), default=None, help="default: the training run's")
-    p.add_argument("--workers", type=int, default=1, help="loader processes per rank")
-    p.add_argument("--threads", type=int, default=1, help="BLAS threads per rank")
+    p.add_argument("--workers", type=int, default=1, help="loader processes per rank (default 1; 0: in-process)")
+    p.add_argument("--threads", type=int, default=1, help="BLAS threads per rank (default 1)")
     p.add_argument("--stall-timeout", type=float, default=None,
                    help="seconds: a rank that makes no progress for twice this (one batch) ends the run with exit 3 "
                         "(default: the training run's)")
@@ -42,9 +46,11 @@ def main(argv=None):
     if args.stall_timeout is not None and not args.stall_timeout > 0:
         print(f"mpiconvnet.evaluate: --stall-timeout {args.stall_timeout} must be positive", file=sys.stderr)
         return 2
-    if args.batch < 1:
-        print(f"mpiconvnet.evaluate: --batch {args.batch} must be at least 1", file=sys.stderr)
-        return 2
+    for flag, value, least in (("--batch", args.batch, 1), ("--workers", args.workers, 0),
+                               ("--threads", args.threads, 1)):
+        if value < least:
+            print(f"mpiconvnet.evaluate: {flag} {value} must be at least {least}", file=sys.stderr)
+            return 2
     try:
         path = checkpoint.find_checkpoint(args.checkpoint)
         params, _, meta = checkpoint.load(path)

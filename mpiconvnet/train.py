@@ -8,7 +8,9 @@ Flags override the TOML file given by --config, which overrides the defaults; ev
 is listed by --help. The resolved config is saved as RUN_DIR/config.json and in every
 checkpoint.
 
-Exit codes: 0 finished; 2 bad flags or data, nothing done; 3 a rank stopped answering; 4
+Exit codes: 0 finished; 2 bad flags, data or set-up (one line; nothing done, but for a shard
+found damaged mid-run: repair it, then --resume auto); 3 a rank stopped answering, or one of
+its loader processes died or made no batch for --stall-timeout; 4
 the loss became NaN/Inf (checkpoints kept: --resume PATH of an earlier one, lower --lr); 5
 --out cannot be written (full disk, quota, permissions; the last complete checkpoint is
 kept); 75 stopped by SIGTERM/SIGUSR1/SIGINT (ctrl-c) after writing a checkpoint: run the

@@ -6,13 +6,13 @@
 # 1. records the machine (nvidia-smi, nvcc, python, CUDA_VISIBLE_DEVICES);
 # 2. creates / reuses a venv (VENV, default .venv-gpu; --system-site-packages, so a site
 #    or module-provided PyTorch / CUDA libraries stay visible) and installs what is missing:
-#    the project, pycuda (built from vendor/pycuda-*.tar.gz when there is no index), and
+#    the project, pycuda (a wheel for this Python from vendor/, else built from the sdist), and
 #    cuBLAS / cuDNN wheels only when no usable copy is found (see docs/gpu.md);
 # 3. runs the CUDA tests (logic, nvcc compile, every op against the NumPy reference), and
 #    the convolution tests again through cuDNN's graph API;
 # 4. trains alexnet-mini for 2 epochs on synthetic shards with --backend cuda, then on 2
-#    ranks with mpiexec, --parallel data, hybrid and model, and --sync async on 3 ranks
-#    (2 GPUs, or ranks sharing 1 GPU);
+#    ranks with mpiexec: on 2 GPUs --parallel data, hybrid and model; on 1 GPU, ranks
+#    sharing it, the same three and --sync async on 3 ranks;
 # 5. runs the step benchmark against PyTorch on the same GPU (alexnet and alexnet-owt,
 #    float32, then TF32, at batch 128; alexnet-owt in TF32 at batch 8, where the host bounds it),
 #    alexnet-owt in TF32 again with the convolutions through cuDNN's graph API,

@@ -43,6 +43,8 @@ def test_evaluate_prints_json_for_a_run_directory(trained):
     (["--checkpoint", "/nonexistent.h5"], "--checkpoint /nonexistent.h5: no such file or directory"),
     (["--data", "SMALL"], "images are 48px, model alexnet-mini crops 56px"),
     (["--batch", "0"], "--batch 0 must be at least 1"),
+    (["--workers", "-1"], "--workers -1 must be at least 0"),
+    (["--threads", "0"], "--threads 0 must be at least 1"),
 ])
 def test_evaluate_bad_input_is_one_line_and_exit_2(trained, tmp_path, args, message):
     data, run_dir = trained
@@ -218,7 +220,7 @@ def test_bench_data_that_is_no_packed_set_is_one_line(tmp_path):
     result = run("mpiconvnet.bench", "loader", "--data", str(tmp_path), "--repeats", "1")
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == f"mpiconvnet.bench loader: {tmp_path}/dataset.json not found; pack the data " \
-                                    f"first with python -m preprocess folder|imagenet|synth"
+                                    f"first with python -m preprocess folder|imagenet (synth makes images to pack)"
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(sys.executable), "mpiexec")),

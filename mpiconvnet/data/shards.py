@@ -32,7 +32,7 @@ INDEX_FILE = "dataset.json"
 MEAN_IMAGE_FILE = "mean_image.npy"
 SKIPPED_FILE = "skipped.tsv"
 TMP_SUFFIX = ".tmp"
-PACK_HINT = "pack the data first with python -m preprocess folder|imagenet|synth"
+PACK_HINT = "pack the data first with python -m preprocess folder|imagenet (synth makes images to pack)"
 REPACK_HINT = "re-pack it with python -m preprocess"
 
 
