@@ -270,35 +270,11 @@ def test_no_process_outlives_close(raw_dataset):
     assert not any(p.is_alive() for p in processes)
 
 
-def test_workers_leave_when_the_parent_dies(raw_dataset):
-    # a middle process owns a loader and is SIGKILLed: no close(), no atexit
-    context = multiprocessing.get_context("fork")
-    reader, writer = context.Pipe(duplex=False)
-
-    def owner():
-        loader = BatchLoader(raw_dataset, batch_per_rank=4, crop_size=CROP, workers=2)
-        writer.send([p.pid for p in loader._processes])
-        time.sleep(60)
-
-    middle = context.Process(target=owner)
-    middle.start()
-    worker_pids = reader.recv()
-    os.kill(middle.pid, signal.SIGKILL)
-    middle.join()
-    deadline = time.monotonic() + 10
-    alive = worker_pids
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.1)
-        alive = [pid for pid in worker_pids if _running(pid)]
-    for pid in alive:
-        # orphans would hold pytest's output pipe open and hang the run after a failure
-        os.kill(pid, signal.SIGKILL)
-    assert alive == []
-
-
-def test_stopped_workers_leave_when_the_parent_dies(raw_dataset):
-    # a hung worker (here stopped) never runs its own check for a dead parent; the kernel
-    # ends it (PR_SET_PDEATHSIG), or it would hold mpiexec's output pipe open for ever
+@pytest.mark.parametrize("stopped", [False, True])
+def test_workers_leave_when_the_parent_dies(raw_dataset, stopped):
+    # a middle process owns a loader and is SIGKILLed: no close(), no atexit. A hung worker
+    # (stopped) never runs its own check for a dead parent: the kernel ends it
+    # (PR_SET_PDEATHSIG), or it would hold mpiexec's output pipe open for ever
     context = multiprocessing.get_context("fork")
     reader, writer = context.Pipe(duplex=False)
 
@@ -312,7 +288,7 @@ def test_stopped_workers_leave_when_the_parent_dies(raw_dataset):
     middle = context.Process(target=owner)
     middle.start()
     worker_pids = reader.recv()
-    for pid in worker_pids:
+    for pid in worker_pids if stopped else ():
         os.kill(pid, signal.SIGSTOP)
     os.kill(middle.pid, signal.SIGKILL)
     middle.join()
@@ -322,6 +298,7 @@ def test_stopped_workers_leave_when_the_parent_dies(raw_dataset):
         time.sleep(0.1)
         alive = [pid for pid in worker_pids if _running(pid)]
     for pid in alive:
+        # orphans would hold pytest's output pipe open and hang the run after a failure
         os.kill(pid, signal.SIGKILL)
     assert alive == []
 
