@@ -1,6 +1,7 @@
 """Fixtures for every test file."""
 import glob
 import os
+import signal
 
 import pytest
 
@@ -31,3 +32,34 @@ def _mapped_by_a_live_process(path):
         except OSError:   # the process ended meanwhile, or is not ours to read
             continue
     return False
+
+
+@pytest.fixture(autouse=True)
+def kill_what_the_test_left_running():
+    """A test that fails while a run it started still trains (mpiexec, its ranks, loader
+    processes) must not leave it running: it would slow every test after it, and hold the
+    output pipes. Torn down before the segment clean-up above, whose segments it frees."""
+    yield
+    for pid in _descendants(os.getpid()):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _descendants(root):
+    """The pids of root's children, their children, and so on (from /proc)."""
+    children = {}
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as stream:
+                fields = stream.read().rsplit(")", 1)[1].split()
+        except OSError:   # ended meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.split("/")[2]))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found

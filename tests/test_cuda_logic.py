@@ -152,7 +152,7 @@ def test_the_installed_mpi_is_found_and_answers():
     answers += [mpi_cuda.query_library(ctypes.CDLL(p)) for p in mpi_cuda.mapped_mpi_libraries()]
     if not any(a is not None for a in answers):
         pytest.skip(f"{MPI.Get_library_version().splitlines()[0]} has no CUDA query function")
-    assert all(a in (True, False, None) for a in answers)
+    assert all(a in (True, False, None) for a in answers) and any(isinstance(a, bool) for a in answers)
 
 
 def test_mapped_libraries_parsing(tmp_path):
@@ -602,7 +602,8 @@ def test_kernel_packs_as_pycuda_does_and_falls_back_to_prepared_async_call(fake_
     buffer = cb.empty((5,), np.float32)
     kernel((1, 1), context.BLOCK, st.stream, buffer.ptr, 5, 0.5)
     assert launches[-1] == "scale_f32"
-    with pytest.raises(Exception):   # struct.error: the signature says 3 arguments
+    import struct
+    with pytest.raises(struct.error):   # the signature says 3 arguments
         kernel((1, 1), context.BLOCK, st.stream, buffer.ptr, 5)
     old = _FunctionWithoutLaunchKernel()
     fallback = context.Kernel("scale_f32", old, "PqF".replace("F", "f"))

@@ -226,27 +226,33 @@ def test_bench_data_that_is_no_packed_set_is_one_line(tmp_path):
 @pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(sys.executable), "mpiexec")),
                     reason="no mpiexec next to this Python")
 def test_bench_killed_by_sigterm_takes_its_mpi_ranks_with_it():
-    # a job's time limit or kill: mpiexec and its ranks must not run on, orphaned
+    # a job's time limit or kill: mpiexec and its ranks must not run on, orphaned. The
+    # repeat count marks this test's processes (another test run may share the machine),
+    # and they run in a process group of their own, which the test kills whatever happens
     import signal
     import time
+    marker = f"--repeats {10**6 + os.getpid()}"
     proc = subprocess.Popen([sys.executable, "-m", "mpiconvnet.bench", "allreduce", "--model", "alexnet-mini",
-                             "--repeats", "100000"], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             *marker.split()], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
         deadline = time.monotonic() + 60
-        while not _ranks_running("--repeats 100000"):
+        while not _ranks_running(marker):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
         assert proc.returncode == 128 + signal.SIGTERM
         deadline = time.monotonic() + 30
-        while _ranks_running("--repeats 100000", at_least=1) and time.monotonic() < deadline:
+        while _ranks_running(marker, at_least=1) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not _ranks_running("--repeats 100000", at_least=1)
+        assert not _ranks_running(marker, at_least=1)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        subprocess.run(["pkill", "-f", "allreduce --model alexnet-mini --repeats 100000"])
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.communicate()
 
 
 def _ranks_running(marker, at_least=3):

@@ -57,15 +57,15 @@ def evaluations(run):
 @needs_mpiexec
 def test_two_ranks_equal_one_rank_with_the_same_global_batch(data, tmp_path):
     # synchronous SGD is the same maths: same samples, same dropout masks, averaged gradients
-    args = ["--data", data, "--global-batch", "8", "--dtype", "float64", "--max-steps", "4", "--lr", "0.05"]
-    train(args + ["--out", str(tmp_path / "one")])
-    train(args + ["--out", str(tmp_path / "two")], ranks=2)
+    args = ["--data", data, "--global-batch", "8", "--dtype", "float64", "--lr", "0.05", "--checkpoint-every", "1"]
+    train(args + ["--out", str(tmp_path / "one"), "--max-steps", "4"])
+    train(args + ["--out", str(tmp_path / "two"), "--max-steps", "4"], ranks=2)
     one, _ = params_at(tmp_path / "one", 4)
     two, _ = params_at(tmp_path / "two", 4)
-    start = {k: v for k, v in one.items()}
     for name in one:
         np.testing.assert_allclose(two[name], one[name], rtol=1e-12, atol=1e-14, err_msg=name)
-    assert any(np.abs(v).max() > 0 for v in start.values())
+    earlier, _ = params_at(tmp_path / "one", 2)   # the steps moved the weights: not a comparison of inits
+    assert any(np.abs(one[name] - earlier[name]).max() > 0 for name in one)
 
 
 def visible_gpus():
@@ -272,7 +272,9 @@ def test_a_stopped_rank_is_named_after_the_stall_timeout(data, tmp_path):
     with hung(rank_pids(proc)[-1]):
         _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0
-    assert "rank 0: ranks [1] sent nothing for 3 s" in err or "no word from rank 0" in err, err
+    # stopped inside a checkpoint's collectives, the watchdog speaks instead of the heartbeat
+    assert ("rank 0: ranks [1] sent nothing for 3 s" in err or "no word from rank 0" in err
+            or "no progress for" in err and "another rank is dead or hung" in err), err
 
 
 @pytest.mark.mpi
