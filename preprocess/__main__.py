@@ -15,8 +15,8 @@ adds N processes per rank or task. Re-running the same command finishes a killed
 every shard appears by an atomic rename and dataset.json last.
 
 Exit codes of imagenet and folder: 0 packed; 1 nothing usable found, anything skipped
-with --strict, or --out could not be written (full disk, permissions; finished shards
-are kept); 2 a bad flag or input path; 130 ctrl-c (finished shards are kept). Skipped
+with --strict, --out could not be written (full disk, permissions; finished shards
+are kept), or another run is packing the same shards into --out; 2 a bad flag or input path; 130 ctrl-c (finished shards are kept). Skipped
 inputs are listed with their reason in OUT/skipped.tsv.
 """
 import argparse

@@ -19,9 +19,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from mpiconvnet.data.shards import DatasetError, FORMATS, INDEX_FILE, RESIZE_MODES, SPLITS, TMP_SUFFIX, shard_filename
+from mpiconvnet.parent_death import die_with_parent
 from preprocess.decode import DEFAULT_MAX_PIXELS, BadImage, decode_image, encode_jpeg
 from preprocess.merge import merge_dataset, missing_shards
 from preprocess.parallel import make_team, worker_context
+from preprocess.shard_lock import ShardBusy, ShardLocks
 from preprocess.sources import InputError
 from preprocess.writer import WORK_DIR, ShardWriter, publish, write_atomic
 
@@ -137,6 +139,7 @@ def init_pool_worker(*job):
     # pool and removes unfinished shards), instead of a traceback from every worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)   # the parent's handler (below) is not theirs
+    die_with_parent()   # a worker left packing after its parent's SIGKILL would race the next run
     init_worker(*job)
 
 
@@ -258,8 +261,35 @@ def pack(args, gather):
         if team.is_root:
             print(f"preprocess: {error}", file=sys.stderr)
         return 1 if isinstance(error, NothingToPack) else 2
-    tasks = shard_tasks(plan, args.seed)
-    mine = [task for task in tasks[team.rank::team.size] if not is_finished(out_dir, task[0], task[1])]
+    who = "" if team.size == 1 else f"rank {team.rank}: "
+    # this rank's shards, numbered in the whole pack's order (the number is the lock's byte)
+    numbered = list(enumerate(shard_tasks(plan, args.seed)))[team.rank::team.size]
+    locks, refusal = None, None
+    try:
+        locks = ShardLocks(os.path.join(out_dir, WORK_DIR))
+        locks.hold([(number, shard_filename(split, shard)) for number, (split, shard, _) in numbered
+                    if not is_finished(out_dir, split, shard)])
+    except ShardBusy as busy:
+        refusal = (f"another preprocess run is packing {busy} into --out {out_dir}; let it finish (or stop it), "
+                   f"then run this command again: finished shards are kept")
+    except OSError as error:
+        refusal = f"cannot write under --out {out_dir}: {describe_os_error(error)}; fix permissions there"
+    if team.sum(refusal is not None):   # every rank stops if one must: none may wait for it
+        if refusal:
+            print(f"preprocess: {who}{refusal}", file=sys.stderr)
+        if locks:
+            locks.release()
+        return 1
+    try:
+        # looked at again under the locks: another run may have finished some meanwhile
+        mine = [task for _, task in numbered if not is_finished(out_dir, task[0], task[1])]
+        return pack_and_merge(args, team, out_dir, plan, splits, mine, started)
+    finally:
+        locks.release()
+
+
+def pack_and_merge(args, team, out_dir, plan, splits, mine, started):
+    """Pack this rank's unfinished shards `mine`; the one that finds all shards done merges."""
     label = "packing" if team.size == 1 else f"rank 0 of {team.size}"
     who = "" if team.size == 1 else f"rank {team.rank}: "
     # a SIGTERM (kill, scancel) ends the packing as ctrl-c does: the pool stopped, unfinished

@@ -74,6 +74,9 @@ class ShardWriter:
         self.recent_squares = np.zeros(shape, dtype=np.uint32)
         self.recent_count = 0
         self.squared = np.empty(shape, dtype=np.uint16)   # scratch: one image widened, then squared
+        if os.path.exists(self.tmp_path):
+            # a killed run's; a new file, not the old one truncated, in case a writer of it lives on
+            os.remove(self.tmp_path)
         self.file = h5py.File(self.tmp_path, "w", locking=False)
         if image_format == "raw":
             shape = (capacity, image_size, image_size, 3)

@@ -40,14 +40,14 @@ def kill_what_the_test_left_running():
     processes) must not leave it running: it would slow every test after it, and hold the
     output pipes. Torn down before the segment clean-up above, whose segments it frees."""
     yield
-    for pid in _descendants(os.getpid()):
+    for pid in descendants(os.getpid()):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
 
 
-def _descendants(root):
+def descendants(root):
     """The pids of root's children, their children, and so on (from /proc)."""
     children = {}
     for stat in glob.glob("/proc/[0-9]*/stat"):

@@ -1,6 +1,8 @@
 """Packing class folders: bad inputs skipped and listed, exit codes, resume after a kill,
 and the same data set from 1 worker, 2 workers, 2 MPI ranks and 2 array tasks."""
 import errno
+import fcntl
+import glob
 import json
 import os
 import shutil
@@ -17,6 +19,7 @@ from PIL import Image
 from mpiconvnet.data.shards import ShardedDataset, file_sha256
 from preprocess.__main__ import main
 from preprocess.writer import ShardWriter
+from tests.conftest import descendants
 
 PACK = ["--image-size", "32", "--shard-size", "8", "--no-progress"]
 BAD = {  # file name -> (bytes, reason expected in skipped.tsv)
@@ -218,6 +221,96 @@ def test_ctrl_c_is_one_line_keeps_finished_shards_and_the_same_command_finishes(
     assert not half_written(out) and "dataset.json" not in names and any(n.endswith(".h5") for n in names)
     assert main([*argv, "--out", str(out)]) == 0
     assert main(["verify", str(out)]) == 0
+
+
+def hold_shard_lock(out, number):
+    """Lock shard `number`'s byte as a running packer would (this process is not the packer)."""
+    (out / ".pack").mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / ".pack" / "shards.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, number, os.SEEK_SET)
+    return fd
+
+
+def test_a_shard_another_run_is_packing_is_refused_and_array_tasks_pack_side_by_side(tree, tmp_path):
+    base = ["folder", "--train", str(tree / "train"), "--val", str(tree / "val")] + PACK
+    out = tmp_path / "out"
+    fd = hold_shard_lock(out, 0)   # shard 0 of the pack: train-00000.h5, array task 0's
+    try:
+        refused = subprocess.run(preprocess_command(*base, "--out", str(out)), env=quiet_env(),
+                                 capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 1, refused.stderr
+        assert refused.stderr == (f"preprocess: another preprocess run is packing train-00000.h5 into --out {out}; "
+                                  f"let it finish (or stop it), then run this command again: finished shards are "
+                                  f"kept\n")
+        assert not any(name.endswith((".h5", ".tmp")) for name in os.listdir(out))
+        # task 1 of an array packs other shards than the locked one: it goes on
+        other = subprocess.run(preprocess_command(*base, "--out", str(out), "--rank", "1", "--size", "2"),
+                               env=quiet_env(), capture_output=True, text=True, timeout=120)
+        assert other.returncode == 0, other.stderr
+        task0 = subprocess.run(preprocess_command(*base, "--out", str(out), "--rank", "0", "--size", "2"),
+                               env=quiet_env(), capture_output=True, text=True, timeout=120)
+        assert task0.returncode == 1 and "packing train-00000.h5" in task0.stderr, task0.stderr
+    finally:
+        os.close(fd)
+    assert main([*base, "--out", str(out), "--rank", "0", "--size", "2"]) == 0
+    assert main(["verify", str(out)]) == 0
+
+
+def test_two_runs_started_at_once_into_one_folder_give_one_whole_data_set(tmp_path):
+    # before shards were locked both runs wrote the same .tmp files: both failed, or one
+    # published a shard its receipt disowned
+    source = tmp_path / "src"
+    assert main(["synth", "--out", str(source), "--classes", "4", "--per-class", "100", "--val-per-class", "2",
+                 "--size", "300x200"]) == 0
+    out = tmp_path / "out"
+    argv = ["folder", "--train", str(source / "train"), "--val", str(source / "val"), "--out", str(out),
+            "--image-size", "64", "--shard-size", "25", "--no-progress"]
+    runs = [subprocess.Popen(preprocess_command(*argv, *extra), env=quiet_env(), stderr=subprocess.PIPE, text=True)
+            for extra in ([], ["--workers", "2"])]
+    results = [(run.wait(timeout=120), run.stderr.read()) for run in runs]
+    for code, err in results:
+        assert code == 0 or (code == 1 and "another preprocess run is packing" in err), err
+    assert 0 in [code for code, _ in results]
+    assert main(["verify", str(out)]) == 0
+    assert not any(name.endswith(".tmp") for name in os.listdir(out))
+
+
+def writing_a_shard(pid):
+    try:
+        return any(os.readlink(link).endswith(".h5.tmp") for link in glob.glob(f"/proc/{pid}/fd/*"))
+    except OSError:   # a descriptor closed meanwhile
+        return False
+
+
+def test_workers_end_with_a_killed_packer(tmp_path):
+    # a worker left packing after its parent's SIGKILL would write the .tmp file the next run
+    # writes; a stopped one (as a hung read leaves it) would never end at all
+    source = tmp_path / "src"
+    assert main(["synth", "--out", str(source), "--classes", "2", "--per-class", "40", "--val-per-class", "1",
+                 "--size", "400x300"]) == 0
+    process = subprocess.Popen(preprocess_command("folder", "--train", str(source / "train"), "--out",
+                                                  str(tmp_path / "out"), "--image-size", "64", "--shard-size", "10",
+                                                  "--no-progress", "--workers", "2"),
+                               env=quiet_env(), start_new_session=True, stderr=subprocess.DEVNULL)
+    stopped = set()
+    deadline = time.time() + 60
+    while time.time() < deadline and len(stopped) < 2:
+        for pid in descendants(process.pid):
+            if pid not in stopped and writing_a_shard(pid):   # so past its start-up, where it would set anything
+                os.kill(pid, signal.SIGSTOP)
+                stopped.add(pid)
+        time.sleep(0.002)
+    assert len(stopped) == 2, "both workers should have been caught writing a shard"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.killpg(process.pid, 0)   # anyone left in the packer's process group?
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    pytest.fail("pool workers outlived their killed parent")
 
 
 def test_two_workers_and_two_array_tasks_give_the_same_data_set(tree, tmp_path):

@@ -39,7 +39,6 @@ copies only the forking thread, so create loaders while no other thread of the t
 inside h5py (a checkpoint writer thread, say): a lock it held would stay held in the child.
 Checked under `mpiexec -n 2` with MPICH: forked workers run beside the MPI ranks.
 """
-import ctypes
 import mmap
 import multiprocessing
 import multiprocessing.connection
@@ -57,6 +56,7 @@ import simplejpeg  # noqa: F401  same reason: jpeg shards decode in the workers
 from mpiconvnet.data import augment
 from mpiconvnet.data.sampler import DistributedSampler, EvalSampler
 from mpiconvnet.data.shards import DatasetError, ShardedDataset
+from mpiconvnet.parent_death import die_with_parent
 
 # how often an idle worker checks that its parent still exists, and how often a waiting
 # parent checks that its workers do
@@ -140,22 +140,11 @@ def _pin_slots(pixels, ops):
         return False
 
 
-def _die_with_parent():
-    """Linux: the kernel kills this process when its parent ends, even when the parent ends
-    by MPI_Abort or SIGKILL and this one hangs or is stopped, where the check below never
-    runs; a stopped worker would keep mpiexec's output pipe, and so mpiexec, alive."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass                            # elsewhere the idle check must do
-
-
 def _worker_main(maker, connection, pixels, labels, parent_pid):
     """Loop in a worker: receive (step, slot), fill the slot, answer (step, slot, count)."""
     # ctrl-c reaches the whole process group; the parent handles it and closes us
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent()
+    die_with_parent()   # a stopped worker would otherwise keep mpiexec's output pipe, and so mpiexec, alive
     if os.getppid() != parent_pid:
         return    # the parent ended before the line above took effect
     try:
