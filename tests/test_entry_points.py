@@ -266,3 +266,24 @@ def test_bench_tells_an_mpi_rank_from_a_shell_inside_an_allocation():
     from mpiconvnet.bench._launch import is_mpi_rank
     assert not is_mpi_rank({"SLURM_NTASKS": "4", "SLURM_PROCID": "0"}) and not is_mpi_rank({})
     assert is_mpi_rank({"PMI_RANK": "1", "PMI_SIZE": "2"}) and is_mpi_rank({"OMPI_COMM_WORLD_SIZE": "2"})
+
+
+@pytest.mark.parametrize("bench", ["allreduce", "scaling"])
+def test_bench_in_a_task_of_an_srun_that_mpi_does_not_join_is_refused(bench):
+    # srun --mpi=none -n 2: each task, a plain process, would start its own mpiexec and its own runs
+    env = {key: value for key, value in ENV.items() if key not in ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE")}
+    env.update(SLURM_STEP_NUM_TASKS="2", SLURM_PROCID="1")
+    result = subprocess.run([sys.executable, "-m", "mpiconvnet.bench", bench, "--model", "alexnet-mini"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mpiconvnet.bench: srun started 2 tasks but MPI sees each as a "
+                                                   "world of 1") and "run the benchmark as one task" in lines[0]
+    assert "running:" not in result.stdout   # no mpiexec was started
+
+
+def test_bench_allreduce_hidden_share_stays_between_none_and_all():
+    from mpiconvnet.bench.allreduce import hidden_share
+    assert hidden_share(10.0, 10.5, 2.0) == pytest.approx(0.75)
+    assert hidden_share(10.0, 9.0, 2.0) == 1.0          # faster with the reduction: noise, all hidden
+    assert hidden_share(1.5e-3, 2.2e-3, 2e-5) == 0.0   # printed as -3027 % before

@@ -51,11 +51,23 @@ def run_child(command, env=None, capture=False):
     return child.returncode, out, err
 
 
+def refuse_a_task_of_a_foreign_srun():
+    """srun -n N with an --mpi plugin this MPI does not speak starts N plain processes:
+    each would start its own mpiexec and measure its own run. Exit 2 with the fix."""
+    from mpiconvnet.distributed import world_size_problem
+    problem = world_size_problem(1)
+    if problem:
+        print(f"mpiconvnet.bench: {problem}; or run the benchmark as one task (srun -n 1), which starts "
+              f"mpiexec itself", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def relaunch_under_mpiexec(module, argv, ranks):
     """If this process is not an MPI rank, run `python -m module argv` on `ranks` ranks
     with mpiexec, and return its exit code; else return None."""
     if is_mpi_rank():
         return None
+    refuse_a_task_of_a_foreign_srun()
     command = [mpiexec_path(), "-n", str(ranks), sys.executable, "-m", module] + list(argv)
     print("running:", " ".join(command), flush=True)
     return run_child(command)[0]

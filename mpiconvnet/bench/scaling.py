@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from mpiconvnet.bench._args import at_least, model_names
-from mpiconvnet.bench._launch import is_mpi_rank, mpiexec_path, run_child
+from mpiconvnet.bench._launch import is_mpi_rank, mpiexec_path, refuse_a_task_of_a_foreign_srun, run_child
 
 
 def worker(args):
@@ -131,6 +131,7 @@ def main(argv):
         return worker(args)
     if is_mpi_rank():
         p.error("run it as one process: it starts mpiexec itself, at 1 and at --ranks ranks")
+    refuse_a_task_of_a_foreign_srun()
     one = run_with(1, args)
     many = run_with(args.ranks, args)
     alone = run_with(args.ranks, args, communicate=False)
