@@ -19,12 +19,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from mpiconvnet.data.shards import DatasetError, FORMATS, INDEX_FILE, RESIZE_MODES, SPLITS, TMP_SUFFIX, shard_filename
-from mpiconvnet.parent_death import die_with_parent
 from preprocess.decode import DEFAULT_MAX_PIXELS, BadImage, decode_image, encode_jpeg
 from preprocess.merge import merge_dataset, missing_shards
 from preprocess.parallel import make_team, worker_context
 from preprocess.shard_lock import ShardBusy, ShardLocks
 from preprocess.sources import InputError
+from preprocess.workers import WorkerDied, WorkerPool
 from preprocess.writer import WORK_DIR, ShardWriter, publish, write_atomic
 
 PLAN_FILE = "plan.json"
@@ -130,23 +130,27 @@ def is_finished(out_dir, split, number):
 _job = {}
 
 
-def init_worker(out_dir, plan, splits, counters):
-    _job.update(out_dir=out_dir, plan=plan, splits=splits, counters=counters)
+class Progress:
+    """Images done and skipped, counted by every packing process without a lock: each
+    writes only its own slot (a lock a killed worker held would stop the parent reading)."""
+    KINDS = ("done", "skipped")
+
+    def __init__(self, context, slots):
+        self.counts = context.RawArray("q", len(self.KINDS) * slots)
+
+    def add(self, slot, kind, amount=1):
+        self.counts[slot * len(self.KINDS) + self.KINDS.index(kind)] += amount
+
+    def total(self, kind):
+        return sum(self.counts[self.KINDS.index(kind)::len(self.KINDS)])
 
 
-def init_pool_worker(*job):
-    # ctrl-c reaches the whole process group: the parent alone handles it (it stops the
-    # pool and removes unfinished shards), instead of a traceback from every worker
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)   # the parent's handler (below) is not theirs
-    die_with_parent()   # a worker left packing after its parent's SIGKILL would race the next run
-    init_worker(*job)
+def init_worker(slot, out_dir, plan, splits, progress):
+    _job.update(slot=slot, out_dir=out_dir, plan=plan, splits=splits, progress=progress)
 
 
-def count(counter_name, amount=1):
-    counter = _job["counters"][counter_name]
-    with counter.get_lock():
-        counter.value += amount
+def count(kind, amount=1):
+    _job["progress"].add(_job["slot"], kind, amount)
 
 
 def pack_shard(task):
@@ -181,7 +185,8 @@ def pack_shard(task):
 def run_tasks(tasks, workers, out_dir, plan, splits, show_progress, label):
     """Pack `tasks` with `workers` processes; a progress bar when show_progress."""
     context = worker_context()
-    counters = {"done": context.Value("q", 0), "skipped": context.Value("q", 0)}
+    workers = max(1, min(workers, len(tasks)))
+    progress = Progress(context, workers)
     total = sum(len(positions) for _, _, positions in tasks)
     bar = None
     if show_progress and total:
@@ -191,8 +196,8 @@ def run_tasks(tasks, workers, out_dir, plan, splits, show_progress, label):
 
     def refresh():
         if bar is not None:
-            bar.update(counters["done"].value - bar.n)
-            bar.set_postfix(skipped=counters["skipped"].value, refresh=False)
+            bar.update(progress.total("done") - bar.n)
+            bar.set_postfix(skipped=progress.total("skipped"), refresh=False)
 
     # publisher threads make finished shards durable (fsync, file sha256, receipt, rename)
     # while decoding goes on; both release the GIL, so the wait for the disk is hidden. One
@@ -200,31 +205,24 @@ def run_tasks(tasks, workers, out_dir, plan, splits, show_progress, label):
     # than ~6 workers would queue behind a single one.
     with ThreadPoolExecutor(workers, thread_name_prefix="publish") as publisher:
         published = []
-        if workers == 1 or len(tasks) <= 1:
-            init_worker(out_dir, plan, splits, counters)
+        if workers == 1:
+            init_worker(0, out_dir, plan, splits, progress)
             for task in tasks:
                 published.append(publisher.submit(publish, pack_shard(task)))
                 refresh()
         else:
-            with context.Pool(min(workers, len(tasks)), initializer=init_pool_worker,
-                              initargs=(out_dir, plan, splits, counters)) as pool:
-                # each shard is handed to a publisher the moment it is done (the pool's
-                # result thread runs the callback), whichever worker finishes first
-                pending = [pool.apply_async(pack_shard, (task,),
-                                            callback=lambda closed: published.append(publisher.submit(publish, closed)))
-                           for task in tasks]
-                while pending:
-                    pending[0].wait(0.5)
-                    for result in [r for r in pending if r.ready()]:
-                        pending.remove(result)
-                        result.get()   # re-raises a worker's exception here
+            with WorkerPool(workers, context, init_worker, (out_dir, plan, splits, progress)) as pool:
+                # each shard is handed to a publisher the moment it is done, whichever worker finishes first
+                for finished in pool.imap_unordered(pack_shard, tasks):
+                    if finished is not None:
+                        published.append(publisher.submit(publish, finished[1]))
                     refresh()
         for future in published:
             future.result()
     refresh()
     if bar is not None:
         bar.close()
-    return counters["done"].value, counters["skipped"].value
+    return progress.total("done"), progress.total("skipped")
 
 
 def pack(args, gather):
@@ -235,6 +233,16 @@ def pack(args, gather):
     except (InputError, ValueError) as error:
         print(f"preprocess: {error}", file=sys.stderr)
         return 2
+    # a SIGTERM (kill, scancel) ends the run as ctrl-c does, whatever it is doing: while
+    # packing, the workers stopped, unfinished shards removed and finished ones kept
+    previous_handler = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return plan_and_pack(args, gather, team)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+
+
+def plan_and_pack(args, gather, team):
     out_dir = os.path.abspath(args.out)
     started = time.perf_counter()
 
@@ -261,6 +269,11 @@ def pack(args, gather):
         if team.is_root:
             print(f"preprocess: {error}", file=sys.stderr)
         return 1 if isinstance(error, NothingToPack) else 2
+    except WorkerDied as error:   # indexing archives in processes
+        if team.is_root:
+            print(f"preprocess: {error} while indexing the inputs; run the same command again (with fewer --workers "
+                  f"if memory ran out)", file=sys.stderr)
+        return 1
     who = "" if team.size == 1 else f"rank {team.rank}: "
     # this rank's shards, numbered in the whole pack's order (the number is the lock's byte)
     numbered = list(enumerate(shard_tasks(plan, args.seed)))[team.rank::team.size]
@@ -292,18 +305,20 @@ def pack_and_merge(args, team, out_dir, plan, splits, mine, started):
     """Pack this rank's unfinished shards `mine`; the one that finds all shards done merges."""
     label = "packing" if team.size == 1 else f"rank 0 of {team.size}"
     who = "" if team.size == 1 else f"rank {team.rank}: "
-    # a SIGTERM (kill, scancel) ends the packing as ctrl-c does: the pool stopped, unfinished
-    # shards removed, finished ones kept
-    previous_handler = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        done, _ = run_tasks(mine, args.workers, out_dir, plan, splits,
-                                  team.is_root and not args.no_progress, label)
+        done, _ = run_tasks(mine, args.workers, out_dir, plan, splits, team.is_root and not args.no_progress, label)
     except OSError as error:
         # a full disk, a quota, lost permissions: the user's to fix, and nothing is lost
         remove_unfinished(out_dir, mine)
         print(f"preprocess: {who}writing under --out {out_dir} failed: {describe_os_error(error)}; free space "
               f"or fix permissions there (or choose another --out), then run the same command again: finished "
               f"shards are kept", file=sys.stderr)
+        team.abort(1)
+        return 1
+    except WorkerDied as error:
+        remove_unfinished(out_dir, mine)
+        print(f"preprocess: {who}{error}; finished shards are kept: run the same command again (with fewer "
+              f"--workers if memory ran out)", file=sys.stderr)
         team.abort(1)
         return 1
     except KeyboardInterrupt:   # ctrl-c, or SIGTERM through _interrupt
@@ -317,8 +332,6 @@ def pack_and_merge(args, team, out_dir, plan, splits, mine, started):
         print(f"preprocess: {who}failed: {type(error).__name__}: {error}", file=sys.stderr)
         team.abort(1)
         raise
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
     done = team.sum(done)
     team.barrier()
     shard_names = {split: [shard_filename(split, n) for n in range(entry["num_shards"])]

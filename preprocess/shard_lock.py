@@ -27,7 +27,7 @@ class ShardLocks:
 
     Record locks belong to the process, not to the file descriptor: no other code of this
     process may open the lock file, since closing any descriptor of it drops every lock.
-    Pool workers do not inherit them, which is right: the parent decides what is packed.
+    Worker processes do not inherit them, which is right: the parent decides what is packed.
     """
 
     def __init__(self, work_dir):

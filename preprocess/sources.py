@@ -289,8 +289,13 @@ def map_in_processes(function, items, workers):
     if workers <= 1 or len(items) <= 1:
         return [function(item) for item in items]
     from preprocess.parallel import worker_context
-    with worker_context().Pool(min(workers, len(items))) as pool:
-        return pool.map(function, items, chunksize=1)
+    from preprocess.workers import WorkerPool
+    results = [None] * len(items)
+    with WorkerPool(min(workers, len(items)), worker_context()) as pool:
+        for finished in pool.imap_unordered(function, items):
+            if finished is not None:
+                results[finished[0]] = finished[1]
+    return results
 
 
 class ByteWindow:

@@ -194,7 +194,7 @@ def test_resume_after_a_kill_mid_shard(tmp_path):
     assert 0 < len(finished_before) < 8, "the kill should land after the first shard and before the last"
 
 
-@pytest.mark.parametrize("signal_to", ["SIGINT to the group", "SIGTERM to the parent"])
+@pytest.mark.parametrize("signal_to", ["SIGINT to the group", "SIGTERM to the group", "SIGTERM to the parent"])
 def test_ctrl_c_is_one_line_keeps_finished_shards_and_the_same_command_finishes(tmp_path, signal_to):
     source = tmp_path / "src"
     assert main(["synth", "--out", str(source), "--classes", "2", "--per-class", "40", "--val-per-class", "1",
@@ -210,6 +210,8 @@ def test_ctrl_c_is_one_line_keeps_finished_shards_and_the_same_command_finishes(
         time.sleep(0.002)
     if signal_to == "SIGINT to the group":   # a terminal's ctrl-c
         os.killpg(process.pid, signal.SIGINT)
+    elif signal_to == "SIGTERM to the group":  # scancel, kill -TERM -PGID: a Pool's worker died holding its lock
+        os.killpg(process.pid, signal.SIGTERM)
     else:                                     # kill PID, or a batch system's end of a job step
         os.kill(process.pid, signal.SIGTERM)
     _, err = process.communicate(timeout=60)
@@ -311,6 +313,33 @@ def test_workers_end_with_a_killed_packer(tmp_path):
             return
         time.sleep(0.05)
     pytest.fail("pool workers outlived their killed parent")
+
+
+def test_a_worker_killed_mid_shard_is_one_line_and_the_same_command_then_finishes(tmp_path):
+    # the OOM killer's SIGKILL: multiprocessing.Pool lost the task and the packer waited for ever
+    source = tmp_path / "src"
+    assert main(["synth", "--out", str(source), "--classes", "2", "--per-class", "40", "--val-per-class", "1",
+                 "--size", "400x300"]) == 0
+    argv = ["folder", "--train", str(source / "train"), "--image-size", "64", "--shard-size", "10", "--no-progress",
+            "--workers", "2"]
+    out = tmp_path / "out"
+    process = subprocess.Popen(preprocess_command(*argv, "--out", str(out)), env=quiet_env(), stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.time() + 60
+    victim = None
+    while time.time() < deadline and victim is None:
+        victim = next((pid for pid in descendants(process.pid) if writing_a_shard(pid)), None)
+        time.sleep(0.002)
+    assert victim, "no worker was caught writing a shard"
+    os.kill(victim, signal.SIGKILL)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 1, err
+    assert err == ("preprocess: a worker process was killed by SIGKILL (out of memory? the kernel's OOM killer sends "
+                   "it); finished shards are kept: run the same command again (with fewer --workers if memory ran "
+                   "out)\n")
+    assert not half_written(out) and not (out / "dataset.json").exists()
+    assert main([*argv, "--out", str(out)]) == 0
+    assert main(["verify", str(out)]) == 0
 
 
 def test_two_workers_and_two_array_tasks_give_the_same_data_set(tree, tmp_path):
