@@ -17,8 +17,9 @@ every shard appears by an atomic rename and dataset.json last.
 Exit codes of imagenet and folder: 0 packed; 1 nothing usable found, anything skipped
 with --strict, --out could not be written (full disk, permissions; finished shards
 are kept), a worker process died (the OOM killer: fewer --workers), or another run is
-packing the same shards into --out; 2 a bad flag or input path; 130 ctrl-c or SIGTERM (finished shards are kept). Skipped
-inputs are listed with their reason in OUT/skipped.tsv.
+packing the same shards into --out; 2 a bad flag or input path; 130 ctrl-c or SIGTERM
+(finished shards are kept). Skipped inputs are listed with their reason in
+OUT/skipped.tsv.
 """
 import argparse
 import sys
