@@ -59,16 +59,7 @@ class WorkerPool:
         sent = {connection: collections.deque() for connection in self.connections}   # positions, in order
         sentinels = {process.sentinel: process for process in self.processes}
         while todo or any(sent.values()):
-            # each worker gets its next item before it finishes the one in hand, so it
-            # never waits for this process (busy publishing) to notice and send one
-            for connection, positions in sent.items():
-                while todo and len(positions) < ITEMS_IN_FLIGHT:
-                    position, item = todo.pop()
-                    try:
-                        connection.send((function, item))
-                    except OSError:   # a broken pipe: the worker died
-                        raise WorkerDied(f"a worker process {describe_end(self.process_of[connection])}") from None
-                    positions.append(position)
+            self._hand_out(function, todo, sent)
             ready = wait([c for c, positions in sent.items() if positions] + list(sentinels), POLL_S)
             if not ready:
                 yield None
@@ -82,6 +73,21 @@ class WorkerPool:
                 yield sent[connection].popleft(), value
             for sentinel in [s for s in ready if s in sentinels]:
                 raise WorkerDied(f"a worker process {describe_end(sentinels[sentinel])}")
+
+    def _hand_out(self, function, todo, sent):
+        """Send items from the end of `todo` until each worker holds ITEMS_IN_FLIGHT: its
+        next item reaches it before it finishes the one in hand, so it never waits for this
+        process (busy publishing) to notice and send one. Dealt in rounds, so that no worker
+        holds two items while another has none."""
+        for depth in range(1, ITEMS_IN_FLIGHT + 1):
+            for connection, positions in sent.items():
+                if todo and len(positions) < depth:
+                    position, item = todo.pop()
+                    try:
+                        connection.send((function, item))
+                    except OSError:   # a broken pipe: the worker died
+                        raise WorkerDied(f"a worker process {describe_end(self.process_of[connection])}") from None
+                    positions.append(position)
 
     def close(self):
         """Stop idle workers and wait for them."""

@@ -79,3 +79,15 @@ def test_workers_leave_sigint_and_sigterm_to_the_parent():
         os.kill(worker, signal.SIGTERM)
         os.kill(worker, signal.SIGINT)
         assert results_of(pool, square, [3]) == {0: 9}
+
+
+def pid_after_a_nap(_):
+    import time
+    time.sleep(0.05)
+    return os.getpid()
+
+
+def test_items_are_dealt_to_every_worker_before_any_gets_a_second():
+    # 4 items, 4 workers: each does one (two to a worker left another idle)
+    with WorkerPool(4, FORK) as pool:
+        assert len(set(results_of(pool, pid_after_a_nap, list(range(4))).values())) == 4
