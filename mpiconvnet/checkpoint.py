@@ -8,17 +8,25 @@ RNG state a resumed run needs to redraw exactly what the uninterrupted run would
 
 Rank 0 writes `ckpt-00001234.h5.tmp`, fsyncs it, renames it and fsyncs the directory:
 a run killed at any moment leaves either the old set of checkpoints or the new one.
+
+Every array and the meta attribute carry the CRC-32 of their bytes, checked on every load:
+a file damaged after it was written (a bad disk, a file system's fault, a stray write)
+is refused with one line instead of resuming into a NaN loss. Checkpoints written before
+the checksums (2026-11-25) have none and load as they are; any checkpoint holding NaN or
+Inf is refused.
 """
 import io
 import json
 import os
 import re
+import zlib
 
 import h5py
 import numpy as np
 
 FORMAT_VERSION = 1
 NAME = re.compile(r"^ckpt-(\d{8})\.h5$")
+CHECKSUM = "crc32"   # the attribute holding zlib.crc32 of an array's (or the meta's) bytes
 
 
 class CheckpointError(ValueError):
@@ -107,11 +115,13 @@ def _write(tmp, params, velocity, meta):
     image = io.BytesIO()
     with h5py.File(image, "w") as f:
         f.attrs["format_version"] = FORMAT_VERSION
-        f.attrs["meta"] = json.dumps(meta, sort_keys=True)
+        f.attrs["meta"] = text = json.dumps(meta, sort_keys=True)
+        f.attrs["meta_" + CHECKSUM] = zlib.crc32(text.encode())
         for group, arrays in (("params", params), ("velocity", velocity)):
             g = f.create_group(group)
             for name, value in arrays.items():
-                g.create_dataset(name, data=np.asarray(value))
+                value = np.ascontiguousarray(value)
+                g.create_dataset(name, data=value).attrs[CHECKSUM] = zlib.crc32(value)
     with open(tmp, "wb") as stream:
         stream.write(image.getbuffer())   # no copy of the image
         stream.flush()
@@ -126,8 +136,14 @@ def _fsync_dir(folder):
         os.close(fd)
 
 
-def load(path):
-    """(params, velocity, meta) from a checkpoint file."""
+class _Unfit(Exception):
+    """Why a checkpoint cannot be used, as the end of a sentence that starts with its path."""
+
+
+def load(path, flag="--checkpoint"):
+    """(params, velocity, meta) from a checkpoint file, each array checked against its
+    checksum and for NaN and Inf. `flag` is the option that would take an older checkpoint
+    instead, for the one line that names it when this one is refused."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} not found")
     try:
@@ -139,16 +155,67 @@ def load(path):
             if version != FORMAT_VERSION:
                 raise CheckpointError(f"checkpoint {path} has format version {version}, this mpiconvnet reads "
                                       f"{FORMAT_VERSION}")
-            meta = json.loads(f.attrs["meta"])
-            params = {name: f["params"][name][()] for name in f["params"]}
-            velocity = {name: f["velocity"][name][()] for name in f["velocity"]}
-        if not (isinstance(meta, dict) and all(key in meta for key in ("step", "model", "config"))):
+            meta = _read_meta(f)
+            params, velocity = _read_arrays(f, "params"), _read_arrays(f, "velocity")
+        if not all(key in meta for key in ("step", "model", "config")):
             raise KeyError("its meta attribute lacks step, model or config")
     except CheckpointError:
         raise
+    except _Unfit as e:
+        raise CheckpointError(f"checkpoint {path} {e}; {_instead(path, flag)}") from None
     except (OSError, KeyError, ValueError, TypeError) as e:   # ValueError: a meta that is not JSON
-        raise CheckpointError(f"checkpoint {path} is unreadable ({e}); use an older checkpoint") from None
+        raise CheckpointError(f"checkpoint {path} is unreadable ({e}); {_instead(path, flag)}") from None
     return params, velocity, meta
+
+
+def _read_meta(f):
+    text = f.attrs["meta"]
+    text = text.decode() if isinstance(text, bytes) else text
+    _verify(f.attrs.get("meta_" + CHECKSUM), text.encode(), "its meta attribute")
+    meta = json.loads(text)
+    if not isinstance(meta, dict):
+        raise _Unfit("is damaged (its meta attribute is not a JSON object)")
+    return meta
+
+
+def _read_arrays(f, group):
+    if group not in f:
+        raise _Unfit(f"is incomplete (it has no {group} group)")
+    arrays = {}
+    for name, dataset in f[group].items():
+        value = dataset[()]
+        _verify(dataset.attrs.get(CHECKSUM), np.ascontiguousarray(value), f"{group}/{name}")
+        if not np.all(np.isfinite(value)):
+            # a diverging run can write one before its loss shows it; resumed, the loss is NaN
+            raise _Unfit(f"holds NaN or Inf in {group}/{name}")
+        arrays[name] = value
+    return arrays
+
+
+def _verify(expected, data, what):
+    """A checksum that does not match means bytes changed after the write. None: a file
+    from before checksums."""
+    if expected is not None and zlib.crc32(data) != int(expected):
+        raise _Unfit(f"is damaged ({what} does not match its checksum)")
+
+
+def older_checkpoint(path):
+    """The newest checkpoint of an earlier step in path's folder, or None."""
+    step, folder = step_of(path), os.path.dirname(os.path.abspath(path))
+    if step is None:
+        return None
+    older = sorted((step_of(f), f) for f in os.listdir(folder) if NAME.match(f) and step_of(f) < step)
+    return os.path.join(os.path.dirname(path), older[-1][1]) if older else None
+
+
+def _instead(path, flag):
+    """The fix for a checkpoint that cannot be used: the next older one, by its path."""
+    older = older_checkpoint(path)
+    if older:
+        return f"use the older one instead: {flag} {older}"
+    if step_of(path) is None:
+        return "use an older checkpoint"
+    return f"no older checkpoint is beside it in {os.path.dirname(path) or '.'}"
 
 
 def find_checkpoint(path, flag="--checkpoint"):

@@ -155,7 +155,7 @@ class Trainer:
         self.saved_at = self.step
 
     def restore(self, path):
-        params, velocity, meta = checkpoint.load(path)
+        params, velocity, meta = checkpoint.load(path, "--resume")
         saved = from_dict(meta["config"])
         for key in ("model", "global_batch", "seed", "drop_last", "dtype"):
             if getattr(saved, key) != getattr(self.cfg, key):

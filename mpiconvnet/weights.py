@@ -57,7 +57,7 @@ def read_weights(path):
         raise ModelError(f"--init-weights {path}: no such file; give an .npz of weights, a checkpoint or a run "
                          f"directory")
     if os.path.isdir(path) or _starts_with(path, HDF5_SIGNATURE):   # whatever its name ends with
-        params, _, _ = checkpoint.load(checkpoint.find_checkpoint(path, "--init-weights"))
+        params, _, _ = checkpoint.load(checkpoint.find_checkpoint(path, "--init-weights"), "--init-weights")
         return params
     hint = "give an .npz of named arrays (numpy.savez, python -m mpiconvnet.export), a checkpoint or a run directory"
     try:

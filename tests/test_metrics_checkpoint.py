@@ -4,6 +4,7 @@ import errno
 import json
 import os
 
+import h5py
 import numpy as np
 import pytest
 
@@ -80,7 +81,6 @@ def test_a_checkpoint_that_meets_a_full_disk_leaves_no_file(tmp_path, monkeypatc
 
 
 def test_files_that_are_not_checkpoints_are_named(tmp_path):
-    import h5py
     with h5py.File(tmp_path / "shard.h5", "w") as f:   # a data shard: attributes, no params
         f.attrs["format_version"] = 2
     with h5py.File(tmp_path / "broken.h5", "w") as f:
@@ -118,3 +118,53 @@ def test_checkpoints_set_aside_never_overwrite_and_a_same_step_branch_goes_too(t
     aside, names = checkpoint.set_aside_newer(tmp_path, str(other), 4)
     assert aside.endswith("superseded/3") and names == ["ckpt-00000004.h5", "ckpt-00000005.h5"]
     assert (folder / "superseded" / "2" / "ckpt-00000006.h5").read_text() == "6"
+
+
+def save_steps(run, *steps):
+    """Checkpoints of `steps` with arrays of ones; returns their paths."""
+    params = {"conv1.weight": np.ones((4, 3, 2, 2), np.float32), "conv1.bias": np.ones(4, np.float32)}
+    return [checkpoint.save(run, step, params, params, {"step": step, "model": "m", "config": {}}, keep=9)
+            for step in steps]
+
+
+def overwrite(path, dataset, data):
+    """Bytes of `dataset` replaced where they lie in the file, as a bad disk would."""
+    with h5py.File(path, "r") as f:
+        offset = f[dataset].id.get_offset()
+    with open(path, "r+b") as stream:
+        stream.seek(offset)
+        stream.write(data)
+
+
+def test_a_checkpoint_damaged_after_it_was_written_is_refused_naming_an_older_one(tmp_path):
+    older, newest = save_steps(tmp_path, 1, 2)
+    # finite numbers: only the checksum can tell (0xff bytes would be NaN)
+    overwrite(newest, "velocity/conv1.weight", np.float32(1.5).tobytes() * 4)
+    with pytest.raises(checkpoint.CheckpointError) as error:
+        checkpoint.load(newest, "--resume")
+    assert str(error.value) == (f"checkpoint {newest} is damaged (velocity/conv1.weight does not match its "
+                                f"checksum); use the older one instead: --resume {older}")
+    with h5py.File(older, "r+") as f:   # a meta rewritten in place: another step, the old checksum
+        f.attrs["meta"] = f.attrs["meta"].replace('"step": 1', '"step": 7')
+    with pytest.raises(checkpoint.CheckpointError, match=r"ckpt-00000001.h5 is damaged \(its meta attribute does "
+                                                         r"not match its checksum\); no older checkpoint is beside"):
+        checkpoint.load(older)
+
+
+def test_checkpoints_without_checksums_load_and_nan_or_inf_is_refused(tmp_path):
+    # written as before the checksums: the same file without their attributes
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    ones = np.ones((4, 3, 2, 2), np.float32)
+    for step, value in ((1, ones), (2, np.full_like(ones, np.inf))):
+        with h5py.File(folder / f"ckpt-{step:08d}.h5", "w") as f:
+            f.attrs["format_version"] = checkpoint.FORMAT_VERSION
+            f.attrs["meta"] = json.dumps({"step": step, "model": "m", "config": {}})
+            f["params/conv1.weight"] = f["velocity/conv1.weight"] = value
+    params, velocity, meta = checkpoint.load(str(folder / "ckpt-00000001.h5"))
+    np.testing.assert_array_equal(params["conv1.weight"], ones)
+    assert meta["step"] == 1
+    with pytest.raises(checkpoint.CheckpointError) as error:
+        checkpoint.load(str(folder / "ckpt-00000002.h5"), "--resume")
+    assert str(error.value) == (f"checkpoint {folder}/ckpt-00000002.h5 holds NaN or Inf in params/conv1.weight; "
+                                f"use the older one instead: --resume {folder}/ckpt-00000001.h5")

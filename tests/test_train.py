@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from tests.data_fixtures import write_tiny_dataset
+from tests.test_metrics_checkpoint import overwrite
 
 PYTHON = sys.executable
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
@@ -549,6 +550,21 @@ def test_a_run_directory_with_checkpoints_is_resumed_never_overwritten(data, tmp
     assert sorted(os.listdir(run / "checkpoints")) == ["ckpt-00000006.h5", "superseded"]
     assert sorted(os.listdir(run / "checkpoints" / "superseded" / "1")) == [f"ckpt-{s:08d}.h5" for s in (6, 8, 12)]
     assert "resuming at step 6" in train(args + ["--epochs", "2", "--lr", "0.001", "--resume", "auto"]).stdout
+
+
+def test_a_damaged_newest_checkpoint_is_one_line_naming_the_older_one_to_resume_from(data, tmp_path):
+    run = tmp_path / "run"
+    args = ["--data", data, "--global-batch", "16", "--epochs", "1", "--checkpoint-every", "2", "--out", str(run)]
+    train(args + ["--max-steps", "4"])
+    older, newest = (run / "checkpoints" / f"ckpt-{step:08d}.h5" for step in (2, 4))
+    # finite numbers, as a bad disk may leave: the run would train on from them unawares
+    overwrite(newest, "params/fc8.weight", np.float32(0.5).tobytes() * 16)
+    result = train(args + ["--resume", "auto"], check=False)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"mpiconvnet.train: checkpoint {newest} is damaged (params/fc8.weight does not match its checksum); use the "
+        f"older one instead: --resume {older}"]
+    assert "resuming at step 2" in train(args + ["--resume", str(older)]).stdout
 
 
 def test_a_missing_validation_shard_stops_the_run_before_its_first_step(tmp_path):
