@@ -136,13 +136,18 @@ def _fsync_dir(folder):
         os.close(fd)
 
 
+# what every checkpoint's meta has held since the first one, and a resume needs
+META_TYPES = {"step": int, "model": str, "num_classes": int, "steps_per_epoch": int, "config": dict, "schedule": dict}
+
+
 class _Unfit(Exception):
     """Why a checkpoint cannot be used, as the end of a sentence that starts with its path."""
 
 
 def load(path, flag="--checkpoint"):
-    """(params, velocity, meta) from a checkpoint file, each array checked against its
-    checksum and for NaN and Inf. `flag` is the option that would take an older checkpoint
+    """(params, velocity, meta) from a checkpoint file, checked whole: each array against
+    its checksum and for NaN and Inf, the momentum buffers against the parameters, the meta
+    for every key a resume reads. `flag` is the option that would take an older checkpoint
     instead, for the one line that names it when this one is refused."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} not found")
@@ -157,14 +162,13 @@ def load(path, flag="--checkpoint"):
                                       f"{FORMAT_VERSION}")
             meta = _read_meta(f)
             params, velocity = _read_arrays(f, "params"), _read_arrays(f, "velocity")
-        if not all(key in meta for key in ("step", "model", "config")):
-            raise KeyError("its meta attribute lacks step, model or config")
+        _check_complete(params, velocity, meta)
     except CheckpointError:
         raise
     except _Unfit as e:
-        raise CheckpointError(f"checkpoint {path} {e}; {_instead(path, flag)}") from None
+        raise unusable(path, str(e), flag) from None
     except (OSError, KeyError, ValueError, TypeError) as e:   # ValueError: a meta that is not JSON
-        raise CheckpointError(f"checkpoint {path} is unreadable ({e}); {_instead(path, flag)}") from None
+        raise unusable(path, f"is unreadable ({e})", flag) from None
     return params, velocity, meta
 
 
@@ -197,6 +201,29 @@ def _verify(expected, data, what):
     from before checksums."""
     if expected is not None and zlib.crc32(data) != int(expected):
         raise _Unfit(f"is damaged ({what} does not match its checksum)")
+
+
+def _check_complete(params, velocity, meta):
+    """A checkpoint with a part missing (a hand-edited file, a tool's) fails here with one
+    line, not later in the optimizer or the schedule with a traceback per rank."""
+    missing = [key for key in META_TYPES if key not in meta]
+    if missing:
+        raise _Unfit(f"is incomplete (its meta attribute lacks {', '.join(missing)})")
+    for key, kind in META_TYPES.items():
+        if not isinstance(meta[key], kind):
+            raise _Unfit(f"is damaged (its meta's {key} is {meta[key]!r}, not a {kind.__name__})")
+    for name in sorted(set(params) | set(velocity)):
+        if name not in params or name not in velocity:
+            raise _Unfit(f"is incomplete ({'velocity' if name in params else 'params'}/{name} is missing)")
+        if velocity[name].shape != params[name].shape:
+            raise _Unfit(f"is damaged (velocity/{name} has shape {velocity[name].shape}, params/{name} "
+                         f"{params[name].shape})")
+
+
+def unusable(path, problem, flag="--checkpoint"):
+    """The CheckpointError for a checkpoint that cannot be used: "checkpoint PATH <problem>",
+    then the next older checkpoint to give with `flag` instead."""
+    return CheckpointError(f"checkpoint {path} {problem}; {_instead(path, flag)}")
 
 
 def older_checkpoint(path):

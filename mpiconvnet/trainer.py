@@ -167,7 +167,12 @@ class Trainer:
                                              f"data set gives {self.steps_per_epoch}; resume on the same data")
         self.net.load_state_dict(params, source=path)
         self.optimizer.load_state_dict({n: self.net.local_part(n, v) for n, v in velocity.items()}, source=path)
-        self.schedule.load_state_dict(meta["schedule"])
+        try:
+            self.schedule.load_state_dict(meta["schedule"])
+        except KeyError as e:
+            raise checkpoint.unusable(path, f"is incomplete (its meta's schedule lacks {e})", "--resume") from None
+        except (TypeError, ValueError) as e:
+            raise checkpoint.unusable(path, f"is damaged (its meta's schedule does not load: {e})", "--resume") from None
         self.step = int(meta["step"])
         # a checkpoint's evaluation comes after it (checkpoints before 2026-11-25 do not say):
         # the resumed run does it again unless the checkpoint was written again afterwards

@@ -13,6 +13,12 @@ from mpiconvnet.metrics import MetricsLog, read_records
 from mpiconvnet.plot import read_metrics
 
 
+def meta_of(step):
+    """A checkpoint's meta with every key a resume reads."""
+    return {"step": step, "model": "m", "num_classes": 4, "steps_per_epoch": 3, "config": {},
+            "schedule": {"drops": 0, "best_top1": 0.5, "bad_evals": 1}}
+
+
 def record(step, kind="train"):
     if kind == "eval":
         return {"kind": "eval", "step": step, "loss": 1.0, "top1": 0.5, "top5": 0.9}
@@ -66,14 +72,14 @@ def test_a_failed_metrics_write_leaves_no_half_line(tmp_path, monkeypatch):
 
 def test_a_checkpoint_that_meets_a_full_disk_leaves_no_file(tmp_path, monkeypatch):
     params = {"conv1.weight": np.ones((4, 3, 2, 2), np.float32)}
-    checkpoint.save(tmp_path, 1, params, params, {"step": 1, "model": "m", "config": {}}, keep=3)
+    checkpoint.save(tmp_path, 1, params, params, meta_of(1), keep=3)
 
     def full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(checkpoint.OutputError, match="ckpt-00000002.h5: No space left on device"):
-        checkpoint.save(tmp_path, 2, params, params, {"step": 2, "model": "m", "config": {}}, keep=3)
+        checkpoint.save(tmp_path, 2, params, params, meta_of(2), keep=3)
     assert os.listdir(tmp_path / "checkpoints") == ["ckpt-00000001.h5"]
     loaded, _, meta = checkpoint.load(checkpoint.list_checkpoints(tmp_path)[0])
     np.testing.assert_array_equal(loaded["conv1.weight"], params["conv1.weight"])
@@ -123,7 +129,7 @@ def test_checkpoints_set_aside_never_overwrite_and_a_same_step_branch_goes_too(t
 def save_steps(run, *steps):
     """Checkpoints of `steps` with arrays of ones; returns their paths."""
     params = {"conv1.weight": np.ones((4, 3, 2, 2), np.float32), "conv1.bias": np.ones(4, np.float32)}
-    return [checkpoint.save(run, step, params, params, {"step": step, "model": "m", "config": {}}, keep=9)
+    return [checkpoint.save(run, step, params, params, meta_of(step), keep=9)
             for step in steps]
 
 
@@ -159,7 +165,7 @@ def test_checkpoints_without_checksums_load_and_nan_or_inf_is_refused(tmp_path):
     for step, value in ((1, ones), (2, np.full_like(ones, np.inf))):
         with h5py.File(folder / f"ckpt-{step:08d}.h5", "w") as f:
             f.attrs["format_version"] = checkpoint.FORMAT_VERSION
-            f.attrs["meta"] = json.dumps({"step": step, "model": "m", "config": {}})
+            f.attrs["meta"] = json.dumps(meta_of(step))
             f["params/conv1.weight"] = f["velocity/conv1.weight"] = value
     params, velocity, meta = checkpoint.load(str(folder / "ckpt-00000001.h5"))
     np.testing.assert_array_equal(params["conv1.weight"], ones)
@@ -168,3 +174,33 @@ def test_checkpoints_without_checksums_load_and_nan_or_inf_is_refused(tmp_path):
         checkpoint.load(str(folder / "ckpt-00000002.h5"), "--resume")
     assert str(error.value) == (f"checkpoint {folder}/ckpt-00000002.h5 holds NaN or Inf in params/conv1.weight; "
                                 f"use the older one instead: --resume {folder}/ckpt-00000001.h5")
+
+
+def rewrite_meta(path, change):
+    """The meta attribute changed by change(meta), its checksum with it: a file written
+    whole, by another tool or by hand, not damaged."""
+    import zlib
+    with h5py.File(path, "r+") as f:
+        meta = json.loads(f.attrs["meta"])
+        change(meta)
+        f.attrs["meta"] = text = json.dumps(meta)
+        f.attrs["meta_crc32"] = zlib.crc32(text.encode())
+
+
+def test_a_checkpoint_with_a_part_missing_or_misshapen_is_refused_naming_the_part(tmp_path):
+    older, newest = save_steps(tmp_path, 1, 2)
+    with h5py.File(newest, "r+") as f:
+        del f["velocity/conv1.bias"]
+    with pytest.raises(checkpoint.CheckpointError) as error:
+        checkpoint.load(newest)
+    assert str(error.value) == (f"checkpoint {newest} is incomplete (velocity/conv1.bias is missing); use the "
+                                f"older one instead: --checkpoint {older}")
+    with h5py.File(newest, "r+") as f:
+        f["velocity/conv1.bias"] = np.ones(3, np.float32)
+    with pytest.raises(checkpoint.CheckpointError, match=r"ckpt-00000002.h5 is damaged \(velocity/conv1.bias has "
+                                                         r"shape \(3,\), params/conv1.bias \(4,\)\)"):
+        checkpoint.load(newest)
+    rewrite_meta(older, lambda meta: meta.pop("schedule"))
+    with pytest.raises(checkpoint.CheckpointError, match=r"ckpt-00000001.h5 is incomplete \(its meta attribute "
+                                                         r"lacks schedule\); no older checkpoint is beside it"):
+        checkpoint.load(older)

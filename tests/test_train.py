@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tests.data_fixtures import write_tiny_dataset
-from tests.test_metrics_checkpoint import overwrite
+from tests.test_metrics_checkpoint import overwrite, rewrite_meta
 
 PYTHON = sys.executable
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
@@ -565,6 +565,27 @@ def test_a_damaged_newest_checkpoint_is_one_line_naming_the_older_one_to_resume_
         f"mpiconvnet.train: checkpoint {newest} is damaged (params/fc8.weight does not match its checksum); use the "
         f"older one instead: --resume {older}"]
     assert "resuming at step 2" in train(args + ["--resume", str(older)]).stdout
+
+
+def test_a_checkpoint_with_a_part_missing_is_one_line_and_exit_2(data, tmp_path):
+    # each crashed every rank with a traceback: the optimizer's, the schedule's
+    run = tmp_path / "run"
+    args = ["--data", data, "--global-batch", "16", "--epochs", "1", "--checkpoint-every", "1", "--out", str(run)]
+    train(args + ["--max-steps", "2"])
+    older, newest = (run / "checkpoints" / f"ckpt-{step:08d}.h5" for step in (1, 2))
+    with h5py.File(newest, "r+") as f:
+        del f["velocity/fc8.bias"]
+    result = train(args + ["--resume", "auto"], check=False)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"mpiconvnet.train: checkpoint {newest} is incomplete (velocity/fc8.bias is missing); use the older one "
+        f"instead: --resume {older}"]
+    rewrite_meta(older, lambda meta: meta["schedule"].pop("best_top1"))
+    result = train(args + ["--resume", str(older)], check=False)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"mpiconvnet.train: checkpoint {older} is incomplete (its meta's schedule lacks 'best_top1'); no older "
+        f"checkpoint is beside it in {run / 'checkpoints'}"]
 
 
 def test_a_missing_validation_shard_stops_the_run_before_its_first_step(tmp_path):
