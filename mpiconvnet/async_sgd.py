@@ -12,7 +12,8 @@ updates old (its staleness), which is the price of never waiting for the slowest
 Steps, epochs, the schedule and checkpoints count global-batch equivalents: `workers`
 pushed batches make one step, so an epoch sees every image once, as in the synchronous
 modes. With one worker and --async-every 1 this is synchronous SGD on one rank, update
-for update (tests/test_async.py checks it to 1e-12 in float64, and an exact resume).
+for update (tests/test_async.py checks it to 1e-12 in float64, and an exact resume, the
+metrics lines too: the server's loss sums since the last line go into the checkpoint).
 
 What the synchronous modes have and this one does not: evaluations during training (the
 run evaluates once at the end; `python -m mpiconvnet.evaluate` reads any checkpoint), and
@@ -89,6 +90,9 @@ class ParameterServer:
         self.received = FlatParameters(net)
         self.grads = {name: net.ops.zeros(shape, net.dtype) for name, shape in self.weights.shapes.items()}
         self.batches = trainer.step * trainer.workers      # worker batches applied so far
+        # the metrics window, with the loss sums a checkpoint kept: a resumed run then logs
+        # the lines the uninterrupted run did (exactly so with one worker)
+        self.window = _Window(trainer.restored_window, trainer.workers)
 
     def run(self, stop, progress, log, total_steps):
         """Serve until every worker is done or stopped; returns ("done" | "preempted" | None,
@@ -101,7 +105,7 @@ class ParameterServer:
         workers = set(range(1, t.world.size))
         active = set(workers)
         stopping, failure = None, None
-        window = _Window()
+        window = self.window
         header, status = np.empty(HEADER_SIZE), MPI.Status()
         heard = {worker: time.monotonic() for worker in active}   # when each worker last spoke
         next_alive = time.monotonic() + cfg.stall_timeout / 2     # when the finished ones hear from us
@@ -154,8 +158,11 @@ class ParameterServer:
             if progress is not None and t.step > before:
                 progress.update(t.step - before)
                 progress.set_postfix(loss=f"{loss:.3f}")
-            if _crossed(before, t.step, cfg.log_every) or t.step == total_steps:
-                window.write(t, log, progress)
+            on_grid = _crossed(before, t.step, cfg.log_every)
+            if on_grid or t.step == total_steps:
+                # a last line off the --log-every grid (--max-steps) keeps its loss sum for the
+                # checkpoint, as in sync training: a longer run resumed from it logs the same
+                window.write(t, log, progress, keep_loss=not on_grid)
             if _crossed(before, t.step, cfg.checkpoint_every) or _crossed(before, t.step, t.steps_per_epoch):
                 self.save()
             if t.step >= total_steps:
@@ -206,9 +213,12 @@ class ParameterServer:
         self.batches += batches
 
     def save(self):
+        if self.trainer.saved_at != self.trainer.step:
+            self.write_checkpoint()
+
+    def write_checkpoint(self):
         t = self.trainer
-        if t.saved_at != t.step:
-            t.write_checkpoint(t.net.state_dict(), t.optimizer.state_dict())
+        t.write_checkpoint(t.net.state_dict(), t.optimizer.state_dict(), self.window.saved(t.workers))
 
 
 class AsyncWorker:
@@ -321,32 +331,43 @@ class AsyncWorker:
 
 
 class _Window:
-    """The server's running sums between two metrics lines."""
+    """The server's running sums between two metrics lines. The loss sums (over worker
+    batches) go into checkpoints as sync training's do, per global step, so a run may
+    switch modes when it resumes; the times and images/s count this process's batches."""
 
-    def __init__(self):
+    def __init__(self, restored=None, workers=1):
         self.memory = 0.0   # the largest memory high water any worker reported (never reset)
+        self.loss, self.loss_batches = 0.0, 0
+        if restored:
+            self.loss = restored["loss"] * workers
+            self.loss_batches = round(restored["loss_steps"] * workers)
         self.reset()
 
     def reset(self):
-        self.batches, self.loss, self.images, self.times = 0, 0.0, 0, np.zeros(3)
+        self.batches, self.images, self.times = 0, 0, np.zeros(3)
         self.started = time.perf_counter()
+
+    def saved(self, workers):
+        """The loss sums as a checkpoint keeps them: `workers` batches make a global step."""
+        return {"loss": self.loss / workers, "loss_steps": self.loss_batches / workers}
 
     def add(self, header, batch_images):
         batches = int(header[1])
         self.batches += batches
         self.loss += header[2]
+        self.loss_batches += batches
         self.images += batches * batch_images
         self.times += header[3:6]
         self.memory = max(self.memory, header[6])
 
-    def write(self, trainer, log, progress):
+    def write(self, trainer, log, progress, keep_loss=False):
         if not self.batches:
             return
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         per_batch = self.times / self.batches
         last = max(trainer.step - 1, 0)   # the last step taken: its epoch and lr, as in sync training
         record = {"kind": "train", "step": trainer.step, "epoch": last // trainer.steps_per_epoch,
-                  "loss": self.loss / self.batches, "lr": trainer.schedule.at(last),
+                  "loss": self.loss / self.loss_batches, "lr": trainer.schedule.at(last),
                   "images_per_s": self.images / elapsed, "time_data": per_batch[0], "time_compute": per_batch[1],
                   "time_comm": per_batch[2],
                   "memory_mb": max(self.memory, trainer.net.ops.memory_high_water()) / 2**20, "time": time.time()}
@@ -355,6 +376,8 @@ class _Window:
         if progress is not None:
             progress.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_s']:.0f}")
         self.reset()
+        if not keep_loss:
+            self.loss, self.loss_batches = 0.0, 0
 
 
 def _wait(request, deadline, status=None):
@@ -409,7 +432,8 @@ def run(trainer, stop, progress, log):
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
     if t.world.is_root:
-        outcome, failure = ParameterServer(t).run(stop, progress, log, total_steps)
+        server = ParameterServer(t)
+        outcome, failure = server.run(stop, progress, log, total_steps)
     else:
         worker = AsyncWorker(t)
         outcome, failure = worker.run(stop), None
@@ -433,5 +457,5 @@ def run(trainer, stop, progress, log):
     if t.evaluated_at != t.step:   # a finished run resumed once more has nothing to do
         t.evaluate_now(log)
         if t.world.is_root:   # the last checkpoint again, now saying its evaluation is done
-            t.write_checkpoint(t.net.state_dict(), t.optimizer.state_dict())
+            server.write_checkpoint()
     return outcome

@@ -136,20 +136,23 @@ class Trainer:
         params = self.net.state_dict()
         velocity = {n: self.net.whole(n, v) for n, v in self.optimizer.state_dict().items()}
         if self.world.is_root:
-            self.write_checkpoint(params, velocity)
+            window = self.window
+            self.write_checkpoint(params, velocity, None if window is None else
+                                  {"loss": window["loss"], "loss_steps": window["loss_steps"]})
         self.world.barrier()
         self.saved_at, self.saved_evaluated_at = self.step, self.evaluated_at
         self.world.progress(f"the step after the checkpoint of step {self.step}")
 
-    def write_checkpoint(self, params, velocity):
-        """Rank 0's part of a checkpoint (--sync async's server calls it alone)."""
+    def write_checkpoint(self, params, velocity, log_window):
+        """Rank 0's part of a checkpoint (--sync async's server calls it alone). log_window:
+        the loss summed over the global steps since the last metrics line, {"loss",
+        "loss_steps"}, which a run resumed from the checkpoint carries on (None: nothing)."""
         meta = {"step": self.step, "epoch": self.step // self.steps_per_epoch,
                 "step_in_epoch": self.step % self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch,
                 "model": self.cfg.model, "num_classes": self.net.num_classes, "world_size": self.world.size,
                 "config": self.cfg.to_dict(), "schedule": self.schedule.state_dict(),
                 "evaluated_at": self.evaluated_at,
-                "log_window": ({"loss": self.window["loss"], "loss_steps": self.window["loss_steps"]}
-                               if self.window is not None else None),
+                "log_window": log_window,
                 "rng": {"seed": self.cfg.seed, "note": "all draws are functions of (seed, epoch, step, rank)"}}
         checkpoint.save(self.cfg.out, self.step, params, velocity, meta, self.cfg.keep_checkpoints)
         self.saved_at = self.step
