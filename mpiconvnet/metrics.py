@@ -44,14 +44,20 @@ class MetricsLog:
                 records = read_records(self.path)
             except ValueError as error:   # edited by hand, or another tool's
                 raise OutputError(f"{error}; move it aside and run the same command again") from None
+            except OSError as error:      # a directory of that name, a file this user may not read
+                raise OutputError(f"cannot read {self.path}: {os.strerror(error.errno) if error.errno else error}; "
+                                  f"move it aside and run the same command again") from None
             kept = [json.dumps(r) + "\n" for r in records
                     if r["step"] < resume_step or r["step"] == resume_step and (
                         r.get("kind") != "eval" or evaluated_at == resume_step)]
+            tmp = self.path + ".tmp"
             try:
-                with open(self.path + ".tmp", "w") as f:
+                with open(tmp, "w") as f:
                     f.writelines(kept)
-                os.replace(self.path + ".tmp", self.path)
+                os.replace(tmp, self.path)
             except OSError as error:
+                if os.path.lexists(tmp):
+                    os.remove(tmp)   # a partial copy would hold the space the user must free
                 raise self._cannot_write(error) from None
 
     def write(self, record):

@@ -70,6 +70,24 @@ def test_a_failed_metrics_write_leaves_no_half_line(tmp_path, monkeypatch):
     assert (tmp_path / "metrics.jsonl").read_text() == json.dumps(record(1)) + "\n"
 
 
+def test_a_full_disk_while_a_resume_rewrites_the_metrics_leaves_no_temporary_file(tmp_path):
+    lines = [json.dumps(record(s)) + "\n" for s in (1, 2)]
+    (tmp_path / "metrics.jsonl").write_text("".join(lines))
+    (tmp_path / "metrics.jsonl.tmp").symlink_to("/dev/full")   # the kernel's real ENOSPC
+    with pytest.raises(checkpoint.OutputError, match="cannot write .*metrics.jsonl: No space left on device"):
+        MetricsLog(tmp_path, True, resume_step=1)
+    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]
+    assert (tmp_path / "metrics.jsonl").read_text() == "".join(lines)
+
+
+def test_a_metrics_file_that_cannot_be_read_is_one_line(tmp_path):
+    (tmp_path / "metrics.jsonl").mkdir()
+    with pytest.raises(checkpoint.OutputError) as error:
+        MetricsLog(tmp_path, True, resume_step=4)
+    assert str(error.value) == (f"cannot read {tmp_path}/metrics.jsonl: Is a directory; move it aside and run the "
+                                f"same command again")
+
+
 def test_a_checkpoint_that_meets_a_full_disk_leaves_no_file(tmp_path, monkeypatch):
     params = {"conv1.weight": np.ones((4, 3, 2, 2), np.float32)}
     checkpoint.save(tmp_path, 1, params, params, meta_of(1), keep=3)
