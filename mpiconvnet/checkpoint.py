@@ -258,10 +258,12 @@ def find_checkpoint(path, flag="--checkpoint"):
 
 
 def resolve_resume(resume, run_dir):
-    """The checkpoint to start from: None for a fresh run."""
+    """The checkpoint to start from: None for a fresh run. A run directory means its newest
+    checkpoint, as --checkpoint and --init-weights take one; unlike auto, a directory
+    without checkpoints is an error, not a fresh start."""
     if not resume:
         return None
     if resume == "auto":
         found = list_checkpoints(run_dir)
         return found[-1] if found else None
-    return resume
+    return find_checkpoint(resume, "--resume")

@@ -69,7 +69,7 @@ class Config:
     log_every: int = 10             # steps between metrics.jsonl lines
     checkpoint_every: int = 0       # steps between checkpoints (0: at each epoch end only)
     keep_checkpoints: int = 3       # how many recent checkpoints to keep
-    resume: str = ""                # "", "auto" (newest in out/checkpoints) or a checkpoint path
+    resume: str = ""                # "", "auto" (newest in out/checkpoints), a checkpoint path or a run directory (its newest)
     init_weights: str = ""          # start from these weights instead of the random init: an .npz (ours or torchvision's names), a checkpoint or a run directory; a run that resumes from a checkpoint ignores it
     init_skip: str = ""             # with --init-weights: comma-separated layers that keep their random init, e.g. fc8 for another class count
     progress: bool = True           # tqdm bar on rank 0

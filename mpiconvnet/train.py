@@ -49,8 +49,8 @@ def check_before_work(cfg, world, train_set, val_set):
         raise ConfigError(f"{cfg.data}: images are {train_set.image_size}px, model {cfg.model} crops "
                           f"{input_size}px; repack with python -m preprocess ... --image-size "
                           f"{max(256, input_size)} or pick a smaller model")
-    if cfg.resume and cfg.resume != "auto" and not os.path.isfile(cfg.resume):
-        raise ConfigError(f"--resume {cfg.resume}: no such checkpoint; give a file or 'auto'")
+    if cfg.resume and cfg.resume != "auto" and not os.path.exists(cfg.resume):
+        raise ConfigError(f"--resume {cfg.resume}: no such checkpoint; give a file, a run directory or 'auto'")
     if cfg.schedule == "plateau" and val_set is None:
         raise ConfigError(f"--schedule plateau follows the validation top-1, and {cfg.data} has no val split; pack "
                           f"one (python -m preprocess ... --val) or choose another --schedule")

@@ -399,6 +399,7 @@ def test_a_shard_broken_after_packing_is_one_line_and_exit_2(tmp_path):
     (["--data", "/nonexistent/shards"], "/nonexistent/shards/dataset.json not found"),
     (["--model", "alexnet"], "images are 64px, model alexnet crops 227px"),
     (["--resume", "/nonexistent.h5"], "--resume /nonexistent.h5: no such checkpoint"),
+    (["--global-batch", "16", "--resume", "/proc"], "--resume /proc: holds no checkpoints/ckpt-*.h5"),
     (["--out", "/dev/null"], "--out /dev/null is a file; give the run directory"),
     (["--global-batch", "128"], "--global-batch 128 is larger than the 96 training images"),
 ])
@@ -550,6 +551,9 @@ def test_a_run_directory_with_checkpoints_is_resumed_never_overwritten(data, tmp
     assert sorted(os.listdir(run / "checkpoints")) == ["ckpt-00000006.h5", "superseded"]
     assert sorted(os.listdir(run / "checkpoints" / "superseded" / "1")) == [f"ckpt-{s:08d}.h5" for s in (6, 8, 12)]
     assert "resuming at step 6" in train(args + ["--epochs", "2", "--lr", "0.001", "--resume", "auto"]).stdout
+    # a run directory for --resume is its newest checkpoint: here a branch into a new --out
+    result = train(args[:-1] + [str(tmp_path / "branch"), "--epochs", "2", "--resume", str(run)])
+    assert f"resuming at step 12 from {run}/checkpoints/ckpt-00000012.h5" in result.stdout
 
 
 def test_a_damaged_newest_checkpoint_is_one_line_naming_the_older_one_to_resume_from(data, tmp_path):
