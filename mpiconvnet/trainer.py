@@ -236,6 +236,8 @@ class Trainer:
         world.start_watchdog(2 * cfg.stall_timeout)
         if self._evaluation_due():   # resumed from a checkpoint written before its evaluation
             self._evaluate(self.step // self.steps_per_epoch - 1, log)
+            if self._stopped_during_evaluation(stop):
+                return EXIT_PREEMPTED
         # the loss sums over the steps since the last metrics line, those before a resume
         # included (the checkpoint holds them), so a resumed run logs the lines it would
         # have; the times and images/s count this process's steps only
@@ -307,6 +309,8 @@ class Trainer:
                         self.save_checkpoint()
                     if self._evaluation_due():
                         self._evaluate(epoch, log)
+                        if self._stopped_during_evaluation(stop):
+                            return EXIT_PREEMPTED
                     since = time.perf_counter()
                     if self.step == total_steps:
                         break
@@ -320,6 +324,21 @@ class Trainer:
             # run once more (a requeue) then evaluates nothing twice
             self.save_checkpoint()
         return EXIT_OK
+
+    def _stopped_during_evaluation(self, stop):
+        """Whether a stop came during the evaluation just done (minutes, at an epoch end):
+        every rank votes, as after each step, so all of them end here instead of after one
+        more step. The epoch's checkpoint, written before the evaluation, is written again
+        saying the evaluation is done, so the resumed run does not redo it: one checkpoint's
+        time, what any stop costs."""
+        votes = self.heartbeat.allreduce_sum(np.array([1.0 if stop.received else 0.0]), self.step,
+                                             "the stop vote after the evaluation")
+        if votes[0] == 0:
+            return False
+        self.save_checkpoint()
+        self.world.print(f"stopped by {stop.received or 'a signal on another rank'} after step {self.step} and its "
+                         f"evaluation; checkpoint written, continue with --resume auto")
+        return True
 
     def _evaluation_due(self):
         """At the end of an epoch that --eval-every evaluates, not yet evaluated."""

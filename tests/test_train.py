@@ -28,8 +28,12 @@ def data(tmp_path_factory):
     return write_tiny_dataset(str(tmp_path_factory.mktemp("shards")), 96, 61, 5, 64, shard_size=20)
 
 
-def train(args, ranks=1, timeout=120, check=True, env=None):
-    command = ([MPIEXEC, "-n", str(ranks)] if ranks > 1 else []) + [PYTHON, "-m", "mpiconvnet.train"] + TINY + args
+def train(args, ranks=1, timeout=120, check=True, env=None, patch=None):
+    """patch: Python source each rank runs before the trainer, to make something happen at
+    a chosen moment of the run."""
+    entry = ["-m", "mpiconvnet.train"] if patch is None else [
+        "-c", patch + "\nimport sys\nfrom mpiconvnet import train\nsys.exit(train.main(sys.argv[1:]))\n"]
+    command = ([MPIEXEC, "-n", str(ranks)] if ranks > 1 else []) + [PYTHON] + entry + TINY + args
     result = subprocess.run(command, env=env or ENV, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
@@ -473,6 +477,35 @@ def test_sigusr1_to_one_rank_stops_every_rank_after_the_same_step(data, tmp_path
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 75, err
     assert "checkpoint written, continue with --resume auto" in out
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+def test_a_signal_during_an_evaluation_stops_every_rank_right_after_it(data, tmp_path):
+    # the last rank is signalled as the first evaluation (step 6, the first epoch's end)
+    # starts: every rank stops after it, with the epoch's checkpoint, not one step later
+    signal_in_evaluation = """
+import os, signal
+from mpiconvnet import trainer
+evaluate = trainer.evaluate
+def signalled_evaluate(net, world, *args, **kwargs):
+    if world.rank == world.size - 1:
+        os.kill(os.getpid(), signal.SIGUSR1)
+    return evaluate(net, world, *args, **kwargs)
+trainer.evaluate = signalled_evaluate
+"""
+    run = tmp_path / "run"
+    args = ["--data", data, "--global-batch", "16", "--epochs", "2", "--out", str(run)]
+    result = train(args, ranks=2, patch=signal_in_evaluation, check=False)
+    assert result.returncode == 75, result.stderr
+    assert "stopped by a signal on another rank after step 6 and its evaluation; checkpoint written" in result.stdout
+    assert os.listdir(run / "checkpoints") == ["ckpt-00000006.h5"]
+    # the checkpoint says its evaluation is done: the resumed run goes on with step 7
+    result = train(args + ["--resume", "auto"], ranks=2)
+    assert "resuming at step 6" in result.stdout and "evaluation after step 6" not in result.stdout
+    with open(run / "metrics.jsonl") as f:
+        assert [r["step"] for r in map(json.loads, f) if r["kind"] == "train"] == list(range(1, 13))
+    assert [r["step"] for r in evaluations(run)] == [6, 12]
 
 
 @pytest.mark.parametrize("split_at", [12, 9])   # an epoch end (6 steps an epoch), and mid-epoch
