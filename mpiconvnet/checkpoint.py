@@ -7,7 +7,8 @@ dropout masks) is a pure function of (seed, epoch, step, rank), so the seed is a
 RNG state a resumed run needs to redraw exactly what the uninterrupted run would have.
 
 Rank 0 writes `ckpt-00001234.h5.tmp`, fsyncs it, renames it and fsyncs the directory:
-a run killed at any moment leaves either the old set of checkpoints or the new one.
+a run killed at any moment leaves either the old set of checkpoints or the new one (and
+maybe a .tmp file, which the next run's rank 0 removes as it starts).
 
 Every array and the meta attribute carry the CRC-32 of their bytes, checked on every load:
 a file damaged after it was written (a bad disk, a file system's fault, a stray write)
@@ -26,6 +27,7 @@ import numpy as np
 
 FORMAT_VERSION = 1
 NAME = re.compile(r"^ckpt-(\d{8})\.h5$")
+PARTIAL = re.compile(r"^ckpt-\d{8}\.h5\.tmp$")   # save()'s file while it writes
 CHECKSUM = "crc32"   # the attribute holding zlib.crc32 of an array's (or the meta's) bytes
 
 
@@ -77,6 +79,27 @@ def save(run_dir, step, params, velocity, meta, keep):
     for old in list_checkpoints(run_dir)[:-keep]:
         os.remove(old)
     return path
+
+
+def remove_partial(run_dir):
+    """Remove the checkpoint files that runs killed while writing them left in run_dir's
+    checkpoints/ (ckpt-*.h5.tmp, as large as a checkpoint: 474 MB for AlexNet); returns
+    their names. Rank 0 calls it as a run starts. Nothing stops two trainers sharing one
+    --out (their checkpoints and metrics would mix anyway), and the names hold no writer
+    to ask after: a live writer whose file goes fails its rename with one line (exit 5)
+    and keeps its earlier checkpoints, so no complete checkpoint is ever lost."""
+    folder = checkpoint_dir(run_dir)
+    if not os.path.isdir(folder):
+        return []
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        if PARTIAL.match(name):
+            try:
+                os.remove(os.path.join(folder, name))
+            except FileNotFoundError:   # renamed or removed meanwhile
+                continue
+            removed.append(name)
+    return removed
 
 
 def step_of(path):

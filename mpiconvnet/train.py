@@ -108,6 +108,10 @@ def main(argv=None):
     try:
         if world.is_root:
             write_config(cfg)
+            removed = remove_partial_checkpoints(cfg)
+            if removed:
+                print(f"mpiconvnet: removed {', '.join(removed)} from {checkpoint.checkpoint_dir(cfg.out)}: "
+                      f"checkpoints an earlier run was killed while writing", file=sys.stderr)
             if resume_from:
                 aside, names = set_aside_newer(cfg, resume_from, trainer.step)
                 if names:
@@ -143,6 +147,14 @@ def set_aside_newer(cfg, resumed_from, step):
     """(the folder, [names]) of the later checkpoints moved aside; (None, []) for none."""
     try:
         return checkpoint.set_aside_newer(cfg.out, resumed_from, step)
+    except OSError as error:
+        folder = checkpoint.checkpoint_dir(cfg.out)
+        raise checkpoint.OutputError(checkpoint.cannot_write(folder, error, cfg.out)) from None
+
+
+def remove_partial_checkpoints(cfg):
+    try:
+        return checkpoint.remove_partial(cfg.out)
     except OSError as error:
         folder = checkpoint.checkpoint_dir(cfg.out)
         raise checkpoint.OutputError(checkpoint.cannot_write(folder, error, cfg.out)) from None

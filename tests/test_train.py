@@ -355,11 +355,20 @@ def test_a_nonfinite_loss_stops_at_once_and_keeps_the_last_checkpoint(data, tmp_
 @pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=[pytest.mark.mpi, needs_mpiexec])])
 def test_a_full_disk_at_a_checkpoint_is_one_line_exit_5_and_the_run_resumes(data, tmp_path, ranks):
     run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    # the second checkpoint's file is written into /dev/full: the kernel's real ENOSPC
-    (run / "checkpoints" / "ckpt-00000012.h5.tmp").symlink_to("/dev/full")
+    # the second checkpoint's file is written into /dev/full: the kernel's real ENOSPC (made
+    # as the file is written: a run removes files like it that it finds as it starts)
+    full_disk_at_step_12 = """
+import os
+from mpiconvnet import checkpoint
+write = checkpoint._write
+def write_into_a_full_disk(tmp, *args):
+    if tmp.endswith("ckpt-00000012.h5.tmp"):
+        os.symlink("/dev/full", tmp)
+    write(tmp, *args)
+checkpoint._write = write_into_a_full_disk
+"""
     args = ["--data", data, "--global-batch", "16", "--epochs", "2", "--out", str(run)]
-    result = train(args, ranks=ranks, check=False)
+    result = train(args, ranks=ranks, check=False, patch=full_disk_at_step_12)
     assert result.returncode == 5, result.stderr
     ours = [line for line in result.stderr.splitlines() if line.startswith("mpiconvnet.train:")]
     assert ours == [f"mpiconvnet.train: cannot write {run}/checkpoints/ckpt-00000012.h5: No space left on device; "
@@ -369,6 +378,18 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_exit_5_and_the_run_resumes(data
     result = train(args + ["--resume", "auto"], ranks=ranks)
     assert "resuming at step 6" in result.stdout
     params_at(str(run), 12)
+
+
+def test_checkpoint_files_a_killed_run_left_are_removed_when_the_next_run_starts(data, tmp_path):
+    run = tmp_path / "run"
+    args = ["--data", data, "--global-batch", "16", "--epochs", "1", "--checkpoint-every", "2", "--out", str(run)]
+    train(args + ["--max-steps", "2"])
+    folder = run / "checkpoints"
+    (folder / "ckpt-00000005.h5.tmp").write_bytes(bytes(1000))   # a run killed while writing step 5's
+    (folder / "notes.tmp").write_text("not a checkpoint's")
+    result = train(args + ["--max-steps", "4", "--resume", "auto"])
+    assert f"mpiconvnet: removed ckpt-00000005.h5.tmp from {folder}" in result.stderr
+    assert sorted(os.listdir(folder)) == ["ckpt-00000002.h5", "ckpt-00000004.h5", "notes.tmp"]
 
 
 def test_a_shard_broken_after_packing_is_one_line_and_exit_2(tmp_path):
