@@ -254,7 +254,11 @@ def older_checkpoint(path):
     step, folder = step_of(path), os.path.dirname(os.path.abspath(path))
     if step is None:
         return None
-    older = sorted((step_of(f), f) for f in os.listdir(folder) if NAME.match(f) and step_of(f) < step)
+    try:
+        names = os.listdir(folder)
+    except OSError:   # a folder that can be entered but not listed: no advice, still one line
+        return None
+    older = sorted((step_of(f), f) for f in names if NAME.match(f) and step_of(f) < step)
     return os.path.join(os.path.dirname(path), older[-1][1]) if older else None
 
 

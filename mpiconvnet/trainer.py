@@ -175,7 +175,8 @@ class Trainer:
         except KeyError as e:
             raise checkpoint.unusable(path, f"is incomplete (its meta's schedule lacks {e})", "--resume") from None
         except (TypeError, ValueError) as e:
-            raise checkpoint.unusable(path, f"is damaged (its meta's schedule does not load: {e})", "--resume") from None
+            raise checkpoint.unusable(path, f"is damaged (its meta's schedule does not load: {e})",
+                                      "--resume") from None
         self.step = int(meta["step"])
         # a checkpoint's evaluation comes after it (checkpoints before 2026-11-25 do not say):
         # the resumed run does it again unless the checkpoint was written again afterwards
@@ -236,7 +237,7 @@ class Trainer:
         world.start_watchdog(2 * cfg.stall_timeout)
         if self._evaluation_due():   # resumed from a checkpoint written before its evaluation
             self._evaluate(self.step // self.steps_per_epoch - 1, log)
-            if self._stopped_during_evaluation(stop):
+            if self.step < total_steps and self._stopped_during_evaluation(stop):
                 return EXIT_PREEMPTED
         # the loss sums over the steps since the last metrics line, those before a resume
         # included (the checkpoint holds them), so a resumed run logs the lines it would
@@ -309,7 +310,7 @@ class Trainer:
                         self.save_checkpoint()
                     if self._evaluation_due():
                         self._evaluate(epoch, log)
-                        if self._stopped_during_evaluation(stop):
+                        if self.step < total_steps and self._stopped_during_evaluation(stop):
                             return EXIT_PREEMPTED
                     since = time.perf_counter()
                     if self.step == total_steps:
@@ -330,7 +331,8 @@ class Trainer:
         every rank votes, as after each step, so all of them end here instead of after one
         more step. The epoch's checkpoint, written before the evaluation, is written again
         saying the evaluation is done, so the resumed run does not redo it: one checkpoint's
-        time, what any stop costs."""
+        time, what any stop costs. Not asked after the last step: the run ends there anyway,
+        and exit 75 would requeue a finished job."""
         votes = self.heartbeat.allreduce_sum(np.array([1.0 if stop.received else 0.0]), self.step,
                                              "the stop vote after the evaluation")
         if votes[0] == 0:

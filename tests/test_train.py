@@ -527,6 +527,9 @@ trainer.evaluate = signalled_evaluate
     with open(run / "metrics.jsonl") as f:
         assert [r["step"] for r in map(json.loads, f) if r["kind"] == "train"] == list(range(1, 13))
     assert [r["step"] for r in evaluations(run)] == [6, 12]
+    # signalled in the last evaluation, the run is done: exit 0, nothing to requeue
+    result = train(args[:-1] + [str(tmp_path / "short"), "--epochs", "1"], ranks=2, patch=signal_in_evaluation)
+    assert "stopped" not in result.stdout and evaluations(tmp_path / "short")[-1]["step"] == 6
 
 
 @pytest.mark.parametrize("split_at", [12, 9])   # an epoch end (6 steps an epoch), and mid-epoch
