@@ -162,13 +162,25 @@ def val_number(name, path):
 
 
 def label_by_number(names, labels_by_line, path):
-    labels = []
+    """The label of each validation image, by its number's line in the ground truth, which
+    must name every image once: fewer images are a partial copy, whose missing images
+    would otherwise go unnoticed."""
+    labels, seen = [], set()
     for name in names:
         number = val_number(name, path)
         if not 1 <= number <= len(labels_by_line):
             raise InputError(f"--val {path}: {name!r} has no line in {GROUND_TRUTH_FILE} "
                              f"({len(labels_by_line)} lines); use the devkit of the same release")
+        if number in seen:
+            raise InputError(f"--val {path}: {name!r} is the second image numbered {number}; remove the copy")
+        seen.add(number)
         labels.append(int(labels_by_line[number - 1]))
+    if len(names) != len(labels_by_line):
+        missing = min(set(range(1, len(labels_by_line) + 1)) - seen)
+        raise InputError(f"--val {path} holds {len(names)} images where {GROUND_TRUTH_FILE} lists "
+                         f"{len(labels_by_line)} (image {missing} is missing): a partial copy; copy the whole "
+                         f"ILSVRC2012_img_val.tar again, or pack a chosen subset as class folders with "
+                         f"python -m preprocess folder")
     return labels
 
 
@@ -194,6 +206,23 @@ def val_inputs(path, classes, devkit_labels):
     return sorted_inputs(FileInputs, names, labels, [os.path.join(path, n) for n in names])
 
 
+def check_classes_match_devkit(classes, leaves, args):
+    """The training classes must be meta.mat's leaf synsets, all of them: the release has
+    all 1,000 in its train tar, so a class missing from --train is a partial copy, whose
+    validation images would have no training class."""
+    wnids = {wnid for wnid, _ in leaves.values()}
+    unknown = sorted(set(classes) - wnids)
+    if unknown:
+        raise InputError(f"--devkit {args.devkit}: training class {unknown[0]} is not a leaf synset "
+                         f"of meta.mat; use the devkit of the same release")
+    missing = sorted(wnids - set(classes))
+    if missing:
+        raise InputError(f"--train {args.train} holds {len(classes)} classes where meta.mat in --devkit "
+                         f"{args.devkit} lists {len(wnids)} ({missing[0]} is missing): a partial copy; copy the "
+                         f"whole ILSVRC2012_img_train.tar again, or pack a chosen subset as class folders "
+                         f"with python -m preprocess folder")
+
+
 def gather(args):
     """(classes, class_names, {split: inputs}) for the imagenet command."""
     classes, train = train_inputs(args.train, args.workers)
@@ -207,10 +236,7 @@ def gather(args):
             meta, ground_truth = read_devkit(args.devkit)
             devkit["leaves"] = leaf_synsets(meta, args.devkit)
             devkit["ground_truth"] = ground_truth
-            missing = sorted(set(classes) - {w for w, _ in devkit["leaves"].values()})
-            if missing:
-                raise InputError(f"--devkit {args.devkit}: training class {missing[0]} is not a leaf synset "
-                                 f"of meta.mat; use the devkit of the same release")
+            check_classes_match_devkit(classes, devkit["leaves"], args)
         return devkit
 
     splits = {"train": train}

@@ -169,10 +169,26 @@ def tar_members(path, fileobj=None, base=0):
     Non-regular members (directories, links, devices) are left out: a link's target is a
     name chosen by whoever made the archive, and following it would turn names into paths.
     Plain ustar/GNU headers (ImageNet's) are parsed here, 11 us a member against tarfile's
-    30; an archive with anything else (pax or GNU long-name records, sparse files, a short
-    read) is read by tarfile from the start, which then decides. A damaged header after
-    the first is an error here, where tarfile would silently end the archive there.
+    30; an archive with anything else (pax or GNU long-name records, sparse files) is read
+    by tarfile from the start, which then decides. A damaged header after the first, and
+    an archive cut short (inside a header or a member's data, or before its end-of-archive
+    block), are errors here and on tarfile's path alike: tarfile takes either for the end
+    of the archive and silently drops every member after it.
     """
+    try:
+        return _any_tar_members(path, fileobj, base)
+    except _DamagedHeader as error:
+        raise InputError(f"{path}: the tar header at byte {base + error.args[0]} is damaged (bad checksum), so the "
+                         f"members after it cannot be found; copy or download the archive again") from None
+    except _Truncated as error:
+        where = path if fileobj is None else f"{path} (the inner archive at byte {base})"
+        raise InputError(f"{where} is truncated: {error}, so members are missing; copy or download the archive "
+                         f"again") from None
+    except OSError as error:
+        raise InputError(f"{path} cannot be read ({error.strerror or error}); check the path") from None
+
+
+def _any_tar_members(path, fileobj, base):
     try:
         if fileobj is None:
             with open(path, "rb") as stream:
@@ -180,11 +196,6 @@ def tar_members(path, fileobj=None, base=0):
         return _plain_tar_members(fileobj, base)
     except _NotPlain:
         return _tarfile_members(path, fileobj, base)
-    except _DamagedHeader as error:
-        raise InputError(f"{path}: the tar header at byte {base + error.args[0]} is damaged (bad checksum), so the "
-                         f"members after it cannot be found; copy or download the archive again") from None
-    except OSError as error:
-        raise InputError(f"{path} cannot be read ({error.strerror or error}); check the path") from None
 
 
 def _tarfile_members(path, fileobj=None, base=0):
@@ -192,7 +203,9 @@ def _tarfile_members(path, fileobj=None, base=0):
         fileobj.seek(0)
     try:
         with tarfile.open(path if fileobj is None else None, mode="r:", fileobj=fileobj) as archive:
-            return [(member.name, base + member.offset_data, member.size) for member in archive if member.isreg()]
+            members = [(member.name, base + member.offset_data, member.size) for member in archive if member.isreg()]
+            _check_end_block(archive.fileobj, archive.offset)
+            return members
     except tarfile.ReadError as error:
         where = path if fileobj is None else f"{path} (inner archive)"
         raise InputError(f"{where} is not an uncompressed tar archive ({error}); pass the original "
@@ -207,6 +220,10 @@ class _DamagedHeader(Exception):
     """A header with a wrong checksum after the first: the archive is damaged."""
 
 
+class _Truncated(Exception):
+    """The archive ends before its end-of-archive block; str() says where."""
+
+
 BLOCK = 512
 _REGULAR = (b"0", b"\0", b"7")             # tarfile's REGULAR_TYPES, less GNU sparse files
 _EMPTY_KINDS = (b"1", b"2", b"3", b"4", b"5", b"6")   # links, devices, directories, fifos: no data
@@ -215,12 +232,15 @@ _EMPTY_KINDS = (b"1", b"2", b"3", b"4", b"5", b"6")   # links, devices, director
 def _plain_tar_members(stream, base):
     """tarfile's answer for archives of plain headers, or _NotPlain (see tar_members)."""
     encoding = sys.getfilesystemencoding()
+    end = stream.seek(0, os.SEEK_END)
     found, position = [], 0
     while True:
         stream.seek(position)
         header = stream.read(BLOCK)
         if len(header) != BLOCK:
-            raise _NotPlain()
+            if position == 0:
+                raise _NotPlain()   # empty or tiny: tarfile says what it is
+            raise _Truncated(_cut_at(position, end))
         if not any(header):
             return found          # the end-of-archive block
         kind, size_field = header[156:157], header[124:136]
@@ -246,8 +266,29 @@ def _plain_tar_members(stream, base):
             position += BLOCK
             continue
         prefix = _text(header[345:500], encoding)
-        found.append((f"{prefix}/{name}" if prefix else name, base + position + BLOCK, size))
+        name = f"{prefix}/{name}" if prefix else name
+        if position + BLOCK + size > end:
+            raise _Truncated(f"it ends at byte {end}, inside the data of member {printable(name)!r}")
+        found.append((name, base + position + BLOCK, size))
         position += BLOCK + -(-size // BLOCK) * BLOCK
+
+
+def _cut_at(position, end):
+    """Where an archive ends whose next header starts at `position`."""
+    if end > position:
+        return f"it ends at byte {end}, inside the tar header at byte {position}"
+    return f"it ends at byte {end}, before the end-of-archive block"
+
+
+def _check_end_block(stream, position):
+    """Raise unless the block where tarfile stopped reading is the end-of-archive block."""
+    end = stream.seek(0, os.SEEK_END)
+    stream.seek(position)
+    block = stream.read(BLOCK)
+    if len(block) != BLOCK:
+        raise _Truncated(_cut_at(position, end))
+    if any(block):
+        raise _DamagedHeader(position)
 
 
 def _octal(field):

@@ -212,11 +212,12 @@ def test_a_damaged_cut_or_foreign_tar_is_one_line_naming_it(tmp_path):
     second = 512 + 1024 + 512          # the header after the first file's data and the directory
     data[second + 10] ^= 0xFF           # a flipped byte: a bad checksum, which tarfile takes as the end
     path.write_bytes(bytes(data))
-    assert [name for name, _, _ in sources._tarfile_members(str(path))] == ["n1_1.JPEG"]   # silently
+    with tarfile.open(path) as archive:
+        assert [member.name for member in archive if member.isreg()] == ["n1_1.JPEG"]   # silently
     with pytest.raises(sources.InputError, match=f"the tar header at byte {second} is damaged"):
         sources.tar_members(str(path))
-    path.write_bytes(bytes(data[:700]))  # cut inside the first file's data: tarfile refuses it
-    with pytest.raises(sources.InputError, match="unexpected end of data"):
+    path.write_bytes(bytes(data[:700]))  # cut inside the first file's data
+    with pytest.raises(sources.InputError, match="is truncated: it ends at byte 700, inside the data of member"):
         sources.tar_members(str(path))
     path.write_bytes(b"not a tar at all" * 100)
     with pytest.raises(sources.InputError, match="is not an uncompressed tar archive"):
@@ -251,4 +252,59 @@ def test_a_damaged_devkit_is_one_line(release, tmp_path, capsys):
         assert main([*base, "--devkit", str(given), "--out", str(tmp_path / "out")]) == 2
         error = capsys.readouterr().err.strip().splitlines()
         assert len(error) == 1 and f"--devkit {given}" in error[0] and message in error[0], error
+    assert not (tmp_path / "out").exists()
+
+
+def header_offsets(path):
+    with tarfile.open(path) as archive:
+        return [member.offset for member in archive]
+
+
+@pytest.mark.parametrize("split, into_header", [("val", 100), ("val", 0), ("train", 100)])
+def test_a_truncated_archive_is_refused_naming_it(release, tmp_path, capsys, split, into_header):
+    # tarfile takes a cut header, or none where one should start, for the end of the archive:
+    # these packed 2 of 12 val images, or 2 of 4 classes, silently
+    paths = {"train": release / "ILSVRC2012_img_train.tar", "val": release / "ILSVRC2012_img_val.tar"}
+    cut = tmp_path / paths[split].name
+    cut.write_bytes(paths[split].read_bytes()[:header_offsets(paths[split])[2] + into_header])
+    paths[split] = cut
+    code = main(["imagenet", "--train", str(paths["train"]), "--val", str(paths["val"]),
+                 "--devkit", str(release / "ILSVRC2012_devkit_t12.tar.gz"), "--out", str(tmp_path / "out")] + PACK)
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(error) == 1 and f"{cut} is truncated: it ends at byte" in error[0], error
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_archive_left_to_tarfile_is_checked_for_a_cut_or_a_damaged_header_too(tmp_path):
+    from preprocess import sources
+    path = tmp_path / "a.tar"
+    make_tar(str(path), tarfile.PAX_FORMAT, PLAIN + [("file", "é.JPEG", 3)])
+    data = path.read_bytes()
+    last = header_offsets(path)[-1]
+    for cut in (last, last + 100):
+        path.write_bytes(data[:cut])
+        with pytest.raises(sources.InputError, match="is truncated"):
+            sources.tar_members(str(path))
+    damaged = bytearray(data)
+    damaged[last + 10] ^= 0xFF
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(sources.InputError, match=f"the tar header at byte {last} is damaged"):
+        sources.tar_members(str(path))
+
+
+def test_a_partial_copy_of_the_release_is_refused(tmp_path, capsys):
+    train, val, devkit, _ = hand_made_release(tmp_path)
+    argv = ["imagenet", "--train", str(train), "--val", str(val), "--devkit", str(devkit),
+            "--out", str(tmp_path / "out")] + PACK
+    ground_truth = devkit / "data" / "ILSVRC2012_validation_ground_truth.txt"
+    lines = ground_truth.read_text()
+    ground_truth.write_text(lines + "1\n2\n")        # 6 lines for 4 validation images
+    assert main(argv) == 2
+    assert f"--val {val} holds 4 images where ILSVRC2012_validation_ground_truth.txt lists 6 (image 5 is " \
+           f"missing): a partial copy" in capsys.readouterr().err
+    ground_truth.write_text(lines)
+    (devkit / "data" / "meta.mat").write_bytes(meta_mat_bytes({"n03": 1, "n01": 2, "n02": 3, "n04": 4}, ["n00"]))
+    assert main(argv) == 2                           # a class of the devkit missing from --train
+    assert f"--train {train} holds 3 classes where meta.mat in --devkit {devkit} lists 4 (n04 is missing): " \
+           f"a partial copy" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
