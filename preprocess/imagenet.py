@@ -29,7 +29,8 @@ import zlib
 import numpy as np
 
 from preprocess.sources import (ArchiveInputs, FileInputs, InputError, basename, files_in_class_folders,
-                                list_class_folders, nested_tar_members, sorted_inputs, tar_files_members, tar_members)
+                                folder_entries, list_class_folders, nested_tar_members, sorted_inputs,
+                                tar_files_members, tar_members)
 
 META_FILE = "meta.mat"
 GROUND_TRUTH_FILE = "ILSVRC2012_validation_ground_truth.txt"
@@ -59,13 +60,13 @@ def train_inputs(path, workers=1):
         per_class = {wnid_of(inner): members for inner, members in nested_tar_members(path, workers)}
         archives = [path]
         ids = None
-    elif os.path.isdir(path) and any(e.name.endswith(".tar") and e.is_file() for e in os.scandir(path)):
+    elif os.path.isdir(path) and any(e.name.endswith(".tar") and e.is_file() for e in folder_entries(path)):
         folders = list_class_folders(path)
         if folders:
             # e.g. an extraction stopped halfway: packing either half would drop classes silently
             raise InputError(f"--train {path} holds both class tars and class folders (e.g. {folders[0]}); finish "
                              f"extracting the tars into folders (and remove the tars), or pass only tars")
-        inner_tars = sorted(e.name for e in os.scandir(path) if e.name.endswith(".tar") and e.is_file())
+        inner_tars = sorted(e.name for e in folder_entries(path) if e.name.endswith(".tar") and e.is_file())
         archives = [os.path.join(path, name) for name in inner_tars]
         per_class = {wnid_of(name): members for name, members in zip(inner_tars, tar_files_members(archives, workers))}
         ids = {wnid_of(name): k for k, name in enumerate(inner_tars)}
@@ -94,11 +95,14 @@ def read_devkit(path):
     """(meta.mat bytes, ground-truth text) from the devkit tar.gz or its folder."""
     wanted = {META_FILE: None, GROUND_TRUTH_FILE: None}
     if os.path.isdir(path):
-        for folder, _, files in os.walk(path):
+        for folder, _, files in os.walk(path, onerror=lambda error: unreadable_devkit(path, error)):
             for file in files:
                 if file in wanted and wanted[file] is None:
-                    with open(os.path.join(folder, file), "rb") as stream:
-                        wanted[file] = stream.read()
+                    try:
+                        with open(os.path.join(folder, file), "rb") as stream:
+                            wanted[file] = stream.read()
+                    except OSError as error:
+                        unreadable_devkit(path, error)
     elif os.path.isfile(path):
         try:
             with tarfile.open(path, mode="r:*") as archive:
@@ -116,6 +120,12 @@ def read_devkit(path):
         if data is None:
             raise InputError(f"--devkit {path} holds no {name}; pass the ILSVRC2012 devkit (ILSVRC2012_devkit_t12)")
     return wanted[META_FILE], wanted[GROUND_TRUTH_FILE].decode()
+
+
+def unreadable_devkit(path, error):
+    # the devkit is two small files: any part of it that cannot be read is an error, not a skip
+    raise InputError(f"--devkit {path}: {error.filename} cannot be read ({error.strerror or error}); make it "
+                     f"readable, or pass ILSVRC2012_devkit_t12.tar.gz") from None
 
 
 def leaf_synsets(meta_bytes, devkit_path="devkit"):
@@ -201,7 +211,7 @@ def val_inputs(path, classes, devkit_labels):
             raise InputError(f"--val {path}: folder {unknown[0]!r} is not a training class; pass the flat "
                              f"validation folder or one sorted into the training wnids")
         return files_in_class_folders(path, subfolders, {c: i for i, c in enumerate(classes)})
-    names = sorted(e.name for e in os.scandir(path) if e.is_file() and not e.name.startswith("."))
+    names = sorted(e.name for e in folder_entries(path) if e.is_file() and not e.name.startswith("."))
     labels = label_by_number(names, devkit_labels(), path)
     return sorted_inputs(FileInputs, names, labels, [os.path.join(path, n) for n in names])
 

@@ -2,6 +2,9 @@
 validation labels go through meta.mat's leaf synsets, not ILSVRC2012_ID order."""
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
 
 import h5py
@@ -14,6 +17,7 @@ from mpiconvnet.data.shards import ShardedDataset
 from preprocess.__main__ import main
 from preprocess.imagenet import leaf_synsets, validation_labels
 from preprocess.synth import add_bytes, meta_mat_bytes
+from tests.conftest import as_an_ordinary_user
 
 PACK = ["--image-size", "32", "--shard-size", "16", "--no-progress"]
 
@@ -307,4 +311,20 @@ def test_a_partial_copy_of_the_release_is_refused(tmp_path, capsys):
     assert main(argv) == 2                           # a class of the devkit missing from --train
     assert f"--train {train} holds 3 classes where meta.mat in --devkit {devkit} lists 4 (n04 is missing): " \
            f"a partial copy" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unreadable_devkit_file_is_one_line_naming_it(tmp_path):
+    train, val, devkit, _ = hand_made_release(tmp_path)
+    meta = devkit / "data" / "meta.mat"
+    meta.chmod(0)
+    try:
+        run = subprocess.run(as_an_ordinary_user([sys.executable, "-m", "preprocess", "imagenet", "--train", str(train),
+                                                  "--val", str(val), "--devkit", str(devkit),
+                                                  "--out", str(tmp_path / "out"), *PACK]),
+                             env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120)
+    finally:
+        meta.chmod(0o644)
+    assert run.returncode == 2 and run.stderr == (f"preprocess: --devkit {devkit}: {meta} cannot be read (Permission "
+                                                  f"denied); make it readable, or pass ILSVRC2012_devkit_t12.tar.gz\n")
     assert not (tmp_path / "out").exists()

@@ -19,7 +19,7 @@ from PIL import Image
 from mpiconvnet.data.shards import ShardedDataset, file_sha256
 from preprocess.__main__ import main
 from preprocess.writer import ShardWriter
-from tests.conftest import descendants
+from tests.conftest import as_an_ordinary_user, descendants
 
 PACK = ["--image-size", "32", "--shard-size", "8", "--no-progress"]
 BAD = {  # file name -> (bytes, reason expected in skipped.tsv)
@@ -520,3 +520,37 @@ def test_a_skipped_name_with_a_tab_or_line_break_keeps_its_row(tmp_path):
     assert main(["folder", "--train", str(tmp_path / "train"), "--out", str(out)] + PACK) == 0
     rows = (out / "skipped.tsv").read_text().splitlines()
     assert len(rows) == 2 and rows[1].split("\t")[:2] == ["train", "a/bad\\tname\\n.jpg"], rows
+
+
+def skipped_rows(out):
+    return [line.split("\t") for line in (out / "skipped.tsv").read_text().splitlines()[1:]]
+
+
+def test_an_unreadable_folder_is_skipped_and_listed_and_an_unreadable_train_root_is_one_line(tree, tmp_path):
+    train = tmp_path / "train"
+    shutil.copytree(tree / "train", train)
+    first, second = sorted(os.listdir(train))[:2]
+    (train / first / "sub").mkdir()
+    shutil.copy(next((train / first).iterdir()), train / first / "sub" / "more.jpg")
+    out, refused = tmp_path / "out", tmp_path / "refused"
+    try:
+        for folder in (train / first / "sub", train / second):
+            folder.chmod(0)
+        packed = subprocess.run(as_an_ordinary_user(preprocess_command("folder", "--train", str(train), "--out",
+                                                                       str(out), *PACK)),
+                                env=quiet_env(), capture_output=True, text=True, timeout=120)
+        train.chmod(0)
+        root = subprocess.run(as_an_ordinary_user(preprocess_command("folder", "--train", str(train), "--out",
+                                                                     str(refused), *PACK)),
+                              env=quiet_env(), capture_output=True, text=True, timeout=120)
+    finally:
+        for folder in (train, train / first / "sub", train / second):
+            folder.chmod(0o755)
+    # os.walk passed over both in silence: 9 images gone, exit 0, nothing in skipped.tsv
+    assert packed.returncode == 0, packed.stderr
+    why = "unreadable folder: Permission denied; its files were not listed"
+    assert skipped_rows(out) == [["train", f"{first}/sub/", why], ["train", f"{second}/", why]]
+    assert json.loads((out / "dataset.json").read_text())["splits"]["train"]["num_images"] == 18
+    assert root.returncode == 2 and root.stderr == (f"preprocess: {train} cannot be listed (Permission denied); "
+                                                    f"make it readable (chmod u+rx) or pass another folder\n")
+    assert not refused.exists()
