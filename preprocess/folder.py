@@ -7,7 +7,7 @@
 Classes are the sorted subfolder names of --train; label = position in that order. The
 validation tree must use the same class names (a subset is fine).
 """
-from preprocess.sources import InputError, files_in_class_folders, list_class_folders
+from preprocess.sources import InputError, files_in_class_folders, list_class_folders, printable
 
 
 def gather(args):
@@ -27,7 +27,8 @@ def gather(args):
             raise InputError(f"--val {args.val}: class folder {unknown[0]!r} is not in --train {args.train}; "
                              f"use the same class names in both trees")
         splits["val"] = files_in_class_folders(args.val, val_classes, index)
-    return classes, list(classes), splits
+    recorded = [printable(name) for name in classes]   # folders named in another encoding than UTF-8
+    return recorded, list(recorded), splits
 
 
 def add_arguments(parser):

@@ -29,8 +29,8 @@ import zlib
 import numpy as np
 
 from preprocess.sources import (ArchiveInputs, FileInputs, InputError, basename, files_in_class_folders,
-                                folder_entries, list_class_folders, nested_tar_members, sorted_inputs,
-                                tar_files_members, tar_members)
+                                folder_entries, list_class_folders, nested_tar_members, printable,
+                                sorted_inputs, tar_files_members, tar_members)
 
 META_FILE = "meta.mat"
 GROUND_TRUTH_FILE = "ILSVRC2012_validation_ground_truth.txt"
@@ -38,6 +38,7 @@ VAL_NUMBER = re.compile(r"(\d+)\.[A-Za-z]+$")
 
 
 def archive_inputs(names, labels, archives, archive_ids, offsets, sizes):
+    names = [printable(name) for name in names]   # member names are bytes that need not be UTF-8
     order = sorted(range(len(names)), key=names.__getitem__)
     names = [names[i] for i in order]
     for a, b in zip(names, names[1:]):
@@ -48,16 +49,28 @@ def archive_inputs(names, labels, archives, archive_ids, offsets, sizes):
 
 
 def wnid_of(inner_name):
-    """'n01440764.tar' -> 'n01440764'."""
+    """'n01440764.tar' -> 'n01440764' (as printable() records it)."""
     name = basename(inner_name)
-    return name[:-4] if name.endswith(".tar") else name
+    return printable(name[:-4] if name.endswith(".tar") else name)
+
+
+def classes_of_tars(inner_tars, path):
+    """{wnid: members} from [(class tar name, members)]; two tars of one class are refused,
+    where a dict would keep the last one's images and drop the other's."""
+    per_class = {}
+    for inner, members in inner_tars:
+        wnid = wnid_of(inner)
+        if wnid in per_class:
+            raise InputError(f"--train {path} holds two tars of class {wnid}; remove the duplicate")
+        per_class[wnid] = members
+    return per_class
 
 
 def train_inputs(path, workers=1):
     """(sorted wnids, inputs) for --train; names are 'WNID/FILE' in every form. The class
     tars are indexed by `workers` processes."""
     if os.path.isfile(path):
-        per_class = {wnid_of(inner): members for inner, members in nested_tar_members(path, workers)}
+        per_class = classes_of_tars(nested_tar_members(path, workers), path)
         archives = [path]
         ids = None
     elif os.path.isdir(path) and any(e.name.endswith(".tar") and e.is_file() for e in folder_entries(path)):
@@ -68,14 +81,15 @@ def train_inputs(path, workers=1):
                              f"extracting the tars into folders (and remove the tars), or pass only tars")
         inner_tars = sorted(e.name for e in folder_entries(path) if e.name.endswith(".tar") and e.is_file())
         archives = [os.path.join(path, name) for name in inner_tars]
-        per_class = {wnid_of(name): members for name, members in zip(inner_tars, tar_files_members(archives, workers))}
+        per_class = classes_of_tars(zip(inner_tars, tar_files_members(archives, workers)), path)
         ids = {wnid_of(name): k for k, name in enumerate(inner_tars)}
     elif os.path.isdir(path):
         classes = list_class_folders(path)
         if not classes:
             raise InputError(f"--train {path}: no class folders and no .tar files inside; pass "
                              f"ILSVRC2012_img_train.tar or its extracted folder")
-        return classes, files_in_class_folders(path, classes, {c: i for i, c in enumerate(classes)})
+        inputs = files_in_class_folders(path, classes, {c: i for i, c in enumerate(classes)})
+        return [printable(c) for c in classes], inputs
     else:
         raise InputError(f"--train {path} does not exist; pass ILSVRC2012_img_train.tar or its extracted folder")
     classes = sorted(per_class)
@@ -206,11 +220,12 @@ def val_inputs(path, classes, devkit_labels):
         raise InputError(f"--val {path} does not exist; pass ILSVRC2012_img_val.tar or its extracted folder")
     subfolders = list_class_folders(path)
     if subfolders:
-        unknown = sorted(set(subfolders) - set(classes))
+        position = {c: i for i, c in enumerate(classes)}   # classes as recorded: printable()
+        unknown = [folder for folder in subfolders if printable(folder) not in position]
         if unknown:
-            raise InputError(f"--val {path}: folder {unknown[0]!r} is not a training class; pass the flat "
-                             f"validation folder or one sorted into the training wnids")
-        return files_in_class_folders(path, subfolders, {c: i for i, c in enumerate(classes)})
+            raise InputError(f"--val {path}: folder {printable(unknown[0])!r} is not a training class; pass the "
+                             f"flat validation folder or one sorted into the training wnids")
+        return files_in_class_folders(path, subfolders, {f: position[printable(f)] for f in subfolders})
     names = sorted(e.name for e in folder_entries(path) if e.is_file() and not e.name.startswith("."))
     labels = label_by_number(names, devkit_labels(), path)
     return sorted_inputs(FileInputs, names, labels, [os.path.join(path, n) for n in names])

@@ -120,10 +120,16 @@ def folder_entries(folder):
 
 
 def list_class_folders(root):
-    """Sorted class-folder names under `root` (hidden ones ignored)."""
+    """Class-folder names under `root` as on disk (hidden ones ignored), sorted as the names
+    recorded for them, printable(name), which the labels follow."""
     if not os.path.isdir(root):
         raise InputError(f"{root} is not a directory; pass a folder with one subfolder per class")
-    classes = sorted(entry.name for entry in folder_entries(root) if entry.is_dir() and not is_hidden(entry.name))
+    classes = [entry.name for entry in folder_entries(root) if entry.is_dir() and not is_hidden(entry.name)]
+    classes.sort(key=printable)
+    for a, b in zip(classes, classes[1:]):
+        if printable(a) == printable(b):
+            raise InputError(f"{root}: class folders {a!r} and {b!r} would both be recorded as {printable(b)!r}; "
+                             f"rename one")
     return classes
 
 
@@ -146,8 +152,9 @@ def files_in_class_folders(root, classes, class_index):
 
 
 def printable(name):
-    """A file name as text that HDF5, JSON and skipped.tsv can hold: a name that is not
-    UTF-8 on disk (Python keeps its bytes as surrogates) gets them as \\xNN escapes."""
+    """A file, folder or archive member name as text that HDF5, JSON and skipped.tsv can
+    hold: a name that is not UTF-8 on disk or in the archive (Python keeps its bytes as
+    surrogates) gets them as \\xNN escapes. Every name recorded passes through here."""
     try:
         name.encode()
         return name

@@ -328,3 +328,20 @@ def test_an_unreadable_devkit_file_is_one_line_naming_it(tmp_path):
     assert run.returncode == 2 and run.stderr == (f"preprocess: --devkit {devkit}: {meta} cannot be read (Permission "
                                                   f"denied); make it readable, or pass ILSVRC2012_devkit_t12.tar.gz\n")
     assert not (tmp_path / "out").exists()
+
+
+def test_archive_names_that_are_not_utf8_are_packed_under_escaped_names(tmp_path):
+    # a member name was "'utf-8' codec can't encode character" naming neither archive nor member
+    image = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(image, "JPEG")
+    train = tmp_path / "train"
+    train.mkdir()
+    for tar_name, member in ((b"n01.tar", "n01_caf\udce9.JPEG"), (b"n02\xff.tar", "n02_1.JPEG")):
+        with tarfile.open(os.path.join(os.fsencode(train), tar_name), "w", format=tarfile.GNU_FORMAT,
+                          encoding="utf-8", errors="surrogateescape") as archive:
+            add_bytes(archive, member, image.getvalue())
+    out = tmp_path / "out"
+    assert main(["imagenet", "--train", str(train), "--out", str(out)] + PACK) == 0
+    with h5py.File(out / "train-00000.h5") as shard:
+        assert sorted(s.decode() for s in shard["source"][()]) == ["n01/n01_caf\\xe9.JPEG", "n02\\xff/n02_1.JPEG"]
+    assert ShardedDataset(out, "train").classes == ["n01", "n02\\xff"]

@@ -511,6 +511,21 @@ def test_a_file_name_that_is_not_utf8_is_packed_under_an_escaped_name(tree, tmp_
     assert f"{folder.name}/latin-1 caf\\xe9.jpg" in sources and len(sources) == 28
 
 
+def test_a_class_folder_name_that_is_not_utf8_is_packed_under_an_escaped_name(tree, tmp_path):
+    # it was a traceback writing the first shard, after plan.json had locked --out to it
+    root = tmp_path / "data"
+    shutil.copytree(tree, root)
+    for split in ("train", "val"):
+        first = root / split / sorted(os.listdir(root / split))[0]
+        os.rename(first, os.path.join(os.fsencode(root / split), b"caf\xe9"))
+    out = tmp_path / "out"
+    assert main(["folder", "--train", str(root / "train"), "--val", str(root / "val"), "--out", str(out)] + PACK) == 0
+    index = json.loads((out / "dataset.json").read_text())
+    assert index["classes"][0] == "caf\\xe9" and index["splits"]["train"]["num_images"] == 27
+    assert sum(s.startswith("caf\\xe9/") for s in train_sources(out)) == 9
+    assert ShardedDataset(out, "val").labels.tolist().count(0) == 2   # val's folder of that name: label 0 too
+
+
 def test_a_skipped_name_with_a_tab_or_line_break_keeps_its_row(tmp_path):
     train = tmp_path / "train" / "a"
     train.mkdir(parents=True)
