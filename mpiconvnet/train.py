@@ -54,6 +54,9 @@ def check_before_work(cfg, world, train_set, val_set):
     if cfg.schedule == "plateau" and val_set is None:
         raise ConfigError(f"--schedule plateau follows the validation top-1, and {cfg.data} has no val split; pack "
                           f"one (python -m preprocess ... --val) or choose another --schedule")
+    if train_set.num_images == 0:   # whatever --drop-last says: the sampler has nothing to draw from
+        raise ConfigError(f"{cfg.data} holds no training images (every input was skipped when it was packed: "
+                          f"see its skipped.tsv); fix the inputs and pack them again with python -m preprocess")
     if cfg.drop_last and cfg.global_batch > train_set.num_images:
         raise ConfigError(f"--global-batch {cfg.global_batch} is larger than the {train_set.num_images} training images "
                           f"of {cfg.data}, so dropping the last batch leaves no step; lower --global-batch or pad the "

@@ -7,8 +7,10 @@ Checks, per split and shard: the file's sha256 against dataset.json (which catch
 truncated file and a flipped byte anywhere, image data included), the shard's attributes
 and shapes, the content checksum of format version 1 shards (which carry one), labels
 in range, indices unique and not negative, counts adding up, jpeg offsets increasing
-and every jpeg decoding to S x S x 3; then the mean image. Exits 1 naming the first bad
-file, 2 when there is no data set at all.
+and every jpeg decoding to S x S x 3; then the mean image, and that the train split is
+not empty (the packer writes a set whose every input was skipped, for its skipped.tsv,
+but nothing can train on it). Exits 1 naming the first bad file, or the empty split; 2
+when there is no data set at all.
 """
 import os
 import sys
@@ -16,7 +18,7 @@ import sys
 import numpy as np
 
 from mpiconvnet.data.shards import (DatasetError, REPACK_HINT, check_shard, content_checksum, file_sha256,
-                                    load_index, open_shard, shard_attributes, MEAN_IMAGE_FILE)
+                                    load_index, open_shard, shard_attributes, MEAN_IMAGE_FILE, SKIPPED_FILE)
 
 
 def verify_shard(path, expected_sha256, attributes, num_images, num_classes, decode):
@@ -95,6 +97,9 @@ def verify_dataset(root, decode=True, log=print):
         raise DatasetError(f"{mean_path} cannot be read ({error}); {REPACK_HINT}") from None
     if mean_image.shape != (size, size, 3) or not np.all(np.isfinite(mean_image)):
         raise DatasetError(f"{mean_path}: shape {mean_image.shape} or values are wrong; {REPACK_HINT}")
+    if index["splits"].get("train", {}).get("num_images", 0) == 0:
+        raise DatasetError(f"{root}: the train split holds no images (every input was skipped: see "
+                           f"{os.path.join(root, SKIPPED_FILE)}); fix the inputs and {REPACK_HINT}")
     return checked
 
 

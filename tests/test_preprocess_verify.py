@@ -1,6 +1,8 @@
 """verify re-reads every shard and names the first bad file."""
 import json
 import os
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -134,3 +136,26 @@ def test_a_damaged_index_or_mean_image_is_one_line(packed, capsys, damage):
     code, err = verify_error(packed, capsys)
     assert code == 1 and len(err.strip().splitlines()) == 1, err
     assert ("dataset.json" in err) if "mean" not in damage else ("mean_image.npy" in err), err
+
+
+def test_a_set_whose_every_input_was_skipped_fails_verify_and_train_in_one_line(tmp_path, capsys):
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    (tmp_path / "train" / "a" / "x.jpg").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    # packed all the same, for its skipped.tsv, and exit 1
+    assert main(["folder", "--train", str(tmp_path / "train"), "--out", str(out), "--image-size", "64",
+                 "--no-progress"]) == 1
+    capsys.readouterr()
+    assert main(["verify", str(out)]) == 1    # was "all 0 images ok", exit 0
+    assert capsys.readouterr().err == (f"verify: {out}: the train split holds no images (every input was skipped: "
+                                       f"see {out / 'skipped.tsv'}); fix the inputs and re-pack it with python -m "
+                                       f"preprocess\n")
+    for drop_last in ("true", "false"):       # false was a ValueError traceback from the sampler
+        run = subprocess.run([sys.executable, "-m", "mpiconvnet.train", "--data", str(out), "--out",
+                              str(tmp_path / "run"), "--model", "alexnet-mini", "--workers", "0", "--progress",
+                              "false", "--drop-last", drop_last],
+                             env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2 and run.stderr == (f"mpiconvnet.train: {out} holds no training images (every "
+                                                      f"input was skipped when it was packed: see its skipped.tsv); "
+                                                      f"fix the inputs and pack them again with python -m "
+                                                      f"preprocess\n"), run.stderr
