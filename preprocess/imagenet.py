@@ -34,6 +34,7 @@ from preprocess.sources import (ArchiveInputs, FileInputs, InputError, basename,
 
 META_FILE = "meta.mat"
 GROUND_TRUTH_FILE = "ILSVRC2012_validation_ground_truth.txt"
+SYNSET_FIELDS = ("ILSVRC2012_ID", "WNID", "words", "num_children")   # the ones read from meta.mat
 VAL_NUMBER = re.compile(r"(\d+)\.[A-Za-z]+$")
 
 
@@ -133,7 +134,8 @@ def read_devkit(path):
     for name, data in wanted.items():
         if data is None:
             raise InputError(f"--devkit {path} holds no {name}; pass the ILSVRC2012 devkit (ILSVRC2012_devkit_t12)")
-    return wanted[META_FILE], wanted[GROUND_TRUTH_FILE].decode()
+    # a byte that is not UTF-8 shows as \xNN in the message about its line (validation_labels)
+    return wanted[META_FILE], wanted[GROUND_TRUTH_FILE].decode("utf-8", "backslashreplace")
 
 
 def unreadable_devkit(path, error):
@@ -150,10 +152,19 @@ def leaf_synsets(meta_bytes, devkit_path="devkit"):
     except Exception as error:   # scipy's MatReadError, ValueError, KeyError, ... for a damaged file
         raise InputError(f"--devkit {devkit_path}: meta.mat is damaged ({type(error).__name__}: {error}); download "
                          f"the ILSVRC2012 devkit again") from None
+    fields = getattr(getattr(synsets, "dtype", None), "names", None) or ()
+    missing = [field for field in SYNSET_FIELDS if field not in fields]
+    if missing:
+        raise InputError(f"--devkit {devkit_path}: meta.mat's synsets have no field {missing[0]} (they need "
+                         f"{', '.join(SYNSET_FIELDS)}); pass the ILSVRC2012 devkit (ILSVRC2012_devkit_t12)")
     leaves = {}
-    for synset in np.atleast_1d(synsets):
-        if int(synset["num_children"]) == 0:
-            leaves[int(synset["ILSVRC2012_ID"])] = (str(synset["WNID"]), str(synset["words"]))
+    for row, synset in enumerate(np.atleast_1d(synsets), start=1):
+        try:
+            if int(synset["num_children"]) == 0:
+                leaves[int(synset["ILSVRC2012_ID"])] = (str(synset["WNID"]), str(synset["words"]))
+        except (TypeError, ValueError) as error:   # an empty or non-numeric field
+            raise InputError(f"--devkit {devkit_path}: meta.mat's synset {row} is damaged ({error}); download "
+                             f"the ILSVRC2012 devkit again") from None
     if not leaves:
         raise InputError(f"--devkit {devkit_path}: meta.mat has no leaf synsets; pass the ILSVRC2012 devkit")
     return leaves
@@ -165,11 +176,17 @@ def class_names_from_devkit(classes, leaves):
 
 
 def validation_labels(ground_truth, leaves, classes, devkit_path="devkit"):
-    """Sorted-wnid label of validation image k+1 for every line k of the ground truth."""
+    """Sorted-wnid label of validation image k for every line k of the ground truth: one
+    ILSVRC2012_ID a line, so a blank line inside is refused (skipping it would shift the
+    labels of every image after it)."""
     position = {wnid: i for i, wnid in enumerate(classes)}
     labels = []
-    for line_number, line in enumerate(ground_truth.split(), start=1):
-        synset_id = int(line)
+    for line_number, line in enumerate(ground_truth.rstrip().splitlines(), start=1):
+        try:
+            synset_id = int(line)
+        except ValueError:
+            raise InputError(f"--devkit {devkit_path}: line {line_number} of {GROUND_TRUTH_FILE} is {line!r}, not "
+                             f"an ILSVRC2012_ID; download the ILSVRC2012 devkit again") from None
         if synset_id not in leaves or leaves[synset_id][0] not in position:
             raise InputError(f"--devkit {devkit_path}: ground truth line {line_number} names ILSVRC2012_ID "
                              f"{synset_id}, which is not a training class; use the devkit of the same release")

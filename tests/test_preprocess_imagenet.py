@@ -345,3 +345,36 @@ def test_archive_names_that_are_not_utf8_are_packed_under_escaped_names(tmp_path
     with h5py.File(out / "train-00000.h5") as shard:
         assert sorted(s.decode() for s in shard["source"][()]) == ["n01/n01_caf\\xe9.JPEG", "n02\\xff/n02_1.JPEG"]
     assert ShardedDataset(out, "train").classes == ["n01", "n02\\xff"]
+
+
+@pytest.mark.parametrize("ground_truth, line", [
+    (b"3\nthree\n2\n2\n", "line 2 of ILSVRC2012_validation_ground_truth.txt is 'three'"),
+    (b"3\n1\n2\xe9\n2\n", "line 3 of ILSVRC2012_validation_ground_truth.txt is '2\\\\xe9'"),
+    # skipped, it shifted the labels of the images after it
+    (b"3\n\n1\n2\n2\n", "line 2 of ILSVRC2012_validation_ground_truth.txt is ''"),
+])
+def test_a_ground_truth_line_that_is_not_an_id_is_one_line_naming_it(tmp_path, capsys, ground_truth, line):
+    train, val, devkit, _ = hand_made_release(tmp_path)
+    (devkit / "data" / "ILSVRC2012_validation_ground_truth.txt").write_bytes(ground_truth)
+    assert main(["imagenet", "--train", str(train), "--val", str(val), "--devkit", str(devkit),
+                 "--out", str(tmp_path / "out")] + PACK) == 2
+    assert capsys.readouterr().err == (f"preprocess: --devkit {devkit}: {line}, not an ILSVRC2012_ID; download the "
+                                       f"ILSVRC2012 devkit again\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_meta_mat_without_a_field_read_is_one_line_naming_it(tmp_path, capsys):
+    from scipy.io import savemat
+    train, val, devkit, _ = hand_made_release(tmp_path)
+    synsets = np.zeros((3, 1), dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O")])
+    for k, wnid in enumerate(["n03", "n01", "n02"]):
+        synsets[k, 0] = (np.array([[k + 1]], np.uint16), np.array([wnid]), np.array([f"class {wnid}"]))
+    stream = io.BytesIO()
+    savemat(stream, {"synsets": synsets})
+    (devkit / "data" / "meta.mat").write_bytes(stream.getvalue())
+    assert main(["imagenet", "--train", str(train), "--val", str(val), "--devkit", str(devkit),
+                 "--out", str(tmp_path / "out")] + PACK) == 2
+    assert capsys.readouterr().err == (f"preprocess: --devkit {devkit}: meta.mat's synsets have no field num_children "
+                                       f"(they need ILSVRC2012_ID, WNID, words, num_children); pass the ILSVRC2012 "
+                                       f"devkit (ILSVRC2012_devkit_t12)\n")
+    assert not (tmp_path / "out").exists()
