@@ -44,6 +44,36 @@ def sniff(data):
     return None
 
 
+def not_an_image(data):
+    return f"not an image (starts with {bytes(data[:8])!r})"
+
+
+def refuse_by_start(head, max_pixels=DEFAULT_MAX_PIXELS):
+    """Raise BadImage where the first bytes of an input already show it cannot be packed:
+    not an image by its magic bytes, or more pixels than max_pixels by its header. The
+    readers call this before reading the rest of a large input, so that a stray 3 GB file
+    is never read whole (an image itself must be: it is decoded from all its bytes)."""
+    if sniff(head) is None:
+        raise BadImage(not_an_image(head))
+    size = size_by_header(head)
+    if size and size[0] * size[1] > max_pixels:
+        raise BadImage(f"decompression bomb: {size[0]}x{size[1]} pixels exceeds --max-pixels {max_pixels}")
+
+
+def size_by_header(head):
+    """(width, height) from an image's first bytes, or None where they do not tell (the
+    header reaches past them, or Pillow refuses it: the decoder then judges the whole)."""
+    # no limit of Pillow's own here: the caller compares the size with --max-pixels
+    previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        with Image.open(io.BytesIO(head)) as image:
+            return image.size
+    except Exception:   # Pillow raises many types for a header cut short
+        return None
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
 def crop_box(width, height, resize):
     """The source region that becomes the S x S output: the centred square for shorter-crop
     (resize shorter side to S then centre-crop S x S is the same as cropping the centred
@@ -149,7 +179,7 @@ def decode_image(data, size, resize="shorter-crop", max_pixels=DEFAULT_MAX_PIXEL
         raise BadImage("empty file")
     kind = sniff(data)
     if kind is None:
-        raise BadImage(f"not an image (starts with {bytes(data[:8])!r})")
+        raise BadImage(not_an_image(data))
     if kind == "jpeg":
         pixels = decode_jpeg_fast(data, size, resize, max_pixels)
         if pixels is not None:

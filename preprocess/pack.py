@@ -164,7 +164,7 @@ def pack_shard(task):
         for position in positions.tolist():
             name = inputs.names[position]
             try:
-                pixels = decode_image(inputs.read(position), size, resize, plan["max_pixels"])
+                pixels = decode_image(inputs.read(position, plan["max_pixels"]), size, resize, plan["max_pixels"])
             except BadImage as error:
                 writer.skip(name, str(error))
                 count("skipped")

@@ -1,12 +1,16 @@
 """Decoding by content: every odd-but-valid image becomes RGB, every bad one a reason."""
 import io
+import re
+import struct
+import tracemalloc
+import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from preprocess.decode import BadImage, crop_box, decode_image
-from preprocess.sources import FileInputs
+from preprocess.sources import ArchiveInputs, FileInputs
 
 S = 32
 
@@ -118,6 +122,49 @@ def test_decompression_bombs_are_refused_before_decoding():
     for data in (saved(big, "JPEG"), saved(big, "PNG")):
         with pytest.raises(BadImage, match="decompression bomb"):
             decode_image(data, S, max_pixels=1_000_000)
+
+
+def png_start(width, height):
+    """The first bytes of a PNG of width x height: signature, header, start of the data."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + header
+            + struct.pack(">I", zlib.crc32(b"IHDR" + header)) + struct.pack(">I", 1 << 30) + b"IDAT")
+
+
+def input_of(kind, path, size):
+    if kind == "file":
+        return FileInputs(["x"], [0], [str(path)])
+    return ArchiveInputs(["x"], [0], [str(path)], [0], [0], [size])
+
+
+@pytest.mark.parametrize("kind", ["file", "archive member"])
+@pytest.mark.parametrize("start, reason", ids=["a zip", "a png bomb"], argvalues=[
+    (b"PK\x03\x04", "not an image (starts with b'PK\\x03\\x04"),   # a stray zip named huge.jpg
+    # past Pillow's own limit (2 x 89 M pixels), where it refuses to say the size
+    (png_start(30000, 30000), "decompression bomb: 30000x30000 pixels exceeds --max-pixels 200000000"),
+])
+def test_a_large_input_is_refused_by_its_first_bytes_without_reading_the_rest(tmp_path, kind, start, reason):
+    path = tmp_path / "huge.jpg"
+    size = 256 << 20
+    with open(path, "wb") as stream:   # sparse: no disk space taken
+        stream.write(start)
+        stream.truncate(size)
+    tracemalloc.start()
+    try:
+        with pytest.raises(BadImage, match=re.escape(reason)):
+            input_of(kind, path, size).read(0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, peak   # its first MiB, not all 256 (a 3 GB file was read whole)
+
+
+@pytest.mark.parametrize("kind", ["file", "archive member"])
+def test_an_image_larger_than_the_first_bytes_read_is_still_read_whole(tmp_path, kind):
+    data = saved(Image.fromarray(np.random.default_rng(0).integers(0, 256, (700, 700, 3), np.uint8)), "PNG")
+    assert len(data) > 1 << 20   # more than the first MiB that is judged before the rest is read
+    (tmp_path / "big.png").write_bytes(data)
+    assert input_of(kind, tmp_path / "big.png", len(data)).read(0) == data
 
 
 def test_unreadable_file_is_a_bad_image(tmp_path):

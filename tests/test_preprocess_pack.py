@@ -569,3 +569,17 @@ def test_an_unreadable_folder_is_skipped_and_listed_and_an_unreadable_train_root
     assert root.returncode == 2 and root.stderr == (f"preprocess: {train} cannot be listed (Permission denied); "
                                                     f"make it readable (chmod u+rx) or pass another folder\n")
     assert not refused.exists()
+
+
+def test_a_fifo_named_like_an_image_is_skipped_and_listed_and_a_link_to_an_image_packed(tree, tmp_path):
+    train = tmp_path / "train"
+    shutil.copytree(tree / "train", train)
+    folder = train / sorted(os.listdir(train))[0]
+    os.mkfifo(folder / "x.jpg")                           # opening it waited forever for a writer
+    (folder / "link.jpg").symlink_to(next(folder.glob("*_00000.jpg")))
+    out = tmp_path / "out"
+    run = subprocess.run(preprocess_command("folder", "--train", str(train), "--out", str(out), *PACK),
+                         env=quiet_env(), capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert skipped_rows(out) == [["train", f"{folder.name}/x.jpg", "not a regular file (a FIFO)"]]
+    assert f"{folder.name}/link.jpg" in train_sources(out) and len(train_sources(out)) == 28
