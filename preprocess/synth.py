@@ -21,8 +21,10 @@ enough images.
 import io
 import os
 import shlex
+import shutil
 import sys
 import tarfile
+import tempfile
 
 import numpy as np
 from PIL import Image
@@ -30,6 +32,10 @@ from PIL import Image
 SHAPES = ("disc", "square", "triangle", "ring", "cross")
 TEXTURES = ("flat", "stripes", "checks")
 GOLDEN = 0.618033988749895
+LAYOUT_PARTS = {"folder": ("train", "val"),   # what each layout puts into --out
+                "imagenet": ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz")}
+# the classes and their max(2, classes // 3) parents are numbered 1.. in a uint16
+MAX_IMAGENET_CLASSES = 49151
 
 
 def class_style(c):
@@ -154,7 +160,7 @@ def write_imagenet_layout(out, classes, per_class, val_per_class, size, rng):
     # ILSVRC2012_IDs 1..N in a shuffled order: ID order is not sorted-wnid order
     leaf_ids = {wnid: int(i) + 1 for wnid, i in zip(leaves, rng.permutation(classes))}
     train_path = os.path.join(out, "ILSVRC2012_img_train.tar")
-    with tarfile.open(train_path + ".tmp", "w", format=tarfile.USTAR_FORMAT) as outer:
+    with tarfile.open(train_path, "w", format=tarfile.USTAR_FORMAT) as outer:
         for c in rng.permutation(classes):      # member order is not name order
             wnid = leaves[c]
             inner = io.BytesIO()
@@ -163,21 +169,43 @@ def write_imagenet_layout(out, classes, per_class, val_per_class, size, rng):
                 for number, data in zip(numbers, make_images(c, per_class, rng, size, traps=(c == 0))):
                     add_bytes(archive, f"{wnid}_{number}.JPEG", data)
             add_bytes(outer, f"{wnid}.tar", inner.getvalue())
-    os.replace(train_path + ".tmp", train_path)
     val_classes = rng.permutation(np.repeat(np.arange(classes), val_per_class))
     val_path = os.path.join(out, "ILSVRC2012_img_val.tar")
-    with tarfile.open(val_path + ".tmp", "w", format=tarfile.USTAR_FORMAT) as archive:
+    with tarfile.open(val_path, "w", format=tarfile.USTAR_FORMAT) as archive:
         for k in rng.permutation(len(val_classes)):
             data = make_images(int(val_classes[k]), 1, rng, size, traps=False)[0]
             add_bytes(archive, f"ILSVRC2012_val_{k + 1:08d}.JPEG", data)
-    os.replace(val_path + ".tmp", val_path)
     ground_truth = "".join(f"{leaf_ids[leaves[c]]}\n" for c in val_classes)
     devkit_path = os.path.join(out, "ILSVRC2012_devkit_t12.tar.gz")
-    with tarfile.open(devkit_path + ".tmp", "w:gz", format=tarfile.USTAR_FORMAT) as archive:
+    with tarfile.open(devkit_path, "w:gz", format=tarfile.USTAR_FORMAT) as archive:
         add_bytes(archive, "ILSVRC2012_devkit_t12/data/meta.mat", meta_mat_bytes(leaf_ids, parents))
         add_bytes(archive, "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt", ground_truth.encode())
-    os.replace(devkit_path + ".tmp", devkit_path)
     return {"train": train_path, "val": val_path, "devkit": devkit_path}
+
+
+def write_set(out, write, *args):
+    """write(folder, *args) into a hidden folder inside `out`, then its parts moved into
+    `out`: a failure (a full disk) leaves nothing half-written behind, and `out` keeps
+    whatever it held. Returns write's paths as they are in `out`."""
+    staging = tempfile.mkdtemp(prefix=".synth-", dir=out)
+    try:
+        paths = write(staging, *args)
+        for name in sorted(os.listdir(staging)):
+            os.rename(os.path.join(staging, name), os.path.join(out, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {key: os.path.join(out, os.path.relpath(path, staging)) for key, path in paths.items()}
+
+
+def check_out(out, layout):
+    """Refuse an --out that is a file, or that holds a part of the set already: an earlier
+    set's class folders would mix with this one's, and an ImageNet tar there may be the
+    real one."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file; give a folder for the set")
+    there = [name for name in LAYOUT_PARTS[layout] if os.path.lexists(os.path.join(out, name))]
+    if there:
+        raise ValueError(f"--out {out} already holds {there[0]}; remove it or choose another --out")
 
 
 def parse_size(text):
@@ -210,14 +238,24 @@ def main(args):
             raise ValueError(f"--val-per-class {args.val_per_class}: must be at least 0")
         if args.seed < 0:
             raise ValueError(f"--seed {args.seed}: must be at least 0")
+        if args.layout == "imagenet" and args.classes > MAX_IMAGENET_CLASSES:
+            raise ValueError(f"--classes {args.classes}: at most {MAX_IMAGENET_CLASSES} with --layout imagenet "
+                             f"(meta.mat holds ILSVRC2012_IDs as uint16, for the classes and a third as many parent "
+                             f"synsets; the release has 1000)")
+        check_out(args.out, args.layout)
     except ValueError as error:
         print(f"synth: {error}", file=sys.stderr)
         return 2
     val_per_class = args.val_per_class if args.val_per_class is not None else max(1, args.per_class // 5)
-    os.makedirs(args.out, exist_ok=True)
     rng = np.random.default_rng(args.seed)
     write = write_imagenet_layout if args.layout == "imagenet" else write_folder_layout
-    paths = write(args.out, args.classes, args.per_class, val_per_class, size, rng)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        paths = write_set(args.out, write, args.classes, args.per_class, val_per_class, size, rng)
+    except OSError as error:
+        print(f"synth: cannot write under --out {args.out}: {error.strerror or error}; choose a writable folder "
+              f"with space for the images (nothing was left there)", file=sys.stderr)
+        return 1
     print(f"synth: {args.classes} classes x {args.per_class} train + {val_per_class} val images in {args.out}")
     q = {name: shlex.quote(path) for name, path in paths.items()}   # a copy-paste that works with spaces
     if args.layout == "imagenet":

@@ -1,4 +1,6 @@
 """The synthetic image set: varied sizes, separable classes, and a CLI with --help everywhere."""
+import errno
+import os
 import subprocess
 import sys
 
@@ -44,6 +46,38 @@ def test_folder_layout_is_complete(tmp_path):
 def test_bad_size_is_a_one_line_error(tmp_path, capsys):
     assert main(["synth", "--out", str(tmp_path), "--size", "big"]) == 2
     assert "--size 'big'" in capsys.readouterr().err
+
+
+def test_an_out_that_cannot_take_the_set_is_one_line(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "used" / "train").mkdir(parents=True)
+    for argv, message in (
+            (["--out", str(tmp_path / "a-file")], f"--out {tmp_path / 'a-file'} is a file; give a folder for the set"),
+            (["--out", str(tmp_path / "used")], f"--out {tmp_path / 'used'} already holds train; remove it or "
+                                                f"choose another --out"),
+            (["--out", str(tmp_path / "big"), "--classes", "20000000", "--layout", "imagenet"],
+             "--classes 20000000: at most 49151 with --layout imagenet")):
+        assert main(["synth", *argv, "--per-class", "1", "--size", "40x30"]) == 2   # were tracebacks
+        error = capsys.readouterr().err.splitlines()
+        assert len(error) == 1 and error[0].startswith(f"synth: {message}"), error
+    assert not (tmp_path / "big").exists()
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
+    from preprocess import synth
+    add_bytes = synth.add_bytes
+
+    def full_in_the_val_tar(archive, name, data):
+        if name.startswith("ILSVRC2012_val_"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        add_bytes(archive, name, data)
+    monkeypatch.setattr(synth, "add_bytes", full_in_the_val_tar)
+    out = tmp_path / "out"
+    assert main(["synth", "--out", str(out), "--classes", "2", "--per-class", "2", "--size", "40x30",
+                 "--layout", "imagenet"]) == 1
+    assert capsys.readouterr().err == (f"synth: cannot write under --out {out}: No space left on device; choose a "
+                                       f"writable folder with space for the images (nothing was left there)\n")
+    assert os.listdir(out) == []   # was a traceback, ILSVRC2012_img_val.tar.tmp and a train tar left behind
 
 
 @pytest.mark.parametrize("command", ["imagenet", "folder", "synth", "verify"])
