@@ -30,6 +30,9 @@ from preprocess.writer import WORK_DIR, ShardWriter, publish, write_atomic
 PLAN_FILE = "plan.json"
 EXIT_INTERRUPTED = 130   # the shell's code for a ctrl-c
 SPLIT_SEED_OFFSET = {"train": 0, "val": 1}   # train and val get unrelated shuffles
+# ShardWriter's running sums: uint64 + uint16 + uint32 + a uint16 scratch copy, 3 channels
+SUM_BYTES_PER_PIXEL = 3 * (8 + 2 + 4 + 2)
+MAX_IMAGE_SIZE = 4096   # 0.75 GiB of sums per process, and 48 MiB a raw image
 
 
 class NothingToPack(InputError):
@@ -60,6 +63,12 @@ def check_flags(args):
                              ("--workers", args.workers, 1), ("--max-pixels", args.max_pixels, 1)):
         if value < low:
             raise InputError(f"{flag} {value}: must be at least {low}")
+    if args.image_size > MAX_IMAGE_SIZE:
+        # found here, not as a MemoryError from the first shard after plan.json has locked --out to it
+        raise InputError(f"--image-size {args.image_size}: at most {MAX_IMAGE_SIZE}; a packing process holds "
+                         f"{SUM_BYTES_PER_PIXEL} bytes a pixel of exact sums ({sum_gib(args.image_size):,.0f} GiB "
+                         f"here, {sum_gib(MAX_IMAGE_SIZE):.2f} GiB at {MAX_IMAGE_SIZE}), and convnets train on "
+                         f"crops of 224-512")
     if not 1 <= args.quality <= 100:
         raise InputError(f"--quality {args.quality}: must be in 1..100")
     if args.seed < 0:
@@ -70,6 +79,10 @@ def check_flags(args):
         if given and os.path.isdir(given) and (out + os.sep).startswith(os.path.realpath(given) + os.sep):
             raise InputError(f"--out {args.out} is inside {flag} {given}: its files would be packed as images; "
                              f"choose an --out outside the input trees")
+
+
+def sum_gib(image_size):
+    return SUM_BYTES_PER_PIXEL * image_size ** 2 / 2 ** 30
 
 
 def fingerprint(inputs):

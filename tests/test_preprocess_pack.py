@@ -96,6 +96,17 @@ def test_bad_flags_are_one_line_errors(tree, tmp_path, capsys):
                                        f"writable directory with space for the shards\n")
 
 
+def test_an_image_size_too_large_to_pack_is_refused_before_out_exists(tree, tmp_path, capsys):
+    out = tmp_path / "out"
+    # a MemoryError traceback from the first shard, after plan.json had locked --out to it
+    assert main(["folder", "--train", str(tree / "train"), "--out", str(out), "--image-size", "100000",
+                 "--no-progress"]) == 2
+    assert capsys.readouterr().err == ("preprocess: --image-size 100000: at most 4096; a packing process holds 48 "
+                                       "bytes a pixel of exact sums (447 GiB here, 0.75 GiB at 4096), and convnets "
+                                       "train on crops of 224-512\n")
+    assert not out.exists()
+
+
 def test_squash_keeps_the_whole_picture(tmp_path):
     # a wide image, red on the left third, blue elsewhere: squash keeps the red, the centre crop loses it
     (tmp_path / "train" / "a").mkdir(parents=True)
