@@ -7,7 +7,8 @@
 Classes are the sorted subfolder names of --train; label = position in that order. The
 validation tree must use the same class names (a subset is fine).
 """
-from preprocess.sources import InputError, files_in_class_folders, list_class_folders, printable
+from preprocess.sources import (InputError, files_in_class_folders, list_class_folders, printable,
+                                warn_of_empty_classes)
 
 
 def gather(args):
@@ -17,6 +18,7 @@ def gather(args):
         raise InputError(f"--train {args.train} has no class subfolders; pass a folder with one subfolder per class")
     index = {c: i for i, c in enumerate(classes)}
     splits = {"train": files_in_class_folders(args.train, classes, index)}
+    warn_of_empty_classes([printable(name) for name in classes], splits["train"], f"--train {args.train}")
     if args.val:
         val_classes = list_class_folders(args.val)
         if not val_classes:

@@ -30,7 +30,7 @@ import numpy as np
 
 from preprocess.sources import (ArchiveInputs, FileInputs, InputError, basename, files_in_class_folders,
                                 folder_entries, list_class_folders, nested_tar_members, printable,
-                                sorted_inputs, tar_files_members, tar_members)
+                                sorted_inputs, tar_files_members, tar_members, warn_of_empty_classes)
 
 META_FILE = "meta.mat"
 GROUND_TRUTH_FILE = "ILSVRC2012_validation_ground_truth.txt"
@@ -268,6 +268,7 @@ def check_classes_match_devkit(classes, leaves, args):
 def gather(args):
     """(classes, class_names, {split: inputs}) for the imagenet command."""
     classes, train = train_inputs(args.train, args.workers)
+    warn_of_empty_classes(classes, train, f"--train {args.train}")
     devkit = {}
 
     def devkit_contents():

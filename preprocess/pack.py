@@ -73,6 +73,10 @@ def check_flags(args):
         raise InputError(f"--quality {args.quality}: must be in 1..100")
     if args.seed < 0:
         raise InputError(f"--seed {args.seed}: must be at least 0")
+    train, val = getattr(args, "train", None), getattr(args, "val", None)
+    if train and val and os.path.realpath(train) == os.path.realpath(val):
+        raise InputError(f"--val {val} is --train {train}: its images would be scored as unseen ones; pass a "
+                         f"held-out set as --val, or leave --val out")
     out = os.path.realpath(args.out)
     for flag in ("--train", "--val"):
         given = getattr(args, flag[2:], None)

@@ -467,6 +467,28 @@ def test_inputs_that_cannot_be_packed_are_refused_before_out_exists(tree, tmp_pa
     assert not out.exists()
 
 
+def test_val_given_as_the_train_folder_is_refused(tree, tmp_path, capsys):
+    train = tree / "train"
+    assert main(["folder", "--train", str(train), "--val", f"{train}/", "--out", str(tmp_path / "out")] + PACK) == 2
+    assert capsys.readouterr().err == (f"preprocess: --val {train}/ is --train {train}: its images would be scored "
+                                       f"as unseen ones; pass a held-out set as --val, or leave --val out\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_class_folder_and_files_outside_the_class_folders_are_warned_of(tree, tmp_path, capsys):
+    train = tmp_path / "train"
+    shutil.copytree(tree / "train", train)
+    shutil.copy(next((train / sorted(os.listdir(train))[0]).iterdir()), train / "stray.jpg")
+    (train / "zz-empty").mkdir()
+    assert main(["folder", "--train", str(train), "--out", str(tmp_path / "out")] + PACK) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        f"preprocess: warning: {train} holds files outside any class folder, which are not packed: 1 "
+        f"(e.g. 'stray.jpg')",
+        f"preprocess: warning: --train {train}: classes without files, whose labels no training image will have: "
+        f"1 of 4 (e.g. zz-empty)"]
+    assert ShardedDataset(tmp_path / "out", "train").classes[-1] == "zz-empty"
+
+
 def test_an_empty_tree_exits_1_and_leaves_nothing_that_blocks_the_fixed_command(tree, tmp_path, capsys):
     train = tmp_path / "train"
     for name in ("a", "b"):
