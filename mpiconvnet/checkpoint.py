@@ -84,10 +84,8 @@ def save(run_dir, step, params, velocity, meta, keep):
 def remove_partial(run_dir):
     """Remove the checkpoint files that runs killed while writing them left in run_dir's
     checkpoints/ (ckpt-*.h5.tmp, as large as a checkpoint: 474 MB for AlexNet); returns
-    their names. Rank 0 calls it as a run starts. Nothing stops two trainers sharing one
-    --out (their checkpoints and metrics would mix anyway), and the names hold no writer
-    to ask after: a live writer whose file goes fails its rename with one line (exit 5)
-    and keeps its earlier checkpoints, so no complete checkpoint is ever lost."""
+    their names. Rank 0 calls it as a run starts, holding the run directory's lock
+    (run_lock.py), so no live run of that directory is writing one."""
     folder = checkpoint_dir(run_dir)
     if not os.path.isdir(folder):
         return []

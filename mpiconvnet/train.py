@@ -24,6 +24,7 @@ from mpiconvnet.config import ConfigError, help_text, resolve
 from mpiconvnet.data.loader import LoaderError
 from mpiconvnet.data.shards import DatasetError
 from mpiconvnet.models import MODELS, ModelError
+from mpiconvnet.run_lock import RunLock
 from mpiconvnet.metrics import MetricsLog
 from mpiconvnet.trainer import (EXIT_CANNOT_WRITE, EXIT_NONFINITE, EXIT_STALLED, EXIT_USAGE, NonFiniteLoss,
                                 StopSignal, Trainer, open_datasets)
@@ -78,6 +79,7 @@ def main(argv=None):
     # restore): a USR1 or TERM from SLURM meanwhile then stops the run after its first step,
     # with a checkpoint and exit 75, instead of killing it without either
     stop = StopSignal()
+    out_lock = RunLock()
     try:
         world = distributed.init(cfg.backend, cfg.threads, cfg.allow_gpu_sharing, need_threads=cfg.overlap)
     except distributed.SetupError as e:
@@ -92,6 +94,11 @@ def main(argv=None):
         train_set, val_set = open_datasets(cfg)
         check_before_work(cfg, world, train_set, val_set)
         trainer = Trainer(cfg, world, train_set, val_set)
+        # after the checks of the inputs (a bad --data must not leave an --out behind), before
+        # anything looks at --out: what another run writes there is not ours to judge
+        busy = world.broadcast_object(out_lock.take(cfg.out) if world.is_root else None)
+        if busy:
+            raise ConfigError(busy)
         resume_from = checkpoint.resolve_resume(cfg.resume, cfg.out)
         earlier = checkpoint.list_checkpoints(cfg.out)
         if earlier and not resume_from:
@@ -106,6 +113,7 @@ def main(argv=None):
     except (ConfigError, DatasetError, ModelError, checkpoint.CheckpointError) as e:
         if world.is_root:
             print(f"mpiconvnet.train: {e}", file=sys.stderr)
+        out_lock.abandon()
         return EXIT_USAGE
 
     try:
@@ -141,6 +149,7 @@ def main(argv=None):
         return EXIT_NONFINITE
     finally:
         trainer.close()
+        out_lock.release()
     world.print(f"run directory: {cfg.out} (config.json, metrics.jsonl, checkpoints/); "
                 f"plot with python -m mpiconvnet.plot {cfg.out}")
     return code

@@ -236,6 +236,41 @@ def _wait_for_checkpoint_then(proc, folder, action, timeout=120):
     action()
 
 
+@needs_mpiexec
+def test_a_second_run_into_the_same_out_is_refused_while_the_first_trains(data, tmp_path):
+    # a job submitted twice: the two would mix checkpoints and metrics and remove each other's .tmp files
+    run = str(tmp_path / "run")
+    first = start_long_run(data, run, ranks=2)
+    try:
+        _wait_for_checkpoint_then(first, os.path.join(run, "checkpoints"), lambda: None)
+        metrics_before = open(os.path.join(run, "metrics.jsonl")).read()
+        for ranks, resume in ((1, "auto"), (2, "auto"), (1, "")):
+            second = train(["--data", data, "--global-batch", "16", "--epochs", "400", "--out", run]
+                           + (["--resume", resume] if resume else []), ranks=ranks, check=False)
+            assert second.returncode == 2, second.stderr
+            assert second.stderr == (f"mpiconvnet.train: another training run is using --out {run} (it holds "
+                                     f"{run}/.lock); let it finish or stop it, or choose another --out\n")
+        assert first.poll() is None   # the first one trains on, its files untouched
+        assert open(os.path.join(run, "metrics.jsonl")).read().startswith(metrics_before)
+    finally:
+        first.terminate()
+        first.communicate(timeout=60)
+    assert first.returncode == 75
+    # the lock ends with its run: the same command continues
+    result = train(["--data", data, "--global-batch", "16", "--out", run, "--resume", "auto", "--max-steps", "40"])
+    assert "resuming at step" in result.stdout
+
+
+def test_a_refused_resume_leaves_no_out_behind(data, tmp_path):
+    # the run's lock is taken before --resume is read: a refusal must not leave a folder holding only .lock
+    bad = tmp_path / "bad.h5"
+    bad.write_text("not a checkpoint")
+    result = train(["--data", data, "--global-batch", "16", "--out", str(tmp_path / "run"), "--resume", str(bad)],
+                   check=False)
+    assert result.returncode == 2 and f"checkpoint {bad} is unreadable" in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])   # SIGINT: ctrl-c at an interactive run
 def test_sigterm_checkpoints_and_the_run_resumes(data, tmp_path, sig):
     run = str(tmp_path / "run")

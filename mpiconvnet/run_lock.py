@@ -1,0 +1,62 @@
+"""One training run per run directory: a second one into the same --out is refused.
+
+Two trainers writing one --out (a job submitted twice, a requeued job while its first
+instance still runs, a copied command line) would interleave their checkpoints and
+metrics.jsonl and remove each other's checkpoint files in progress. Rank 0 holds a POSIX
+record lock on OUT/.lock from the end of the set-up checks until the run ends; the kernel
+drops it when the process ends, however it ends, so a killed or requeued run is never
+blocked by its own past. Record locks reach across nodes on NFSv4, and on Lustre mounted
+with `flock`; where the file system refuses them the run goes on with a warning.
+"""
+import errno
+import fcntl
+import os
+import sys
+
+LOCK_FILE = ".lock"
+BUSY_ERRNOS = (errno.EACCES, errno.EAGAIN)
+
+
+class RunLock:
+    """Rank 0's lock of a run directory; release() (or the process's end) drops it."""
+
+    def __init__(self):
+        self.fd, self.made = None, None   # made: the directory take() created, if it did
+
+    def take(self, run_dir):
+        """Lock run_dir; the one-line reason it is busy, or None. A directory that cannot be
+        made or written is left to the first write, which says so with its own exit code."""
+        path = os.path.join(run_dir, LOCK_FILE)
+        try:
+            if not os.path.isdir(run_dir):
+                os.makedirs(run_dir)
+                self.made = run_dir
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except OSError:
+            return None
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno in BUSY_ERRNOS:
+                self.release()
+                return (f"another training run is using --out {run_dir} (it holds {path}); let it finish or stop "
+                        f"it, or choose another --out")
+            print(f"mpiconvnet.train: warning: {path} cannot be locked ({os.strerror(error.errno)}); nothing stops "
+                  f"a second run writing into the same --out meanwhile", file=sys.stderr)
+        return None
+
+    def abandon(self):
+        """Release, and remove the directory take() made for a run that then never started
+        (a refused --resume): a refused command leaves nothing behind."""
+        self.release()
+        if self.made:
+            try:
+                os.remove(os.path.join(self.made, LOCK_FILE))
+                os.rmdir(self.made)
+            except OSError:   # something else was put there meanwhile: leave it
+                pass
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
