@@ -7,6 +7,7 @@ workers, ranks or restarts. The plan is recorded in OUT/.pack/plan.json; re-runn
 same command skips finished shards, and running a different one into the same folder is
 refused rather than mixed in.
 """
+import glob
 import hashlib
 import json
 import math
@@ -25,7 +26,7 @@ from preprocess.parallel import make_team, worker_context
 from preprocess.shard_lock import ShardBusy, ShardLocks
 from preprocess.sources import InputError
 from preprocess.workers import WorkerDied, WorkerPool
-from preprocess.writer import WORK_DIR, ShardWriter, publish, write_atomic
+from preprocess.writer import WORK_DIR, ShardWriter, publish, receipt_path, write_atomic
 
 PLAN_FILE = "plan.json"
 EXIT_INTERRUPTED = 130   # the shell's code for a ctrl-c
@@ -313,6 +314,7 @@ def plan_and_pack(args, gather, team):
     try:
         # looked at again under the locks: another run may have finished some meanwhile
         mine = [task for _, task in numbered if not is_finished(out_dir, task[0], task[1])]
+        remove_stale_receipts(out_dir, mine)
         return pack_and_merge(args, team, out_dir, plan, splits, mine, started)
     finally:
         locks.release()
@@ -383,6 +385,15 @@ def remove_unfinished(out_dir, tasks):
     for split, number, _ in tasks:
         path = os.path.join(out_dir, shard_filename(split, number) + TMP_SUFFIX)
         if os.path.exists(path):
+            os.remove(path)
+
+
+def remove_stale_receipts(out_dir, tasks):
+    """Delete the half-written receipts (NAME.h5.json.PID.tmp) that a run killed while
+    publishing left for `tasks`' shards: their locks are ours now, so no one writes them."""
+    for split, number, _ in tasks:
+        pattern = glob.escape(receipt_path(out_dir, shard_filename(split, number))) + ".*" + TMP_SUFFIX
+        for path in glob.glob(pattern):
             os.remove(path)
 
 

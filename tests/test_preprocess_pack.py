@@ -353,6 +353,19 @@ def test_a_worker_killed_mid_shard_is_one_line_and_the_same_command_then_finishe
     assert main(["verify", str(out)]) == 0
 
 
+def test_a_receipt_a_killed_run_left_half_written_is_removed_by_the_re_run(tree, tmp_path):
+    base = ["folder", "--train", str(tree / "train"), "--val", str(tree / "val"), "--out", str(tmp_path)] + PACK
+    assert main(base) == 0
+    # as a kill inside publish() leaves it: the receipt's temporary file, the shard not yet renamed
+    (tmp_path / "train-00001.h5").unlink()
+    (tmp_path / "dataset.json").unlink()
+    stale = tmp_path / ".pack" / "train-00001.h5.json.4242.tmp"
+    stale.write_text('{"file": "train-0')
+    assert main(base) == 0
+    assert not stale.exists()
+    assert main(["verify", str(tmp_path)]) == 0
+
+
 def test_two_workers_and_two_array_tasks_give_the_same_data_set(tree, tmp_path):
     base = ["folder", "--train", str(tree / "train"), "--val", str(tree / "val")] + PACK
     assert main([*base, "--out", str(tmp_path / "one")]) == 0
