@@ -235,16 +235,18 @@ class Trainer:
             total_steps = min(total_steps, cfg.max_steps)
         # twice the heartbeat's limit: where the heartbeat can name a silent rank, it does first
         world.start_watchdog(2 * cfg.stall_timeout)
+        # the loss sums over the steps since the last metrics line, those before a resume
+        # included (the checkpoint holds them), so a resumed run logs the lines it would
+        # have; the times and images/s count this process's steps only. Set before the
+        # evaluation below: a stop during it rewrites the checkpoint, sums included
+        window = {"loss": 0.0, "loss_steps": 0, "images": 0, "data": 0.0, "compute": 0.0, "comm": 0.0, "steps": 0,
+                  "t": time.perf_counter(), **self.restored_window}
+        self.window = window
         if self._evaluation_due():   # resumed from a checkpoint written before its evaluation
             self._evaluate(self.step // self.steps_per_epoch - 1, log)
             if self.step < total_steps and self._stopped_during_evaluation(stop):
                 return EXIT_PREEMPTED
-        # the loss sums over the steps since the last metrics line, those before a resume
-        # included (the checkpoint holds them), so a resumed run logs the lines it would
-        # have; the times and images/s count this process's steps only
-        window = {"loss": 0.0, "loss_steps": 0, "images": 0, "data": 0.0, "compute": 0.0, "comm": 0.0, "steps": 0,
-                  "t": time.perf_counter(), **self.restored_window}
-        self.window = window
+            window["t"] = time.perf_counter()   # images/s: training time only
         while self.step < total_steps:
             epoch, start = divmod(self.step, self.steps_per_epoch)
             with BatchLoader(cfg.data, split="train", rank=self.worker_index, size=self.workers,

@@ -567,6 +567,34 @@ trainer.evaluate = signalled_evaluate
     assert "stopped" not in result.stdout and evaluations(tmp_path / "short")[-1]["step"] == 6
 
 
+def test_a_signal_in_the_evaluation_a_resumed_run_owes_keeps_the_checkpoint_s_loss_sums(data, tmp_path):
+    # the checkpoint of step 6 holds the loss of steps 5-6 (lines every 4 steps); a stop in
+    # the evaluation the resumed run does first rewrote it without them, and the step-8 line
+    # then differed from the uninterrupted run's
+    args = ["--data", data, "--global-batch", "16", "--epochs", "2", "--log-every", "4"]
+    train(args + ["--out", str(tmp_path / "whole")])
+    run = str(tmp_path / "run")
+    die_in_evaluation = "import os\nfrom mpiconvnet import trainer\ntrainer.evaluate = lambda *a, **k: os._exit(9)\n"
+    assert train(args + ["--out", run], patch=die_in_evaluation, check=False).returncode == 9
+    signal_in_evaluation = """
+import os, signal
+from mpiconvnet import trainer
+evaluate = trainer.evaluate
+def signalled_evaluate(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGUSR1)
+    return evaluate(*args, **kwargs)
+trainer.evaluate = signalled_evaluate
+"""
+    stopped = train(args + ["--out", run, "--resume", "auto"], patch=signal_in_evaluation, check=False)
+    assert stopped.returncode == 75, stopped.stderr
+    train(args + ["--out", run, "--resume", "auto"])
+
+    def losses(folder):
+        with open(os.path.join(folder, "metrics.jsonl")) as f:
+            return [(r["step"], r["loss"]) for r in map(json.loads, f) if r["kind"] == "train"]
+    assert losses(run) == losses(str(tmp_path / "whole"))
+
+
 @pytest.mark.parametrize("split_at", [12, 9])   # an epoch end (6 steps an epoch), and mid-epoch
 def test_the_plateau_schedule_resumes_exactly(data, tmp_path, split_at):
     # the evaluation at an epoch end comes after its checkpoint, and a run resumed from that
