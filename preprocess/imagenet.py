@@ -30,7 +30,7 @@ import numpy as np
 
 from preprocess.sources import (ArchiveInputs, FileInputs, InputError, basename, files_in_class_folders,
                                 folder_entries, list_class_folders, nested_tar_members, printable,
-                                sorted_inputs, tar_files_members, tar_members, warn_of_empty_classes)
+                                sorted_inputs, tar_files_members, tar_members, warn, warn_of_empty_classes)
 
 META_FILE = "meta.mat"
 GROUND_TRUTH_FILE = "ILSVRC2012_validation_ground_truth.txt"
@@ -203,9 +203,9 @@ def val_number(name, path):
 
 
 def label_by_number(names, labels_by_line, path):
-    """The label of each validation image, by its number's line in the ground truth, which
-    must name every image once: fewer images are a partial copy, whose missing images
-    would otherwise go unnoticed."""
+    """The label of each validation image, by its number's line in the ground truth. Fewer
+    images than lines is a partial copy or a chosen subset: said in a warning, so that a
+    partial copy does not go unnoticed."""
     labels, seen = [], set()
     for name in names:
         number = val_number(name, path)
@@ -218,10 +218,9 @@ def label_by_number(names, labels_by_line, path):
         labels.append(int(labels_by_line[number - 1]))
     if len(names) != len(labels_by_line):
         missing = min(set(range(1, len(labels_by_line) + 1)) - seen)
-        raise InputError(f"--val {path} holds {len(names)} images where {GROUND_TRUTH_FILE} lists "
-                         f"{len(labels_by_line)} (image {missing} is missing): a partial copy; copy the whole "
-                         f"ILSVRC2012_img_val.tar again, or pack a chosen subset as class folders with "
-                         f"python -m preprocess folder")
+        warn(f"--val {path} holds {len(names)} images where {GROUND_TRUTH_FILE} lists {len(labels_by_line)} "
+             f"(image {missing} is missing); packing those. Unless a subset is meant, it is a partial copy: copy "
+             f"the whole ILSVRC2012_img_val.tar again")
     return labels
 
 
@@ -249,9 +248,9 @@ def val_inputs(path, classes, devkit_labels):
 
 
 def check_classes_match_devkit(classes, leaves, args):
-    """The training classes must be meta.mat's leaf synsets, all of them: the release has
-    all 1,000 in its train tar, so a class missing from --train is a partial copy, whose
-    validation images would have no training class."""
+    """The training classes must be meta.mat's leaf synsets. The release has all 1,000 in
+    its train tar, so a class missing from --train is a partial copy, or a chosen subset
+    (ImageNet-100 and the like): said in a warning, and packed."""
     wnids = {wnid for wnid, _ in leaves.values()}
     unknown = sorted(set(classes) - wnids)
     if unknown:
@@ -259,10 +258,9 @@ def check_classes_match_devkit(classes, leaves, args):
                          f"of meta.mat; use the devkit of the same release")
     missing = sorted(wnids - set(classes))
     if missing:
-        raise InputError(f"--train {args.train} holds {len(classes)} classes where meta.mat in --devkit "
-                         f"{args.devkit} lists {len(wnids)} ({missing[0]} is missing): a partial copy; copy the "
-                         f"whole ILSVRC2012_img_train.tar again, or pack a chosen subset as class folders "
-                         f"with python -m preprocess folder")
+        warn(f"--train {args.train} holds {len(classes)} classes where meta.mat in --devkit {args.devkit} lists "
+             f"{len(wnids)} ({missing[0]} is missing); packing those. Unless a subset is meant, it is a partial "
+             f"copy: copy the whole ILSVRC2012_img_train.tar again")
 
 
 def gather(args):
