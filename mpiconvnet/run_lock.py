@@ -17,20 +17,28 @@ LOCK_FILE = ".lock"
 BUSY_ERRNOS = (errno.EACCES, errno.EAGAIN)
 
 
+def topmost_missing(path):
+    """The highest folder of `path` (absolute) that does not exist yet, or None."""
+    missing, folder = None, os.path.abspath(path)
+    while not os.path.exists(folder):
+        missing, folder = folder, os.path.dirname(folder)
+    return missing
+
+
 class RunLock:
     """Rank 0's lock of a run directory; release() (or the process's end) drops it."""
 
     def __init__(self):
-        self.fd, self.made = None, None   # made: the directory take() created, if it did
+        self.fd, self.run_dir = None, None
+        self.made = None   # the topmost folder take() created, if it created any
 
     def take(self, run_dir):
         """Lock run_dir; the one-line reason it is busy, or None. A directory that cannot be
         made or written is left to the first write, which says so with its own exit code."""
         path = os.path.join(run_dir, LOCK_FILE)
         try:
-            if not os.path.isdir(run_dir):
-                os.makedirs(run_dir)
-                self.made = run_dir
+            self.run_dir, self.made = run_dir, topmost_missing(run_dir)
+            os.makedirs(run_dir, exist_ok=True)
             self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
         except OSError:
             return None
@@ -51,8 +59,13 @@ class RunLock:
         self.release()
         if self.made:
             try:
-                os.remove(os.path.join(self.made, LOCK_FILE))
-                os.rmdir(self.made)
+                os.remove(os.path.join(self.run_dir, LOCK_FILE))
+                folder = os.path.abspath(self.run_dir)
+                while True:   # up through the folders take() made, no further
+                    os.rmdir(folder)
+                    if folder == self.made:
+                        break
+                    folder = os.path.dirname(folder)
             except OSError:   # something else was put there meanwhile: leave it
                 pass
 

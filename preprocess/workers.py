@@ -37,6 +37,10 @@ class WorkerPool:
 
     def __init__(self, count, context, initializer=None, initargs=()):
         self.processes, self.connections, self.process_of = [], [], {}
+        # blocked until a worker has set them to be ignored (_serve): a spawned one takes
+        # a second to get there, and a ctrl-c meanwhile printed its start-up's tracebacks.
+        # The mask is inherited through fork and exec alike.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
             for slot in range(count):
                 ours, theirs = context.Pipe()
@@ -47,7 +51,9 @@ class WorkerPool:
                 self.processes.append(process)
                 self.connections.append(ours)
                 self.process_of[ours] = process
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)   # a signal held meanwhile is taken here
         except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
             self.kill()
             raise
 
@@ -138,6 +144,7 @@ def _serve(connection, parent_pid, initializer, initargs):
     """A worker's life: set up, then run what the parent sends until None or its end."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # a terminal's ctrl-c reaches the whole group,
     signal.signal(signal.SIGTERM, signal.SIG_IGN)   # as scancel's SIGTERM may: the parent decides
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})   # blocked by the parent
     die_with_parent()
     if os.getppid() != parent_pid:
         return   # the parent ended before the line above took effect

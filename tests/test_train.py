@@ -265,10 +265,10 @@ def test_a_refused_resume_leaves_no_out_behind(data, tmp_path):
     # the run's lock is taken before --resume is read: a refusal must not leave a folder holding only .lock
     bad = tmp_path / "bad.h5"
     bad.write_text("not a checkpoint")
-    result = train(["--data", data, "--global-batch", "16", "--out", str(tmp_path / "run"), "--resume", str(bad)],
-                   check=False)
+    result = train(["--data", data, "--global-batch", "16", "--out", str(tmp_path / "runs" / "a" / "run"),
+                    "--resume", str(bad)], check=False)
     assert result.returncode == 2 and f"checkpoint {bad} is unreadable" in result.stderr, result.stderr
-    assert not (tmp_path / "run").exists()
+    assert sorted(os.listdir(tmp_path)) == ["bad.h5"]   # nor the folders above it that the run made
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])   # SIGINT: ctrl-c at an interactive run
