@@ -141,7 +141,7 @@ def _write(tmp, params, velocity, meta):
         for group, arrays in (("params", params), ("velocity", velocity)):
             g = f.create_group(group)
             for name, value in arrays.items():
-                value = np.ascontiguousarray(value)
+                value = np.require(value, requirements="C")   # not ascontiguousarray: a 0-d array stays 0-d
                 g.create_dataset(name, data=value).attrs[CHECKSUM] = zlib.crc32(value)
     with open(tmp, "wb") as stream:
         stream.write(image.getbuffer())   # no copy of the image
@@ -209,7 +209,7 @@ def _read_arrays(f, group):
     arrays = {}
     for name, dataset in f[group].items():
         value = dataset[()]
-        _verify(dataset.attrs.get(CHECKSUM), np.ascontiguousarray(value), f"{group}/{name}")
+        _verify(dataset.attrs.get(CHECKSUM), np.require(value, requirements="C"), f"{group}/{name}")
         if not np.all(np.isfinite(value)):
             # a diverging run can write one before its loss shows it; resumed, the loss is NaN
             raise _Unfit(f"holds NaN or Inf in {group}/{name}")

@@ -222,3 +222,13 @@ def test_a_checkpoint_with_a_part_missing_or_misshapen_is_refused_naming_the_par
     with pytest.raises(checkpoint.CheckpointError, match=r"ckpt-00000001.h5 is incomplete \(its meta attribute "
                                                          r"lacks schedule\); no older checkpoint is beside it"):
         checkpoint.load(older)
+
+
+def test_every_array_comes_back_with_its_shape_a_scalar_too(tmp_path):
+    # np.ascontiguousarray would have saved a 0-d array as shape (1,)
+    params = {"scale": np.float32(2.5) * np.ones((), np.float32), "w": np.arange(6, dtype=np.float32).reshape(2, 3).T}
+    path = checkpoint.save(str(tmp_path), 3, params, params, meta_of(3), keep=2)
+    loaded, velocity, _ = checkpoint.load(path)
+    for name, value in params.items():
+        assert loaded[name].shape == value.shape and np.array_equal(loaded[name], value)
+        assert velocity[name].shape == value.shape
