@@ -27,6 +27,8 @@ import tarfile
 import tempfile
 
 import numpy as np
+
+from mpiconvnet.run_lock import topmost_missing
 from PIL import Image
 
 SHAPES = ("disc", "square", "triangle", "ring", "cross")
@@ -249,10 +251,13 @@ def main(args):
     val_per_class = args.val_per_class if args.val_per_class is not None else max(1, args.per_class // 5)
     rng = np.random.default_rng(args.seed)
     write = write_imagenet_layout if args.layout == "imagenet" else write_folder_layout
+    made = topmost_missing(args.out)
     try:
         os.makedirs(args.out, exist_ok=True)
         paths = write_set(args.out, write, args.classes, args.per_class, val_per_class, size, rng)
     except OSError as error:
+        if made:   # the folders this command made for --out go too
+            shutil.rmtree(made, ignore_errors=True)
         print(f"synth: cannot write under --out {args.out}: {error.strerror or error}; choose a writable folder "
               f"with space for the images (nothing was left there)", file=sys.stderr)
         return 1

@@ -73,11 +73,16 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_behind(tmp_path, monkeypatch
         add_bytes(archive, name, data)
     monkeypatch.setattr(synth, "add_bytes", full_in_the_val_tar)
     out = tmp_path / "out"
+    out.mkdir()   # a folder that existed stays, empty as it was
     assert main(["synth", "--out", str(out), "--classes", "2", "--per-class", "2", "--size", "40x30",
                  "--layout", "imagenet"]) == 1
     assert capsys.readouterr().err == (f"synth: cannot write under --out {out}: No space left on device; choose a "
                                        f"writable folder with space for the images (nothing was left there)\n")
     assert os.listdir(out) == []   # was a traceback, ILSVRC2012_img_val.tar.tmp and a train tar left behind
+    # the folders it made for --out go with the rest
+    assert main(["synth", "--out", str(tmp_path / "new" / "set"), "--classes", "2", "--per-class", "2",
+                 "--size", "40x30", "--layout", "imagenet"]) == 1
+    assert os.listdir(tmp_path) == ["out"]
 
 
 @pytest.mark.parametrize("command", ["imagenet", "folder", "synth", "verify"])
