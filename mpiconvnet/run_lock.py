@@ -2,19 +2,16 @@
 
 Two trainers writing one --out (a job submitted twice, a requeued job while its first
 instance still runs, a copied command line) would interleave their checkpoints and
-metrics.jsonl and remove each other's checkpoint files in progress. Rank 0 holds a POSIX
-record lock on OUT/.lock from the end of the set-up checks until the run ends; the kernel
-drops it when the process ends, however it ends, so a killed or requeued run is never
-blocked by its own past. Record locks reach across nodes on NFSv4, and on Lustre mounted
-with `flock`; where the file system refuses them the run goes on with a warning.
+metrics.jsonl and remove each other's checkpoint files in progress. Rank 0 holds a record
+lock (record_lock.py) on OUT/.lock from the end of the input checks until the run ends,
+so a killed or requeued run is never blocked by its own past.
 """
-import errno
-import fcntl
 import os
 import sys
 
+from mpiconvnet.record_lock import open_lock_file, try_lock
+
 LOCK_FILE = ".lock"
-BUSY_ERRNOS = (errno.EACCES, errno.EAGAIN)
 
 
 def topmost_missing(path):
@@ -39,18 +36,17 @@ class RunLock:
         try:
             self.run_dir, self.made = run_dir, topmost_missing(run_dir)
             os.makedirs(run_dir, exist_ok=True)
-            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            self.fd = open_lock_file(path)
         except OSError:
             return None
-        try:
-            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            if error.errno in BUSY_ERRNOS:
-                self.release()
-                return (f"another training run is using --out {run_dir} (it holds {path}); let it finish or stop "
-                        f"it, or choose another --out")
-            print(f"mpiconvnet.train: warning: {path} cannot be locked ({os.strerror(error.errno)}); nothing stops "
-                  f"a second run writing into the same --out meanwhile", file=sys.stderr)
+        problem = try_lock(self.fd)
+        if problem == "busy":
+            self.release()
+            return (f"another training run is using --out {run_dir} (it holds {path}); let it finish or stop it, "
+                    f"or choose another --out")
+        if problem:
+            print(f"mpiconvnet.train: warning: {path} cannot be locked ({problem}); nothing stops a second run "
+                  f"writing into the same --out meanwhile", file=sys.stderr)
         return None
 
     def abandon(self):
