@@ -314,7 +314,7 @@ def plan_and_pack(args, gather, team):
     try:
         # looked at again under the locks: another run may have finished some meanwhile
         mine = [task for _, task in numbered if not is_finished(out_dir, task[0], task[1])]
-        remove_stale_receipts(out_dir, mine)
+        remove_leftovers(out_dir, mine)
         return pack_and_merge(args, team, out_dir, plan, splits, mine, started)
     finally:
         locks.release()
@@ -388,9 +388,12 @@ def remove_unfinished(out_dir, tasks):
             os.remove(path)
 
 
-def remove_stale_receipts(out_dir, tasks):
-    """Delete the half-written receipts (NAME.h5.json.PID.tmp) that a run killed while
-    publishing left for `tasks`' shards: their locks are ours now, so no one writes them."""
+def remove_leftovers(out_dir, tasks):
+    """Delete what runs that ended abruptly left for `tasks`' shards, whose locks are ours
+    now, so no one writes them: half-written shards (NAME.h5.tmp; an MPI rank aborted by
+    another's full disk leaves its own, holding the space the user was told to free) and
+    receipts (NAME.h5.json.PID.tmp, a kill while publishing)."""
+    remove_unfinished(out_dir, tasks)
     for split, number, _ in tasks:
         pattern = glob.escape(receipt_path(out_dir, shard_filename(split, number))) + ".*" + TMP_SUFFIX
         for path in glob.glob(pattern):

@@ -18,6 +18,7 @@ from PIL import Image
 
 from mpiconvnet.data.shards import ShardedDataset, file_sha256
 from preprocess.__main__ import main
+from preprocess.pack import pack_shard
 from preprocess.writer import ShardWriter
 from tests.conftest import as_an_ordinary_user, descendants
 
@@ -353,7 +354,7 @@ def test_a_worker_killed_mid_shard_is_one_line_and_the_same_command_then_finishe
     assert main(["verify", str(out)]) == 0
 
 
-def test_a_receipt_a_killed_run_left_half_written_is_removed_by_the_re_run(tree, tmp_path):
+def test_what_killed_runs_left_half_written_is_removed_before_the_re_run_packs(tree, tmp_path):
     base = ["folder", "--train", str(tree / "train"), "--val", str(tree / "val"), "--out", str(tmp_path)] + PACK
     assert main(base) == 0
     # as a kill inside publish() leaves it: the receipt's temporary file, the shard not yet renamed
@@ -361,8 +362,16 @@ def test_a_receipt_a_killed_run_left_half_written_is_removed_by_the_re_run(tree,
     (tmp_path / "dataset.json").unlink()
     stale = tmp_path / ".pack" / "train-00001.h5.json.4242.tmp"
     stale.write_text('{"file": "train-0')
-    assert main(base) == 0
-    assert not stale.exists()
+    # and a shard another MPI rank was writing when a rank's full disk aborted them all
+    (tmp_path / "train-00002.h5").unlink()
+    half = tmp_path / "train-00002.h5.tmp"
+    half.write_bytes(b"\0" * 4096)
+    removed = []
+    with pytest.MonkeyPatch.context() as patch:   # gone before any shard is packed, where space is needed first
+        patch.setattr("preprocess.pack.pack_shard", lambda task: removed.append(half.exists()) or pack_shard(task))
+        assert main(base) == 0
+    assert removed == [False, False]
+    assert not stale.exists() and not half.exists()
     assert main(["verify", str(tmp_path)]) == 0
 
 
