@@ -39,6 +39,16 @@ def tree(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def photo_tree(tmp_path_factory):
+    """Images large enough (400x300) that a shard takes a visible time, so a signal or a
+    kill lands inside one; made once, read by every test that needs it."""
+    root = tmp_path_factory.mktemp("photos")
+    assert main(["synth", "--out", str(root), "--classes", "2", "--per-class", "40", "--val-per-class", "1",
+                 "--size", "400x300"]) == 0
+    return root
+
+
 def add_bad_inputs(train):
     folder = train / sorted(os.listdir(train))[0]
     good = sorted(folder.iterdir())[0].read_bytes()
@@ -172,11 +182,9 @@ def half_written(out):
     return out.exists() and any(name.endswith(".h5.tmp") for name in os.listdir(out))
 
 
-def test_resume_after_a_kill_mid_shard(tmp_path):
+def test_resume_after_a_kill_mid_shard(photo_tree, tmp_path):
     # large enough images that a shard takes a visible time, so the kill lands inside one
-    source = tmp_path / "src"
-    assert main(["synth", "--out", str(source), "--classes", "2", "--per-class", "40", "--val-per-class", "1",
-                 "--size", "400x300"]) == 0
+    source = photo_tree
     argv = ["folder", "--train", str(source / "train"), "--image-size", "64", "--shard-size", "10", "--no-progress"]
     out = tmp_path / "killed"
     process = subprocess.Popen(preprocess_command(*argv, "--out", str(out)), env=quiet_env())
@@ -207,10 +215,8 @@ def test_resume_after_a_kill_mid_shard(tmp_path):
 
 
 @pytest.mark.parametrize("signal_to", ["SIGINT to the group", "SIGTERM to the group", "SIGTERM to the parent"])
-def test_ctrl_c_is_one_line_keeps_finished_shards_and_the_same_command_finishes(tmp_path, signal_to):
-    source = tmp_path / "src"
-    assert main(["synth", "--out", str(source), "--classes", "2", "--per-class", "40", "--val-per-class", "1",
-                 "--size", "400x300"]) == 0
+def test_ctrl_c_is_one_line_keeps_finished_shards_and_the_same_command_finishes(photo_tree, tmp_path, signal_to):
+    source = photo_tree
     argv = ["folder", "--train", str(source / "train"), "--image-size", "64", "--shard-size", "10", "--no-progress",
             "--workers", "2"]
     out = tmp_path / "out"
@@ -296,12 +302,10 @@ def writing_a_shard(pid):
         return False
 
 
-def test_workers_end_with_a_killed_packer(tmp_path):
+def test_workers_end_with_a_killed_packer(photo_tree, tmp_path):
     # a worker left packing after its parent's SIGKILL would write the .tmp file the next run
     # writes; a stopped one (as a hung read leaves it) would never end at all
-    source = tmp_path / "src"
-    assert main(["synth", "--out", str(source), "--classes", "2", "--per-class", "40", "--val-per-class", "1",
-                 "--size", "400x300"]) == 0
+    source = photo_tree
     process = subprocess.Popen(preprocess_command("folder", "--train", str(source / "train"), "--out",
                                                   str(tmp_path / "out"), "--image-size", "64", "--shard-size", "10",
                                                   "--no-progress", "--workers", "2"),
@@ -327,11 +331,9 @@ def test_workers_end_with_a_killed_packer(tmp_path):
     pytest.fail("pool workers outlived their killed parent")
 
 
-def test_a_worker_killed_mid_shard_is_one_line_and_the_same_command_then_finishes(tmp_path):
+def test_a_worker_killed_mid_shard_is_one_line_and_the_same_command_then_finishes(photo_tree, tmp_path):
     # the OOM killer's SIGKILL: multiprocessing.Pool lost the task and the packer waited for ever
-    source = tmp_path / "src"
-    assert main(["synth", "--out", str(source), "--classes", "2", "--per-class", "40", "--val-per-class", "1",
-                 "--size", "400x300"]) == 0
+    source = photo_tree
     argv = ["folder", "--train", str(source / "train"), "--image-size", "64", "--shard-size", "10", "--no-progress",
             "--workers", "2"]
     out = tmp_path / "out"
