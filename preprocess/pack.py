@@ -292,38 +292,41 @@ def plan_and_pack(args, gather, team):
             print(f"preprocess: {error} while indexing the inputs; run the same command again (with fewer --workers "
                   f"if memory ran out)", file=sys.stderr)
         return 1
-    who = "" if team.size == 1 else f"rank {team.rank}: "
     # this rank's shards, numbered in the whole pack's order (the number is the lock's byte)
     numbered = list(enumerate(shard_tasks(plan, args.seed)))[team.rank::team.size]
     locks, refusal = None, None
     try:
-        locks = ShardLocks(os.path.join(out_dir, WORK_DIR))
-        locks.hold([(number, shard_filename(split, shard)) for number, (split, shard, _) in numbered
-                    if not is_finished(out_dir, split, shard)])
-    except ShardBusy as busy:
-        refusal = (f"another preprocess run is packing {busy} into --out {out_dir}; let it finish (or stop it), "
-                   f"then run this command again: finished shards are kept")
-    except OSError as error:
-        refusal = f"cannot write under --out {out_dir}: {describe_os_error(error)}; fix permissions there"
-    if team.sum(refusal is not None):   # every rank stops if one must: none may wait for it
-        if refusal:
-            print(f"preprocess: {who}{refusal}", file=sys.stderr)
-        if locks:
-            locks.release()
-        return 1
-    try:
+        try:
+            locks = ShardLocks(os.path.join(out_dir, WORK_DIR))
+            locks.hold([(number, shard_filename(split, shard)) for number, (split, shard, _) in numbered
+                        if not is_finished(out_dir, split, shard)])
+        except ShardBusy as busy:
+            refusal = (f"another preprocess run is packing {busy} into --out {out_dir}; let it finish (or stop it), "
+                       f"then run this command again: finished shards are kept")
+        except OSError as error:
+            refusal = f"cannot write under --out {out_dir}: {describe_os_error(error)}; fix permissions there"
+        if team.sum(refusal is not None):   # every rank stops if one must: none may wait for it
+            if refusal:
+                print(f"preprocess: {rank_prefix(team)}{refusal}", file=sys.stderr)
+            return 1
         # looked at again under the locks: another run may have finished some meanwhile
         mine = [task for _, task in numbered if not is_finished(out_dir, task[0], task[1])]
         remove_leftovers(out_dir, mine)
         return pack_and_merge(args, team, out_dir, plan, splits, mine, started)
     finally:
-        locks.release()
+        if locks is not None:
+            locks.release()
+
+
+def rank_prefix(team):
+    """'rank 1: ' before a message of one rank among several; nothing for a lone packer."""
+    return "" if team.size == 1 else f"rank {team.rank}: "
 
 
 def pack_and_merge(args, team, out_dir, plan, splits, mine, started):
     """Pack this rank's unfinished shards `mine`; the one that finds all shards done merges."""
     label = "packing" if team.size == 1 else f"rank 0 of {team.size}"
-    who = "" if team.size == 1 else f"rank {team.rank}: "
+    who = rank_prefix(team)
     try:
         done, _ = run_tasks(mine, args.workers, out_dir, plan, splits, team.is_root and not args.no_progress, label)
     except OSError as error:
