@@ -331,9 +331,14 @@ class Heartbeat:
     all of it is non-blocking and polled, so after `timeout` seconds rank 0 can say which
     ranks never reported, and any rank can say it has not heard from rank 0. Two tiny
     messages per rank per step cost microseconds against a step of tens of milliseconds.
+
+    The other ranks wait half as long again as rank 0 before blaming it: while rank 0
+    waits for a silent rank it sends no reply, so with equal deadlines a healthy rank
+    could abort the job first, naming rank 0 instead of the rank that hung.
     """
     TAG = 7301
     STALL_TAG = 7302
+    PATIENCE_FOR_ROOT = 1.5   # the other ranks' deadline, in units of rank 0's
 
     def __init__(self, world, timeout):
         self.world, self.timeout = world, timeout
@@ -344,7 +349,11 @@ class Heartbeat:
         MPI_THREAD_MULTIPLE when the communication thread is still inside the collective."""
         from mpi4py import MPI
         if self.world.size > 1 and MPI.Query_thread() == MPI.THREAD_MULTIPLE:
-            self.beat(step, tag=self.STALL_TAG)
+            # every live rank has waited `timeout` already and enters this exchange within
+            # their skew of each other: half of it names the silent ranks, so the whole
+            # takes 1.5x --stall-timeout (1.75x on the other ranks), inside the watchdog's 2x
+            self.beat(step, tag=self.STALL_TAG, timeout=self.timeout / 2,
+                      after=f" after {what} made no progress for {self.timeout:.0f} s")
             self._die(f"rank {self.world.rank}: every rank answers but {what} made no progress "
                       f"for {self.timeout:.0f} s at step {step}; aborting all ranks")
         self._die(f"rank {self.world.rank}: {what} made no progress for {self.timeout:.0f} s at "
@@ -370,37 +379,41 @@ class Heartbeat:
             self.report_stall(step, what)
         return out
 
-    def beat(self, step, tag=TAG):
+    def beat(self, step, tag=TAG, timeout=None, after=""):
+        """Exchange step numbers with rank 0, each side waiting at most `timeout` (the
+        other ranks PATIENCE_FOR_ROOT times that); `after` ends the silence's description."""
         world = self.world
         if world.size == 1:
             return
         import numpy as np
         from mpi4py import MPI
+        timeout = self.timeout if timeout is None else timeout
         if world.is_root:
             steps = np.full(world.size, -1, np.int64)
             requests = [world.comm.Irecv(steps[r:r + 1], source=r, tag=tag) for r in range(1, world.size)]
-            pending = self._wait(requests)
+            pending = self._wait(requests, timeout)
             if pending:
                 silent = [r + 1 for r in pending]
-                self._die(f"rank 0: ranks {silent} sent nothing for {self.timeout:.0f} s at step {step} "
+                self._die(f"rank 0: ranks {silent} sent nothing for {timeout:g} s{after} at step {step} "
                           f"(dead, hung or stuck in I/O); aborting all ranks")
             reply = np.array([step], np.int64)
             MPI.Request.Waitall([world.comm.Isend(reply, dest=r, tag=tag) for r in range(1, world.size)])
         else:
+            timeout *= self.PATIENCE_FOR_ROOT
             mine = np.array([step], np.int64)
             reply = np.empty(1, np.int64)
             send = world.comm.Isend(mine, dest=0, tag=tag)
             recv = world.comm.Irecv(reply, source=0, tag=tag)
-            if self._wait([send, recv]):
-                self._die(f"rank {world.rank}: no word from rank 0 for {self.timeout:.0f} s at step {step}; "
-                          f"aborting all ranks")
+            if self._wait([send, recv], timeout):
+                self._die(f"rank {world.rank}: no word from rank 0 for {timeout:g} s{after} at step {step} "
+                          f"(rank 0 is dead or hung: it names any other silent rank sooner); aborting all ranks")
 
-    def _wait(self, requests, longest_pause=1e-4):
+    def _wait(self, requests, timeout=None, longest_pause=1e-4):
         """Poll until all complete or the timeout passes; return the indices still pending.
         Every 0.1 ms at most: the beat and the loss sum come every step, and a GPU step
         takes a few ms (a 10 ms pause, as before 2026-11-24, could add twice the ranks'
         skew to each step)."""
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         done = [False] * len(requests)
         pause = 1e-5
         while True:
