@@ -242,9 +242,7 @@ class AsyncWorker:
         self._from_server(self.weights.buffer, TAG_PARAMS)
         self.weights.scatter(t.net.params)
         step = t.step   # this worker's own batch count: the dropout masks' step
-        total = cfg.epochs * t.steps_per_epoch
-        if cfg.max_steps:
-            total = min(total, cfg.max_steps)
+        total = t.total_steps()
         while step < total:
             epoch, start = divmod(step, t.steps_per_epoch)
             with BatchLoader(cfg.data, split="train", rank=t.worker_index, size=t.workers,
@@ -428,9 +426,7 @@ def run(trainer, stop, progress, log):
     the failure (as trainer.NonFiniteLoss) on every rank."""
     from mpiconvnet.trainer import NonFiniteLoss
     t, cfg = trainer, trainer.cfg
-    total_steps = cfg.epochs * t.steps_per_epoch
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
+    total_steps = t.total_steps()
     if t.world.is_root:
         server = ParameterServer(t)
         outcome, failure = server.run(stop, progress, log, total_steps)

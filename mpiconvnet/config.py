@@ -57,8 +57,8 @@ class Config:
     sync: str = "grads"             # grads: average gradients every step (synchronous SGD) | params: each rank steps alone, weights and momentum averaged every --average-every steps | async: rank 0 serves the weights, the others push gradients without waiting for each other (Paine 2013)
     average_every: int = 1          # sync=params: steps between averagings (1 equals sync=grads; theano_alexnet averaged every step)
     async_every: int = 1            # sync=async: batches a worker sums before each push to the server (Downpour's n_push); they must take less than stall_timeout
-    bucket_mb: float = 25.0         # gradient bucket size for allreduce (DDP's default)
-    overlap: bool = True            # reduce buckets while backward runs (false: ~5% faster where ranks fill every core)
+    bucket_mb: float = 25.0         # gradient bucket size for allreduce (DDP's default); --sync grads with --parallel data or hybrid only
+    overlap: bool = True            # reduce buckets while backward runs (false: ~5% faster where ranks fill every core); only where --bucket-mb applies
     threads: int = 1                # BLAS threads per rank
     allow_gpu_sharing: bool = False  # cuda: let ranks on a node share a GPU
     stall_timeout: float = 300.0    # seconds without progress before naming the silent rank; inside blocking collectives the run ends after twice this, so one step, evaluation batch or checkpoint must take less (the async server's checkpoint 1.5x)
@@ -93,6 +93,7 @@ CHOICES = {
 }
 
 FIELD_TYPES = {f.name: f.type for f in fields(Config)}
+DEFAULTS = {f.name: f.default for f in fields(Config)}
 
 
 def _coerce(key, value, where):
@@ -156,19 +157,42 @@ def _check(cfg):
     return cfg
 
 
-def _check_combinations(cfg):
+def _ignored_by_the_mode(cfg):
+    """(key, what it applies to, the fix) for each setting away from its default that
+    this run's --sync/--parallel would ignore: most likely the mode itself was forgotten."""
+    gradient_buckets = cfg.sync == "grads" and cfg.parallel != "model"   # the only runs that reduce them
+    for key, applies, needs, fix in (
+            ("average_every", "--sync params", cfg.sync == "params", "add --sync params"),
+            ("async_every", "--sync async", cfg.sync == "async", "add --sync async"),
+            ("bucket_mb", "the gradient allreduce of --sync grads with --parallel data or hybrid", gradient_buckets,
+             "check --sync and --parallel"),
+            ("overlap", "the gradient allreduce of --sync grads with --parallel data or hybrid", gradient_buckets,
+             "check --sync and --parallel")):
+        if not needs and getattr(cfg, key) != DEFAULTS[key]:
+            yield key, applies, fix
+    if cfg.sync == "async" and cfg.eval_every > 1:
+        yield "eval_every", "--sync grads and params", "--sync async evaluates once, at the end: give 0"
+
+
+def _check_combinations(cfg, origin=None):
     """Flags that run but cannot do what they ask, refused when a user gives them (not
-    when a saved config is read: a checkpoint made before these checks still resumes)."""
+    when a saved config is read: a checkpoint made before these checks still resumes).
+    `origin` names the TOML file of the keys that came from one."""
+    origin = origin or {}
     if cfg.schedule == "multistep" and not cfg.lr_milestones:
         raise ConfigError("--schedule multistep needs --lr-milestones, e.g. 30,60,80 (the epochs where the lr drops)")
     if cfg.schedule == "plateau" and (cfg.eval_every == 0 or cfg.sync == "async"):
         raise ConfigError("--schedule plateau drops the lr when evaluations stop improving: it needs --eval-every 1 "
                           "or more, and --sync grads or params (async evaluates only at the end)")
-    # a flag of another --sync mode would be ignored: most likely --sync itself was forgotten
-    for key, mode in (("average_every", "params"), ("async_every", "async")):
-        if getattr(cfg, key) != 1 and cfg.sync != mode:
-            raise ConfigError(f"--{key.replace('_', '-')} {getattr(cfg, key)} applies to --sync {mode} only, and this "
-                              f"run has --sync {cfg.sync}; add --sync {mode}, or leave the flag out")
+    for key, applies, fix in _ignored_by_the_mode(cfg):
+        value = getattr(cfg, key)
+        value = str(value).lower() if isinstance(value, bool) else value
+        if key in origin:
+            setting = f"{key} = {value} in {origin[key]}"
+        else:
+            setting = f"--{key.replace('_', '-')} {value}"
+        raise ConfigError(f"{setting} applies to {applies} only, and this run has --sync {cfg.sync} "
+                          f"--parallel {cfg.parallel}; {fix}, or leave it out")
     if cfg.init_skip and not cfg.init_weights:
         raise ConfigError(f"--init-skip {cfg.init_skip} needs --init-weights: the file the other layers start from")
     return cfg
@@ -223,12 +247,11 @@ def resolve(argv=(), base=None):
     flags = parse_flags(list(argv))
     cfg = dataclasses.replace(base) if base is not None else Config()
     toml_path = flags.get("config", "")
-    if toml_path:
-        for key, value in load_toml(toml_path).items():
-            setattr(cfg, key, value)
-    for key, value in flags.items():
+    from_toml = load_toml(toml_path) if toml_path else {}
+    for key, value in [*from_toml.items(), *flags.items()]:
         setattr(cfg, key, value)
-    return _check_combinations(_check(cfg))
+    origin = {key: toml_path for key in from_toml if key not in flags}
+    return _check_combinations(_check(cfg), origin)
 
 
 def from_dict(values):

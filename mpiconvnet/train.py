@@ -150,9 +150,19 @@ def main(argv=None):
     finally:
         trainer.close()
         out_lock.release()
-    world.print(f"run directory: {cfg.out} (config.json, metrics.jsonl, checkpoints/); "
-                f"plot with python -m mpiconvnet.plot {cfg.out}")
+    world.print(run_directory_line(cfg.out))
     return code
+
+
+def run_directory_line(out):
+    """Where the results are: only what is there (a run with nothing left to train, resumed
+    from another directory's checkpoint, wrote neither metrics nor checkpoints)."""
+    names = [name for name in ("config.json", "metrics.jsonl", "checkpoints/")
+             if os.path.exists(os.path.join(out, name))]
+    line = f"run directory: {out} ({', '.join(names)})"
+    if "metrics.jsonl" in names:
+        line += f"; plot with python -m mpiconvnet.plot {out}"
+    return line
 
 
 def set_aside_newer(cfg, resumed_from, step):
@@ -195,6 +205,11 @@ def train(cfg, world, trainer, resume_from, stop):
                 + (f", resuming at step {trainer.step} from {resume_from}" if resume_from else "")
                 + (f", starting from the weights in {cfg.init_weights}" if cfg.init_weights and not resume_from else "")
                 + (f" but {cfg.init_skip}" if cfg.init_skip and not resume_from else ""))
+    if trainer.step >= trainer.total_steps():
+        world.print(f"mpiconvnet: step {trainer.step} is where this run ends (--epochs {cfg.epochs}"
+                    + (f", --max-steps {cfg.max_steps}" if cfg.max_steps else "") + "): nothing to train"
+                    + (", only the last evaluation to do" if trainer.evaluated_at != trainer.step else "")
+                    + "; raise --epochs or --max-steps to train on")
     progress = None
     if world.is_root and cfg.progress:
         from tqdm import tqdm

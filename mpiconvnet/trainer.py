@@ -224,15 +224,18 @@ class Trainer:
             exposed = self.averager.average()
         return loss, exposed
 
+    def total_steps(self):
+        """The step this run ends after: its last epoch's end, or --max-steps."""
+        total = self.cfg.epochs * self.steps_per_epoch
+        return min(total, self.cfg.max_steps) if self.cfg.max_steps else total
+
     def run(self, stop, progress=None, log=None):
         """Train until the last epoch, max_steps or a stop signal; returns an exit code."""
         cfg, world = self.cfg, self.world
         self.progress = progress
         if cfg.sync == "async":
             return EXIT_PREEMPTED if async_sgd.run(self, stop, progress, log) == "preempted" else EXIT_OK
-        total_steps = cfg.epochs * self.steps_per_epoch
-        if cfg.max_steps:
-            total_steps = min(total_steps, cfg.max_steps)
+        total_steps = self.total_steps()
         # twice the heartbeat's limit: where the heartbeat can name a silent rank, it does first
         world.start_watchdog(2 * cfg.stall_timeout)
         # the loss sums over the steps since the last metrics line, those before a resume

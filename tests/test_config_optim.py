@@ -51,10 +51,31 @@ def test_flags_override_toml_which_overrides_defaults(tmp_path):
     (["--schedule", "plateau", "--eval-every", "0"], "--schedule plateau drops the lr"),
     (["--average-every", "4"], "--average-every 4 applies to --sync params only, and this run has --sync grads"),
     (["--async-every", "2", "--sync", "params"], "--async-every 2 applies to --sync async only"),
+    # settings the mode ignores: model parallel and async reduce no gradient buckets
+    (["--parallel", "model", "--bucket-mb", "1"], "--bucket-mb 1.0 applies to the gradient allreduce of --sync grads"),
+    (["--sync", "async", "--overlap", "false"], "--overlap false applies to the gradient allreduce"),
+    (["--sync", "params", "--average-every", "2", "--overlap", "false"], "--overlap false applies to the gradient"),
+    (["--sync", "async", "--eval-every", "3"], "--eval-every 3 applies to --sync grads and params only, and this "
+                                               "run has --sync async --parallel data; --sync async evaluates once"),
 ])
 def test_bad_flags_are_named(argv, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         resolve(argv)
+
+
+def test_a_setting_the_mode_ignores_is_named_where_it_was_given(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text("average_every = 4\noverlap = false\n")
+    with pytest.raises(ConfigError, match=f"average_every = 4 in {toml} applies to --sync params only"):
+        resolve(["--config", str(toml)])
+    with pytest.raises(ConfigError, match=f"overlap = false in {toml} applies to the gradient allreduce"):
+        resolve(["--config", str(toml), "--sync", "params"])
+    with pytest.raises(ConfigError, match="^--average-every 3 applies"):   # a flag over the file's key
+        resolve(["--config", str(toml), "--average-every", "3", "--sync", "async"])
+    # what each mode does use is accepted, and so are the defaults of what it ignores
+    assert resolve(["--config", str(toml), "--sync", "params", "--overlap", "true"]).average_every == 4
+    assert resolve(["--sync", "async", "--eval-every", "0", "--bucket-mb", "25", "--overlap", "true"]).sync == "async"
+    assert resolve(["--parallel", "hybrid", "--bucket-mb", "4", "--overlap", "false"]).bucket_mb == 4
 
 
 def test_bad_toml_key_names_the_file(tmp_path):

@@ -697,6 +697,12 @@ def test_a_run_directory_with_checkpoints_is_resumed_never_overwritten(data, tmp
     # a run directory for --resume is its newest checkpoint: here a branch into a new --out
     result = train(args[:-1] + [str(tmp_path / "branch"), "--epochs", "2", "--resume", str(run)])
     assert f"resuming at step 12 from {run}/checkpoints/ckpt-00000012.h5" in result.stdout
+    # already at its end: said so, and the closing line lists only what the run wrote
+    assert "step 12 is where this run ends (--epochs 2): nothing to train; raise --epochs" in result.stdout
+    assert f"run directory: {tmp_path / 'branch'} (config.json)\n" in result.stdout, result.stdout
+    result = train(args + ["--epochs", "3", "--max-steps", "12", "--resume", "auto"])
+    assert "step 12 is where this run ends (--epochs 3, --max-steps 12): nothing to train" in result.stdout
+    assert "(config.json, metrics.jsonl, checkpoints/); plot with" in result.stdout
 
 
 def test_a_damaged_newest_checkpoint_is_one_line_naming_the_older_one_to_resume_from(data, tmp_path):
