@@ -13,18 +13,19 @@ from mpiconvnet.checkpoint import OutputError, cannot_write
 
 def read_records(path):
     """The records of a metrics file in order; ValueError naming the line for a damaged one."""
-    with open(path) as f:
+    with open(path, "rb") as f:   # bytes: a line that is not UTF-8 is named like any damaged one
         lines = f.readlines()
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except ValueError:
-            if number == len(lines) and not line.endswith("\n"):
+            record = json.loads(line.decode())
+        except ValueError as error:   # UnicodeDecodeError is one
+            if number == len(lines) and not line.endswith(b"\n"):
                 break   # cut short while being written
-            raise ValueError(f"{path}:{number} is not JSON; the file is damaged") from None
+            what = "UTF-8 text" if isinstance(error, UnicodeDecodeError) else "JSON"
+            raise ValueError(f"{path}:{number} is not {what}; the file is damaged") from None
         if not (isinstance(record, dict) and isinstance(record.get("step"), int)):
             raise ValueError(f"{path}:{number} is not a metrics record (an object with a step); the file is damaged")
         records.append(record)
@@ -43,7 +44,8 @@ class MetricsLog:
             try:
                 records = read_records(self.path)
             except ValueError as error:   # edited by hand, or another tool's
-                raise OutputError(f"{error}; move it aside and run the same command again") from None
+                raise OutputError(f"{error}; move {self.path} aside (or delete that line) and run the same command "
+                                  f"again") from None
             except OSError as error:      # a directory of that name, a file this user may not read
                 raise OutputError(f"cannot read {self.path}: {os.strerror(error.errno) if error.errno else error}; "
                                   f"move it aside and run the same command again") from None
