@@ -10,12 +10,18 @@ Rank 0 writes `ckpt-00001234.h5.tmp`, fsyncs it, renames it and fsyncs the direc
 a run killed at any moment leaves either the old set of checkpoints or the new one (and
 maybe a .tmp file, which the next run's rank 0 removes as it starts).
 
+The meta also records the training set's class list (its wnids, in label order), so that
+evaluate, a resume and --init-weights can refuse a data set whose labels mean other classes
+instead of scoring against them; checkpoints written before it (2026-11-25) have none and
+are not checked.
+
 Every array and the meta attribute carry the CRC-32 of their bytes, checked on every load:
 a file damaged after it was written (a bad disk, a file system's fault, a stray write)
 is refused with one line instead of resuming into a NaN loss. Checkpoints written before
 the checksums (2026-11-25) have none and load as they are; any checkpoint holding NaN or
 Inf is refused.
 """
+import errno
 import io
 import json
 import os
@@ -41,7 +47,11 @@ def checkpoint_dir(run_dir):
 
 def list_checkpoints(run_dir):
     """Complete checkpoints in run_dir, oldest first (temporary files are ignored)."""
-    folder = checkpoint_dir(run_dir)
+    return checkpoints_in(checkpoint_dir(run_dir))
+
+
+def checkpoints_in(folder):
+    """Complete checkpoints (ckpt-*.h5) in `folder` itself, oldest first."""
     if not os.path.isdir(folder):
         return []
     found = sorted((step_of(f), f) for f in os.listdir(folder) if NAME.match(f))
@@ -60,6 +70,16 @@ def cannot_write(path, error, run_dir):
     kept = f"the last checkpoint, {os.path.basename(kept[-1])}, is kept" if kept else "no checkpoint was written yet"
     return (f"cannot write {path}: {reason}; free space or fix permissions under --out {run_dir}, then run the "
             f"same command with --resume auto ({kept})")
+
+
+def output_problem(path, error, flag="--out"):
+    """The one line for an OSError met writing `path`, a file the user named with `flag`
+    (export's .npz, plot's image): a folder that does not exist is to be made, not freed."""
+    reason = os.strerror(error.errno) if error.errno else str(error)
+    folder = os.path.dirname(path) or "."
+    if error.errno == errno.ENOENT and not os.path.isdir(folder):
+        return f"cannot write {path}: {reason}; create the folder {folder} first (mkdir -p), or give another {flag}"
+    return f"cannot write {path}: {reason}; free space or fix permissions there, or give another {flag}"
 
 
 def save(run_dir, step, params, velocity, meta, keep):
@@ -172,11 +192,16 @@ def load(path, flag="--checkpoint"):
     instead, for the one line that names it when this one is refused."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} not found")
+    if step_of(path) is None and os.path.getsize(path) and not _is_hdf5(path):
+        # an .npz, a .pt, a text file (a ckpt-N.h5 without the signature is a damaged checkpoint)
+        raise CheckpointError(f"{flag} {path} is not a checkpoint (an HDF5 file written by python -m "
+                              f"mpiconvnet.train); give a checkpoint file or a run directory (an .npz of weights "
+                              f"starts a new run with train --init-weights)")
     try:
         with h5py.File(path, "r", locking=False) as f:
             if "meta" not in f.attrs or "params" not in f:
-                raise CheckpointError(f"{path} is not an mpiconvnet checkpoint (a data shard?); give a checkpoint "
-                                      f"from a run's checkpoints/ folder")
+                raise CheckpointError(f"{flag} {path} is not an mpiconvnet checkpoint (a data shard?); give a "
+                                      f"checkpoint from a run's checkpoints/ folder")
             version = int(f.attrs.get("format_version", -1))
             if version != FORMAT_VERSION:
                 raise CheckpointError(f"checkpoint {path} has format version {version}, this mpiconvnet reads "
@@ -191,6 +216,14 @@ def load(path, flag="--checkpoint"):
     except (OSError, KeyError, ValueError, TypeError) as e:   # ValueError: a meta that is not JSON
         raise unusable(path, f"is unreadable ({e})", flag) from None
     return params, velocity, meta
+
+
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _is_hdf5(path):
+    with open(path, "rb") as f:
+        return f.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE
 
 
 def _read_meta(f):
@@ -233,6 +266,10 @@ def _check_complete(params, velocity, meta):
     for key, kind in META_TYPES.items():
         if not isinstance(meta[key], kind):
             raise _Unfit(f"is damaged (its meta's {key} is {meta[key]!r}, not a {kind.__name__})")
+    classes = meta.get("classes")   # absent from checkpoints written before 2026-11-25
+    if classes is not None and not (isinstance(classes, list) and len(classes) == meta["num_classes"]
+                                    and all(isinstance(c, str) for c in classes)):
+        raise _Unfit(f"is damaged (its meta's classes is not a list of {meta['num_classes']} class names)")
     for name in sorted(set(params) | set(velocity)):
         if name not in params or name not in velocity:
             raise _Unfit(f"is incomplete ({'velocity' if name in params else 'params'}/{name} is missing)")
@@ -266,20 +303,49 @@ def _instead(path, flag):
     if older:
         return f"use the older one instead: {flag} {older}"
     if step_of(path) is None:
-        return "use an older checkpoint"
-    return f"no older checkpoint is beside it in {os.path.dirname(path) or '.'}"
+        return f"give {flag} an older checkpoint"
+    return f"no older checkpoint is beside it in {os.path.dirname(path) or '.'} to give {flag} instead"
+
+
+def class_mismatch(meta, classes, path, data_dir):
+    """The one line saying how data_dir's class list differs from the one the checkpoint
+    at `path` was trained on, or None: the same list, or a checkpoint that records none."""
+    trained = meta.get("classes")
+    if trained is None or list(trained) == list(classes):
+        return None
+    if len(trained) != len(classes):
+        return f"{data_dir} has {len(classes)} classes, checkpoint {path} was trained on {len(trained)}"
+    label = next(i for i, (a, b) in enumerate(zip(trained, classes)) if a != b)
+    return (f"{data_dir} has other classes than checkpoint {path} was trained on: label {label} is "
+            f"{classes[label]} there, {trained[label]} in the checkpoint")
 
 
 def find_checkpoint(path, flag="--checkpoint"):
-    """A checkpoint file as given, or a run directory's newest checkpoint."""
+    """A checkpoint file as given, or the newest checkpoint of a run directory or of its
+    checkpoints/ folder."""
     if os.path.isdir(path):
-        found = list_checkpoints(path)
+        found = list_checkpoints(path) or checkpoints_in(path)
         if not found:
-            raise CheckpointError(f"{flag} {path}: holds no checkpoints/ckpt-*.h5; give a checkpoint file")
+            raise CheckpointError(f"{flag} {path}: holds no checkpoints/ckpt-*.h5 (nor ckpt-*.h5 itself); give a "
+                                  f"checkpoint file")
         return found[-1]
     if not os.path.isfile(path):
         raise CheckpointError(f"{flag} {path}: no such file or directory; give a checkpoint file or a run directory")
     return path
+
+
+def load_given(given, flag="--checkpoint"):
+    """(path, params, velocity, meta) of the checkpoint `given` names (find_checkpoint). A
+    directory's newest checkpoint is chosen again once when it vanished before it was
+    opened: a live run with --keep-checkpoints 1 prunes it as it writes the next one."""
+    path = find_checkpoint(given, flag)
+    try:
+        return (path, *load(path, flag))
+    except CheckpointError:
+        if not os.path.isdir(given) or os.path.exists(path):
+            raise
+    path = find_checkpoint(given, flag)
+    return (path, *load(path, flag))
 
 
 def resolve_resume(resume, run_dir):

@@ -151,6 +151,29 @@ def first_rank_by_environment(environ=os.environ):
     return True
 
 
+def ranks_by_environment(environ=os.environ):
+    """How many ranks the launcher started, read from its environment without starting MPI
+    (1 for a plain process): MPICH's and Intel MPI's PMI_SIZE, Open MPI's
+    OMPI_COMM_WORLD_SIZE, else srun's tasks in this step (not SLURM_NTASKS, which the shell
+    of a batch script has too)."""
+    for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS"):
+        if environ.get(var, "").isdigit():
+            return int(environ[var])
+    return 1
+
+
+def refuse_several_ranks(program, environ=os.environ):
+    """For a tool that writes one file (plot, export): False for one process; started as
+    several ranks, which would all write it, True after rank 0 said so in one line."""
+    ranks = ranks_by_environment(environ)
+    if ranks == 1:
+        return False
+    if first_rank_by_environment(environ):
+        print(f"{program}: started as {ranks} MPI ranks, which would all write the same --out; run it as one "
+              f"process, without mpiexec/srun -n {ranks}", file=sys.stderr)
+    return True
+
+
 class SetupError(RuntimeError):
     """This rank cannot start: no pycuda or CUDA driver, no usable GPU or one shared with
     another rank, libraries not found, srun's --mpi not matching the MPI, or an MPI without

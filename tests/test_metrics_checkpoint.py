@@ -53,6 +53,19 @@ def test_damage_before_the_last_line_is_named(tmp_path, text, message):
         read_metrics(tmp_path)
 
 
+def test_a_line_that_is_not_utf8_is_named_by_file_and_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes((json.dumps(record(1)) + "\n").encode() + b"\xff\xfe\x00garbage\n")
+    with pytest.raises(ValueError, match=f"^{path}:2 is not UTF-8 text; the file is damaged$"):
+        read_metrics(tmp_path)
+    with pytest.raises(checkpoint.OutputError) as error:
+        MetricsLog(tmp_path, True, resume_step=1)   # train --resume auto
+    assert str(error.value) == (f"{path}:2 is not UTF-8 text; the file is damaged; move {path} aside (or delete "
+                                f"that line) and run the same command again")
+    path.write_bytes((json.dumps(record(1)) + "\n").encode() + b"\xff\xfe")   # cut short: skipped as ever
+    assert [r["step"] for r in read_records(path)] == [1]
+
+
 def test_a_failed_metrics_write_leaves_no_half_line(tmp_path, monkeypatch):
     log = MetricsLog(tmp_path, True)
     log.write(record(1))
@@ -116,6 +129,67 @@ def test_files_that_are_not_checkpoints_are_named(tmp_path):
         checkpoint.load(str(tmp_path / "shard.h5"))
     with pytest.raises(checkpoint.CheckpointError, match="broken.h5 is unreadable"):
         checkpoint.load(str(tmp_path / "broken.h5"))
+
+
+def test_files_that_are_no_hdf5_are_no_checkpoint_and_the_line_names_the_flag(tmp_path):
+    np.savez(tmp_path / "w.npz", a=np.zeros(2))
+    (tmp_path / "notes.txt").write_text("hello\n")
+    for name in ("w.npz", "notes.txt"):
+        with pytest.raises(checkpoint.CheckpointError) as error:
+            checkpoint.load(str(tmp_path / name))
+        assert str(error.value) == (f"--checkpoint {tmp_path / name} is not a checkpoint (an HDF5 file written by "
+                                    f"python -m mpiconvnet.train); give a checkpoint file or a run directory (an "
+                                    f".npz of weights starts a new run with train --init-weights)")
+    with h5py.File(tmp_path / "shard.h5", "w") as f:
+        f.attrs["format_version"] = 2
+    with pytest.raises(checkpoint.CheckpointError, match="^--init-weights .*shard.h5 is not an mpiconvnet"):
+        checkpoint.load(str(tmp_path / "shard.h5"), "--init-weights")
+    # a damaged checkpoint alone: the fix names the flag that takes another
+    (tmp_path / "cut.h5").write_bytes(checkpoint.HDF5_SIGNATURE + b"\0" * 100)
+    with pytest.raises(checkpoint.CheckpointError, match="cut.h5 is unreadable .*; give --init-weights an older "
+                                                         "checkpoint$"):
+        checkpoint.load(str(tmp_path / "cut.h5"), "--init-weights")
+
+
+def test_the_checkpoints_folder_is_taken_like_its_run_directory(tmp_path):
+    params = {"w": np.ones(2, np.float32)}
+    for step in (1, 2):
+        checkpoint.save(tmp_path, step, params, params, meta_of(step), keep=3)
+    newest = str(tmp_path / "checkpoints" / "ckpt-00000002.h5")
+    assert checkpoint.find_checkpoint(str(tmp_path)) == checkpoint.find_checkpoint(str(tmp_path / "checkpoints")) \
+        == newest
+
+
+def test_a_newest_checkpoint_pruned_before_it_is_opened_is_chosen_again(tmp_path, monkeypatch):
+    # a live run with --keep-checkpoints 1 writes step 3 and removes step 2 between the
+    # listing and the opening
+    params = {"w": np.ones(2, np.float32)}
+    checkpoint.save(tmp_path, 2, params, params, meta_of(2), keep=1)
+    load = checkpoint.load
+
+    def load_after_the_run_moved_on(path, flag="--checkpoint"):
+        if path.endswith("ckpt-00000002.h5"):
+            checkpoint.save(tmp_path, 3, params, params, meta_of(3), keep=1)
+        return load(path, flag)
+
+    monkeypatch.setattr(checkpoint, "load", load_after_the_run_moved_on)
+    path, _, _, meta = checkpoint.load_given(str(tmp_path))
+    assert path.endswith("ckpt-00000003.h5") and meta["step"] == 3
+
+
+def test_the_class_list_is_checked_when_the_checkpoint_records_one(tmp_path):
+    params = {"w": np.ones(2, np.float32)}
+    classes = ["n0", "n1", "n2", "n3"]
+    checkpoint.save(tmp_path, 1, params, params, {**meta_of(1), "classes": classes}, keep=3)
+    _, _, meta = checkpoint.load(checkpoint.list_checkpoints(tmp_path)[-1])
+    assert meta["classes"] == classes
+    assert checkpoint.class_mismatch(meta, classes, "C", "D") is None
+    assert checkpoint.class_mismatch(meta, ["n0", "n2", "n1", "n3"], "C", "D") == \
+        "D has other classes than checkpoint C was trained on: label 1 is n2 there, n1 in the checkpoint"
+    assert checkpoint.class_mismatch(meta_of(1), ["x"], "C", "D") is None   # from before the list: not checked
+    checkpoint.save(tmp_path, 2, params, params, {**meta_of(2), "classes": classes[:3]}, keep=3)
+    with pytest.raises(checkpoint.CheckpointError, match="its meta's classes is not a list of 4 class names"):
+        checkpoint.load(checkpoint.list_checkpoints(tmp_path)[-1])
 
 
 def test_checkpoints_set_aside_never_overwrite_and_a_same_step_branch_goes_too(tmp_path):

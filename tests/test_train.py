@@ -267,7 +267,8 @@ def test_a_refused_resume_leaves_no_out_behind(data, tmp_path):
     bad.write_text("not a checkpoint")
     result = train(["--data", data, "--global-batch", "16", "--out", str(tmp_path / "runs" / "a" / "run"),
                     "--resume", str(bad)], check=False)
-    assert result.returncode == 2 and f"checkpoint {bad} is unreadable" in result.stderr, result.stderr
+    assert result.returncode == 2 and f"--resume {bad} is not a checkpoint (an HDF5 file" in result.stderr, \
+        result.stderr
     assert sorted(os.listdir(tmp_path)) == ["bad.h5"]   # nor the folders above it that the run made
 
 
@@ -738,7 +739,7 @@ def test_a_checkpoint_with_a_part_missing_is_one_line_and_exit_2(data, tmp_path)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
         f"mpiconvnet.train: checkpoint {older} is incomplete (its meta's schedule lacks 'best_top1'); no older "
-        f"checkpoint is beside it in {run / 'checkpoints'}"]
+        f"checkpoint is beside it in {run / 'checkpoints'} to give --resume instead"]
 
 
 def test_a_missing_validation_shard_stops_the_run_before_its_first_step(tmp_path):
