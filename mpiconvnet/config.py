@@ -69,9 +69,9 @@ class Config:
     log_every: int = 10             # steps between metrics.jsonl lines
     checkpoint_every: int = 0       # steps between checkpoints (0: at each epoch end only)
     keep_checkpoints: int = 3       # how many recent checkpoints to keep
-    resume: str = ""                # "", "auto" (newest in out/checkpoints), a checkpoint path or a run directory (its newest)
+    resume: str = ""                # "", "auto" (newest in out/checkpoints), a checkpoint path or a run directory (its newest); refused for a --data with other classes than the checkpoint's
     init_weights: str = ""          # start from these weights instead of the random init: an .npz (ours or torchvision's names), a checkpoint or a run directory; a run that resumes from a checkpoint ignores it
-    init_skip: str = ""             # with --init-weights: comma-separated layers that keep their random init, e.g. fc8 for another class count
+    init_skip: str = ""             # with --init-weights: comma-separated layers that keep their random init, e.g. fc8 for another class count or class list (a checkpoint's classifier is refused for other classes)
     progress: bool = True           # tqdm bar on rank 0
 
     def to_dict(self):

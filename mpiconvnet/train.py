@@ -108,7 +108,8 @@ def main(argv=None):
             trainer.restore(resume_from)
         elif cfg.init_weights:
             skip = [layer.strip() for layer in cfg.init_skip.split(",") if layer.strip()]
-            trainer.net.load_state_dict(initial_state(trainer.net, cfg.init_weights, skip, world),
+            trainer.net.load_state_dict(initial_state(trainer.net, cfg.init_weights, skip, world,
+                                                      train_set.classes, cfg.data),
                                         source=cfg.init_weights)
     except (ConfigError, DatasetError, ModelError, checkpoint.CheckpointError) as e:
         if world.is_root:

@@ -150,6 +150,7 @@ class Trainer:
         meta = {"step": self.step, "epoch": self.step // self.steps_per_epoch,
                 "step_in_epoch": self.step % self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch,
                 "model": self.cfg.model, "num_classes": self.net.num_classes, "world_size": self.world.size,
+                "classes": self.train_set.classes,   # the label order evaluate and a resume check
                 "config": self.cfg.to_dict(), "schedule": self.schedule.state_dict(),
                 "evaluated_at": self.evaluated_at,
                 "log_window": log_window,
@@ -168,6 +169,9 @@ class Trainer:
         if meta["steps_per_epoch"] != self.steps_per_epoch:
             raise checkpoint.CheckpointError(f"checkpoint {path}: {meta['steps_per_epoch']} steps per epoch, this "
                                              f"data set gives {self.steps_per_epoch}; resume on the same data")
+        mismatch = checkpoint.class_mismatch(meta, self.train_set.classes, path, self.cfg.data)
+        if mismatch:
+            raise checkpoint.CheckpointError(f"{mismatch}; resume on the data set it was trained on")
         self.net.load_state_dict(params, source=path)
         self.optimizer.load_state_dict({n: self.net.local_part(n, v) for n, v in velocity.items()}, source=path)
         try:

@@ -50,32 +50,43 @@ def _rename(name, table):
     return f"{table.get(layer, layer)}.{kind}"
 
 
+NPZ_HINT = ("give an .npz of named arrays (python -m mpiconvnet.export; from a PyTorch state dict: "
+            "numpy.savez(path, **{k: v.numpy() for k, v in state_dict.items()})), a checkpoint or a run directory")
+
+
 def read_weights(path):
-    """{name: array} from an .npz file, a checkpoint file or a run directory (its newest
-    checkpoint), in our names."""
+    """(state, classes, file_names) from an .npz file, a checkpoint file or a run directory
+    (its newest checkpoint): state is {name: array} in our names, classes the class list
+    of the training set (None where not recorded: an .npz, an older checkpoint), file_names
+    {our name: the file's} where the file named them otherwise (torchvision's), for messages."""
     if not os.path.exists(path):
         raise ModelError(f"--init-weights {path}: no such file; give an .npz of weights, a checkpoint or a run "
                          f"directory")
-    if os.path.isdir(path) or _starts_with(path, HDF5_SIGNATURE):   # whatever its name ends with
-        params, _, _ = checkpoint.load(checkpoint.find_checkpoint(path, "--init-weights"), "--init-weights")
-        return params
-    hint = "give an .npz of named arrays (numpy.savez, python -m mpiconvnet.export), a checkpoint or a run directory"
+    if os.path.isdir(path) or _starts_with(path, checkpoint.HDF5_SIGNATURE):   # whatever its name ends with
+        _, params, _, meta = checkpoint.load_given(path, "--init-weights")
+        return params, meta.get("classes"), {}
+    if _starts_with(path, b"\x93NUMPY"):
+        raise ModelError(f"--init-weights {path}: an .npy holds one unnamed array, not named weights; {NPZ_HINT}")
+    if not _starts_with(path, b"PK"):   # every .npz is a zip; a text file, a pickled .pt are not
+        raise ModelError(f"--init-weights {path}: not an .npz of weights (nor a zip, nor a checkpoint); {NPZ_HINT}")
     try:
-        loaded = np.load(path, allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):   # an .npy: one array, no names
-            raise ValueError("it holds one unnamed array")
-        with loaded as f:
-            state = {name: f[name] for name in f.files}
+        with np.load(path, allow_pickle=False) as f:
+            state = {}
+            for name in f.files:
+                state[name] = f[name]
+                if not isinstance(state[name], np.ndarray):   # a member that is no .npy: torch.save's zip
+                    raise ModelError(f"--init-weights {path}: a zip but not an .npz of weights (its {name} is no "
+                                     f"NumPy array: a torch.save file?); {NPZ_HINT}")
+    except ModelError:
+        raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:   # truncated, corrupt, objects
-        raise ModelError(f"--init-weights {path}: not a readable .npz of arrays ({e}); {hint}") from None
+        raise ModelError(f"--init-weights {path}: not a readable .npz of arrays ({e}); {NPZ_HINT}") from None
     for name, value in state.items():
         if not np.issubdtype(value.dtype, np.floating) or not np.all(np.isfinite(value)):
             raise ModelError(f"--init-weights {path}: {name} is not finite floating-point numbers "
-                             f"(dtype {value.dtype}); {hint}")
-    return from_torchvision(state)
-
-
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+                             f"(dtype {value.dtype}); {NPZ_HINT}")
+    ours = from_torchvision(state)
+    return ours, None, dict(zip(ours, state))
 
 
 def _starts_with(path, signature):
@@ -83,13 +94,15 @@ def _starts_with(path, signature):
         return f.read(len(signature)) == signature
 
 
-def initial_state(net, path, skip_layers=(), world=None):
+def initial_state(net, path, skip_layers=(), world=None, classes=None, data_dir=None):
     """The whole-array state to start `net` from: the file's arrays, and net's own (random)
-    ones for the layers in skip_layers. A collective of `world`'s ranks."""
+    ones for the layers in skip_layers. A collective of `world`'s ranks. `classes`: the
+    class list of the run's training set (data_dir), checked against the one a checkpoint
+    records while its classifier is taken over."""
     try:
-        state, failure = read_weights(path), None
+        (state, trained_classes, file_names), failure = read_weights(path), None
     except (ModelError, checkpoint.CheckpointError) as error:
-        state, failure = None, error
+        failure = error
     if world is not None and world.size > 1:
         # a file that one node cannot read stops every rank, before the gathers below
         failures = world.comm.allgather(None if failure is None else f"rank {world.rank}: {failure}")
@@ -103,6 +116,16 @@ def initial_state(net, path, skip_layers=(), world=None):
     if unknown:
         raise ModelError(f"--init-skip {','.join(unknown)}: not a layer of {net.name} "
                          f"(its layers: {', '.join(sorted(layers))})")
+    classifier = list(own)[-1].split(".")[0]   # forward order: the classifier last
+    if (classes is not None and trained_classes is not None and classifier not in skip_layers
+            and len(trained_classes) == len(classes)):
+        # the same count in another order (or other classes) would start every label from
+        # another class's weights (another count fails the shape check below); fine-tuning
+        # to other classes starts the classifier afresh instead
+        mismatch = checkpoint.class_mismatch({"classes": trained_classes}, classes, path, data_dir)
+        if mismatch:
+            raise ModelError(f"--init-weights: {mismatch}; to fine-tune to these classes keep the classifier's "
+                             f"random init with --init-skip {classifier}")
     merged = {}
     for name, value in own.items():
         layer = name.split(".")[0]
@@ -113,10 +136,11 @@ def initial_state(net, path, skip_layers=(), world=None):
                              f"model, or keep that layer's random init with --init-skip {layer}")
         elif tuple(state[name].shape) != tuple(value.shape):
             # another class count changes the classifier alone; any other layer, another model
-            classifier = layer == list(own)[-1].split(".")[0]   # forward order: the classifier last
-            fix = (f"keep that layer's random init with --init-skip {layer}" if classifier else
+            fix = (f"keep that layer's random init with --init-skip {layer}" if layer == classifier else
                    f"these are another model's weights; give weights of model {net.name}")
-            raise ModelError(f"--init-weights {path}: {name} has shape {tuple(state[name].shape)}, {net.name} with "
+            held = file_names.get(name, name)   # the name the file holds it under (torchvision's)
+            held = name if held == name else f"{held} (our {name})"
+            raise ModelError(f"--init-weights {path}: {held} has shape {tuple(state[name].shape)}, {net.name} with "
                              f"{net.num_classes} classes has {tuple(value.shape)}; {fix}")
         else:
             merged[name] = state[name]
@@ -127,21 +151,35 @@ def initial_state(net, path, skip_layers=(), world=None):
     return merged
 
 
-def write_npz(path, state):
-    """np.savez to path, atomically: a crash leaves the old file or none, never half of one."""
-    if os.path.lexists(path) and (os.path.islink(path) or not os.path.isfile(path)):
-        raise checkpoint.OutputError(f"--out {path} exists and is not a regular file (a link, a device, a folder); "
-                                     f"give a file name")
-    partial = path + ".tmp"
+def classes_path(npz_path):
+    """Where export writes the class list beside an .npz: m.npz → m.classes.txt (a key inside
+    the .npz would break torchvision's load_state_dict)."""
+    return os.path.splitext(npz_path)[0] + ".classes.txt"
+
+
+def write_npz(path, state, classes=None):
+    """np.savez to path, and `classes` (one name a line, in label order) to classes_path(path)
+    when given, atomically: a crash leaves the old files or none, never half of one."""
+    files = [path] + ([classes_path(path)] if classes is not None else [])
+    for name in files:
+        if os.path.lexists(name) and (os.path.islink(name) or not os.path.isfile(name)):
+            raise checkpoint.OutputError(f"--out {path}: {name} exists and is not a regular file (a link, a device, "
+                                         f"a folder); give another --out")
+    partials = [name + ".tmp" for name in files]
     try:
-        with open(partial, "wb") as f:   # a file object: savez would append .npz to a name
+        with open(partials[0], "wb") as f:   # a file object: savez would append .npz to a name
             np.savez(f, **state)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(partial, path)
+        if classes is not None:
+            with open(partials[1], "w") as f:
+                f.write("".join(name + "\n" for name in classes))
+                f.flush()
+                os.fsync(f.fileno())
+        for partial, name in zip(partials, files):
+            os.replace(partial, name)
     except OSError as error:
-        if os.path.exists(partial):
-            os.remove(partial)
-        reason = os.strerror(error.errno) if error.errno else str(error)
-        raise checkpoint.OutputError(f"cannot write {path}: {reason}; free space, fix permissions or give another "
-                                     f"--out") from None
+        for partial in partials:
+            if os.path.lexists(partial):
+                os.remove(partial)
+        raise checkpoint.OutputError(checkpoint.output_problem(path, error)) from None

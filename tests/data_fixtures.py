@@ -70,13 +70,14 @@ def _write_split(root, split, num_images, num_classes, size, image_format, shard
     return entry
 
 
-def write_tiny_dataset(root, num_train, num_val, num_classes, size, format="raw", shard_size=16):
+def write_tiny_dataset(root, num_train, num_val, num_classes, size, format="raw", shard_size=16, classes=None):
     """Write a complete data set under root (dataset.json, mean_image.npy, shards,
-    skipped.tsv) and return root. num_val=0 leaves the val split out."""
+    skipped.tsv) and return root. num_val=0 leaves the val split out. classes: the class
+    names in label order (default n00000000, n00000001, ...)."""
     if num_train + num_val > MAX_IMAGES:
         raise ValueError(f"the colour code holds {MAX_IMAGES} images per split")
     os.makedirs(root, exist_ok=True)
-    classes = [f"n{c:08d}" for c in range(num_classes)]
+    classes = classes or [f"n{c:08d}" for c in range(num_classes)]
     splits = {"train": _write_split(root, "train", num_train, num_classes, size, format, shard_size, classes)}
     if num_val:
         splits["val"] = _write_split(root, "val", num_val, num_classes, size, format, shard_size, classes)
