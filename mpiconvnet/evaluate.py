@@ -5,14 +5,19 @@
     mpirun -np 4 python -m mpiconvnet.evaluate --data shards/ --checkpoint runs/a --backend cuda
     srun --mpi=pmi2 python -m mpiconvnet.evaluate --data shards/ --checkpoint runs/a   (or jobs/evaluate.sbatch)
 
---checkpoint takes a checkpoint file, or a run directory (its newest checkpoint). Every
-image of the split is counted exactly once whatever the rank count.
+--checkpoint takes a checkpoint file, or a run directory or its checkpoints/ folder (the
+newest checkpoint). Every image of the split is counted exactly once whatever the rank
+count. A --data with other classes than the training set (another order included) is
+refused: its labels would be scored against other classes. --crops, --backend and
+--stall-timeout default to the training run's, so the run's own data set gives the
+numbers of its metrics.jsonl.
 
 Exit codes: 0 evaluated; 2 bad flag, data, checkpoint or set-up (one line); 3 a rank, or one
-of its loader processes, stopped answering; 130 ctrl-c.
+of its loader processes, stopped answering; 130 ctrl-c or SIGTERM (scancel, a time limit).
 """
 import argparse
 import json
+import signal
 import sys
 
 from mpiconvnet import checkpoint, distributed
@@ -29,7 +34,8 @@ def parse_args(argv):
     p.add_argument("--data", required=True, help="data set directory written by python -m preprocess")
     p.add_argument("--checkpoint", required=True, help="checkpoint file, or a run directory (newest checkpoint)")
     p.add_argument("--split", default="val", choices=SPLITS, help="split to score (default val)")
-    p.add_argument("--crops", type=int, choices=(1, 10), default=1, help="centre crop, or 10 crops averaged")
+    p.add_argument("--crops", type=int, choices=(1, 10), default=None,
+                   help="1: centre crop; 10: 10 crops averaged (default: the training run's --eval-crops)")
     p.add_argument("--batch", type=int, default=64, help="images per rank per batch (default 64)")
     p.add_argument("--backend", choices=("numpy", "cuda"), default=None, help="default: the training run's")
     p.add_argument("--workers", type=int, default=1, help="loader processes per rank (default 1; 0: in-process)")
@@ -51,9 +57,10 @@ def main(argv=None):
         if value < least:
             print(f"mpiconvnet.evaluate: {flag} {value} must be at least {least}", file=sys.stderr)
             return 2
+    # a SIGTERM (scancel, a time limit) ends it as ctrl-c does: one line and 130
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        path = checkpoint.find_checkpoint(args.checkpoint)
-        params, _, meta = checkpoint.load(path)
+        path, params, _, meta = checkpoint.load_given(args.checkpoint)
         cfg = from_dict(meta["config"])
         backend = args.backend or cfg.backend
         world = distributed.init(backend, args.threads, need_threads=False)
@@ -61,19 +68,30 @@ def main(argv=None):
         if data.num_classes != meta["num_classes"]:
             raise ModelError(f"{args.data} has {data.num_classes} classes, checkpoint {path} was trained on "
                              f"{meta['num_classes']}; evaluate on the data set it was trained on")
+        mismatch = checkpoint.class_mismatch(meta, data.classes, path, args.data)
+        if mismatch:
+            raise ModelError(f"{mismatch}; evaluate on the data set it was trained on")
         net = build_model(cfg.model, num_classes=meta["num_classes"], backend=backend, dtype=cfg.dtype, seed=cfg.seed)
         if data.image_size < net.input_size:
             raise ModelError(f"{args.data}: images are {data.image_size}px, model {cfg.model} crops {net.input_size}px; "
                              f"evaluate on the data set it was trained on")
         net.load_state_dict(params, source=path)
     except (checkpoint.CheckpointError, ConfigError, DatasetError, ModelError, distributed.SetupError) as e:
-        if getattr(e, "echo", True):   # a rank stopped by another rank's set-up error is silent
+        # every rank reads the same checkpoint and data, so rank 0 speaks for all (before MPI
+        # starts, the launcher's numbering says which is rank 0); a SetupError is said by the
+        # rank it stops, and a rank stopped by another rank's is silent
+        if e.echo if isinstance(e, distributed.SetupError) else distributed.first_rank_by_environment():
             print(f"mpiconvnet.evaluate: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if distributed.first_rank_by_environment():
+            print("mpiconvnet.evaluate: interrupted", file=sys.stderr)
+        return 130
+    crops = args.crops or cfg.eval_crops
     stall_timeout = args.stall_timeout or cfg.stall_timeout
     world.start_watchdog(2 * stall_timeout)   # a rank that hangs ends the run
     try:
-        result = evaluate(net, world, args.data, args.batch, crops=args.crops, mean=cfg.mean, workers=args.workers,
+        result = evaluate(net, world, args.data, args.batch, crops=crops, mean=cfg.mean, workers=args.workers,
                           split=args.split, seed=cfg.seed, stall_timeout=stall_timeout)
     except DatasetError as e:   # a shard that cannot be read; only this rank may have met it
         print(f"mpiconvnet.evaluate: rank {world.rank}: {e}", file=sys.stderr, flush=True)
@@ -83,21 +101,25 @@ def main(argv=None):
         print(f"mpiconvnet.evaluate: rank {world.rank}: {e}", file=sys.stderr, flush=True)
         world.abort(3)
         return 3
-    except KeyboardInterrupt:   # ctrl-c: one line, not a traceback per rank
+    except KeyboardInterrupt:   # ctrl-c or SIGTERM: one line, not a traceback per rank
         world.print("mpiconvnet.evaluate: interrupted", file=sys.stderr)
         world.abort(130)
         return 130
     world.stop_watchdog()
-    result.update(checkpoint=path, step=meta["step"], split=args.split, crops=args.crops, model=cfg.model)
+    result.update(checkpoint=path, step=meta["step"], split=args.split, crops=crops, model=cfg.model)
     if world.is_root:
         if args.json:
             print(json.dumps(result))
         else:
             print(f"{cfg.model} at step {meta['step']} on {args.split} ({result['images']} images, "
-                  f"{args.crops} crop{'s' if args.crops > 1 else ''}): top-1 {result['top1']:.4f}  "
+                  f"{crops} crop{'s' if crops > 1 else ''}): top-1 {result['top1']:.4f}  "
                   f"top-5 {result['top5']:.4f}  (errors {1 - result['top1']:.4f} / {1 - result['top5']:.4f})  "
                   f"loss {result['loss']:.4f}")
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

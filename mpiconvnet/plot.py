@@ -1,17 +1,44 @@
-"""Plot a run: loss, top-1/top-5 error, learning rate, throughput and memory, into one PNG.
+"""Plot a run: loss, top-1/top-5 error, learning rate, throughput and memory, into one image.
 
     python -m mpiconvnet.plot runs/a                # writes runs/a/training.png
-    python -m mpiconvnet.plot runs/a --out a.png
+    python -m mpiconvnet.plot runs/a --out a.pdf    # .png, .pdf or .svg, as the suffix says
+
+One process: run it without mpiexec or srun -n N. --out is written whole or not at all,
+and replaces only a regular file.
+
+Exit codes: 0 written; 2 bad input (no run directory, damaged metrics.jsonl, an --out of
+another format, or one that exists and is not a regular file) or an --out that cannot be
+written (one line).
 """
 import argparse
 import os
 import sys
 
+from mpiconvnet.checkpoint import output_problem
+from mpiconvnet.distributed import refuse_several_ranks
 from mpiconvnet.metrics import read_records
+
+FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg"}   # --out's suffix: matplotlib's format
 
 
 class CannotWrite(Exception):
-    """The PNG could not be written (full disk, permissions); one line with the fix."""
+    """The image could not be written (full disk, permissions, no such folder); one line with the fix."""
+
+
+def check_out(out):
+    """The format to write --out in; ValueError with the fix for an --out plot must not write."""
+    if not out:
+        raise ValueError("--out is empty; give an image path (.png, .pdf or .svg), or leave --out out for "
+                         "RUN_DIR/training.png")
+    suffix = os.path.splitext(out)[1].lower()
+    if suffix not in FORMATS:
+        raise ValueError(f"--out {out}: {suffix or 'no suffix'} is not a format plot writes; give a path ending "
+                         f"in .png, .pdf or .svg")
+    if os.path.lexists(out) and (os.path.islink(out) or not os.path.isfile(out)):
+        # a link, a FIFO, a device, a folder: replacing it would not write where it points
+        raise ValueError(f"--out {out} exists and is not a regular file (a link, a device, a pipe, a folder); "
+                         f"give a file name")
+    return FORMATS[suffix]
 
 
 # what each kind of record must hold for its panels
@@ -36,6 +63,7 @@ def read_metrics(run_dir):
 
 
 def plot(run_dir, out):
+    image_format = check_out(out)
     import matplotlib
     matplotlib.use("Agg")   # no display on compute nodes
     import matplotlib.pyplot as plt
@@ -72,34 +100,34 @@ def plot(run_dir, out):
         ax.set_title("throughput (line) and memory (dashes)")
     fig.suptitle(os.path.basename(os.path.abspath(run_dir)))
     fig.tight_layout()
+    partial = f"{out}.tmp.{image_format}"
     try:
-        fig.savefig(out + ".tmp.png", dpi=100)
-        os.replace(out + ".tmp.png", out)
+        fig.savefig(partial, dpi=100, format=image_format)
+        os.replace(partial, out)
     except OSError as error:
-        if os.path.lexists(out + ".tmp.png"):
-            os.remove(out + ".tmp.png")
-        reason = os.strerror(error.errno) if error.errno else str(error)
-        raise CannotWrite(f"cannot write {out}: {reason}; free space or fix permissions there, or give --out") \
-            from None
+        if os.path.lexists(partial):
+            os.remove(partial)
+        raise CannotWrite(output_problem(out, error)) from None
     finally:
         plt.close(fig)
     return out
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m mpiconvnet.plot", description=__doc__.split("\n\n")[0])
-    p.add_argument("run_dir")
-    p.add_argument("--out", help="PNG path (default RUN_DIR/training.png)")
+    p = argparse.ArgumentParser(prog="python -m mpiconvnet.plot", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n")[-1].strip())
+    p.add_argument("run_dir", help="a run directory of python -m mpiconvnet.train")
+    p.add_argument("--out", help="image to write, its format by its suffix: .png, .pdf or .svg "
+                                 "(default RUN_DIR/training.png)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    out = args.out or os.path.join(args.run_dir, "training.png")
+    if refuse_several_ranks("mpiconvnet.plot"):
+        return 2
+    out = os.path.join(args.run_dir, "training.png") if args.out is None else args.out
     try:
         print(plot(args.run_dir, out))
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, CannotWrite) as e:
         print(f"mpiconvnet.plot: {e}", file=sys.stderr)
         return 2
-    except CannotWrite as e:
-        print(f"mpiconvnet.plot: {e}", file=sys.stderr)
-        return 1
     return 0
 
 

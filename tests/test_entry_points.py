@@ -4,9 +4,12 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
+from mpiconvnet import checkpoint
 from tests.data_fixtures import write_tiny_dataset
+from tests.test_train import MPIEXEC, needs_mpiexec
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
 
@@ -45,11 +48,18 @@ def test_evaluate_prints_json_for_a_run_directory(trained):
     (["--batch", "0"], "--batch 0 must be at least 1"),
     (["--workers", "-1"], "--workers -1 must be at least 0"),
     (["--threads", "0"], "--threads 0 must be at least 1"),
+    (["--checkpoint", "NPZ"], "NPZ is not a checkpoint (an HDF5 file written by python -m mpiconvnet.train); give a "
+                              "checkpoint file or a run directory (an .npz of weights starts a new run with train "
+                              "--init-weights)"),
 ])
 def test_evaluate_bad_input_is_one_line_and_exit_2(trained, tmp_path, args, message):
     data, run_dir = trained
     if "SMALL" in args:
         args = [write_tiny_dataset(str(tmp_path / "small"), 8, 8, 4, 48) if a == "SMALL" else a for a in args]
+    if "NPZ" in args:
+        np.savez(tmp_path / "w.npz", **checkpoint.load(checkpoint.find_checkpoint(run_dir))[0])
+        args, message = [str(tmp_path / "w.npz") if a == "NPZ" else a for a in args], \
+            message.replace("NPZ", f"--checkpoint {tmp_path / 'w.npz'}")
     result = run("mpiconvnet.evaluate", "--data", data, "--checkpoint", run_dir, *args)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -74,6 +84,72 @@ def test_evaluate_refuses_a_data_set_with_other_classes(trained, tmp_path):
     assert result.returncode == 2 and "has 7 classes" in result.stderr and "trained on 4" in result.stderr
 
 
+def copy_checkpoint(run_dir, out, change):
+    """A copy of run_dir's newest checkpoint in a new run directory `out`, its meta changed
+    by `change` (as a checkpoint of another version or another run would hold it)."""
+    params, velocity, meta = checkpoint.load(checkpoint.find_checkpoint(run_dir))
+    change(meta)
+    return checkpoint.save(out, meta["step"], params, velocity, meta, keep=1)
+
+
+def test_evaluate_refuses_the_classes_in_another_order_unless_the_checkpoint_predates_the_list(trained, tmp_path):
+    data, run_dir = trained
+    classes = [f"n{c:08d}" for c in range(4)]
+    other = write_tiny_dataset(str(tmp_path / "other"), 48, 20, 4, 64, shard_size=16, classes=classes[::-1])
+    result = run("mpiconvnet.evaluate", "--data", other, "--checkpoint", run_dir)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"mpiconvnet.evaluate: {other} has other classes than checkpoint {checkpoint.find_checkpoint(run_dir)} was "
+        f"trained on: label 0 is n00000003 there, n00000000 in the checkpoint; evaluate on the data set it was "
+        f"trained on")
+    # written before checkpoints recorded the list: loads, and is not checked
+    copy_checkpoint(run_dir, tmp_path / "old", lambda meta: meta.pop("classes"))
+    result = run("mpiconvnet.evaluate", "--data", other, "--checkpoint", str(tmp_path / "old"))
+    assert result.returncode == 0, result.stderr
+
+
+def test_evaluate_takes_the_run_s_crops_and_its_checkpoints_folder(trained, tmp_path):
+    data, run_dir = trained
+    path = copy_checkpoint(run_dir, tmp_path / "ten", lambda meta: meta["config"].update(eval_crops=10))
+    result = run("mpiconvnet.evaluate", "--data", data, "--checkpoint", os.path.dirname(path), "--json")
+    assert result.returncode == 0, result.stderr
+    scores = json.loads(result.stdout)
+    assert scores["crops"] == 10 and scores["checkpoint"] == path
+    result = run("mpiconvnet.evaluate", "--data", data, "--checkpoint", run_dir)
+    assert result.returncode == 0 and "1 crop)" in result.stdout, result.stderr
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:   # the run's own number
+        last = [json.loads(line) for line in f if '"eval"' in line][-1]
+    assert f"top-1 {last['top1']:.4f}" in result.stdout
+
+
+@needs_mpiexec
+@pytest.mark.mpi
+def test_evaluate_set_up_errors_under_mpi_are_said_once(trained, tmp_path):
+    data, run_dir = trained
+    no_val = write_tiny_dataset(str(tmp_path / "noval"), 16, 0, 4, 64)
+    other = write_tiny_dataset(str(tmp_path / "other"), 16, 8, 7, 64)
+    np.savez(tmp_path / "w.npz", a=np.zeros(2))
+    for args in (["--data", other, "--checkpoint", run_dir], ["--data", no_val, "--checkpoint", run_dir],
+                 ["--data", data, "--checkpoint", str(tmp_path / "w.npz")]):
+        result = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "mpiconvnet.evaluate", *args], env=ENV,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("mpiconvnet.evaluate: ") and \
+            lines[0].count("mpiconvnet.evaluate:") == 1, result.stderr
+
+
+def test_evaluate_stopped_by_sigterm_says_so_in_one_line_and_exits_130(trained):
+    data, run_dir = trained
+    # the SIGTERM arrives while it evaluates, as scancel's or a time limit's would
+    stop = ("import os, signal, sys, time\nfrom mpiconvnet import evaluate\n"
+            "def scancel(*args, **kwargs):\n    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(60)\n"
+            "evaluate.evaluate = scancel\nsys.exit(evaluate.main(sys.argv[1:]))\n")
+    result = subprocess.run([sys.executable, "-c", stop, "--data", data, "--checkpoint", run_dir], env=ENV,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 130 and result.stderr.strip() == "mpiconvnet.evaluate: interrupted", result.stderr
+
+
 def test_plot_writes_a_png(trained, tmp_path):
     _, run_dir = trained
     out = tmp_path / "plot.png"
@@ -87,9 +163,56 @@ def test_plot_on_a_full_disk_is_one_line_and_leaves_nothing(trained, tmp_path):
     out = tmp_path / "plot.png"
     (tmp_path / "plot.png.tmp.png").symlink_to("/dev/full")   # the kernel's real ENOSPC
     result = run("mpiconvnet.plot", run_dir, "--out", str(out))
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr.strip() == (f"mpiconvnet.plot: cannot write {out}: No space left on device; free space or "
-                                     f"fix permissions there, or give --out")
+                                     f"fix permissions there, or give another --out")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("name, start", [("a.pdf", b"%PDF"), ("a.SVG", b"<?xml")])
+def test_plot_writes_the_format_its_suffix_names(trained, tmp_path, name, start):
+    _, run_dir = trained
+    result = run("mpiconvnet.plot", run_dir, "--out", str(tmp_path / name))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / name).read_bytes().startswith(start) and os.listdir(tmp_path) == [name]
+
+
+@pytest.mark.parametrize("out, message", [
+    ("", "--out is empty; give an image path (.png, .pdf or .svg), or leave --out out for RUN_DIR/training.png"),
+    ("METRICS", "metrics.jsonl: .jsonl is not a format plot writes; give a path ending in .png, .pdf or .svg"),
+    ("a.jpg", "a.jpg: .jpg is not a format plot writes"),
+    ("FIFO", "fifo.png exists and is not a regular file (a link, a device, a pipe, a folder); give a file name"),
+    ("LINK", "link.png exists and is not a regular file"),
+    ("nodir/a.png", "a.png: No such file or directory; create the folder TMP/nodir first (mkdir -p), or give "
+                    "another --out"),
+])
+def test_plot_refuses_an_out_it_must_not_write_in_one_line(trained, tmp_path, out, message):
+    _, run_dir = trained
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    before = open(metrics, "rb").read()
+    if out == "FIFO":
+        os.mkfifo(tmp_path / "fifo.png")
+    if out == "LINK":   # replacing the link would not write where it points
+        (tmp_path / "link.png").symlink_to(tmp_path / "target.png")
+    out = {"METRICS": metrics, "FIFO": str(tmp_path / "fifo.png"), "LINK": str(tmp_path / "link.png"),
+           "": ""}.get(out, str(tmp_path / out))
+    result = run("mpiconvnet.plot", run_dir, "--out", out)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message.replace("TMP", str(tmp_path)) in lines[0], result.stderr
+    assert sorted(os.listdir(tmp_path)) == sorted({"FIFO": ["fifo.png"], "LINK": ["link.png"]}.get(
+        os.path.basename(out).split(".")[0].upper(), []))
+    assert open(metrics, "rb").read() == before and not os.path.exists(os.path.join(run_dir, "training.png"))
+
+
+def test_plot_as_several_mpi_ranks_refuses_without_starting_mpi(trained, tmp_path):
+    _, run_dir = trained
+    out = str(tmp_path / "a.png")
+    for rank, said in (("0", "mpiconvnet.plot: started as 2 MPI ranks, which would all write the same --out; run "
+                             "it as one process, without mpiexec/srun -n 2"), ("1", "")):
+        result = subprocess.run([sys.executable, "-m", "mpiconvnet.plot", run_dir, "--out", out],
+                                env=dict(ENV, PMI_SIZE="2", PMI_RANK=rank), capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and result.stderr.strip() == said
     assert os.listdir(tmp_path) == []
 
 
