@@ -32,7 +32,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m mpiconvnet.evaluate", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n")[-1].strip())
     p.add_argument("--data", required=True, help="data set directory written by python -m preprocess")
-    p.add_argument("--checkpoint", required=True, help="checkpoint file, or a run directory (newest checkpoint)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file, or a run directory or its checkpoints/ folder (newest checkpoint)")
     p.add_argument("--split", default="val", choices=SPLITS, help="split to score (default val)")
     p.add_argument("--crops", type=int, choices=(1, 10), default=None,
                    help="1: centre crop; 10: 10 crops averaged (default: the training run's --eval-crops)")

@@ -35,7 +35,7 @@ from mpiconvnet.weights import NAMINGS, classes_path, to_torchvision, write_npz
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m mpiconvnet.export", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n")[-1].strip())
-    p.add_argument("--checkpoint", required=True, help="checkpoint file, or a run directory (newest checkpoint)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file, or a run directory or its checkpoints/ folder (newest checkpoint)")
     p.add_argument("--out", required=True, help="the .npz file to write (and the class list beside it: m.npz, m.classes.txt)")
     p.add_argument("--names", choices=NAMINGS, default="ours",
                    help="ours: conv1.weight ... fc8.bias (default); torchvision: features.0.weight ... "
