@@ -258,7 +258,9 @@ def test_bench_input_times_the_three_loops_against_the_resident_batch():
     assert json.loads(result.stdout.strip().splitlines()[-1])["device_batches_images_per_s"] > 0
     too_few = run("mpiconvnet.bench", "input", "--model", "alexnet-mini", "--batch", "4", "--size", "72",
                   "--images", "16", "--workers", "0", "--rounds", "1")
-    assert too_few.returncode == 1 and "raise --images" in too_few.stderr
+    assert too_few.returncode == 2 and "--images 16 at --batch 4 make 4 full batches; --skip 4 and 3 timed steps " \
+                                       "need 7: raise --images to 28" in too_few.stderr
+    assert too_few.stdout == ""   # refused before the set is written
 
 
 def test_bench_step_on_cuda_without_pycuda_is_one_line_and_exit_2():
@@ -332,6 +334,28 @@ def test_bench_checkpoint_compares_ours_with_hdf5_writing_itself(tmp_path):
     (["allreduce", "--backward-ms", "inf"], "argument --backward-ms: must be a finite number"),
     (["scaling", "--average-every", "4"], "--average-every 4 applies to --sync params only"),
     (["preprocess", "--workers", "0"], "argument --workers: expects comma-separated whole numbers of at least 1"),
+    # values that pass argparse but not each other: refused before a set is written
+    (["loader", "--images", "256", "--size", "64", "--crop", "100"], "--crop 100 is larger than the 64px images of --size"),
+    (["loader", "--images", "256", "--size", "64", "--crop", "56", "--batch", "8", "--pool", "4"],
+     "--batch 8 is more than the 4 images of --pool"),
+    (["loader", "--images", "4", "--size", "64", "--crop", "56", "--batch", "8"], "--batch 8 is more than the 4 images of --images"),
+    (["loader", "--images", "8192", "--size", "64", "--crop", "56"], "--images 8192: the synthetic set holds at most 4096"),
+    (["loader", "--images", "256", "--size", "64", "--crop", "56", "--batch", "8", "--batches", "8", "--workers", "0,1"],
+     "--batches 8: the loader with --workers 1 has 3 batch slots (max(--prefetch, workers) + 1), and times at least "
+     "4 batches per slot after one untimed per slot: raise --batches to 12"),
+    (["loader", "--images", "256", "--size", "64", "--crop", "56", "--batch", "32", "--workers", "0,1"],
+     "256 images make 8 batches of --batch 32; the loader with --workers 1 skips 3 (one per batch slot) and times "
+     "at least 12: raise --images to 480"),
+    (["input", "--model", "alexnet-mini", "--size", "32", "--batch", "8", "--images", "96"],
+     "--size 32: model alexnet-mini crops 56px; raise --size to 56 or more"),
+    (["input", "--model", "alexnet-mini", "--size", "64", "--batch", "100000000", "--images", "10"],
+     "--images 10 at --batch 100000000 make 0 full batches; --skip 4 and 3 timed steps need 7: lower --batch to 1"),
+    (["input", "--skip", "0"], "argument --skip: must be at least 1, got 0"),
+    (["input", "--tf32"], "--tf32 is a mode of the GPU's tensor cores: use it with --backend cuda"),
+    (["step", "--tf32"], "--tf32 is a mode of the GPU's tensor cores: use it with --backend cuda"),
+    (["step", "--threads", "100000"], "argument --threads: must be at most"),
+    (["ops", "--clock", "cpu", "--threads", "2"], "--clock cpu adds up the CPU time of all 2 threads"),
+    (["checkpoint", "--model", "alexnet-mini", "--dir", "/proc"], "cannot make a folder in --dir /proc"),
 ])
 def test_bench_bad_values_are_refused_before_anything_runs(args, message):
     result = run("mpiconvnet.bench", *args)

@@ -21,6 +21,16 @@ def at_least(minimum, kind=int):
     return parse
 
 
+def thread_count(text):
+    """A thread count from 1 to 4x the machine's cores: more only queue behind each other
+    (100000 would start that many threads)."""
+    limit = 4 * (os.cpu_count() or 1)
+    value = at_least(1)(text)
+    if value > limit:
+        raise argparse.ArgumentTypeError(f"must be at most {limit} (4x the {os.cpu_count()} cpus here), got {text}")
+    return value
+
+
 def counts(minimum=1):
     """Comma-separated whole numbers >= minimum, e.g. 1,2,4."""
     def parse(text):

@@ -70,13 +70,18 @@ def main(argv=None):
     p.add_argument("--repeats", type=at_least(1), default=3)
     p.add_argument("--dir", type=directory, default=None, help="where to write (default: a temporary folder)")
     args = p.parse_args(argv)
-    net = build_model(args.model, num_classes=1000, dtype="float32")
-    params = net.state_dict()
-    velocity = {name: np.zeros_like(value) for name, value in params.items()}
-    meta = {"step": 1, "model": args.model, "num_classes": 1000, "steps_per_epoch": 1, "config": {},
-            "schedule": {"drops": 0, "best_top1": 0.0, "bad_evals": 0}}
-    folder = tempfile.mkdtemp(dir=args.dir, prefix="bench-checkpoint-")
+    where = args.dir or tempfile.gettempdir()
     try:
+        folder = tempfile.mkdtemp(dir=args.dir, prefix="bench-checkpoint-")
+    except OSError as e:
+        p.error(f"cannot make a folder in {'--dir ' if args.dir else ''}{where} ({e.strerror}): choose a writable "
+                f"--dir")
+    try:
+        net = build_model(args.model, num_classes=1000, dtype="float32")
+        params = net.state_dict()
+        velocity = {name: np.zeros_like(value) for name, value in params.items()}
+        meta = {"step": 1, "model": args.model, "num_classes": 1000, "steps_per_epoch": 1, "config": {},
+                "schedule": {"drops": 0, "best_top1": 0.0, "bad_evals": 0}}
         path = os.path.join(folder, "ckpt.h5")
         # the baseline first: the peak it leaves is the floor ours is measured above
         base_s = best_time(lambda p: hdf5_writes_itself(p, params, velocity, meta), path, args.repeats)
@@ -85,11 +90,15 @@ def main(argv=None):
         ours_peak = peak_mb()
         checkpoint._write(path, params, velocity, meta)
         read_s = best_read(path, args.repeats)
+    except OSError as e:   # a full disk, or a quota, met by HDF5's own writes
+        print(f"mpiconvnet.bench checkpoint: writing in {where} failed ({e}); free space there or choose another "
+              f"--dir", file=sys.stderr)
+        return 1
     finally:
-        shutil.rmtree(folder)
+        shutil.rmtree(folder, ignore_errors=True)
     size_mb = sum(v.nbytes for v in params.values()) * 2 / 2**20
     print(f"{args.model}: {size_mb:.0f} MiB of parameters and momentum, best of {args.repeats}, fsync included, "
-          f"in {args.dir or tempfile.gettempdir()}")
+          f"in {where}")
     print(f"  HDF5 writes itself  {base_s:6.2f} s")
     print(f"  ours (in memory)    {ours_s:6.2f} s   +{ours_peak - base_peak:.0f} MiB resident at the peak")
     print(f"  ours read back      {read_s:6.2f} s   (checkpoint.load, as a resume reads it)")

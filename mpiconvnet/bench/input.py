@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 
-from mpiconvnet.bench._args import at_least, directory, model_names
+from mpiconvnet.bench._args import at_least, directory, model_names, thread_count
 
 
 def parse_args(argv):
@@ -41,18 +41,59 @@ def parse_args(argv):
     p.add_argument("--batch", type=at_least(1), default=128)
     p.add_argument("--backend", choices=("numpy", "cuda"), default="numpy")
     p.add_argument("--tf32", action="store_true", help="allow TF32 (cuda only)")
-    p.add_argument("--threads", type=at_least(1), default=2, help="CPU threads of the NumPy backend (default 2)")
+    p.add_argument("--threads", type=thread_count, default=2, help="CPU threads of the NumPy backend (default 2)")
     p.add_argument("--data", type=directory, help="a packed data set to read (default: a synthetic raw set in a temp dir)")
-    p.add_argument("--images", type=at_least(1), help="synthetic training images (default 24 batches, at most 4096)")
-    p.add_argument("--size", type=at_least(1), default=256, help="synthetic stored image size (default 256)")
+    p.add_argument("--images", type=at_least(1), help=f"synthetic training images (default 24 batches; at most "
+                                                       f"{SYNTHETIC_MAX}); the epoch needs --skip + 3 batches or more")
+    p.add_argument("--size", type=at_least(1), default=256, help="synthetic stored image size (default 256; at "
+                                                                  "least the model's crop)")
     p.add_argument("--workers", type=at_least(0), default=4, help="loader processes (default 4)")
-    p.add_argument("--skip", type=at_least(0), default=4, help="untimed steps at the start of each loop (default 4)")
+    p.add_argument("--skip", type=at_least(1), default=4,
+                   help="untimed steps at the start of each loop (default 4; at least 1: the first waits for the "
+                        "loader's start-up)")
     p.add_argument("--rounds", type=at_least(1), default=2, help="times each loop runs, in turn; the fastest is kept")
     p.add_argument("--json", action="store_true", help="also print one JSON line of the results")
     args = p.parse_args(argv)
-    if args.images is None:
-        args.images = min(24 * args.batch, 4096)
+    if args.tf32 and args.backend != "cuda":
+        p.error("--tf32 is a mode of the GPU's tensor cores: use it with --backend cuda")
+    if args.data is None:
+        if args.images is None:
+            args.images = min(24 * args.batch, SYNTHETIC_MAX)
+        if args.images > SYNTHETIC_MAX:
+            p.error(f"--images {args.images}: the synthetic set holds at most {SYNTHETIC_MAX}; lower --images, or "
+                    f"pack a larger set with python -m preprocess and pass --data")
+        problem = misfit(args, args.images, args.size)
+        if problem:
+            p.error(problem)
     return args
+
+
+# the images tests/data_fixtures.py can tell apart by their colour code
+SYNTHETIC_MAX = 4096
+
+
+def misfit(args, images, image_size):
+    """Why --model, --batch and --skip do not fit a training split of `images` images of
+    `image_size` px (the synthetic set's, or that of --data), or None."""
+    from mpiconvnet.models import MODELS
+    crop = MODELS[args.model].input_size
+    batches, needed = images // args.batch, args.skip + 3   # the untimed steps, and 3 timed ones at least
+    if args.data is None:
+        if image_size < crop:
+            return f"--size {image_size}: model {args.model} crops {crop}px; raise --size to {crop} or more"
+        if batches < needed:
+            fix = (f"raise --images to {needed * args.batch}" if needed * args.batch <= SYNTHETIC_MAX
+                   else f"lower --batch to {images // needed}" if images >= needed else f"raise --images to {needed}")
+            return (f"--images {images} at --batch {args.batch} make {batches} full batches; --skip {args.skip} and "
+                    f"3 timed steps need {needed}: {fix}")
+    else:
+        if image_size < crop:
+            return (f"--data {args.data} holds {image_size}px images, model {args.model} crops {crop}px; choose "
+                    f"another --model or --data")
+        if batches < needed:
+            return (f"--data {args.data} holds {images} training images, {batches} full batches at --batch "
+                    f"{args.batch}; --skip {args.skip} and 3 timed steps need {needed}: lower --batch or --skip")
+    return None
 
 
 def make_step(net, optimizer):
@@ -74,8 +115,6 @@ def run_loop(kind, root, net, step, args):
     ops = net.ops
     with BatchLoader(root, batch_per_rank=args.batch, crop_size=net.input_size, epoch=0, seed=0,
                      workers=args.workers, mean="channel") as loader:
-        if len(loader) <= args.skip + 2:
-            raise SystemExit(f"bench input: {len(loader)} batches in the epoch, {args.skip} skipped: raise --images")
         if kind == "resident":
             batch = next(iter(loader))
             x, labels = loader.model_input(batch, ops), batch.labels.copy()
@@ -107,6 +146,14 @@ def main(argv=None):
         except SetupError as e:
             print(f"bench input: {e}", file=sys.stderr)
             return 2
+    if args.data is not None:
+        from mpiconvnet.data.shards import ShardedDataset
+        data = ShardedDataset(args.data, "train")
+        data.close()
+        problem = misfit(args, data.num_images, data.image_size)
+        if problem:
+            print(f"mpiconvnet.bench input: {problem}", file=sys.stderr)
+            return 2
     set_blas_threads(args.threads)
     get_backend(args.backend).set_num_threads(args.threads)
     temporary, root = None, args.data
@@ -114,10 +161,11 @@ def main(argv=None):
         from mpiconvnet.bench.loader import write_synthetic
         temporary = tempfile.TemporaryDirectory(prefix="bench-input-")
         root = temporary.name
-        started = time.perf_counter()
-        write_synthetic(root, args.images, args.size, 1024)
-        print(f"synthetic set: {args.images} raw {args.size}px images in {time.perf_counter() - started:.1f} s")
     try:
+        if temporary is not None:   # in the try: a stop while the set is written removes it too
+            started = time.perf_counter()
+            write_synthetic(root, args.images, args.size, 1024)
+            print(f"synthetic set: {args.images} raw {args.size}px images in {time.perf_counter() - started:.1f} s")
         net = build_model(args.model, num_classes=1000, backend=args.backend, dtype="float32", seed=0)
         if args.backend == "cuda":
             net.ops.set_tf32(args.tf32)

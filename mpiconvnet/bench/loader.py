@@ -41,18 +41,74 @@ from mpiconvnet.bench._args import at_least, counts, directory
 
 
 def parse_args(argv):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.data is None:
+        if args.images > SYNTHETIC_MAX:
+            parser.error(f"--images {args.images}: the synthetic set holds at most {SYNTHETIC_MAX}; lower --images, "
+                         f"or pack a larger set with python -m preprocess and pass --data")
+        problem = misfit(args, args.images, args.size)
+        if problem:
+            parser.error(problem)
+    return args
+
+
+# the images tests/data_fixtures.py can tell apart by their colour code
+SYNTHETIC_MAX = 4096
+
+
+def slots(workers, prefetch):
+    """The batch slots of a BatchLoader: one private slot in-process, else max(prefetch, workers) + 1."""
+    return max(prefetch, workers) + 1 if workers else 1
+
+
+def misfit(args, images, image_size):
+    """Why --crop, --batch, --pool, --batches and the loaders asked for do not fit a
+    training split of `images` images of `image_size` px (the synthetic set's, or that of
+    --data), or None. Each loader skips one batch per slot, then times at least 4 per slot
+    (what was ready early then overstates its rate by at most a quarter)."""
+    where = "--size" if args.data is None else f"--data {args.data}"
+    if args.crop > image_size:
+        return f"--crop {args.crop} is larger than the {image_size}px images of {where}; lower --crop"
+    if args.batch > images:
+        where = "--images" if args.data is None else f"--data {args.data}"
+        return (f"--batch {args.batch} is more than the {images} images of {where}; a batch is drawn without "
+                f"repeats: lower --batch")
+    if args.batch > args.pool:
+        return (f"--batch {args.batch} is more than the {args.pool} images of --pool, which the copy bound draws "
+                f"its batches from without repeats: raise --pool or lower --batch")
+    workers = max(args.workers, key=lambda w: slots(w, args.prefetch))
+    skipped = slots(workers, args.prefetch)
+    if args.batches < 4 * skipped:
+        return (f"--batches {args.batches}: the loader with --workers {workers} has {skipped} batch slots "
+                f"(max(--prefetch, workers) + 1), and times at least 4 batches per slot after one untimed per "
+                f"slot: raise --batches to {4 * skipped}")
+    batches = -(-images // args.batch)
+    if batches < 5 * skipped:
+        fix = (f"raise --images to {5 * skipped * args.batch}" if args.data is None else "lower --batch")
+        return (f"{images} images make {batches} batches of --batch {args.batch}; the loader with --workers "
+                f"{workers} skips {skipped} (one per batch slot) and times at least {4 * skipped}: {fix}, or lower "
+                f"--prefetch or the largest --workers")
+    return None
+
+
+def build_parser():
     parser = argparse.ArgumentParser(prog="python -m mpiconvnet.bench loader", description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=directory, help="a packed data set to read (default: a synthetic raw set in a temp dir)")
-    parser.add_argument("--images", type=at_least(1), default=2048, help="synthetic training images (default 2048)")
+    parser.add_argument("--images", type=at_least(1), default=2048,
+                        help=f"synthetic training images (default 2048, at most {SYNTHETIC_MAX})")
     parser.add_argument("--size", type=at_least(1), default=256, help="synthetic stored image size (default 256)")
     parser.add_argument("--shard-size", type=at_least(1), default=1024,
                         help="synthetic images per shard (default 1024, as python -m preprocess packs ImageNet: "
                              "a loader process then opens a shard per ~1,000 images it reads, as it does on "
                              "ImageNet; reads are one pread per image, so which shard an image is in does not "
                              "matter)")
-    parser.add_argument("--crop", type=at_least(1), default=227, help="crop size (default 227, AlexNet)")
+    parser.add_argument("--crop", type=at_least(1), default=227, help="crop size (default 227, AlexNet; at most the stored size)")
     parser.add_argument("--batch", type=at_least(1), default=64, help="batch per rank (default 64)")
-    parser.add_argument("--batches", type=at_least(1), default=24, help="batches timed per loader, after a warm-up of one batch per slot (default 24)")
+    parser.add_argument("--batches", type=at_least(1), default=24,
+                        help="batches timed per loader, after a warm-up of one batch per slot (default 24); at least "
+                             "4 per slot, and a loader has max(--prefetch, workers) + 1 slots (1 with workers=0): "
+                             "--prefetch 2 --workers 2 needs 12; the epoch must hold them and the warm-up")
     parser.add_argument("--workers", type=counts(0), default="0,1,2", help="comma-separated worker counts (default 0,1,2)")
     parser.add_argument("--pool", type=at_least(1), default=2048,
                         help="images held in memory for the copy bound (default 2048: 400 MB at 256 px, "
@@ -61,7 +117,7 @@ def parse_args(argv):
                         help="batches each loader prepares ahead (default 2, the trainer's default); a loader "
                              "with 1 worker then fills a ring of prefetch + 1 slots, and so does the copy bound")
     parser.add_argument("--repeats", type=at_least(1), default=5, help="repeats of the read/augment/copy timings (best kept)")
-    return parser.parse_args(argv)
+    return parser
 
 
 def write_synthetic(root, num_images, size, shard_size):
@@ -109,10 +165,7 @@ def time_loader(root, workers, args):
     with BatchLoader(root, batch_per_rank=args.batch, crop_size=args.crop, epoch=0, seed=0,
                      workers=workers, prefetch=args.prefetch, drop_last=False) as loader:
         skipped = loader.num_slots
-        timed = min(args.batches, len(loader) - skipped)
-        if timed < 4 * skipped:
-            raise SystemExit(f"bench loader: only {timed} batches left to time after {skipped} warm-up batches; "
-                             f"raise --images or --batches")
+        timed = min(args.batches, len(loader) - skipped)   # misfit() made it at least 4 * skipped
         iterator = iter(loader)
         for _ in range(skipped):
             next(iterator)
@@ -131,13 +184,21 @@ def main(argv=None):
 
     temporary = None
     root = args.data
-    if root is None:
+    if root is not None:
+        dataset = ShardedDataset(root, "train")
+        dataset.close()
+        problem = misfit(args, dataset.num_images, dataset.image_size)
+        if problem:
+            print(f"mpiconvnet.bench loader: {problem}", file=sys.stderr)
+            return 2
+    else:
         temporary = tempfile.TemporaryDirectory(prefix="bench-loader-")
         root = temporary.name
-        started = time.perf_counter()
-        write_synthetic(root, args.images, args.size, args.shard_size)
-        print(f"synthetic set: {args.images} raw {args.size}px images in {time.perf_counter() - started:.1f} s")
     try:
+        if temporary is not None:   # in the try: a stop while the set is written removes it too
+            started = time.perf_counter()
+            write_synthetic(root, args.images, args.size, args.shard_size)
+            print(f"synthetic set: {args.images} raw {args.size}px images in {time.perf_counter() - started:.1f} s")
         dataset = ShardedDataset(root, "train")
         batch, crop, size = args.batch, args.crop, dataset.image_size
         rng = np.random.default_rng(0)

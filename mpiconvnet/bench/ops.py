@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 import mpiconvnet.backends.numpy_backend as B
-from mpiconvnet.bench._args import at_least
+from mpiconvnet.bench._args import at_least, thread_count
 from mpiconvnet.torch_twin import torch_sgd
 
 LRN = dict(size=5, alpha=1e-4, beta=0.75, k=2.0)
@@ -175,15 +175,19 @@ def torch_layer(torch, kind, spec, rng):
 
 def parse(argv):
     parser = argparse.ArgumentParser(prog="python -m mpiconvnet.bench ops", description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", type=at_least(1), default=1, help="threads for the NumPy backend's pool and for torch")
+    parser.add_argument("--threads", type=thread_count, default=1, help="threads for the NumPy backend's pool and for torch")
     parser.add_argument("--batch", type=at_least(1), default=64)
     parser.add_argument("--repeat", type=at_least(1), default=3, help="runs per op; the best is reported")
     parser.add_argument("--only", default="", help="comma-separated layer names (default: all)")
     parser.add_argument("--no-torch", action="store_true", help="time the NumPy backend only")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                        help="cpu: the process's CPU time, robust on a shared machine but only "
-                             "meaningful with --threads 1")
-    return parser.parse_args(argv)
+                        help="cpu: the process's CPU time, robust on a shared machine; with --threads 1 only "
+                             "(more threads add their CPU time up)")
+    args = parser.parse_args(argv)
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error(f"--clock cpu adds up the CPU time of all {args.threads} threads, so its columns would not "
+                     f"be times per call: use it with --threads 1, or --clock wall")
+    return args
 
 
 def main(argv=None):

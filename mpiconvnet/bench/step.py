@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from mpiconvnet.bench._args import at_least, model_names
+from mpiconvnet.bench._args import at_least, model_names, thread_count
 
 
 def layer_flops(net, batch):
@@ -87,7 +87,7 @@ def main(argv):
     p = argparse.ArgumentParser(prog="python -m mpiconvnet.bench step", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=model_names(), default="alexnet")
     p.add_argument("--batch", type=at_least(1), default=64)
-    p.add_argument("--threads", type=at_least(1), default=2, help="CPU threads for both implementations")
+    p.add_argument("--threads", type=thread_count, default=2, help="CPU threads for both implementations")
     p.add_argument("--backend", choices=("numpy", "cuda"), default="numpy")
     p.add_argument("--steps", type=at_least(1), help="timed steps, the median is reported (default 5 on numpy, 30 on cuda)")
     p.add_argument("--warmup", type=at_least(0), help="untimed steps first (default 2 on numpy, 5 on cuda: cuDNN's "
@@ -100,6 +100,8 @@ def main(argv):
     p.add_argument("--host-profile", action="store_true",
                    help="also print where our step spends its host (Python) time, by function (cProfile)")
     args = p.parse_args(argv)
+    if args.tf32 and args.backend != "cuda":
+        p.error("--tf32 is a mode of the GPU's tensor cores: use it with --backend cuda")
     if args.profile and args.backend != "cuda":
         p.error("--profile reads the GPU's kernel timeline: use it with --backend cuda (--host-profile works on both)")
     if args.profile:
