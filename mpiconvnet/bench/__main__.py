@@ -8,7 +8,15 @@
     python -m mpiconvnet.bench scaling
 
 Each benchmark is a module `mpiconvnet.bench.NAME` with `main(argv) -> int`; it prints a
-table and the ratio against a baseline measured in the same run.
+table and the ratio against a baseline measured in the same run. allreduce runs on the
+ranks of an mpiexec (and starts one itself); scaling starts its own; the others measure
+one process and refuse to run as several copies (mpiexec -n 2, srun -n 2).
+
+Exit codes: 0 measured; 1 a failure; 2 a bad flag, or values that do not fit together
+or the data (one line naming the flag), or memory ran out (lower --batch); 130 ctrl-c;
+143 SIGTERM (a job's time limit, kill); bench preprocess exits 130 for SIGTERM too, as
+python -m preprocess, which it runs, does. A stopped benchmark removes its temporary
+files first.
 """
 import importlib
 import pkgutil
@@ -33,14 +41,52 @@ def main(argv=None):
         print(f"mpiconvnet.bench: unknown benchmark {name!r}; choose one of {', '.join(names)}",
               file=sys.stderr)
         return 2
-    from mpiconvnet.checkpoint import CheckpointError
-    from mpiconvnet.data.shards import DatasetError
-    from mpiconvnet.models import ModelError
+    from mpiconvnet.bench._launch import (EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, copies_started,
+                                          says_why_it_stopped, stop_on_signals)
+    stop_on_signals()
     try:
-        return importlib.import_module(f"mpiconvnet.bench.{name}").main(rest)
+        from mpiconvnet.checkpoint import CheckpointError
+        from mpiconvnet.data.shards import DatasetError
+        from mpiconvnet.models import ModelError
+        module = importlib.import_module(f"mpiconvnet.bench.{name}")
+        copies = copies_started()
+        if copies > 1 and not getattr(module, "RUNS_AS_MPI_RANKS", False):
+            if says_why_it_stopped():
+                print(f"mpiconvnet.bench {name}: started as {copies} copies (mpiexec -n {copies} or srun -n "
+                      f"{copies}), each slowing the others; it measures one process: run it as one (python -m "
+                      f"mpiconvnet.bench {name} ..., or srun -n 1)", file=sys.stderr)
+            return 2
+        return module.main(rest)
+    except MemoryError as e:
+        detail = f" ({e})" if str(e) else ""
+        print(f"mpiconvnet.bench {name}: out of memory{detail}; lower {MEMORY_FLAGS.get(name, '--batch')}",
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if says_why_it_stopped():
+            print(f"mpiconvnet.bench {name}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Terminated:
+        if says_why_it_stopped():
+            print(f"mpiconvnet.bench {name}: terminated (SIGTERM)", file=sys.stderr)
+        return EXIT_TERMINATED
+    except BrokenPipeError:   # its output piped into a reader that stopped reading (| head): done
+        silence_stdout()
+        return 0
+    # last: a ctrl-c during the imports above leaves these names undefined
     except (DatasetError, ModelError, CheckpointError) as e:   # bad input met after the flags' checks
         print(f"mpiconvnet.bench {name}: {e}", file=sys.stderr)
         return 2
+
+
+# the flag that sets what most of a benchmark's memory holds, where it is not --batch
+MEMORY_FLAGS = {"checkpoint": "--model", "preprocess": "--image-size or --shard-size"}
+
+
+def silence_stdout():
+    """Point stdout at /dev/null: Python flushes it at exit, and the reader is gone."""
+    import os
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":

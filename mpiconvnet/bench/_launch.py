@@ -1,8 +1,58 @@
-"""Start the MPI runs a benchmark measures, and end them with it."""
+"""Start the MPI runs a benchmark measures, end them with it, and stop on ctrl-c or SIGTERM."""
+import _thread
 import os
 import signal
 import subprocess
 import sys
+import threading
+import time
+
+EXIT_INTERRUPTED = 130                  # ctrl-c, the shell's code
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143: what a shell reports for a process SIGTERM killed
+
+# set in the environment of the ranks a benchmark starts itself: their driver says why they stopped
+QUIET_RANKS = "MPICONVNET_BENCH_DRIVER"
+
+
+class Terminated(BaseException):
+    """A SIGTERM (a job's time limit, kill), raised where the benchmark is, so that its
+    finally: blocks remove its scratch files; a BaseException, as KeyboardInterrupt is, so
+    that no `except Exception` takes it for a failure."""
+
+
+def stop_on_signals(sigterm_raises=Terminated):
+    """From here on ctrl-c raises KeyboardInterrupt and SIGTERM `sigterm_raises`. The same
+    stop delivered twice within a second (a terminal's ctrl-c reaches mpiexec's ranks both
+    directly and forwarded by mpiexec) raises once, not a traceback in the clean-up. One
+    raised where Python drops exceptions (a destructor, a C library's callback, which print
+    "Exception ignored") is delivered again, or the benchmark would run on."""
+    raised = {}
+
+    def stop(signum, frame):
+        now = time.monotonic()
+        if now - raised.get("at", -1e9) < 1:
+            return
+        raised.update(at=now, signum=signum)
+        raise KeyboardInterrupt if signum == signal.SIGINT else sigterm_raises
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+    previous_hook = sys.unraisablehook
+
+    def deliver_again(unraisable):
+        if "signum" in raised and issubclass(unraisable.exc_type, (KeyboardInterrupt, sigterm_raises)):
+            raised["at"] = -1e9
+            # from another thread, a moment later: delivered in here, it would be dropped again
+            threading.Timer(0.01, _thread.interrupt_main, (raised["signum"],)).start()
+        else:
+            previous_hook(unraisable)
+    sys.unraisablehook = deliver_again
+
+
+def says_why_it_stopped(environ=os.environ):
+    """Whether this process prints the line of a stop: one process of the run, the driver
+    where a benchmark started mpiexec itself, else rank 0."""
+    from mpiconvnet.distributed import first_rank_by_environment
+    return QUIET_RANKS not in environ and first_rank_by_environment(environ)
 
 
 def is_mpi_rank(environ=os.environ):
@@ -19,35 +69,40 @@ def mpiexec_path():
 
 def run_child(command, env=None, capture=False):
     """Run `command` to its end and return (exit code, stdout, stderr; None unless captured).
-    A SIGTERM to this process (a job's time limit, kill) is passed on to the child, whose
-    mpiexec ends its ranks, and this process then exits too: killed alone it would leave
-    them running, orphaned. ctrl-c reaches the whole process group by itself."""
+    The child runs in a process group of its own, and this process passes ctrl-c and
+    SIGTERM (a job's time limit, kill) on to it: mpiexec passes them on to its ranks, which
+    end cleanly, and this process raises KeyboardInterrupt or Terminated once the child has
+    ended. Killed alone it would leave them running, orphaned; a terminal's ctrl-c reaching
+    mpiexec's proxy as well killed the proxy mid-shutdown, with MPICH's error lines."""
     pipe = subprocess.PIPE if capture else None
-    terminated, started = [], []
+    env = dict(os.environ if env is None else env, **{QUIET_RANKS: str(os.getpid())})
+    stopped, started = [], []
 
     def pass_on(signum, frame):
-        terminated.append(signum)
-        if started:
-            started[0].send_signal(signum)
-    previous = signal.signal(signal.SIGTERM, pass_on)
+        if not stopped:
+            stopped.append(signum)
+            if started:
+                started[0].send_signal(signum)
+    previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         try:
-            child = subprocess.Popen(command, env=env, stdout=pipe, stderr=pipe, text=True)
+            child = subprocess.Popen(command, env=env, stdout=pipe, stderr=pipe, text=True, process_group=0)
         except FileNotFoundError:
             raise SystemExit(f"mpiconvnet.bench: {command[0]} not found: install the project (pip install -e ., "
                              f"which brings the mpich wheel's mpiexec) or put the site's mpiexec on PATH") from None
         started.append(child)
-        if terminated:   # the signal came while the child was being started
-            child.send_signal(signal.SIGTERM)
+        if stopped:   # the signal came while the child was being started
+            child.send_signal(stopped[0])
         out, err = child.communicate()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         for child in started:
             if child.poll() is None:
                 child.kill()
                 child.wait()
-    if terminated:
-        raise SystemExit(128 + signal.SIGTERM)
+    if stopped:
+        raise KeyboardInterrupt if stopped[0] == signal.SIGINT else Terminated
     return child.returncode, out, err
 
 
@@ -71,3 +126,12 @@ def relaunch_under_mpiexec(module, argv, ranks):
     command = [mpiexec_path(), "-n", str(ranks), sys.executable, "-m", module] + list(argv)
     print("running:", " ".join(command), flush=True)
     return run_child(command)[0]
+
+
+def copies_started(environ=os.environ):
+    """How many copies of this command its launcher started: mpiexec's ranks, or srun's
+    tasks (which MPI may not join); 1 for a plain process."""
+    for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS"):
+        if environ.get(var, "").isdigit():
+            return int(environ[var])
+    return 1

@@ -4,7 +4,7 @@ bytes, and how much of it hides behind backward.
     mpirun -np 2 python -m mpiconvnet.bench allreduce [--model alexnet] [--bucket-mb 25]
     python -m mpiconvnet.bench allreduce            # starts mpiexec -n 2 itself
 
-Medians of --repeats, on the same ranks in the same run:
+Medians of --repeats, after one untimed run of each, on the same ranks in the same run:
   raw       one MPI Allreduce of a flat buffer as large as all gradients (244 MB for AlexNet)
   bucketed  our GradientReducer over the model's buckets, no backward running
   overlap   a backward with the buckets reduced from the communication thread as they
@@ -27,8 +27,13 @@ import numpy as np
 from mpiconvnet.bench._args import at_least, model_names
 from mpiconvnet.bench._launch import relaunch_under_mpiexec
 
+RUNS_AS_MPI_RANKS = True
+
 
 def median_time(fn, repeats, world):
+    # untimed first: the first calls set up MPI's connections and buffers, fault in pages
+    world.barrier()
+    fn()
     times = []
     for _ in range(repeats):
         world.barrier()
@@ -46,6 +51,23 @@ def hidden_share(alone, overlapped, reduction):
     return min(max(1.0 - (overlapped - alone) / reduction, 0.0), 1.0)
 
 
+def launcher_problem_of(size, ranks):
+    """Why these ranks cannot measure what was asked, or None: one rank has nothing to
+    reduce with, and a --ranks the launcher did not start would be silently ignored."""
+    if size == 1:
+        return ("1 rank has no one to reduce with, and its ratio and hidden share would read as targets met: "
+                "run it under mpiexec -n 2 or more, or as one process, which starts mpiexec -n --ranks itself")
+    if ranks is not None and ranks != size:
+        return f"--ranks {ranks}, but the launcher started {size} ranks: drop --ranks or start {ranks}"
+    return None
+
+
+def mebibytes(nbytes):
+    """A bucket's size in MiB, to two significant figures below 1 (a lone bias is 0.016 MiB)."""
+    mib = nbytes / 2**20
+    return f"{mib:.1f}" if mib >= 1 else f"{mib:.2g}"
+
+
 def main(argv):
     p = argparse.ArgumentParser(prog="python -m mpiconvnet.bench allreduce", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=model_names(), default="alexnet")
@@ -53,9 +75,10 @@ def main(argv):
     p.add_argument("--batch", type=at_least(1), default=8, help="images per rank in the NumPy backward")
     p.add_argument("--backward-ms", type=at_least(0, float), default=0.0, help="length of the GPU-like backward (default 2x bucketed)")
     p.add_argument("--repeats", type=at_least(1), default=5)
-    p.add_argument("--ranks", type=at_least(2), default=2, help="ranks when it starts mpiexec itself")
+    p.add_argument("--ranks", type=at_least(2), help="ranks when it starts mpiexec itself (default 2); under an "
+                                                    "mpiexec, the number it started, if given")
     args = p.parse_args(argv)
-    code = relaunch_under_mpiexec("mpiconvnet.bench", ["allreduce"] + list(argv), args.ranks)
+    code = relaunch_under_mpiexec("mpiconvnet.bench", ["allreduce"] + list(argv), args.ranks or 2)
     if code is not None:
         return code
 
@@ -66,6 +89,11 @@ def main(argv):
     from mpiconvnet.models import build_model
 
     world = distributed.init("numpy", threads=1)
+    launcher_problem = launcher_problem_of(world.size, args.ranks)
+    if launcher_problem:
+        if world.is_root:
+            p.error(launcher_problem)
+        return 2
     net = build_model(args.model, num_classes=1000, seed=0)
     buckets = GradientBuckets(net.ops, net.param_shapes, np.float32, int(args.bucket_mb * 2**20))
     net.use_gradient_arrays(buckets.views)
@@ -118,8 +146,10 @@ def main(argv):
         mb = total * 4 / 1e6
         count = sum(int(np.prod(shape)) for shape in net.param_shapes.values())
         print(f"{args.model}: {count:,} gradients, {total:,} with the buckets' alignment padding ({mb:.0f} MB "
-              f"float32), in {len(buckets.sizes)} buckets of <= {args.bucket_mb:g} MiB, {world.size} ranks, "
-              f"median of {args.repeats}")
+              f"float32), {world.size} ranks, median of {args.repeats}")
+        sizes = ", ".join(mebibytes(4 * size) for size in buckets.sizes)
+        print(f"{len(buckets.sizes)} bucket{'s' if len(buckets.sizes) > 1 else ''}: {sizes} MiB "
+              f"(cap {args.bucket_mb:g} MiB; a larger tensor gets a bucket of its own)")
         print(f"{'raw Allreduce of one flat buffer':<44}{raw * 1e3:>10.1f} ms  ({mb / raw / 1e3:.2f} GB/s)")
         print(f"{'bucketed GradientReducer, no backward':<44}{bucketed * 1e3:>10.1f} ms")
         print(f"ratio bucketed / raw: {bucketed / raw:.3f}   (target <= 1.05)")

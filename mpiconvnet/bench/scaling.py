@@ -28,6 +28,8 @@ import numpy as np
 from mpiconvnet.bench._args import at_least, model_names
 from mpiconvnet.bench._launch import is_mpi_rank, mpiexec_path, refuse_a_task_of_a_foreign_srun, run_child
 
+RUNS_AS_MPI_RANKS = True   # its --worker runs do; started as one process, it starts them itself
+
 
 def worker(args):
     from mpiconvnet import distributed

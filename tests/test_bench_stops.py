@@ -1,0 +1,170 @@
+"""The benchmark CLI stopped and launched the wrong way: ctrl-c, SIGTERM, a closed pipe,
+mpiexec around a benchmark of one process, and what a benchmark prints about itself."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+needs_mpiexec = pytest.mark.skipif(not os.path.exists(MPIEXEC), reason="no mpiexec next to this Python")
+
+
+def start(args, tmp_path):
+    """The benchmark in a process group of its own, its temporary folders under tmp_path."""
+    return subprocess.Popen([sys.executable, "-m", "mpiconvnet.bench", *args], env=dict(ENV, TMPDIR=str(tmp_path)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def stop_once_under_way(proc, tmp_path, prefix, signum, settle=1.0):
+    """Send signum when its temporary folder (prefix*) has appeared and `settle` seconds
+    passed; (exit code, stderr). The process group is killed whatever happens."""
+    try:
+        deadline = time.monotonic() + 120
+        while not any(name.startswith(prefix) for name in os.listdir(tmp_path)):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        time.sleep(settle)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=120)
+        return proc.returncode, err
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.communicate()
+
+
+@pytest.mark.parametrize("args, prefix, signum, code", [
+    (["checkpoint", "--model", "alexnet-mini", "--repeats", "1000000"], "bench-checkpoint-", signal.SIGTERM, 143),
+    (["loader", "--images", "4096", "--size", "64", "--crop", "56", "--batch", "8", "--workers", "0",
+      "--repeats", "1000000"], "bench-loader-", signal.SIGTERM, 143),
+    (["input", "--model", "alexnet-mini", "--batch", "4", "--size", "64", "--images", "400", "--workers", "1",
+      "--threads", "1", "--rounds", "1000000"], "bench-input-", signal.SIGINT, 130),
+    # python -m preprocess, which it runs, turns SIGTERM into ctrl-c: 130 for both
+    (["preprocess", "--images", "20", "--shard-size", "10", "--workers", "1", "--repeats", "1000000"],
+     "bench-preprocess-", signal.SIGTERM, 130),
+])
+def test_a_stopped_benchmark_removes_its_temporary_folder_and_says_so_in_one_line(tmp_path, args, prefix, signum,
+                                                                                 code):
+    returncode, err = stop_once_under_way(start(args, tmp_path), tmp_path, prefix, signum, settle=3.0)
+    said = "interrupted" if code == 130 else "terminated (SIGTERM)"
+    # the last line: bench input's many rounds of one learning rate overflow, and NumPy warns
+    assert returncode == code and err.strip().splitlines()[-1] == f"mpiconvnet.bench {args[0]}: {said}", err
+    assert "Traceback" not in err
+    assert os.listdir(tmp_path) == []
+
+
+@needs_mpiexec
+def test_ctrl_c_at_allreduce_ends_the_ranks_with_one_line(tmp_path):
+    proc = start(["allreduce", "--model", "alexnet-mini", "--repeats", str(10**6)], tmp_path)
+    try:
+        time.sleep(8)   # past the ranks' start-up, into the timings (a stop earlier is handled alike)
+        os.killpg(proc.pid, signal.SIGINT)   # a terminal's ctrl-c reaches the whole group
+        out, err = proc.communicate(timeout=60)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.communicate()
+    assert proc.returncode == 130 and err.strip() == "mpiconvnet.bench allreduce: interrupted", err
+    assert "BAD TERMINATION" not in out + err
+
+
+def test_step_piped_into_a_reader_that_stops_ends_quietly():
+    proc = subprocess.Popen([sys.executable, "-m", "mpiconvnet.bench", "step", "--model", "alexnet-mini",
+                             "--batch", "2", "--threads", "1", "--steps", "1", "--warmup", "0", "--no-torch",
+                             "--host-profile"], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()   # as `| head` does when it has its lines
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert proc.returncode == 0 and err == ""
+
+
+def test_a_batch_that_cannot_fit_in_memory_is_one_line_naming_batch():
+    result = subprocess.run([sys.executable, "-m", "mpiconvnet.bench", "step", "--model", "alexnet-mini",
+                             "--batch", "100000000", "--no-torch"], env=ENV, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("mpiconvnet.bench step: out of memory (Unable to allocate")
+    assert result.stderr.strip().endswith("; lower --batch")
+
+
+@needs_mpiexec
+@pytest.mark.parametrize("ranks, args, message", [
+    ("2", ["step", "--model", "alexnet-mini"], "mpiconvnet.bench step: started as 2 copies (mpiexec -n 2 or srun -n 2)"),
+    ("2", ["preprocess", "--images", "20"], "mpiconvnet.bench preprocess: started as 2 copies"),
+    ("1", ["allreduce", "--model", "alexnet-mini"], "1 rank has no one to reduce with"),
+    ("2", ["allreduce", "--model", "alexnet-mini", "--ranks", "4"],
+     "--ranks 4, but the launcher started 2 ranks: drop --ranks or start 4"),
+])
+def test_a_launcher_that_does_not_fit_the_benchmark_is_refused_once(ranks, args, message):
+    result = subprocess.run([MPIEXEC, "-n", ranks, sys.executable, "-m", "mpiconvnet.bench", *args], env=ENV,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert result.stderr.count(message) == 1 and "Traceback" not in result.stderr and "%" not in result.stdout
+
+
+class CountingWorld:
+    def __init__(self):
+        import mpi4py.MPI
+        self.comm = mpi4py.MPI.COMM_SELF
+
+    def barrier(self):
+        pass
+
+
+def test_allreduce_times_each_thing_after_one_untimed_call():
+    from mpiconvnet.bench.allreduce import median_time
+    calls = []
+    median_time(lambda: calls.append(time.perf_counter()), 3, CountingWorld())
+    assert len(calls) == 4
+
+
+@needs_mpiexec
+def test_allreduce_prints_the_buckets_as_they_are():
+    from mpiconvnet.buckets import GradientBuckets
+    from mpiconvnet.models import build_model
+    from mpiconvnet.backends import get_backend
+    net = build_model("alexnet-mini", num_classes=1000, seed=0)
+    buckets = GradientBuckets(get_backend("numpy"), net.param_shapes, np.float32, int(0.5 * 2**20))
+    assert len(buckets.sizes) > 2
+    result = subprocess.run([sys.executable, "-m", "mpiconvnet.bench", "allreduce", "--model", "alexnet-mini",
+                             "--repeats", "1", "--bucket-mb", "0.5", "--batch", "1"], env=ENV, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    sizes = ", ".join(f"{4 * size / 2**20:.1f}" if 4 * size >= 2**20 else f"{4 * size / 2**20:.2g}"
+                      for size in buckets.sizes)
+    assert f"{len(buckets.sizes)} buckets: {sizes} MiB (cap 0.5 MiB; a larger tensor gets a bucket of its own)" \
+        in result.stdout, result.stdout
+    assert "buckets of <=" not in result.stdout
+
+
+def test_preprocess_warms_each_pipeline_up_and_says_what_needs_one_worker(monkeypatch, capsys):
+    from mpiconvnet.bench import preprocess as bench
+    runs = []
+
+    def naive(paths, size, out, block):
+        runs.append(("naive", len(paths)))
+        open(out, "w").close()
+
+    def ours(train, out, size, workers, shard_size):
+        runs.append((f"ours {workers}", sum(len(files) for _, _, files in os.walk(train))))
+        os.makedirs(out)
+    monkeypatch.setattr(bench, "naive_pipeline", naive)
+    monkeypatch.setattr(bench, "our_pipeline", ours)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert bench.main(["--images", "4", "--image-size", "32", "--workers", "2", "--repeats", "1",
+                           "--shard-size", "2"]) == 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    assert runs == [("naive", 10), ("ours 1", 10), ("naive", 4), ("ours 2", 4)]
+    assert "they need 1 among --workers (e.g. --workers 1,2)" in capsys.readouterr().out
