@@ -41,15 +41,16 @@ def main(argv=None):
         print(f"mpiconvnet.bench: unknown benchmark {name!r}; choose one of {', '.join(names)}",
               file=sys.stderr)
         return 2
-    from mpiconvnet.bench._launch import (EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, copies_started,
-                                          says_why_it_stopped, stop_on_signals)
+    from mpiconvnet.bench._launch import (EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, says_why_it_stopped,
+                                          stop_on_signals)
+    from mpiconvnet.distributed import ranks_by_environment
     stop_on_signals()
     try:
         from mpiconvnet.checkpoint import CheckpointError
         from mpiconvnet.data.shards import DatasetError
         from mpiconvnet.models import ModelError
         module = importlib.import_module(f"mpiconvnet.bench.{name}")
-        copies = copies_started()
+        copies = ranks_by_environment()   # mpiexec's ranks, or srun's tasks MPI may not join
         if copies > 1 and not getattr(module, "RUNS_AS_MPI_RANKS", False):
             if says_why_it_stopped():
                 print(f"mpiconvnet.bench {name}: started as {copies} copies (mpiexec -n {copies} or srun -n "

@@ -127,11 +127,3 @@ def relaunch_under_mpiexec(module, argv, ranks):
     print("running:", " ".join(command), flush=True)
     return run_child(command)[0]
 
-
-def copies_started(environ=os.environ):
-    """How many copies of this command its launcher started: mpiexec's ranks, or srun's
-    tasks (which MPI may not join); 1 for a plain process."""
-    for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS"):
-        if environ.get(var, "").isdigit():
-            return int(environ[var])
-    return 1
