@@ -15,12 +15,12 @@ numbers of its metrics.jsonl.
 Exit codes: 0 evaluated; 2 bad flag, data, checkpoint or set-up (one line); 3 a rank, or one
 of its loader processes, stopped answering; 130 ctrl-c or SIGTERM (scancel, a time limit).
 """
-import argparse
 import json
 import signal
 import sys
 
 from mpiconvnet import checkpoint, distributed
+from mpiconvnet.cli import Parser
 from mpiconvnet.config import ConfigError, from_dict
 from mpiconvnet.data.loader import LoaderError
 from mpiconvnet.data.shards import SPLITS, DatasetError, ShardedDataset
@@ -29,7 +29,7 @@ from mpiconvnet.models import ModelError, build_model
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m mpiconvnet.evaluate", description=__doc__.split("\n\n")[0],
+    p = Parser(prog="python -m mpiconvnet.evaluate", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n")[-1].strip())
     p.add_argument("--data", required=True, help="data set directory written by python -m preprocess")
     p.add_argument("--checkpoint", required=True, help="checkpoint file, or a run directory or its checkpoints/ folder (newest checkpoint)")

@@ -22,18 +22,18 @@ Exit codes: 0 written; 2 bad input (a --checkpoint that is none, an --out that i
 path, is the checkpoint itself or exists and is not a regular file) or an --out that cannot
 be written (one line).
 """
-import argparse
 import os
 import sys
 
 from mpiconvnet import checkpoint
+from mpiconvnet.cli import Parser
 from mpiconvnet.distributed import refuse_several_ranks
 from mpiconvnet.models import ModelError
 from mpiconvnet.weights import NAMINGS, classes_path, to_torchvision, write_npz
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m mpiconvnet.export", description=__doc__.split("\n\n")[0],
+    p = Parser(prog="python -m mpiconvnet.export", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n")[-1].strip())
     p.add_argument("--checkpoint", required=True, help="checkpoint file, or a run directory or its checkpoints/ folder (newest checkpoint)")
     p.add_argument("--out", required=True, help="the .npz file to write (and the class list beside it: m.npz, m.classes.txt)")

@@ -10,11 +10,11 @@ Exit codes: 0 written; 2 bad input (no run directory, damaged metrics.jsonl, an 
 another format, or one that exists and is not a regular file) or an --out that cannot be
 written (one line).
 """
-import argparse
 import os
 import sys
 
 from mpiconvnet.checkpoint import output_problem
+from mpiconvnet.cli import Parser
 from mpiconvnet.distributed import refuse_several_ranks
 from mpiconvnet.metrics import read_records
 
@@ -114,7 +114,7 @@ def plot(run_dir, out):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m mpiconvnet.plot", description=__doc__.split("\n\n")[0],
+    p = Parser(prog="python -m mpiconvnet.plot", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n")[-1].strip())
     p.add_argument("run_dir", help="a run directory of python -m mpiconvnet.train")
     p.add_argument("--out", help="image to write, its format by its suffix: .png, .pdf or .svg "

@@ -24,12 +24,13 @@ OUT/skipped.tsv.
 import argparse
 import sys
 
+from mpiconvnet.cli import Parser
 from preprocess import folder, imagenet, synth, verify
 from preprocess.pack import add_pack_arguments, pack
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="python -m preprocess", description=__doc__,
+    parser = Parser(prog="python -m preprocess", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     raw = argparse.RawDescriptionHelpFormatter

@@ -34,6 +34,23 @@ def test_models_lists_every_model_with_its_parameter_count():
     assert "alexnet-owt" in result.stdout and "61,100,840" in result.stdout
 
 
+@pytest.mark.parametrize("args, message", [
+    (["mpiconvnet.evaluate", "--data", "x"], "python -m mpiconvnet.evaluate: the following arguments are required: "
+                                             "--checkpoint (see --help)"),
+    (["mpiconvnet.plot"], "python -m mpiconvnet.plot: the following arguments are required: run_dir (see --help)"),
+    (["mpiconvnet.export", "--checkpoint", "x", "--out", "y.npz", "--names", "tv"],
+     "python -m mpiconvnet.export: argument --names: invalid choice: 'tv'"),
+    (["preprocess", "folder", "--train"], "python -m preprocess folder: argument --train: expected one argument"),
+    (["mpiconvnet.bench", "step", "--batch", "0"], "python -m mpiconvnet.bench step: argument --batch: must be at "
+                                                   "least 1, got 0 (see --help)"),
+])
+def test_a_bad_flag_of_any_entry_point_is_one_line_and_exit_2(args, message):
+    # argparse printed its whole usage block (5-10 lines) before the line that matters
+    result = run(*args)
+    assert result.returncode == 2 and result.stderr.startswith(message), result.stderr
+    assert result.stderr.count("\n") == 1 and not result.stdout
+
+
 def test_evaluate_prints_json_for_a_run_directory(trained):
     data, run_dir = trained
     result = run("mpiconvnet.evaluate", "--data", data, "--checkpoint", run_dir, "--json", "--crops", "10")

@@ -18,7 +18,6 @@ Medians of --repeats, after one untimed run of each, on the same ranks in the sa
 ratios: bucketed / raw (target <= 1.05) and hidden = 1 - (overlap - backward) / bucketed
 (the share of communication that backward hid; target >= 0.8).
 """
-import argparse
 import sys
 import time
 
@@ -26,6 +25,7 @@ import numpy as np
 
 from mpiconvnet.bench._args import at_least, model_names
 from mpiconvnet.bench._launch import relaunch_under_mpiexec
+from mpiconvnet.cli import Parser
 
 RUNS_AS_MPI_RANKS = True
 
@@ -69,7 +69,7 @@ def mebibytes(nbytes):
 
 
 def main(argv):
-    p = argparse.ArgumentParser(prog="python -m mpiconvnet.bench allreduce", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m mpiconvnet.bench allreduce", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=model_names(), default="alexnet")
     p.add_argument("--bucket-mb", type=at_least(0.001, float), default=25.0)
     p.add_argument("--batch", type=at_least(1), default=8, help="images per rank in the NumPy backward")

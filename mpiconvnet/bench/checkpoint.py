@@ -12,7 +12,6 @@ by default (an AlexNet epoch lasts minutes on a GPU, hours on CPUs). Also timed:
 our file back as a resume does (checkpoint.load, which checks every array's checksum and
 looks for NaN and Inf), from the page cache.
 """
-import argparse
 import os
 import resource
 import shutil
@@ -25,6 +24,7 @@ import numpy as np
 
 from mpiconvnet import checkpoint
 from mpiconvnet.bench._args import at_least, directory
+from mpiconvnet.cli import Parser
 from mpiconvnet.models import MODELS, build_model
 
 
@@ -65,7 +65,7 @@ def peak_mb():
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m mpiconvnet.bench checkpoint", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m mpiconvnet.bench checkpoint", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=sorted(MODELS), default="alexnet")
     p.add_argument("--repeats", type=at_least(1), default=3)
     p.add_argument("--dir", type=directory, default=None, help="where to write (default: a temporary folder)")

@@ -26,17 +26,17 @@ keeps up: device_batches >= 0.95 of resident.
 Without --data, a synthetic raw set is packed into a temporary folder with
 tests/data_fixtures.py (run from the repository root), as `bench loader` does.
 """
-import argparse
 import json
 import sys
 import tempfile
 import time
 
 from mpiconvnet.bench._args import at_least, directory, model_names, thread_count
+from mpiconvnet.cli import Parser
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m mpiconvnet.bench input", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m mpiconvnet.bench input", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=model_names(), default="alexnet-owt")
     p.add_argument("--batch", type=at_least(1), default=128)
     p.add_argument("--backend", choices=("numpy", "cuda"), default="numpy")

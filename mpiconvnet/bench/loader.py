@@ -28,7 +28,6 @@ the crops, flips and float conversion happen where the model lives
 and prints images/s, images/s per loader process, and that divided by the copy bound into
 the same kind of destination (target >= 0.5 for the loader's worker processes).
 """
-import argparse
 import itertools
 import os
 import sys
@@ -38,6 +37,7 @@ import time
 import numpy as np
 
 from mpiconvnet.bench._args import at_least, counts, directory
+from mpiconvnet.cli import Parser
 
 
 def parse_args(argv):
@@ -93,7 +93,7 @@ def misfit(args, images, image_size):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="python -m mpiconvnet.bench loader", description=__doc__.split("\n")[0])
+    parser = Parser(prog="python -m mpiconvnet.bench loader", description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=directory, help="a packed data set to read (default: a synthetic raw set in a temp dir)")
     parser.add_argument("--images", type=at_least(1), default=2048,
                         help=f"synthetic training images (default 2048, at most {SYNTHETIC_MAX})")

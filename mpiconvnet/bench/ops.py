@@ -8,7 +8,6 @@ input, conv2/4/5 in two groups) with the NumPy backend and with PyTorch (when it
 on the same thread count, the two taking turns, and prints the best of --repeat runs, the
 GFLOP/s of the GEMM layers and the ratio torch time / numpy time (above 1: NumPy is faster).
 """
-import argparse
 import sys
 import time
 
@@ -16,6 +15,7 @@ import numpy as np
 
 import mpiconvnet.backends.numpy_backend as B
 from mpiconvnet.bench._args import at_least, thread_count
+from mpiconvnet.cli import Parser
 from mpiconvnet.torch_twin import torch_sgd
 
 LRN = dict(size=5, alpha=1e-4, beta=0.75, k=2.0)
@@ -174,7 +174,7 @@ def torch_layer(torch, kind, spec, rng):
 
 
 def parse(argv):
-    parser = argparse.ArgumentParser(prog="python -m mpiconvnet.bench ops", description=__doc__.split("\n")[0])
+    parser = Parser(prog="python -m mpiconvnet.bench ops", description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=thread_count, default=1, help="threads for the NumPy backend's pool and for torch")
     parser.add_argument("--batch", type=at_least(1), default=64)
     parser.add_argument("--repeat", type=at_least(1), default=3, help="runs per op; the best is reported")

@@ -37,6 +37,7 @@ from PIL import Image
 
 from mpiconvnet.bench._args import at_least, counts
 from mpiconvnet.bench._launch import stop_on_signals
+from mpiconvnet.cli import Parser
 
 
 def make_inputs(root, count, seed=0, classes=10):
@@ -131,7 +132,7 @@ def decode_stage(paths, size, repeats):
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(prog="python -m mpiconvnet.bench preprocess", description=__doc__,
+    parser = Parser(prog="python -m mpiconvnet.bench preprocess", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=at_least(1), default=None,
                         help="synthetic JPEGs to pack (default 1200, or 3 shards per worker of the largest "

@@ -27,6 +27,7 @@ import numpy as np
 
 from mpiconvnet.bench._args import at_least, model_names
 from mpiconvnet.bench._launch import is_mpi_rank, mpiexec_path, refuse_a_task_of_a_foreign_srun, run_child
+from mpiconvnet.cli import Parser
 
 RUNS_AS_MPI_RANKS = True   # its --worker runs do; started as one process, it starts them itself
 
@@ -106,7 +107,7 @@ def run_with(ranks, args, communicate=True):
 
 
 def main(argv):
-    p = argparse.ArgumentParser(prog="python -m mpiconvnet.bench scaling", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m mpiconvnet.bench scaling", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=model_names(), default="alexnet-mini")
     p.add_argument("--batch", type=at_least(1), default=64, help="images per rank per step")
     p.add_argument("--ranks", type=at_least(2), default=2, help="ranks compared with 1")

@@ -8,7 +8,6 @@ Prediction: a training step costs ~3x the forward FLOPs (forward, backward to da
 backward to weights); `flops` below counts them from the layer shapes, so the table also
 shows the GFLOP/s each implementation reaches.
 """
-import argparse
 import json
 import sys
 import time
@@ -16,6 +15,7 @@ import time
 import numpy as np
 
 from mpiconvnet.bench._args import at_least, model_names, thread_count
+from mpiconvnet.cli import Parser
 
 
 def layer_flops(net, batch):
@@ -84,7 +84,7 @@ def make_torch(args, net, x, labels):
 
 
 def main(argv):
-    p = argparse.ArgumentParser(prog="python -m mpiconvnet.bench step", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m mpiconvnet.bench step", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=model_names(), default="alexnet")
     p.add_argument("--batch", type=at_least(1), default=64)
     p.add_argument("--threads", type=thread_count, default=2, help="CPU threads for both implementations")

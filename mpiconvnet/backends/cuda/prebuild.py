@@ -10,11 +10,12 @@ on any machine with nvcc (no GPU needed) and carry kernels/prebuilt/ with the co
 Each file gets SASS for every listed architecture plus PTX for the newest, which the
 driver JIT-compiles for GPUs newer than the build.
 """
-import argparse
 import os
 import shutil
 import subprocess
 import sys
+
+from mpiconvnet.cli import Parser
 
 from .context import KERNEL_DIR, NVCC_OPTIONS, PREBUILT_DIR
 
@@ -67,7 +68,7 @@ def build(archs=None, out_dir=PREBUILT_DIR, nvcc=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", nargs="+", help="compute capabilities without the dot, e.g. 80 90")
     parser.add_argument("--out", default=PREBUILT_DIR, help="output directory (default: kernels/prebuilt)")
     args = parser.parse_args(argv)
