@@ -41,7 +41,6 @@ import time
 
 import numpy as np
 
-from mpiconvnet import checkpoint
 from mpiconvnet.data.loader import BatchLoader
 
 TAG_HEADER, TAG_GRADS, TAG_REPLY, TAG_PARAMS, TAG_END = 301, 302, 303, 304, 305
@@ -139,9 +138,9 @@ class ParameterServer:
                                f"{cfg.stall_timeout:.0f} s at step {t.step}; aborting all ranks")
             batches, loss = int(header[1]), header[2] / header[1]
             if stopping is None and not math.isfinite(loss):
-                failure = (f"loss became {loss} at step {t.step} (a push from worker {worker}); the checkpoints in "
-                           f"{checkpoint.checkpoint_dir(cfg.out)} are kept; resume from one well before the loss grew "
-                           f"(--resume PATH) with a lower --lr, or check the data's mean")
+                from mpiconvnet.trainer import what_to_do_after_a_nonfinite_loss   # trainer imports this module
+                failure = (f"loss became {loss} at step {t.step} (a push from worker {worker}); "
+                           f"{what_to_do_after_a_nonfinite_loss(cfg.out)}")
                 stopping = "failure"
             if stopping is None and stop.received:
                 stopping = stop.received

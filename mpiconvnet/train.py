@@ -19,6 +19,8 @@ same command with --resume auto to continue.
 import os
 import sys
 
+import numpy as np
+
 from mpiconvnet import checkpoint, distributed
 from mpiconvnet.config import ConfigError, help_text, resolve
 from mpiconvnet.data.loader import LoaderError
@@ -218,7 +220,10 @@ def train(cfg, world, trainer, resume_from, stop):
         total = min(total, cfg.max_steps) if cfg.max_steps else total
         progress = tqdm(total=total, initial=trainer.step, unit="step", dynamic_ncols=True, file=sys.stderr)
     try:
-        return trainer.run(stop, progress, log)
+        # an overflow on the way to a NaN loss is said once, by the loss check after the
+        # step (exit 4), not as NumPy warnings naming our source lines
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            return trainer.run(stop, progress, log)
     finally:
         if progress is not None:
             progress.close()   # before any message about how the run ended

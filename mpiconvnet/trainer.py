@@ -47,6 +47,15 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+def what_to_do_after_a_nonfinite_loss(out):
+    """The advice that ends the line of a NaN/Inf loss: from a kept checkpoint, or afresh."""
+    fix = "with a lower --lr, or check the data's mean (a healthy first loss is ln(classes))"
+    if not checkpoint.list_checkpoints(out):
+        return f"no checkpoint was written before it: run the same command again {fix}"
+    return (f"the checkpoints in {checkpoint.checkpoint_dir(out)} are kept; resume from one well before the loss "
+            f"grew (--resume PATH) {fix}")
+
+
 class StopSignal:
     """Remembers SIGTERM/SIGUSR1 (what SLURM sends before a time limit or preemption) and
     SIGINT (ctrl-c at an interactive mpirun): each stops every rank after the same step,
@@ -283,9 +292,7 @@ class Trainer:
                     compute = time.perf_counter() - since - data - exposed
                     if not math.isfinite(global_loss):
                         raise NonFiniteLoss(f"loss became {global_loss} at step {self.step} (epoch {epoch}, lr {lr:g}); "
-                                            f"the checkpoints in {checkpoint.checkpoint_dir(cfg.out)} are kept; "
-                                            f"resume from one well before the loss grew (--resume PATH) with a lower "
-                                            f"--lr, or check the data's mean (a healthy first loss is ln(classes))")
+                                            f"{what_to_do_after_a_nonfinite_loss(cfg.out)}")
                     self.step += 1
                     window["loss"] += global_loss
                     window["loss_steps"] += 1

@@ -50,7 +50,7 @@ def add_pack_arguments(parser):
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality for --format jpeg (default 90)")
     parser.add_argument("--shard-size", type=int, default=1024, help="images per shard (default 1024)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the one shuffle before sharding")
-    parser.add_argument("--workers", type=int, default=1, help="processes on this node (default 1)")
+    parser.add_argument("--workers", type=int, default=1, help="decode processes per rank or array task (default 1)")
     parser.add_argument("--rank", type=int, help="this task's number in a job array (with --size)")
     parser.add_argument("--size", type=int, help="number of tasks in a job array (with --rank)")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,

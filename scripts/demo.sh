@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole job on a small built-in data set: generate -> pack -> train on 2 MPI ranks ->
-# evaluate -> plot. Run by `make demo` after the venv is installed; a few minutes on 2 cores.
+# evaluate -> plot. Run by `make demo` after the venv is installed; about a minute on 2 cores.
 # DEMO_OUT (default demo-out) is where everything goes; it is rebuilt from scratch.
 # DEMO_BACKEND=cuda trains and evaluates on GPUs (the 2 ranks may share one).
 set -euo pipefail

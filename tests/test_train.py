@@ -403,11 +403,22 @@ def _is_descendant(pid, ancestor):
     return False
 
 
+def test_the_advice_after_a_nonfinite_loss_names_checkpoints_only_where_there_are(tmp_path):
+    from mpiconvnet.trainer import what_to_do_after_a_nonfinite_loss
+    assert "no checkpoint was written before it" in what_to_do_after_a_nonfinite_loss(str(tmp_path))
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "ckpt-00000004.h5").write_bytes(b"")
+    assert "resume from one well before the loss grew (--resume PATH) with a lower --lr" in \
+        what_to_do_after_a_nonfinite_loss(str(tmp_path))
+
+
 def test_a_nonfinite_loss_stops_at_once_and_keeps_the_last_checkpoint(data, tmp_path):
     run = str(tmp_path / "run")
     result = train(["--data", data, "--global-batch", "16", "--epochs", "3", "--lr", "1e6", "--out", run], check=False)
     assert result.returncode == 4, result.stderr
-    assert "loss became" in result.stderr and "at step" in result.stderr
+    # one line, without NumPy's overflow warnings, and no checkpoint to resume from was written
+    assert result.stderr.count("\n") == 1 and "loss became" in result.stderr and "at step" in result.stderr
+    assert "no checkpoint was written before it: run the same command again with a lower --lr" in result.stderr
     assert not os.path.isdir(os.path.join(run, "checkpoints")) or all(
         not f.endswith(".tmp") for f in os.listdir(os.path.join(run, "checkpoints")))
 
