@@ -157,42 +157,55 @@ def _check(cfg):
     return cfg
 
 
+def reduces_gradient_buckets(cfg):
+    """Whether the run reduces gradients in buckets, from a communication thread while
+    backward runs (--overlap): --sync grads, but for --parallel model, which replicates
+    nothing."""
+    return cfg.sync == "grads" and cfg.parallel != "model"
+
+
 def _ignored_by_the_mode(cfg):
-    """(key, what it applies to, the fix) for each setting away from its default that
-    this run's --sync/--parallel would ignore: most likely the mode itself was forgotten."""
-    gradient_buckets = cfg.sync == "grads" and cfg.parallel != "model"   # the only runs that reduce them
-    for key, applies, needs, fix in (
-            ("average_every", "--sync params", cfg.sync == "params", "add --sync params"),
-            ("async_every", "--sync async", cfg.sync == "async", "add --sync async"),
-            ("bucket_mb", "the gradient allreduce of --sync grads with --parallel data or hybrid", gradient_buckets,
-             "check --sync and --parallel"),
-            ("overlap", "the gradient allreduce of --sync grads with --parallel data or hybrid", gradient_buckets,
-             "check --sync and --parallel")):
+    """(key, what it applies to, the fix, refused) for each setting away from its default
+    that this run's --sync/--parallel ignores. The other mode's own settings are refused:
+    most likely the mode itself was forgotten. The rest are noted, not refused: a command
+    that gave them still runs, a requeued job's included."""
+    buckets = "the gradient allreduce of --sync grads with --parallel data or hybrid"
+    for key, applies, needs, fix, refused in (
+            ("average_every", "--sync params", cfg.sync == "params", "add --sync params", True),
+            ("async_every", "--sync async", cfg.sync == "async", "add --sync async", True),
+            ("bucket_mb", buckets, reduces_gradient_buckets(cfg), "", False),
+            ("overlap", buckets, reduces_gradient_buckets(cfg), "", False),
+            ("eval_every", "--sync grads and params (--sync async evaluates once, at the end)",
+             cfg.sync != "async" or cfg.eval_every <= 1, "", False)):
         if not needs and getattr(cfg, key) != DEFAULTS[key]:
-            yield key, applies, fix
-    if cfg.sync == "async" and cfg.eval_every > 1:
-        yield "eval_every", "--sync grads and params", "--sync async evaluates once, at the end: give 0"
+            yield key, applies, fix, refused
 
 
-def _check_combinations(cfg, origin=None):
+def _setting(cfg, key, origin):
+    """How the user gave `key`: "--bucket-mb 5" or "bucket_mb = 5 in run.toml"."""
+    value = getattr(cfg, key)
+    value = str(value).lower() if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) else value
+    return f"{key} = {value} in {origin[key]}" if key in origin else f"--{key.replace('_', '-')} {value}"
+
+
+def _check_combinations(cfg, origin=None, notes=None):
     """Flags that run but cannot do what they ask, refused when a user gives them (not
     when a saved config is read: a checkpoint made before these checks still resumes).
-    `origin` names the TOML file of the keys that came from one."""
+    `origin` names the TOML file of the keys that came from one; `notes` (a list) gets
+    a line for each setting this run ignores but does not refuse."""
     origin = origin or {}
     if cfg.schedule == "multistep" and not cfg.lr_milestones:
         raise ConfigError("--schedule multistep needs --lr-milestones, e.g. 30,60,80 (the epochs where the lr drops)")
     if cfg.schedule == "plateau" and (cfg.eval_every == 0 or cfg.sync == "async"):
         raise ConfigError("--schedule plateau drops the lr when evaluations stop improving: it needs --eval-every 1 "
                           "or more, and --sync grads or params (async evaluates only at the end)")
-    for key, applies, fix in _ignored_by_the_mode(cfg):
-        value = getattr(cfg, key)
-        value = str(value).lower() if isinstance(value, bool) else value
-        if key in origin:
-            setting = f"{key} = {value} in {origin[key]}"
-        else:
-            setting = f"--{key.replace('_', '-')} {value}"
-        raise ConfigError(f"{setting} applies to {applies} only, and this run has --sync {cfg.sync} "
-                          f"--parallel {cfg.parallel}; {fix}, or leave it out")
+    mode = f"--sync {cfg.sync} --parallel {cfg.parallel}"
+    for key, applies, fix, refused in _ignored_by_the_mode(cfg):
+        if refused:
+            raise ConfigError(f"{_setting(cfg, key, origin)} applies to {applies} only, and this run has {mode}; "
+                              f"{fix}, or leave it out")
+        if notes is not None:
+            notes.append(f"{_setting(cfg, key, origin)} has no effect with {mode} (it applies to {applies} only)")
     if cfg.init_skip and not cfg.init_weights:
         raise ConfigError(f"--init-skip {cfg.init_skip} needs --init-weights: the file the other layers start from")
     return cfg
@@ -242,8 +255,9 @@ def load_toml(path):
     return values
 
 
-def resolve(argv=(), base=None):
-    """Defaults (or `base`), then the TOML file named by --config, then the flags."""
+def resolve(argv=(), base=None, notes=None):
+    """Defaults (or `base`), then the TOML file named by --config, then the flags. `notes`
+    (a list) gets a line for each setting the run's mode ignores."""
     flags = parse_flags(list(argv))
     cfg = dataclasses.replace(base) if base is not None else Config()
     toml_path = flags.get("config", "")
@@ -251,7 +265,7 @@ def resolve(argv=(), base=None):
     for key, value in [*from_toml.items(), *flags.items()]:
         setattr(cfg, key, value)
     origin = {key: toml_path for key in from_toml if key not in flags}
-    return _check_combinations(_check(cfg), origin)
+    return _check_combinations(_check(cfg), origin, notes)
 
 
 def from_dict(values):

@@ -22,7 +22,7 @@ import sys
 import numpy as np
 
 from mpiconvnet import checkpoint, distributed
-from mpiconvnet.config import ConfigError, help_text, resolve
+from mpiconvnet.config import ConfigError, help_text, reduces_gradient_buckets, resolve
 from mpiconvnet.data.loader import LoaderError
 from mpiconvnet.data.shards import DatasetError
 from mpiconvnet.models import MODELS, ModelError
@@ -71,19 +71,24 @@ def main(argv=None):
     if "-h" in argv or "--help" in argv:
         print(__doc__.strip() + "\n\nflags (default, meaning):\n" + help_text())
         return 0
+    notes = []
     try:
-        cfg = resolve(argv)
+        cfg = resolve(argv, notes=notes)
     except ConfigError as e:
         if distributed.first_rank_by_environment():
             print(f"mpiconvnet.train: {e}", file=sys.stderr)
         return EXIT_USAGE
+    if distributed.first_rank_by_environment():
+        for note in notes:
+            print(f"mpiconvnet.train: note: {note}", file=sys.stderr)
     # before the set-up, which may take minutes (MPI, GPUs, data checks, a checkpoint to
     # restore): a USR1 or TERM from SLURM meanwhile then stops the run after its first step,
     # with a checkpoint and exit 75, instead of killing it without either
     stop = StopSignal()
     out_lock = RunLock()
     try:
-        world = distributed.init(cfg.backend, cfg.threads, cfg.allow_gpu_sharing, need_threads=cfg.overlap)
+        world = distributed.init(cfg.backend, cfg.threads, cfg.allow_gpu_sharing,
+                                 need_threads=cfg.overlap and reduces_gradient_buckets(cfg))
     except distributed.SetupError as e:
         # each cause is said once, by the first rank it stops: a rank with no GPU may be the only one
         if e.echo:
@@ -168,6 +173,18 @@ def run_directory_line(out):
     return line
 
 
+def nothing_to_train(cfg, trainer):
+    """The line of a resume at or past the step where this run ends."""
+    at, end = trainer.step, trainer.total_steps()
+    # what ends the run before `at`: --max-steps, --epochs or both
+    limits = [flag for flag, step in (("--epochs", cfg.epochs * trainer.steps_per_epoch),
+                                      ("--max-steps", cfg.max_steps)) if step and step <= at]
+    return (f"mpiconvnet: resumed at step {at}, and this run ends at step {end} ("
+            + ", ".join(f"{flag} {getattr(cfg, flag[2:].replace('-', '_'))}" for flag in limits)
+            + "): nothing to train" + (", only the last evaluation to do" if trainer.evaluated_at != at else "")
+            + f"; raise {' and '.join(limits)} to train on")
+
+
 def set_aside_newer(cfg, resumed_from, step):
     """(the folder, [names]) of the later checkpoints moved aside; (None, []) for none."""
     try:
@@ -209,10 +226,7 @@ def train(cfg, world, trainer, resume_from, stop):
                 + (f", starting from the weights in {cfg.init_weights}" if cfg.init_weights and not resume_from else "")
                 + (f" but {cfg.init_skip}" if cfg.init_skip and not resume_from else ""))
     if trainer.step >= trainer.total_steps():
-        world.print(f"mpiconvnet: step {trainer.step} is where this run ends (--epochs {cfg.epochs}"
-                    + (f", --max-steps {cfg.max_steps}" if cfg.max_steps else "") + "): nothing to train"
-                    + (", only the last evaluation to do" if trainer.evaluated_at != trainer.step else "")
-                    + "; raise --epochs or --max-steps to train on")
+        world.print(nothing_to_train(cfg, trainer))
     progress = None
     if world.is_root and cfg.progress:
         from tqdm import tqdm

@@ -24,7 +24,7 @@ from mpiconvnet import async_sgd, checkpoint
 from mpiconvnet.averaging import ReplicaAverager
 from mpiconvnet.backends import get_backend
 from mpiconvnet.buckets import GradientBuckets, GradientReducer
-from mpiconvnet.config import from_dict
+from mpiconvnet.config import from_dict, reduces_gradient_buckets
 from mpiconvnet.data.loader import BatchLoader
 from mpiconvnet.data.sampler import DistributedSampler
 from mpiconvnet.data.shards import ShardedDataset, load_index
@@ -102,7 +102,7 @@ class Trainer:
         self.optimizer = SGD(ops, self.net.params, cfg.momentum, cfg.weight_decay, cfg.bias_lr_mult)
         cuda_aware = _cuda_aware(cfg.backend, world)
         self.reducer, self.averager = None, None
-        if cfg.sync == "grads" and cfg.parallel != "model":   # --parallel model replicates nothing
+        if reduces_gradient_buckets(cfg):
             self.reducer = GradientReducer(world, self.buckets, overlap=cfg.overlap, cuda_aware=cuda_aware,
                                            timeout=cfg.stall_timeout, average=False,
                                            on_stall=lambda: self.heartbeat.report_stall(self.step))

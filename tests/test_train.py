@@ -134,6 +134,17 @@ def test_averaging_parameters_every_step_equals_averaging_gradients(data, tmp_pa
 
 @pytest.mark.mpi
 @needs_mpiexec
+def test_modes_without_a_communication_thread_run_on_an_mpi_without_thread_support(data, tmp_path):
+    # parameter averaging overlaps nothing: it asked for MPI_THREAD_SERIALIZED all the same
+    # (--overlap's default) and told the user to give --overlap false, which does nothing there
+    env = dict(ENV, MPI4PY_RC_THREAD_LEVEL="single")
+    result = train(["--data", data, "--global-batch", "16", "--max-steps", "2", "--out", str(tmp_path / "params"),
+                    "--sync", "params", "--eval-every", "0"], ranks=2, env=env)
+    assert "run directory" in result.stdout
+
+
+@pytest.mark.mpi
+@needs_mpiexec
 def test_local_sgd_resumes_exactly_and_differs_from_synchronous_sgd(data, tmp_path):
     # averaging every 2 steps, checkpoints every 3: the checkpoint at step 3 averages the
     # replicas early, in the uninterrupted run and in the one that stops there alike
@@ -712,10 +723,15 @@ def test_a_run_directory_with_checkpoints_is_resumed_never_overwritten(data, tmp
     result = train(args[:-1] + [str(tmp_path / "branch"), "--epochs", "2", "--resume", str(run)])
     assert f"resuming at step 12 from {run}/checkpoints/ckpt-00000012.h5" in result.stdout
     # already at its end: said so, and the closing line lists only what the run wrote
-    assert "step 12 is where this run ends (--epochs 2): nothing to train; raise --epochs" in result.stdout
+    assert "resumed at step 12, and this run ends at step 12 (--epochs 2): nothing to train; raise --epochs to" \
+        in result.stdout
     assert f"run directory: {tmp_path / 'branch'} (config.json)\n" in result.stdout, result.stdout
     result = train(args + ["--epochs", "3", "--max-steps", "12", "--resume", "auto"])
-    assert "step 12 is where this run ends (--epochs 3, --max-steps 12): nothing to train" in result.stdout
+    assert "resumed at step 12, and this run ends at step 12 (--max-steps 12): nothing to train; raise --max-steps " \
+           "to train on" in result.stdout
+    result = train(args + ["--epochs", "1", "--max-steps", "5", "--resume", "auto"])   # both end it before 12
+    assert "this run ends at step 5 (--epochs 1, --max-steps 5): nothing to train; raise --epochs and --max-steps" \
+        in result.stdout
     assert "(config.json, metrics.jsonl, checkpoints/); plot with" in result.stdout
 
 
