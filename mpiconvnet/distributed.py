@@ -118,6 +118,22 @@ class World:
     def broadcast_object(self, obj):
         return obj if self.size == 1 else self.comm.bcast(obj, root=0)
 
+    def first_failure(self, error):
+        """A collective of the ranks' set-up errors (None where a rank met none): None
+        when no rank met one, else the line every rank stops with, for rank 0 to print.
+        The same error on every rank is said as it is; otherwise the first failing rank
+        is named (a file one node cannot read), instead of its line being lost."""
+        texts = [None if error is None else str(error)]
+        if self.size > 1:
+            texts = self.comm.allgather(texts[0])
+        failed = [(rank, text) for rank, text in enumerate(texts) if text is not None]
+        if not failed:
+            return None
+        if len(failed) == self.size and len({text for _, text in failed}) == 1:
+            return failed[0][1]
+        rank, text = failed[0]
+        return f"rank {rank}: {text}"
+
 
 def _install_abort_hook(world):
     """An exception in one rank must end all ranks, not leave them waiting forever."""

@@ -60,29 +60,32 @@ def main(argv=None):
     # a SIGTERM (scancel, a time limit) ends it as ctrl-c does: one line and 130
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        path, params, _, meta = checkpoint.load_given(args.checkpoint)
-        cfg = from_dict(meta["config"])
+        try:
+            # before MPI starts (the checkpoint names the backend, which picks the GPUs):
+            # said by the rank the launcher numbered 0, as a bad flag is
+            path, params, _, meta = checkpoint.load_given(args.checkpoint)
+            cfg = from_dict(meta["config"])
+        except (checkpoint.CheckpointError, ConfigError) as e:
+            if distributed.first_rank_by_environment():
+                print(f"mpiconvnet.evaluate: {e}", file=sys.stderr)
+            return 2
         backend = args.backend or cfg.backend
-        world = distributed.init(backend, args.threads, need_threads=False)
-        data = ShardedDataset(args.data, args.split)
-        if data.num_classes != meta["num_classes"]:
-            raise ModelError(f"{args.data} has {data.num_classes} classes, checkpoint {path} was trained on "
-                             f"{meta['num_classes']}; evaluate on the data set it was trained on")
-        mismatch = checkpoint.class_mismatch(meta, data.classes, path, args.data)
-        if mismatch:
-            raise ModelError(f"{mismatch}; evaluate on the data set it was trained on")
-        net = build_model(cfg.model, num_classes=meta["num_classes"], backend=backend, dtype=cfg.dtype, seed=cfg.seed)
-        if data.image_size < net.input_size:
-            raise ModelError(f"{args.data}: images are {data.image_size}px, model {cfg.model} crops {net.input_size}px; "
-                             f"evaluate on the data set it was trained on")
-        net.load_state_dict(params, source=path)
-    except (checkpoint.CheckpointError, ConfigError, DatasetError, ModelError, distributed.SetupError) as e:
-        # every rank reads the same checkpoint and data, so rank 0 speaks for all (before MPI
-        # starts, the launcher's numbering says which is rank 0); a SetupError is said by the
-        # rank it stops, and a rank stopped by another rank's is silent
-        if e.echo if isinstance(e, distributed.SetupError) else distributed.first_rank_by_environment():
-            print(f"mpiconvnet.evaluate: {e}", file=sys.stderr)
-        return 2
+        try:
+            world = distributed.init(backend, args.threads, need_threads=False)
+        except distributed.SetupError as e:
+            if e.echo:   # said by the rank it stops; a rank stopped by another rank's is silent
+                print(f"mpiconvnet.evaluate: {e}", file=sys.stderr)
+            return 2
+        try:
+            net, failure = checked_model(args, path, params, meta, cfg, backend), None
+        except (DatasetError, ModelError, checkpoint.CheckpointError) as e:
+            failure = e
+        # every rank stops, and rank 0 says why once, naming the rank where not all met it
+        # (a node without the data)
+        failure = world.first_failure(failure)
+        if failure is not None:
+            world.print(f"mpiconvnet.evaluate: {failure}", file=sys.stderr)
+            return 2
     except KeyboardInterrupt:
         if distributed.first_rank_by_environment():
             print("mpiconvnet.evaluate: interrupted", file=sys.stderr)
@@ -116,6 +119,23 @@ def main(argv=None):
                   f"top-5 {result['top5']:.4f}  (errors {1 - result['top1']:.4f} / {1 - result['top5']:.4f})  "
                   f"loss {result['loss']:.4f}")
     return 0
+
+
+def checked_model(args, path, params, meta, cfg, backend):
+    """The checkpoint's network, checked against the --data split it is to score."""
+    data = ShardedDataset(args.data, args.split)
+    if data.num_classes != meta["num_classes"]:
+        raise ModelError(f"{args.data} has {data.num_classes} classes, checkpoint {path} was trained on "
+                         f"{meta['num_classes']}; evaluate on the data set it was trained on")
+    mismatch = checkpoint.class_mismatch(meta, data.classes, path, args.data)
+    if mismatch:
+        raise ModelError(f"{mismatch}; evaluate on the data set it was trained on")
+    net = build_model(cfg.model, num_classes=meta["num_classes"], backend=backend, dtype=cfg.dtype, seed=cfg.seed)
+    if data.image_size < net.input_size:
+        raise ModelError(f"{args.data}: images are {data.image_size}px, model {cfg.model} crops {net.input_size}px; "
+                         f"evaluate on the data set it was trained on")
+    net.load_state_dict(params, source=path)
+    return net
 
 
 def _interrupt(signum, frame):

@@ -156,6 +156,19 @@ def test_evaluate_set_up_errors_under_mpi_are_said_once(trained, tmp_path):
             lines[0].count("mpiconvnet.evaluate:") == 1, result.stderr
 
 
+@needs_mpiexec
+@pytest.mark.mpi
+def test_evaluate_names_the_one_rank_that_cannot_read_the_data(trained, tmp_path):
+    # rank 1's node without the data (MPMD: each rank its own --data): its line was lost
+    data, run_dir = trained
+    rank = [sys.executable, "-m", "mpiconvnet.evaluate", "--checkpoint", run_dir, "--workers", "0", "--data"]
+    result = subprocess.run([MPIEXEC, "-n", "1", *rank, data, ":", "-n", "1", *rank, str(tmp_path / "missing")],
+                            env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"mpiconvnet.evaluate: rank 1: {tmp_path / 'missing'}/dataset.json not found")
+    assert result.stderr.count("\n") == 1, result.stderr
+
+
 def test_evaluate_stopped_by_sigterm_says_so_in_one_line_and_exits_130(trained):
     data, run_dir = trained
     # the SIGTERM arrives while it evaluates, as scancel's or a time limit's would
