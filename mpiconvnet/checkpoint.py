@@ -192,7 +192,7 @@ def load(path, flag="--checkpoint"):
     instead, for the one line that names it when this one is refused."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} not found")
-    if step_of(path) is None and os.path.getsize(path) and not _is_hdf5(path):
+    if step_of(path) is None and os.path.getsize(path) and not starts_with(path, HDF5_SIGNATURE):
         # an .npz, a .pt, a text file (a ckpt-N.h5 without the signature is a damaged checkpoint)
         raise CheckpointError(f"{flag} {path} is not a checkpoint (an HDF5 file written by python -m "
                               f"mpiconvnet.train); give a checkpoint file or a run directory (an .npz of weights "
@@ -221,9 +221,10 @@ def load(path, flag="--checkpoint"):
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
-def _is_hdf5(path):
+def starts_with(path, signature):
+    """Whether the file begins with these bytes (a format's signature)."""
     with open(path, "rb") as f:
-        return f.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE
+        return f.read(len(signature)) == signature
 
 
 def _read_meta(f):

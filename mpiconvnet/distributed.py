@@ -171,7 +171,8 @@ def ranks_by_environment(environ=os.environ):
     """How many ranks the launcher started, read from its environment without starting MPI
     (1 for a plain process): MPICH's and Intel MPI's PMI_SIZE, Open MPI's
     OMPI_COMM_WORLD_SIZE, else srun's tasks in this step (not SLURM_NTASKS, which the shell
-    of a batch script has too)."""
+    of a batch script has too). launched_by_mpi asks another question: whether to start
+    MPI at all (yes under any launcher, for one rank too)."""
     for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS"):
         if environ.get(var, "").isdigit():
             return int(environ[var])
@@ -363,6 +364,11 @@ class Watchdog:
                 os._exit(3)   # MPI calls from this thread are not allowed: the launcher ends the others
 
 
+def _seconds(t):
+    """300 -> "300", 1.5 -> "1.5", 100/3 -> "33.3" (not "1e+06" or "33.3333")."""
+    return f"{t:.1f}".rstrip("0").rstrip(".")
+
+
 class Heartbeat:
     """Names the rank that stopped answering, instead of hanging silently in a collective.
 
@@ -433,7 +439,7 @@ class Heartbeat:
             pending = self._wait(requests, timeout)
             if pending:
                 silent = [r + 1 for r in pending]
-                self._die(f"rank 0: ranks {silent} sent nothing for {timeout:g} s{after} at step {step} "
+                self._die(f"rank 0: ranks {silent} sent nothing for {_seconds(timeout)} s{after} at step {step} "
                           f"(dead, hung or stuck in I/O); aborting all ranks")
             reply = np.array([step], np.int64)
             MPI.Request.Waitall([world.comm.Isend(reply, dest=r, tag=tag) for r in range(1, world.size)])
@@ -444,7 +450,7 @@ class Heartbeat:
             send = world.comm.Isend(mine, dest=0, tag=tag)
             recv = world.comm.Irecv(reply, source=0, tag=tag)
             if self._wait([send, recv], timeout):
-                self._die(f"rank {world.rank}: no word from rank 0 for {timeout:g} s{after} at step {step} "
+                self._die(f"rank {world.rank}: no word from rank 0 for {_seconds(timeout)} s{after} at step {step} "
                           f"(rank 0 is dead or hung: it names any other silent rank sooner); aborting all ranks")
 
     def _wait(self, requests, timeout=None, longest_pause=1e-4):

@@ -1,7 +1,7 @@
 """Plot a run: loss, top-1/top-5 error, learning rate, throughput and memory, into one image.
 
     python -m mpiconvnet.plot runs/a                # writes runs/a/training.png
-    python -m mpiconvnet.plot runs/a --out a.pdf    # .png, .pdf or .svg, as the suffix says
+    python -m mpiconvnet.plot runs/a --out a.pdf    # .png, .pdf, .svg or .jpg, as the suffix says
 
 One process: run it without mpiexec or srun -n N. --out is written whole or not at all,
 and replaces only a regular file.
@@ -18,7 +18,7 @@ from mpiconvnet.cli import Parser
 from mpiconvnet.distributed import refuse_several_ranks
 from mpiconvnet.metrics import read_records
 
-FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg"}   # --out's suffix: matplotlib's format
+FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg", ".jpg": "jpg", ".jpeg": "jpg"}   # suffix: matplotlib's format
 
 
 class CannotWrite(Exception):
@@ -28,12 +28,12 @@ class CannotWrite(Exception):
 def check_out(out):
     """The format to write --out in; ValueError with the fix for an --out plot must not write."""
     if not out:
-        raise ValueError("--out is empty; give an image path (.png, .pdf or .svg), or leave --out out for "
+        raise ValueError("--out is empty; give an image path (.png, .pdf, .svg or .jpg), or leave --out out for "
                          "RUN_DIR/training.png")
     suffix = os.path.splitext(out)[1].lower()
     if suffix not in FORMATS:
         raise ValueError(f"--out {out}: {suffix or 'no suffix'} is not a format plot writes; give a path ending "
-                         f"in .png, .pdf or .svg")
+                         f"in .png, .pdf, .svg or .jpg")
     if os.path.lexists(out) and (os.path.islink(out) or not os.path.isfile(out)):
         # a link, a FIFO, a device, a folder: replacing it would not write where it points
         raise ValueError(f"--out {out} exists and is not a regular file (a link, a device, a pipe, a folder); "
@@ -117,7 +117,7 @@ def main(argv=None):
     p = Parser(prog="python -m mpiconvnet.plot", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n")[-1].strip())
     p.add_argument("run_dir", help="a run directory of python -m mpiconvnet.train")
-    p.add_argument("--out", help="image to write, its format by its suffix: .png, .pdf or .svg "
+    p.add_argument("--out", help="image to write, its format by its suffix: .png, .pdf, .svg or .jpg "
                                  "(default RUN_DIR/training.png)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if refuse_several_ranks("mpiconvnet.plot"):

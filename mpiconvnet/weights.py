@@ -62,12 +62,12 @@ def read_weights(path):
     if not os.path.exists(path):
         raise ModelError(f"--init-weights {path}: no such file; give an .npz of weights, a checkpoint or a run "
                          f"directory")
-    if os.path.isdir(path) or _starts_with(path, checkpoint.HDF5_SIGNATURE):   # whatever its name ends with
+    if os.path.isdir(path) or checkpoint.starts_with(path, checkpoint.HDF5_SIGNATURE):   # whatever its name ends with
         _, params, _, meta = checkpoint.load_given(path, "--init-weights")
         return params, meta.get("classes"), {}
-    if _starts_with(path, b"\x93NUMPY"):
+    if checkpoint.starts_with(path, b"\x93NUMPY"):
         raise ModelError(f"--init-weights {path}: an .npy holds one unnamed array, not named weights; {NPZ_HINT}")
-    if not _starts_with(path, b"PK"):   # every .npz is a zip; a text file, a pickled .pt are not
+    if not checkpoint.starts_with(path, b"PK"):   # every .npz is a zip; a text file, a pickled .pt are not
         raise ModelError(f"--init-weights {path}: not an .npz of weights (nor a zip, nor a checkpoint); {NPZ_HINT}")
     try:
         with np.load(path, allow_pickle=False) as f:
@@ -87,11 +87,6 @@ def read_weights(path):
                              f"(dtype {value.dtype}); {NPZ_HINT}")
     ours = from_torchvision(state)
     return ours, None, dict(zip(ours, state))
-
-
-def _starts_with(path, signature):
-    with open(path, "rb") as f:
-        return f.read(len(signature)) == signature
 
 
 def initial_state(net, path, skip_layers=(), world=None, classes=None, data_dir=None):
@@ -178,6 +173,8 @@ def write_npz(path, state, classes=None):
                 os.fsync(f.fileno())
         for partial, name in zip(partials, files):
             os.replace(partial, name)
+        if classes is None and os.path.isfile(classes_path(path)):
+            os.remove(classes_path(path))   # another checkpoint's list, beside weights it no longer describes
     except OSError as error:
         for partial in partials:
             if os.path.lexists(partial):

@@ -199,7 +199,7 @@ def test_plot_on_a_full_disk_is_one_line_and_leaves_nothing(trained, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("name, start", [("a.pdf", b"%PDF"), ("a.SVG", b"<?xml")])
+@pytest.mark.parametrize("name, start", [("a.pdf", b"%PDF"), ("a.SVG", b"<?xml"), ("a.jpg", b"\xff\xd8\xff")])
 def test_plot_writes_the_format_its_suffix_names(trained, tmp_path, name, start):
     _, run_dir = trained
     result = run("mpiconvnet.plot", run_dir, "--out", str(tmp_path / name))
@@ -208,9 +208,10 @@ def test_plot_writes_the_format_its_suffix_names(trained, tmp_path, name, start)
 
 
 @pytest.mark.parametrize("out, message", [
-    ("", "--out is empty; give an image path (.png, .pdf or .svg), or leave --out out for RUN_DIR/training.png"),
-    ("METRICS", "metrics.jsonl: .jsonl is not a format plot writes; give a path ending in .png, .pdf or .svg"),
-    ("a.jpg", "a.jpg: .jpg is not a format plot writes"),
+    ("", "--out is empty; give an image path (.png, .pdf, .svg or .jpg), or leave --out out for "
+         "RUN_DIR/training.png"),
+    ("METRICS", "metrics.jsonl: .jsonl is not a format plot writes; give a path ending in .png, .pdf, .svg or .jpg"),
+    ("a.gif", "a.gif: .gif is not a format plot writes"),
     ("FIFO", "fifo.png exists and is not a regular file (a link, a device, a pipe, a folder); give a file name"),
     ("LINK", "link.png exists and is not a regular file"),
     ("nodir/a.png", "a.png: No such file or directory; create the folder TMP/nodir first (mkdir -p), or give "

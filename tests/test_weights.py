@@ -47,6 +47,15 @@ def test_export_writes_the_checkpoint_s_arrays_in_our_names(run, tmp_path, capsy
     assert (tmp_path / "weights.classes.txt").read_text().split("\n") == CLASSES + [""]
 
 
+def test_weights_of_a_checkpoint_without_a_class_list_leave_no_other_list_beside_them(tmp_path):
+    # an export of a checkpoint from before the class lists, over an export of a newer one
+    from mpiconvnet.weights import write_npz
+    out = str(tmp_path / "w.npz")
+    write_npz(out, {"fc8.bias": np.zeros(2)}, ["n01", "n02"])
+    write_npz(out, {"fc8.bias": np.ones(2)}, None)
+    assert sorted(os.listdir(tmp_path)) == ["w.npz"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--checkpoint", "/nonexistent"], "--checkpoint /nonexistent: no such file or directory"),
     (["--names", "torchvision"], "torchvision's AlexNet is alexnet-owt, this checkpoint is alexnet-mini"),
