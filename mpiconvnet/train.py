@@ -98,8 +98,17 @@ def main(argv=None):
         # every rank runs the same checks on the same inputs, so all of them stop together
         if not cfg.data:
             raise ConfigError("--data is required: a directory written by python -m preprocess")
-        train_set, val_set = open_datasets(cfg)
-        check_before_work(cfg, world, train_set, val_set)
+        try:
+            train_set, val_set = open_datasets(cfg)
+            check_before_work(cfg, world, train_set, val_set)
+            failure = None
+        except (ConfigError, DatasetError, ModelError) as e:
+            failure = e
+        # rank 0 says once why every rank stops, naming the rank where only some met it (a
+        # node without the data), whose line was lost before
+        failure = world.first_failure(failure)
+        if failure is not None:
+            raise ConfigError(failure)
         trainer = Trainer(cfg, world, train_set, val_set)
         # after the checks of the inputs (a bad --data must not leave an --out behind), before
         # anything looks at --out: what another run writes there is not ours to judge

@@ -560,6 +560,18 @@ def test_a_global_batch_that_does_not_divide_by_the_ranks_is_refused(data, tmp_p
 
 @pytest.mark.mpi
 @needs_mpiexec
+def test_a_rank_that_cannot_read_the_data_is_named(data, tmp_path):
+    # MPMD: rank 1 is given a --data that is not there, as on a node that lacks it
+    args = [PYTHON, "-m", "mpiconvnet.train", *TINY, "--global-batch", "16", "--out", str(tmp_path / "run"), "--data"]
+    result = subprocess.run([MPIEXEC, "-n", "1", *args, data, ":", "-n", "1", *args, str(tmp_path / "missing")],
+                            env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"mpiconvnet.train: rank 1: {tmp_path / 'missing'}/dataset.json not found")
+    assert result.stderr.count("\n") == 1 and not os.path.exists(tmp_path / "run"), result.stderr
+
+
+@pytest.mark.mpi
+@needs_mpiexec
 def test_a_bad_flag_under_mpiexec_is_said_once(data, tmp_path):
     result = train(["--data", data, "--out", str(tmp_path / "run"), "--momentum", "2"], ranks=2, check=False)
     assert result.returncode == 2
