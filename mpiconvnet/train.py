@@ -95,8 +95,7 @@ def main(argv=None):
             print(f"mpiconvnet.train: {e}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        # every rank runs the same checks on the same inputs, so all of them stop together
-        if not cfg.data:
+        if not cfg.data:   # the same on every rank
             raise ConfigError("--data is required: a directory written by python -m preprocess")
         try:
             train_set, val_set = open_datasets(cfg)
@@ -239,9 +238,8 @@ def train(cfg, world, trainer, resume_from, stop):
     progress = None
     if world.is_root and cfg.progress:
         from tqdm import tqdm
-        total = cfg.epochs * trainer.steps_per_epoch
-        total = min(total, cfg.max_steps) if cfg.max_steps else total
-        progress = tqdm(total=total, initial=trainer.step, unit="step", dynamic_ncols=True, file=sys.stderr)
+        progress = tqdm(total=trainer.total_steps(), initial=trainer.step, unit="step", dynamic_ncols=True,
+                        file=sys.stderr)
     try:
         # an overflow on the way to a NaN loss is said once, by the loss check after the
         # step (exit 4), not as NumPy warnings naming our source lines
