@@ -168,3 +168,87 @@ def test_preprocess_warms_each_pipeline_up_and_says_what_needs_one_worker(monkey
             signal.signal(sig, handler)
     assert runs == [("naive", 10), ("ours 1", 10), ("naive", 4), ("ours 2", 4)]
     assert "they need 1 among --workers (e.g. --workers 1,2)" in capsys.readouterr().out
+
+
+def run_script(script, timeout=60):
+    """`script` in a fresh Python with the benchmarks' stop handling at hand; the finished process."""
+    return subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_stop_swallowed_by_a_destructor_wakes_the_sleep_after_it():
+    result = run_script("""
+import os, signal, threading, time
+from mpiconvnet.bench._launch import stop_on_signals
+
+class SwallowsStops:
+    def __del__(self):
+        time.sleep(5)   # the ctrl-c lands here, where Python prints "Exception ignored" and drops it
+
+stop_on_signals()
+threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+SwallowsStops()
+start = time.monotonic()
+try:
+    time.sleep(20)
+except KeyboardInterrupt:
+    print(f"stopped after {time.monotonic() - start:.2f} s")
+""")
+    said = result.stdout.split()
+    assert result.returncode == 0 and said[:2] == ["stopped", "after"] and float(said[2]) < 1, result
+    assert "Exception ignored" not in result.stderr
+
+
+def test_a_sigterm_right_after_a_ctrl_c_stops_the_clean_up_and_a_second_ctrl_c_does_not():
+    result = run_script("""
+import os, signal, threading, time
+from mpiconvnet.bench._launch import Terminated, stop_on_signals
+
+stop_on_signals()
+for after, signum in ((0.3, signal.SIGINT), (0.5, signal.SIGINT), (0.8, signal.SIGTERM)):
+    threading.Timer(after, os.kill, (os.getpid(), signum)).start()
+try:
+    time.sleep(20)
+except KeyboardInterrupt:
+    try:
+        time.sleep(20)   # a slow clean-up: the second ctrl-c (the same stop twice) is dropped, the SIGTERM not
+    except Terminated:
+        print("terminated in the clean-up")
+""")
+    assert result.returncode == 0 and result.stdout == "terminated in the clean-up\n", result
+
+
+def test_stop_on_signals_called_twice_keeps_one_hook_and_takes_the_second_sigterm_exception(monkeypatch):
+    from mpiconvnet.bench import _launch
+    original = sys.unraisablehook
+    monkeypatch.setattr(sys, "unraisablehook", original)   # set back after the test
+    monkeypatch.setattr(_launch._Stops, "sigterm_raises", _launch._Stops.sigterm_raises)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        _launch.stop_on_signals()
+        _launch.stop_on_signals(sigterm_raises=KeyboardInterrupt)   # as bench preprocess wants
+        assert sys.unraisablehook is _launch._deliver_again and _launch._Stops.previous_hook is original
+        with pytest.raises(KeyboardInterrupt):
+            _launch._raise_stop(signal.SIGTERM, None)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def test_ctrl_c_during_the_benchmarks_imports_is_one_line():
+    # the signal lands while bench/__main__.py imports the modules a benchmark needs
+    result = run_script("""
+import os, runpy, signal, sys, time
+
+class StopsAtImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == "mpiconvnet.distributed":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        return None
+
+sys.meta_path.insert(0, StopsAtImport())
+sys.argv = ["mpiconvnet.bench", "step", "--model", "alexnet-mini"]
+runpy.run_module("mpiconvnet.bench", run_name="__main__")
+""")
+    assert result.returncode == 130 and result.stderr == "mpiconvnet.bench step: interrupted\n", result

@@ -23,6 +23,11 @@ import pkgutil
 import sys
 
 import mpiconvnet.bench as package
+from mpiconvnet.bench._launch import (EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, says_why_it_stopped,
+                                      stop_on_signals)
+
+# python -m preprocess, which bench preprocess runs, turns SIGTERM into ctrl-c while it packs: the same there
+SIGTERM_RAISES = {"preprocess": KeyboardInterrupt}
 
 
 def available():
@@ -31,33 +36,14 @@ def available():
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    names = available()
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        print("\navailable:", ", ".join(names))
-        return 0 if argv else 2
-    name, rest = argv[0], argv[1:]
-    if name not in names:
-        print(f"mpiconvnet.bench: unknown benchmark {name!r}; choose one of {', '.join(names)}",
-              file=sys.stderr)
-        return 2
-    from mpiconvnet.bench._launch import (EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, says_why_it_stopped,
-                                          stop_on_signals)
-    from mpiconvnet.distributed import ranks_by_environment
-    stop_on_signals()
+    name = argv[0] if argv else ""
+    # first: a stop during the imports below is one line too, not a traceback
+    stop_on_signals(sigterm_raises=SIGTERM_RAISES.get(name, Terminated))
     try:
         from mpiconvnet.checkpoint import CheckpointError
         from mpiconvnet.data.shards import DatasetError
         from mpiconvnet.models import ModelError
-        module = importlib.import_module(f"mpiconvnet.bench.{name}")
-        copies = ranks_by_environment()   # mpiexec's ranks, or srun's tasks MPI may not join
-        if copies > 1 and not getattr(module, "RUNS_AS_MPI_RANKS", False):
-            if says_why_it_stopped():
-                print(f"mpiconvnet.bench {name}: started as {copies} copies (mpiexec -n {copies} or srun -n "
-                      f"{copies}), each slowing the others; it measures one process: run it as one (python -m "
-                      f"mpiconvnet.bench {name} ..., or srun -n 1)", file=sys.stderr)
-            return 2
-        return module.main(rest)
+        return run(name, argv[1:])
     except MemoryError as e:
         detail = f" ({e})" if str(e) else ""
         print(f"mpiconvnet.bench {name}: out of memory{detail}; lower {MEMORY_FLAGS.get(name, '--batch')}",
@@ -78,6 +64,29 @@ def main(argv=None):
     except (DatasetError, ModelError, CheckpointError) as e:   # bad input met after the flags' checks
         print(f"mpiconvnet.bench {name}: {e}", file=sys.stderr)
         return 2
+
+
+def run(name, rest):
+    """Benchmark `name` on its flags `rest`, or the list of benchmarks; its exit code."""
+    names = available()
+    if name in ("", "-h", "--help"):
+        print(__doc__.strip())
+        print("\navailable:", ", ".join(names))
+        return 0 if name else 2
+    if name not in names:
+        print(f"mpiconvnet.bench: unknown benchmark {name!r}; choose one of {', '.join(names)}",
+              file=sys.stderr)
+        return 2
+    from mpiconvnet.distributed import ranks_by_environment
+    module = importlib.import_module(f"mpiconvnet.bench.{name}")
+    copies = ranks_by_environment()   # mpiexec's ranks, or srun's tasks MPI may not join
+    if copies > 1 and not getattr(module, "RUNS_AS_MPI_RANKS", False):
+        if says_why_it_stopped():
+            print(f"mpiconvnet.bench {name}: started as {copies} copies (mpiexec -n {copies} or srun -n "
+                  f"{copies}), each slowing the others; it measures one process: run it as one (python -m "
+                  f"mpiconvnet.bench {name} ..., or srun -n 1)", file=sys.stderr)
+        return 2
+    return module.main(rest)
 
 
 # the flag that sets what most of a benchmark's memory holds, where it is not --batch

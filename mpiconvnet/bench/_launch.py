@@ -1,5 +1,4 @@
 """Start the MPI runs a benchmark measures, end them with it, and stop on ctrl-c or SIGTERM."""
-import _thread
 import os
 import signal
 import subprocess
@@ -20,32 +19,50 @@ class Terminated(BaseException):
     that no `except Exception` takes it for a failure."""
 
 
+class _Stops:
+    """The state of stop_on_signals, one per process: what SIGTERM raises, when each
+    signal last raised, and the unraisable hook it replaced."""
+    sigterm_raises = Terminated
+    raised_at = {}          # signum -> time.monotonic() of its last raise
+    last_signum = None      # the signal of the last raise, delivered again if it is swallowed
+    previous_hook = None
+
+
 def stop_on_signals(sigterm_raises=Terminated):
     """From here on ctrl-c raises KeyboardInterrupt and SIGTERM `sigterm_raises`. The same
-    stop delivered twice within a second (a terminal's ctrl-c reaches mpiexec's ranks both
-    directly and forwarded by mpiexec) raises once, not a traceback in the clean-up. One
-    raised where Python drops exceptions (a destructor, a C library's callback, which print
-    "Exception ignored") is delivered again, or the benchmark would run on."""
-    raised = {}
-
-    def stop(signum, frame):
-        now = time.monotonic()
-        if now - raised.get("at", -1e9) < 1:
-            return
-        raised.update(at=now, signum=signum)
-        raise KeyboardInterrupt if signum == signal.SIGINT else sigterm_raises
+    signal delivered twice within a second (a terminal's ctrl-c reaches mpiexec's ranks both
+    directly and forwarded by mpiexec) raises once, not a traceback in the clean-up; another
+    signal (a SIGTERM after a ctrl-c) still raises. One raised where Python drops exceptions
+    (a destructor, a C library's callback, which print "Exception ignored") is delivered
+    again, or the benchmark would run on. A second call changes what SIGTERM raises and
+    keeps the rest: one hook, one memory of the last signals."""
+    _Stops.sigterm_raises = sigterm_raises
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, stop)
-    previous_hook = sys.unraisablehook
+        signal.signal(sig, _raise_stop)
+    if sys.unraisablehook is not _deliver_again:
+        _Stops.previous_hook = sys.unraisablehook
+        sys.unraisablehook = _deliver_again
 
-    def deliver_again(unraisable):
-        if "signum" in raised and issubclass(unraisable.exc_type, (KeyboardInterrupt, sigterm_raises)):
-            raised["at"] = -1e9
-            # from another thread, a moment later: delivered in here, it would be dropped again
-            threading.Timer(0.01, _thread.interrupt_main, (raised["signum"],)).start()
-        else:
-            previous_hook(unraisable)
-    sys.unraisablehook = deliver_again
+
+def _raise_stop(signum, frame):
+    now = time.monotonic()
+    if now - _Stops.raised_at.get(signum, -1e9) < 1:
+        return
+    _Stops.raised_at[signum] = now
+    _Stops.last_signum = signum
+    raise KeyboardInterrupt if signum == signal.SIGINT else _Stops.sigterm_raises
+
+
+def _deliver_again(unraisable):
+    stops = (KeyboardInterrupt, Terminated, _Stops.sigterm_raises)
+    if _Stops.last_signum is not None and issubclass(unraisable.exc_type, stops):
+        _Stops.raised_at.pop(_Stops.last_signum, None)
+        # from another thread, a moment later: delivered in here, it would be dropped again.
+        # A real signal, not _thread.interrupt_main, which sets Python's flag alone and
+        # leaves the main thread in its sleep, join or wait until that returns by itself
+        threading.Timer(0.01, signal.pthread_kill, (threading.main_thread().ident, _Stops.last_signum)).start()
+    else:
+        _Stops.previous_hook(unraisable)
 
 
 def says_why_it_stopped(environ=os.environ):

@@ -36,7 +36,6 @@ import numpy as np
 from PIL import Image
 
 from mpiconvnet.bench._args import at_least, counts
-from mpiconvnet.bench._launch import stop_on_signals
 from mpiconvnet.cli import Parser
 
 
@@ -148,8 +147,6 @@ def main(argv):
                              "fixed costs -- file creation, fsync, rename -- weigh per image closer to python -m "
                              "preprocess's default of 1,024 than the 50 used before 11:53 UTC)")
     args = parser.parse_args(argv)
-    # python -m preprocess turns SIGTERM into ctrl-c while it packs: the same everywhere here
-    stop_on_signals(sigterm_raises=KeyboardInterrupt)
     worker_counts = args.workers
     if args.images is None:
         args.images = max(1200, 3 * max(worker_counts) * args.shard_size)
