@@ -12,6 +12,12 @@ EXIT_TERMINATED = 128 + signal.SIGTERM  # 143: what a shell reports for a proces
 # set in the environment of the ranks a benchmark starts itself: their driver says why they stopped
 QUIET_RANKS = "MPICONVNET_BENCH_DRIVER"
 
+# seconds a child (mpiexec) has to end after a ctrl-c or SIGTERM is passed on to it, before
+# its process group is killed: its ranks end within a second or two, but one stopped inside
+# a blocking MPI call never reaches its Python handler, and its peer, which did, then waits
+# in MPI_Finalize for it, so mpiexec would wait for ever
+STOP_GRACE_S = 5
+
 
 class Terminated(BaseException):
     """A SIGTERM (a job's time limit, kill), raised where the benchmark is, so that its
@@ -22,10 +28,15 @@ class Terminated(BaseException):
 class _Stops:
     """The state of stop_on_signals, one per process: what SIGTERM raises, when each
     signal last raised, and the unraisable hook it replaced."""
-    sigterm_raises = Terminated
-    raised_at = {}          # signum -> time.monotonic() of its last raise
-    last_signum = None      # the signal of the last raise, delivered again if it is swallowed
-    previous_hook = None
+
+    def __init__(self):
+        self.sigterm_raises = Terminated
+        self.raised_at = {}         # signum -> time.monotonic() of its last raise
+        self.last_signum = None     # the signal of the last raise, delivered again if it is swallowed
+        self.previous_hook = None
+
+
+_stops = _Stops()
 
 
 def stop_on_signals(sigterm_raises=Terminated):
@@ -36,33 +47,33 @@ def stop_on_signals(sigterm_raises=Terminated):
     (a destructor, a C library's callback, which print "Exception ignored") is delivered
     again, or the benchmark would run on. A second call changes what SIGTERM raises and
     keeps the rest: one hook, one memory of the last signals."""
-    _Stops.sigterm_raises = sigterm_raises
+    _stops.sigterm_raises = sigterm_raises
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _raise_stop)
     if sys.unraisablehook is not _deliver_again:
-        _Stops.previous_hook = sys.unraisablehook
+        _stops.previous_hook = sys.unraisablehook
         sys.unraisablehook = _deliver_again
 
 
 def _raise_stop(signum, frame):
     now = time.monotonic()
-    if now - _Stops.raised_at.get(signum, -1e9) < 1:
+    if now - _stops.raised_at.get(signum, -1e9) < 1:
         return
-    _Stops.raised_at[signum] = now
-    _Stops.last_signum = signum
-    raise KeyboardInterrupt if signum == signal.SIGINT else _Stops.sigterm_raises
+    _stops.raised_at[signum] = now
+    _stops.last_signum = signum
+    raise KeyboardInterrupt if signum == signal.SIGINT else _stops.sigterm_raises
 
 
 def _deliver_again(unraisable):
-    stops = (KeyboardInterrupt, Terminated, _Stops.sigterm_raises)
-    if _Stops.last_signum is not None and issubclass(unraisable.exc_type, stops):
-        _Stops.raised_at.pop(_Stops.last_signum, None)
+    stops = (KeyboardInterrupt, Terminated, _stops.sigterm_raises)
+    if _stops.last_signum is not None and issubclass(unraisable.exc_type, stops):
+        _stops.raised_at.pop(_stops.last_signum, None)
         # from another thread, a moment later: delivered in here, it would be dropped again.
         # A real signal, not _thread.interrupt_main, which sets Python's flag alone and
         # leaves the main thread in its sleep, join or wait until that returns by itself
-        threading.Timer(0.01, signal.pthread_kill, (threading.main_thread().ident, _Stops.last_signum)).start()
+        threading.Timer(0.01, signal.pthread_kill, (threading.main_thread().ident, _stops.last_signum)).start()
     else:
-        _Stops.previous_hook(unraisable)
+        _stops.previous_hook(unraisable)
 
 
 def says_why_it_stopped(environ=os.environ):
@@ -90,16 +101,31 @@ def run_child(command, env=None, capture=False):
     SIGTERM (a job's time limit, kill) on to it: mpiexec passes them on to its ranks, which
     end cleanly, and this process raises KeyboardInterrupt or Terminated once the child has
     ended. Killed alone it would leave them running, orphaned; a terminal's ctrl-c reaching
-    mpiexec's proxy as well killed the proxy mid-shutdown, with MPICH's error lines."""
+    mpiexec's proxy as well killed the proxy mid-shutdown, with MPICH's error lines. A child
+    still running STOP_GRACE_S after the stop, or at a second one, has its group killed
+    (SIGKILL; mpiexec's proxies then kill their ranks)."""
     pipe = subprocess.PIPE if capture else None
     env = dict(os.environ if env is None else env, **{QUIET_RANKS: str(os.getpid())})
-    stopped, started = [], []
+    stops, started, passed_on = [], [], []
+
+    def kill_group():
+        try:
+            os.killpg(started[0].pid, signal.SIGKILL)
+        except ProcessLookupError:   # ended meanwhile
+            pass
+
+    def stop_child():
+        if len(stops) > 1:   # the user insists, or a job's time limit follows a ctrl-c: no more waiting
+            kill_group()
+        elif not passed_on:
+            passed_on.append(threading.Timer(STOP_GRACE_S, kill_group))
+            started[0].send_signal(stops[0])
+            passed_on[0].start()
 
     def pass_on(signum, frame):
-        if not stopped:
-            stopped.append(signum)
-            if started:
-                started[0].send_signal(signum)
+        stops.append(signum)
+        if started:
+            stop_child()
     previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         try:
@@ -108,18 +134,20 @@ def run_child(command, env=None, capture=False):
             raise SystemExit(f"mpiconvnet.bench: {command[0]} not found: install the project (pip install -e ., "
                              f"which brings the mpich wheel's mpiexec) or put the site's mpiexec on PATH") from None
         started.append(child)
-        if stopped:   # the signal came while the child was being started
-            child.send_signal(stopped[0])
+        if stops:   # the signal came while the child was being started
+            stop_child()
         out, err = child.communicate()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        for timer in passed_on:
+            timer.cancel()
         for child in started:
             if child.poll() is None:
-                child.kill()
+                kill_group()
                 child.wait()
-    if stopped:
-        raise KeyboardInterrupt if stopped[0] == signal.SIGINT else Terminated
+    if stops:
+        raise KeyboardInterrupt if stops[0] == signal.SIGINT else Terminated
     return child.returncode, out, err
 
 
