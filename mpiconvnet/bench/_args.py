@@ -5,6 +5,19 @@ import math
 import os
 
 
+# the images tests/data_fixtures.py can tell apart by their colour code: the most a
+# benchmark's synthetic set holds
+SYNTHETIC_MAX = 4096
+
+
+def synthetic_images_problem(images):
+    """The one line for an --images the synthetic set cannot hold, or None."""
+    if images > SYNTHETIC_MAX:
+        return (f"--images {images}: the synthetic set holds at most {SYNTHETIC_MAX}; lower --images, or pack a "
+                f"larger set with python -m preprocess and pass --data")
+    return None
+
+
 def at_least(minimum, kind=int):
     """A number >= minimum: at_least(1) for counts, at_least(0) for counts that may be 0."""
     def parse(text):

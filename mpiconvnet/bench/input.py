@@ -31,7 +31,8 @@ import sys
 import tempfile
 import time
 
-from mpiconvnet.bench._args import at_least, directory, model_names, thread_count
+from mpiconvnet.bench._args import (SYNTHETIC_MAX, at_least, directory, model_names, synthetic_images_problem,
+                                    thread_count)
 from mpiconvnet.cli import Parser
 
 
@@ -59,17 +60,10 @@ def parse_args(argv):
     if args.data is None:
         if args.images is None:
             args.images = min(24 * args.batch, SYNTHETIC_MAX)
-        if args.images > SYNTHETIC_MAX:
-            p.error(f"--images {args.images}: the synthetic set holds at most {SYNTHETIC_MAX}; lower --images, or "
-                    f"pack a larger set with python -m preprocess and pass --data")
-        problem = misfit(args, args.images, args.size)
+        problem = synthetic_images_problem(args.images) or misfit(args, args.images, args.size)
         if problem:
             p.error(problem)
     return args
-
-
-# the images tests/data_fixtures.py can tell apart by their colour code
-SYNTHETIC_MAX = 4096
 
 
 def misfit(args, images, image_size):

@@ -36,7 +36,7 @@ import time
 
 import numpy as np
 
-from mpiconvnet.bench._args import at_least, counts, directory
+from mpiconvnet.bench._args import SYNTHETIC_MAX, at_least, counts, directory, synthetic_images_problem
 from mpiconvnet.cli import Parser
 
 
@@ -44,17 +44,10 @@ def parse_args(argv):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.data is None:
-        if args.images > SYNTHETIC_MAX:
-            parser.error(f"--images {args.images}: the synthetic set holds at most {SYNTHETIC_MAX}; lower --images, "
-                         f"or pack a larger set with python -m preprocess and pass --data")
-        problem = misfit(args, args.images, args.size)
+        problem = synthetic_images_problem(args.images) or misfit(args, args.images, args.size)
         if problem:
             parser.error(problem)
     return args
-
-
-# the images tests/data_fixtures.py can tell apart by their colour code
-SYNTHETIC_MAX = 4096
 
 
 def slots(workers, prefetch):
