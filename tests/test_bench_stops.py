@@ -20,6 +20,15 @@ def start(args, tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
+def kill_group(proc):
+    """End a process started in a group of its own, with all it started, and reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.communicate()
+
+
 def stop_once_under_way(proc, tmp_path, prefix, signum, settle=1.0):
     """Send signum when its temporary folder (prefix*) has appeared and `settle` seconds
     passed; (exit code, stderr). The process group is killed whatever happens."""
@@ -33,11 +42,7 @@ def stop_once_under_way(proc, tmp_path, prefix, signum, settle=1.0):
         _, err = proc.communicate(timeout=120)
         return proc.returncode, err
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.communicate()
+        kill_group(proc)
 
 
 @pytest.mark.parametrize("args, prefix, signum, code", [
@@ -68,11 +73,7 @@ def test_ctrl_c_at_allreduce_ends_the_ranks_with_one_line(tmp_path):
         os.killpg(proc.pid, signal.SIGINT)   # a terminal's ctrl-c reaches the whole group
         out, err = proc.communicate(timeout=60)
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.communicate()
+        kill_group(proc)
     assert proc.returncode == 130 and err.strip() == "mpiconvnet.bench allreduce: interrupted", err
     assert "BAD TERMINATION" not in out + err
 

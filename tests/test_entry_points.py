@@ -9,6 +9,7 @@ import pytest
 
 from mpiconvnet import checkpoint
 from tests.data_fixtures import write_tiny_dataset
+from tests.test_bench_stops import kill_group
 from tests.test_train import MPIEXEC, needs_mpiexec
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
@@ -426,11 +427,7 @@ def test_bench_killed_by_sigterm_takes_its_mpi_ranks_with_it():
             time.sleep(0.2)
         assert not _ranks_running(marker, at_least=1)
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.communicate()
+        kill_group(proc)
 
 
 def _ranks_running(marker, at_least=3):
