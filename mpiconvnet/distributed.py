@@ -126,13 +126,19 @@ class World:
         texts = [None if error is None else str(error)]
         if self.size > 1:
             texts = self.comm.allgather(texts[0])
-        failed = [(rank, text) for rank, text in enumerate(texts) if text is not None]
-        if not failed:
-            return None
-        if len(failed) == self.size and len({text for _, text in failed}) == 1:
-            return failed[0][1]
-        rank, text = failed[0]
-        return f"rank {rank}: {text}"
+        return first_failure_line(texts)
+
+
+def first_failure_line(texts):
+    """The ranks' errors (None where a rank met none) as one line, or None: the same
+    error on every rank as it is, else the first failing rank's, naming it."""
+    failed = [(rank, text) for rank, text in enumerate(texts) if text is not None]
+    if not failed:
+        return None
+    if len(failed) == len(texts) and len({text for _, text in failed}) == 1:
+        return failed[0][1]
+    rank, text = failed[0]
+    return f"rank {rank}: {text}"
 
 
 def _install_abort_hook(world):
@@ -203,17 +209,24 @@ class SetupError(RuntimeError):
         self.echo = echo
 
 
-def init(backend="numpy", threads=1, allow_gpu_sharing=False, need_threads=True):
+def init(backend="numpy", threads=1, allow_gpu_sharing=False, need_threads=True, failure=None):
     """Set up MPI (when launched under it), pick this rank's GPU, and install the abort hook.
     Raises SetupError when this rank cannot start.
 
     `need_threads`: the gradient allreduce runs from a communication thread while the
     main thread computes, so MPI must allow calls from more than one thread (the main
     thread makes none while the communication thread runs: SERIALIZED is enough).
+    `failure`: why this rank cannot start, met before MPI (a checkpoint one node cannot
+    read). Such a rank still joins MPI, touching no GPU, so that every rank stops with
+    SetupError and rank 0 says the line, naming the rank where not all met it. The ranks
+    share their failures before any GPU collective, so the others may have chosen
+    --backend cuda while this one knows no backend.
     """
     set_blas_threads(threads)
     local_rank, local_size = local_rank_from_environment()
     gpu_error, gpu_chosen = None, False
+    if failure is not None:
+        backend = None   # nothing of a GPU for a rank that stops
     if backend == "cuda" and local_rank is not None:
         # choose the GPU before MPI_Init: some CUDA-aware MPIs bind to the current device there
         gpu_error, gpu_chosen = _initialize_gpu(local_rank, local_size), True
@@ -221,17 +234,24 @@ def init(backend="numpy", threads=1, allow_gpu_sharing=False, need_threads=True)
     comm = node = None
     if launched_by_mpi():
         from mpi4py import MPI
-        provided = MPI.Query_thread()
-        if need_threads and provided < MPI.THREAD_SERIALIZED:
-            raise SetupError(f"MPI gives thread level {provided}, the overlapped allreduce needs "
-                             f"MPI_THREAD_SERIALIZED or better; run with --overlap false")
         comm = MPI.COMM_WORLD.Dup()
         check_world_size(comm.Get_size())
+        provided = MPI.Query_thread()
+        if failure is None and need_threads and provided < MPI.THREAD_SERIALIZED:
+            failure = (f"MPI gives thread level {provided}, the overlapped allreduce needs "
+                       f"MPI_THREAD_SERIALIZED or better; run with --overlap false")
+        # every rank takes part, a rank that stops too: one that left here would leave the
+        # others waiting in the collectives below
+        line = first_failure_line(comm.allgather(failure))
+        if line is not None:
+            raise SetupError(line, echo=comm.Get_rank() == 0)
         # the ranks that share this node, as MPI sees them (the truth, whatever the
         # environment said)
         node = comm.Split_type(MPI.COMM_TYPE_SHARED)
         local_rank, local_size = node.Get_rank(), node.Get_size()
     else:
+        if failure is not None:
+            raise SetupError(failure)
         local_rank, local_size = 0, 1
     try:
         if backend == "cuda":

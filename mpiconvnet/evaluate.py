@@ -49,29 +49,25 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.stall_timeout is not None and not args.stall_timeout > 0:
-        print(f"mpiconvnet.evaluate: --stall-timeout {args.stall_timeout} must be positive", file=sys.stderr)
+    problem = flag_problem(args)
+    if problem:
+        if distributed.first_rank_by_environment():   # every rank has the same flags: said once
+            print(f"mpiconvnet.evaluate: {problem}", file=sys.stderr)
         return 2
-    for flag, value, least in (("--batch", args.batch, 1), ("--workers", args.workers, 0),
-                               ("--threads", args.threads, 1)):
-        if value < least:
-            print(f"mpiconvnet.evaluate: {flag} {value} must be at least {least}", file=sys.stderr)
-            return 2
     # a SIGTERM (scancel, a time limit) ends it as ctrl-c does: one line and 130
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         try:
-            # before MPI starts (the checkpoint names the backend, which picks the GPUs):
-            # said by the rank the launcher numbered 0, as a bad flag is
+            # before MPI starts: the checkpoint names the backend, which picks the GPUs
             path, params, _, meta = checkpoint.load_given(args.checkpoint)
-            cfg = from_dict(meta["config"])
+            cfg, unreadable = from_dict(meta["config"]), None
         except (checkpoint.CheckpointError, ConfigError) as e:
-            if distributed.first_rank_by_environment():
-                print(f"mpiconvnet.evaluate: {e}", file=sys.stderr)
-            return 2
-        backend = args.backend or cfg.backend
+            # a rank that cannot read it (a node without the file) still joins MPI, on
+            # no GPU, so that rank 0 can say why every rank stops
+            cfg, unreadable = None, str(e)
+        backend = args.backend or (cfg.backend if cfg else "numpy")
         try:
-            world = distributed.init(backend, args.threads, need_threads=False)
+            world = distributed.init(backend, args.threads, need_threads=False, failure=unreadable)
         except distributed.SetupError as e:
             if e.echo:   # said by the rank it stops; a rank stopped by another rank's is silent
                 print(f"mpiconvnet.evaluate: {e}", file=sys.stderr)
@@ -119,6 +115,17 @@ def main(argv=None):
                   f"top-5 {result['top5']:.4f}  (errors {1 - result['top1']:.4f} / {1 - result['top5']:.4f})  "
                   f"loss {result['loss']:.4f}")
     return 0
+
+
+def flag_problem(args):
+    """What is wrong with a flag's value that argparse let through, or None."""
+    if args.stall_timeout is not None and not args.stall_timeout > 0:
+        return f"--stall-timeout {args.stall_timeout} must be positive"
+    for flag, value, least in (("--batch", args.batch, 1), ("--workers", args.workers, 0),
+                               ("--threads", args.threads, 1)):
+        if value < least:
+            return f"{flag} {value} must be at least {least}"
+    return None
 
 
 def checked_model(args, path, params, meta, cfg, backend):

@@ -73,11 +73,11 @@ def main(argv=None):
         return 0
     notes = []
     try:
-        cfg = resolve(argv, notes=notes)
+        cfg, unusable = resolve(argv, notes=notes), None
     except ConfigError as e:
-        if distributed.first_rank_by_environment():
-            print(f"mpiconvnet.train: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        # a rank that cannot read its flags (a --config file one node lacks) still joins
+        # MPI, so that rank 0 can say why every rank stops
+        cfg, unusable = None, str(e)
     if distributed.first_rank_by_environment():
         for note in notes:
             print(f"mpiconvnet.train: note: {note}", file=sys.stderr)
@@ -87,8 +87,11 @@ def main(argv=None):
     stop = StopSignal()
     out_lock = RunLock()
     try:
-        world = distributed.init(cfg.backend, cfg.threads, cfg.allow_gpu_sharing,
-                                 need_threads=cfg.overlap and reduces_gradient_buckets(cfg))
+        if cfg is None:
+            world = distributed.init(failure=unusable)
+        else:
+            world = distributed.init(cfg.backend, cfg.threads, cfg.allow_gpu_sharing,
+                                     need_threads=cfg.overlap and reduces_gradient_buckets(cfg))
     except distributed.SetupError as e:
         # each cause is said once, by the first rank it stops: a rank with no GPU may be the only one
         if e.echo:

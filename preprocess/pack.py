@@ -20,11 +20,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from mpiconvnet.data.shards import DatasetError, FORMATS, INDEX_FILE, RESIZE_MODES, SPLITS, TMP_SUFFIX, shard_filename
+from mpiconvnet.distributed import first_rank_by_environment
 from preprocess.decode import DEFAULT_MAX_PIXELS, BadImage, decode_image, encode_jpeg
 from preprocess.merge import merge_dataset, missing_shards
 from preprocess.parallel import make_team, worker_context
 from preprocess.shard_lock import ShardBusy, ShardLocks
-from preprocess.sources import InputError
+from preprocess.sources import InputError, unseen_input
 from preprocess.workers import WorkerDied, WorkerPool
 from preprocess.writer import WORK_DIR, ShardWriter, publish, receipt_path, write_atomic
 
@@ -249,7 +250,8 @@ def pack(args, gather):
         check_flags(args)
         team = make_team(args.rank, args.size)
     except (InputError, ValueError) as error:
-        print(f"preprocess: {error}", file=sys.stderr)
+        if first_rank_by_environment():   # every rank has the same flags: said once
+            print(f"preprocess: {error}", file=sys.stderr)
         return 2
     # a SIGTERM (kill, scancel) ends the run as ctrl-c does, whatever it is doing: while
     # packing, the workers stopped, unfinished shards removed and finished ones kept
@@ -271,18 +273,23 @@ def plan_and_pack(args, gather, team):
         for split, inputs in splits.items():
             if len(inputs) == 0:   # before --out exists: a fixed re-run must find nothing to refuse
                 raise NothingToPack(f"no {split} images found under --{split} {getattr(args, split)}; check the path")
-        plan = make_plan(args, classes, class_names, splits)
-        # only now: bad inputs must leave no empty --out folder behind
+        return make_plan(args, classes, class_names, splits), splits
+
+    def write_plan():
+        # only once every rank sees the inputs: bad inputs must leave no empty --out folder behind
         try:
             os.makedirs(out_dir, exist_ok=True)
             record_plan(out_dir, plan)
         except OSError as error:
             raise InputError(f"cannot write under --out {out_dir}: {describe_os_error(error, out_dir)}; choose a "
                              f"writable directory with space for the shards") from None
-        return plan, splits
 
     try:
         plan, splits = team.share(plan_everything)
+        problem = team.first_failure(unseen_problem(splits))
+        if problem:
+            raise InputError(problem)
+        team.share(write_plan)
     except (InputError, ValueError) as error:
         if team.is_root:
             print(f"preprocess: {error}", file=sys.stderr)
@@ -316,6 +323,16 @@ def plan_and_pack(args, gather, team):
     finally:
         if locks is not None:
             locks.release()
+
+
+def unseen_problem(splits):
+    """Why this rank cannot pack what rank 0 listed (a node without the inputs), or None."""
+    for split, inputs in splits.items():
+        path = unseen_input(inputs)
+        if path:
+            return (f"{path} is not there, though rank 0 listed it under --{split}; every rank must see the inputs "
+                    f"at the same path: make them visible on every node, and give --{split} as an absolute path")
+    return None
 
 
 def rank_prefix(team):

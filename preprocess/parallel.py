@@ -42,6 +42,12 @@ class Team:
     def sum(self, value):
         return value if self.comm is None else self.comm.allreduce(value)
 
+    def first_failure(self, text):
+        """The ranks' problems (None where a rank has none) as the one line rank 0 says, or
+        None when no rank has one (mpiconvnet.distributed.first_failure_line)."""
+        from mpiconvnet.distributed import first_failure_line
+        return first_failure_line([text] if self.comm is None else self.comm.allgather(text))
+
     def barrier(self):
         if self.comm is not None:
             self.comm.Barrier()

@@ -102,6 +102,20 @@ class ArchiveInputs:
         return data
 
 
+def unseen_input(inputs):
+    """A file of `inputs` (as rank 0 listed them) that this process does not see, or None.
+    A rank on a node where the input tree is not mounted, or started in another folder
+    with a relative --train, found every input it was given unreadable: it skipped them
+    all and the pack ended with exit 0 and half its images. The first and last listed
+    files stand for a folder tree (lexists: a dangling link is a bad input, not an unseen
+    tree); every archive is looked at."""
+    if isinstance(inputs, ArchiveInputs):
+        paths = inputs.archives
+    else:
+        paths = [inputs.paths[i] for i in {0, len(inputs) - 1} if 0 <= i and not inputs.problems[i]]
+    return next((path for path in paths if not os.path.lexists(path)), None)
+
+
 def _member_reader(fd, start, size):
     """read(count) over one archive member's bytes, as a file's read: count -1 for the rest."""
     done = 0

@@ -159,6 +159,22 @@ def test_evaluate_set_up_errors_under_mpi_are_said_once(trained, tmp_path):
 
 @needs_mpiexec
 @pytest.mark.mpi
+@pytest.mark.parametrize("command, said", [
+    (["mpiconvnet.evaluate", "--data", "d", "--checkpoint", "c", "--batch", "0"], "--batch 0"),
+    (["mpiconvnet.evaluate", "--data", "d", "--checkpoint", "c", "--no-such-flag"], "--no-such-flag"),
+    (["preprocess", "folder", "--train", "t", "--out", "o", "--image-size", "0"], "--image-size 0"),
+    (["preprocess", "folder", "--train", "t", "--out", "o", "--no-such-flag"], "--no-such-flag"),
+    (["mpiconvnet.train", "--data", "d", "--no-such-flag"], "--no-such-flag")])
+def test_a_bad_flag_under_mpiexec_is_said_once_by_every_entry_point(command, said, tmp_path):
+    # every rank has the same flags: each said the same line
+    result = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", *command], env=ENV, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and said in result.stderr, result.stderr
+
+
+@needs_mpiexec
+@pytest.mark.mpi
 def test_evaluate_names_the_one_rank_that_cannot_read_the_data(trained, tmp_path):
     # rank 1's node without the data (MPMD: each rank its own --data): its line was lost
     data, run_dir = trained
@@ -167,6 +183,21 @@ def test_evaluate_names_the_one_rank_that_cannot_read_the_data(trained, tmp_path
                             env=ENV, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.startswith(f"mpiconvnet.evaluate: rank 1: {tmp_path / 'missing'}/dataset.json not found")
+    assert result.stderr.count("\n") == 1, result.stderr
+
+
+@needs_mpiexec
+@pytest.mark.mpi
+def test_evaluate_names_the_one_rank_that_cannot_read_the_checkpoint(trained, tmp_path):
+    # read before MPI starts; rank 1's node without the checkpoint: only the launcher's
+    # rank 0 spoke, and it had nothing to say
+    data, run_dir = trained
+    rank = [sys.executable, "-m", "mpiconvnet.evaluate", "--data", data, "--workers", "0", "--checkpoint"]
+    missing = tmp_path / "missing"
+    result = subprocess.run([MPIEXEC, "-n", "1", *rank, run_dir, ":", "-n", "1", *rank, str(missing)],
+                            env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"mpiconvnet.evaluate: rank 1: --checkpoint {missing}: "), result.stderr
     assert result.stderr.count("\n") == 1, result.stderr
 
 

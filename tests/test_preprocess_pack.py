@@ -435,6 +435,25 @@ def test_mpiexec_two_ranks_give_the_same_data_set(tree, tmp_path):
     assert run.stdout.count("preprocess: packed") == 1      # only rank 0 merges and reports
 
 
+@pytest.mark.mpi
+def test_a_rank_that_does_not_see_the_inputs_stops_every_rank(tree, tmp_path):
+    # rank 1 started in another folder with a relative --train, as on a node where the
+    # tree is not mounted: it skipped every image it was given and the pack ended with 0
+    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    if not os.path.exists(mpiexec):
+        pytest.skip(f"no mpiexec next to {sys.executable}; pip install mpich")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    command = preprocess_command("folder", "--train", "train", "--out", str(tmp_path / "out"), *PACK)
+    run = subprocess.run([mpiexec, "-n", "1", "-wdir", str(tree), *command, ":",
+                          "-n", "1", "-wdir", str(elsewhere), *command],
+                         env=quiet_env(), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.startswith("preprocess: rank 1: train/") and run.stderr.count("\n") == 1, run.stderr
+    assert "is not there, though rank 0 listed it under --train" in run.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_tasks_of_an_srun_that_mpi_does_not_join_refuse_to_pack(monkeypatch):
     # srun --mpi=none (or a plugin the MPI does not speak): each task would pack everything
     from preprocess.parallel import make_team

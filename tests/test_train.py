@@ -572,6 +572,20 @@ def test_a_rank_that_cannot_read_the_data_is_named(data, tmp_path):
 
 @pytest.mark.mpi
 @needs_mpiexec
+def test_a_rank_that_cannot_read_its_config_file_is_named(data, tmp_path):
+    # flags are read before MPI starts: rank 0 went on into MPI and waited there for ever
+    config = tmp_path / "run.toml"
+    config.write_text("lr = 0.01\n")
+    args = [PYTHON, "-m", "mpiconvnet.train", *TINY, "--data", data, "--out", str(tmp_path / "run"), "--config"]
+    result = subprocess.run([MPIEXEC, "-n", "1", *args, str(config), ":", "-n", "1", *args, str(tmp_path / "no.toml")],
+                            env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr == f"mpiconvnet.train: rank 1: --config {tmp_path / 'no.toml'}: file not found\n"
+    assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.mpi
+@needs_mpiexec
 def test_a_bad_flag_under_mpiexec_is_said_once(data, tmp_path):
     result = train(["--data", data, "--out", str(tmp_path / "run"), "--momentum", "2"], ranks=2, check=False)
     assert result.returncode == 2
