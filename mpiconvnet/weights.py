@@ -156,6 +156,10 @@ def write_npz(path, state, classes=None):
     """np.savez to path, and `classes` (one name a line, in label order) to classes_path(path)
     when given, atomically: a crash leaves the old files or none, never half of one."""
     files = [path] + ([classes_path(path)] if classes is not None else [])
+    broken = next((name for name in classes or [] if "\n" in name or "\r" in name), None)
+    if broken is not None:   # preprocess refuses such class folders since 2026-11-25; older sets may hold one
+        raise checkpoint.OutputError(f"class {broken!r} has a line break in its name, which {files[-1]} (one name a "
+                                     f"line) cannot hold; rename that class folder and pack the data set again")
     for name in files:
         if os.path.lexists(name) and (os.path.islink(name) or not os.path.isfile(name)):
             raise checkpoint.OutputError(f"--out {path}: {name} exists and is not a regular file (a link, a device, "

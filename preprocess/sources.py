@@ -183,6 +183,11 @@ def list_class_folders(root):
     if not os.path.isdir(root):
         raise InputError(f"{root} is not a directory; pass a folder with one subfolder per class")
     classes = [entry.name for entry in folder_entries(root) if entry.is_dir() and not is_hidden(entry.name)]
+    for name in classes:
+        if any(ord(c) < 32 or ord(c) == 127 for c in name):
+            # the class lists beside exported weights hold one name a line
+            raise InputError(f"{root}: class folder {name!r} has a line break or another control character in its "
+                             f"name, which a class list cannot hold; rename it")
     classes.sort(key=printable)
     for a, b in zip(classes, classes[1:]):
         if printable(a) == printable(b):

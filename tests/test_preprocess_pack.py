@@ -602,6 +602,20 @@ def test_a_class_folder_name_that_is_not_utf8_is_packed_under_an_escaped_name(tr
     assert ShardedDataset(out, "val").labels.tolist().count(0) == 2   # val's folder of that name: label 0 too
 
 
+@pytest.mark.parametrize("name", ["two\nlines", "tab\there", "bell\a"])
+def test_a_class_folder_name_with_a_control_character_is_refused(tmp_path, capsys, name):
+    # the class list written beside exported weights holds one name a line
+    train = tmp_path / "train"
+    for folder in ("fine", name):
+        (train / folder).mkdir(parents=True)
+        Image.new("RGB", (40, 30), (200, 10, 10)).save(train / folder / "a.png")
+    out = tmp_path / "out"
+    assert main(["folder", "--train", str(train), "--out", str(out)] + PACK) == 2
+    assert capsys.readouterr().err == (f"preprocess: {train}: class folder {name!r} has a line break or another "
+                                       f"control character in its name, which a class list cannot hold; rename it\n")
+    assert not out.exists()
+
+
 def test_a_skipped_name_with_a_tab_or_line_break_keeps_its_row(tmp_path):
     train = tmp_path / "train" / "a"
     train.mkdir(parents=True)

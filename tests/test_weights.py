@@ -56,6 +56,15 @@ def test_weights_of_a_checkpoint_without_a_class_list_leave_no_other_list_beside
     assert sorted(os.listdir(tmp_path)) == ["w.npz"]
 
 
+def test_a_class_name_with_a_line_break_is_refused_and_nothing_written(tmp_path):
+    # a data set packed before preprocess refused such class folders: the list had a line too many
+    from mpiconvnet.checkpoint import OutputError
+    from mpiconvnet.weights import write_npz
+    with pytest.raises(OutputError, match=r"class 'a\\nb' has a line break in its name"):
+        write_npz(str(tmp_path / "w.npz"), {"fc8.bias": np.zeros(2)}, ["a\nb", "c"])
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("args, message", [
     (["--checkpoint", "/nonexistent"], "--checkpoint /nonexistent: no such file or directory"),
     (["--names", "torchvision"], "torchvision's AlexNet is alexnet-owt, this checkpoint is alexnet-mini"),
