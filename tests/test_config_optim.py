@@ -132,6 +132,17 @@ def test_step_multistep_and_warmup_schedules():
     assert s.at(0) == pytest.approx(0.02) and s.at(10) == pytest.approx(0.02 + 0.18 / 2) and s.at(20) == pytest.approx(0.2)
 
 
+def test_the_warm_up_moves_every_step_and_epoch_drops_wait_for_the_epoch_s_first_step():
+    # 10 steps an epoch: the warm-up is linear in fractional epochs (Goyal et al.), while
+    # step and multistep drop at the first step of an epoch, not at the last step before it
+    s = schedule(lr=0.1, schedule="constant", warmup_epochs=2)
+    assert s.at(5) == pytest.approx(0.01 + 0.09 * 0.25) and s.at(15) == pytest.approx(0.01 + 0.09 * 0.75)
+    s = schedule(lr=0.1, schedule="step", lr_step_epochs=1)
+    assert [s.at(step) for step in (9, 10, 19, 20)] == pytest.approx([0.1, 0.01, 0.01, 0.001])
+    s = schedule(lr=0.1, schedule="multistep", lr_milestones="2")
+    assert [s.at(step) for step in (19, 20)] == pytest.approx([0.1, 0.01])
+
+
 def test_cosine_falls_from_the_end_of_the_warm_up_to_zero_at_the_last_step():
     s = schedule(lr=0.1, schedule="cosine", epochs=10, warmup_epochs=2)
     assert s.at(0) == pytest.approx(0.01) and s.at(20) == pytest.approx(0.1)
@@ -148,6 +159,28 @@ def test_plateau_drops_when_top1_stops_improving_and_survives_a_resume():
     t = schedule(lr=0.1, schedule="plateau", plateau_patience=2)
     t.load_state_dict(s.state_dict())
     assert t.at(100) == s.at(100) and not math.isinf(t.best_top1)
+
+
+def test_plateau_waits_its_whole_patience_again_after_a_drop():
+    s = schedule(lr=0.1, schedule="plateau", plateau_patience=2)
+    for top1 in (0.5, 0.4, 0.4):     # two evaluations without improvement: the first drop
+        s.report_evaluation(top1)
+    assert s.at(0) == pytest.approx(0.01)
+    s.report_evaluation(0.4)         # one more: not yet, the count starts over at a drop
+    assert s.at(0) == pytest.approx(0.01)
+    s.report_evaluation(0.45)        # still below the best 0.5: the second drop
+    assert s.at(0) == pytest.approx(0.001)
+
+
+def test_a_plateau_resumed_between_two_bad_evaluations_keeps_its_count():
+    s = schedule(lr=0.1, schedule="plateau", plateau_patience=2)
+    for top1 in (0.5, 0.4):          # one evaluation without improvement, then a checkpoint
+        s.report_evaluation(top1)
+    t = schedule(lr=0.1, schedule="plateau", plateau_patience=2)
+    t.load_state_dict(s.state_dict())
+    for run in (s, t):
+        run.report_evaluation(0.4)   # the second: both drop, as the uninterrupted run does
+    assert s.at(0) == t.at(0) == pytest.approx(0.01)
 
 
 def test_help_gives_every_flag_the_comment_on_its_own_line():

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from mpiconvnet.torch_twin import torch_twin
+from mpiconvnet.layers import LRN, Dropout
 from mpiconvnet.models import MODELS, ModelError, build_layers, build_model, describe
 from tests.tolerances import FD_EPS, REDUCTION_F32
 
@@ -33,6 +34,59 @@ def test_output_shape(name):
     logits = net.forward(x)
     assert logits.shape == (2, net.num_classes) and logits.dtype == np.float32
     assert np.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name, block", [
+    ("alexnet", ["Conv", "ReLU", "LRN", "MaxPool"]),       # Krizhevsky 2012: pool after LRN
+    ("caffenet", ["Conv", "ReLU", "MaxPool", "LRN"]),      # Caffe's reference model: pool before LRN
+    ("alexnet-mini", ["Conv", "ReLU", "LRN", "MaxPool"])])
+def test_lrn_has_alexnet_s_constants_and_sits_where_each_model_puts_it(name, block):
+    # the PyTorch twin reads the LRN constants from our layers, so it cannot pin them
+    layers = build_model(name, num_classes=10).layers
+    assert [type(layer).__name__ for layer in layers[:8]] == block + block
+    lrns = [layer for layer in layers if isinstance(layer, LRN)]
+    assert len(lrns) == 2
+    assert all((lrn.size, lrn.alpha, lrn.beta, lrn.k) == (5, 1e-4, 0.75, 2.0) for lrn in lrns)
+
+
+# weight and bias of each layer as each model's source draws them: ("normal", std) or
+# ("uniform", bound), and a constant bias
+def _paper(layer, fan_in):
+    return ("normal", 0.01), 1.0 if layer in ("conv2", "conv4", "conv5", "fc6", "fc7") else 0.0
+
+
+def _caffe(layer, fan_in):
+    return ("normal", 0.005 if layer in ("fc6", "fc7") else 0.01), \
+        0.1 if layer in ("conv2", "conv4", "conv5", "fc6", "fc7") else 0.0
+
+
+def _torchvision(layer, fan_in):
+    return ("uniform", 1 / math.sqrt(fan_in)), ("uniform", 1 / math.sqrt(fan_in))
+
+
+def _he(layer, fan_in):
+    return ("normal", math.sqrt(2 / fan_in)), 0.0
+
+
+@pytest.mark.parametrize("name, rule", [("alexnet", _paper), ("caffenet", _caffe), ("alexnet-owt", _torchvision),
+                                        ("alexnet-mini", _he)])
+def test_initial_weights_follow_each_model_s_source(name, rule):
+    net = build_model(name, num_classes=1000 if name != "alexnet-mini" else 10, seed=0)
+    for layer in sorted({n.split(".")[0] for n in net.params}):
+        weight, bias = (net.params[f"{layer}.{kind}"].astype(np.float64) for kind in ("weight", "bias"))
+        fan_in = int(np.prod(weight.shape[1:]))                  # (in / groups) * kh * kw, or in
+        for values, want in zip((weight, bias), rule(layer, fan_in)):
+            if isinstance(want, float):   # float32 weights: equal to float32 rounding
+                np.testing.assert_allclose(values, want, rtol=1e-7, atol=0, err_msg=layer)
+                continue
+            kind, scale = want
+            # the sample std of n draws is off by about 1/sqrt(2n): 1.5 % for the 2,400 of the smallest
+            expected_std = scale if kind == "normal" else scale / math.sqrt(3)
+            if values.size >= 2000:
+                assert values.std() == pytest.approx(expected_std, rel=0.06), layer
+                assert abs(values.mean()) < 4 * expected_std / math.sqrt(values.size), layer
+            if kind == "uniform":
+                assert 0.5 * scale < np.abs(values).max() <= scale * (1 + 1e-7), layer
 
 
 def test_wrong_input_size_is_a_clear_error():
@@ -79,6 +133,23 @@ def test_whole_model_gradient_by_finite_differences():
             numeric = (plus - minus) / (2 * FD_EPS)
             # 1e-4 relative: a ReLU or max-pool switch inside +-eps would show as an O(1) error
             assert grads[name].reshape(-1)[i] == pytest.approx(numeric, rel=1e-4, abs=1e-8), name
+
+
+def test_dropout_masks_differ_between_steps_and_layers():
+    # fc6's and fc7's dropout outputs have the same shape: a mask that repeated across steps
+    # or layers (step s, fc7 drawing what step s + 1, fc6 draws) would tie draws that should
+    # be independent
+    net = build_model("alexnet-mini", num_classes=5, seed=3)
+    x = np.random.default_rng(0).normal(size=(4, 3, 56, 56)).astype(np.float32)
+    dropouts = [layer for layer in net.layers if isinstance(layer, Dropout)]
+    masks = []
+    for step in range(4):
+        net.forward_device(x, train=True, step=step)
+        masks += [layer.mask.copy() for layer in dropouts]
+    assert len(masks) == 8 and all(m.shape == masks[0].shape for m in masks)
+    for i in range(len(masks)):
+        for j in range(i):
+            assert np.mean(masks[i] != masks[j]) > 0.3, (i, j)
 
 
 def test_a_fixed_batch_of_8_images_overfits():

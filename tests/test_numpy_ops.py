@@ -387,6 +387,19 @@ def test_dropout_masks():
         B.dropout_forward(x, 1.0, 1, 1)
 
 
+@pytest.mark.parametrize("p", [0.2, 0.7])
+def test_dropout_divides_what_it_keeps_by_the_keep_probability(p):
+    # at p = 0.5, 1/p and 1/(1 - p) agree: other rates tell the inverted scaling apart
+    x = np.full((400, 500), 3.0)
+    y, mask = B.dropout_forward(x, p, seed=11, counter=4)
+    kept = mask == 1
+    assert abs(kept.mean() - (1 - p)) < 5e-3
+    np.testing.assert_allclose(y[kept], 3.0 / (1 - p), rtol=1e-15)
+    assert (y[~kept] == 0).all()
+    assert abs(y.mean() - 3.0) < 0.03                      # the expectation is kept: 2e5 draws
+    np.testing.assert_allclose(B.dropout_backward(np.ones_like(x), mask, p), mask / (1 - p), rtol=1e-15)
+
+
 # ----------------------------------------------------------------------- loss, metrics, update
 
 def test_softmax_cross_entropy_is_stable():
