@@ -86,6 +86,79 @@ def test_two_workers_train_every_batch_of_every_epoch(data, tmp_path):
     assert evaluations(run)[-1]["images"] == 61
 
 
+def test_each_worker_reads_its_own_share_and_an_epoch_every_image_once(data, tmp_path):
+    # each rank notes the images its sampler hands out and the dropout masks it draws: the
+    # two workers' shares of an epoch together hold each of the 96 images once, as one
+    # rank's epoch does, and their masks are the global batch's rows, not one mask twice
+    note_images = f"""
+import hashlib, os
+from mpiconvnet import layers
+from mpiconvnet.data import sampler
+rank = os.environ["PMI_RANK"]
+indices_for_step = sampler.DistributedSampler.indices_for_step
+def noted(self, step):
+    indices = indices_for_step(self, step)
+    with open(os.path.join({str(tmp_path)!r}, "images-" + rank), "a") as f:
+        f.write(" ".join(map(str, [self.epoch, *indices])) + "\\n")
+    return indices
+sampler.DistributedSampler.indices_for_step = noted
+dropout = layers.Dropout.forward
+def masked(self, x, ctx):
+    y = dropout(self, x, ctx)
+    if self.mask is not None:
+        with open(os.path.join({str(tmp_path)!r}, "masks-" + rank), "a") as f:
+            f.write(f"{{ctx.step}} {{self.index}} {{hashlib.sha1(self.mask.tobytes()).hexdigest()}}\\n")
+    return y
+layers.Dropout.forward = masked
+"""
+    train(["--data", data, "--global-batch", "16", "--epochs", "2", "--sync", "async", "--out", str(tmp_path / "run")],
+          ranks=3, patch=note_images)
+    assert not os.path.exists(tmp_path / "images-0")     # the server reads no training images
+    per_epoch = {0: [], 1: []}
+    for worker in (1, 2):
+        with open(tmp_path / f"images-{worker}") as f:
+            for line in f:
+                epoch, *indices = map(int, line.split())
+                per_epoch[epoch] += indices
+    for epoch, indices in per_epoch.items():
+        assert sorted(indices) == list(range(96)), epoch
+    masks = []
+    for worker in (1, 2):
+        with open(tmp_path / f"masks-{worker}") as f:
+            masks.append(dict(((step, layer), digest) for step, layer, digest in map(str.split, f)))
+    assert len(masks[0]) == len(masks[1]) == 12 * 2          # 12 batches, 2 dropout layers
+    assert all(masks[0][key] != masks[1][key] for key in masks[0])
+
+
+def test_the_server_applies_the_mean_of_a_push_at_the_lr_of_the_global_step():
+    # a push of k batches brings their summed gradients: the server applies their mean once,
+    # at the lr of the global step it has reached, `workers` pushed batches making a step
+    from types import SimpleNamespace
+
+    from mpiconvnet.async_sgd import ParameterServer
+    from mpiconvnet.config import resolve
+    from mpiconvnet.models import build_model
+    from mpiconvnet.optim import SGD, LearningRate
+    net = build_model("alexnet-mini", num_classes=5, dtype="float64", seed=0)
+    cfg = resolve(["--lr", "0.1", "--schedule", "step", "--lr-step-epochs", "1", "--lr-gamma", "0.5"])
+    trainer = SimpleNamespace(world=SimpleNamespace(comm=None), net=net, step=0, workers=2, restored_window={},
+                              optimizer=SGD(net.ops, net.params, momentum=0.0, weight_decay=0.0, bias_lr_mult=1.0),
+                              schedule=LearningRate(cfg, steps_per_epoch=1))
+    server = ParameterServer(trainer)
+    rng = np.random.default_rng(0)
+    # global steps before each push: 0, 2 // 2, 3 // 2, 4 // 2; one step an epoch, lr halved each
+    for batches, lr in zip([2, 1, 1, 2], [0.1, 0.05, 0.05, 0.025]):
+        grads = [{n: rng.standard_normal(s) for n, s in net.param_shapes.items()} for _ in range(batches)]
+        before = {n: p.copy() for n, p in net.params.items()}
+        for name, view in server.received.views.items():
+            view[...] = sum(g[name] for g in grads)
+        server._apply(batches)
+        for name in net.params:
+            mean = sum(g[name] for g in grads) / batches
+            np.testing.assert_allclose(net.params[name], before[name] - lr * mean, rtol=1e-12, atol=1e-15,
+                                       err_msg=name)
+
+
 def start_long_run(run, args):
     """3 ranks training far longer than any test, in the background; returns once the
     first checkpoint exists."""

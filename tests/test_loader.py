@@ -177,6 +177,16 @@ def test_batches_hold_the_sampled_images_and_labels(dataset):
         np.testing.assert_array_equal(labels, label_of(want, NUM_CLASSES))
 
 
+def test_a_standardising_model_s_input_is_divided_by_the_channel_std(raw_dataset):
+    from mpiconvnet.data.shards import ShardedDataset
+    std = ShardedDataset(raw_dataset, "train").std
+    assert np.abs(std - 1).max() > 10                       # the fixture's std tells the cases apart
+    plain, standard = collect(raw_dataset, workers=0), collect(raw_dataset, workers=0, divide_by_std=True)
+    assert len(plain) == len(standard) > 0
+    for (_, x, _), (_, z, _) in zip(plain, standard):
+        np.testing.assert_allclose(z, x / std.reshape(1, 3, 1, 1), rtol=1e-6, atol=1e-6)
+
+
 def test_start_step_resumes_the_epoch_exactly(raw_dataset):
     whole = collect(raw_dataset, workers=0, pca_lighting=True)
     assert_same_batches(whole[5:], collect(raw_dataset, workers=2, start_step=5, pca_lighting=True))
@@ -214,6 +224,38 @@ def test_ten_crop_evaluation_shapes_and_order(raw_dataset):
         # crop 4 of each image is the centre crop; crop 9 its mirror
         np.testing.assert_array_equal(images10[4::10], images1)
         np.testing.assert_array_equal(images10[9::10], images1[..., ::-1])
+
+
+@pytest.mark.parametrize("crops", [1, 10])
+def test_evaluation_scores_the_mean_of_each_image_s_crop_probabilities(raw_dataset, crops):
+    # a stand-in model answers random logits and keeps them; top-1, top-5 and the loss are
+    # recomputed here from the softmax of each image's crops, averaged (Krizhevsky 2012)
+    from mpiconvnet.evaluation import evaluate, score_batch
+    rng, given = np.random.default_rng(0), []
+
+    def forward(images, train):
+        assert not train and images.shape[1:] == (3, CROP, CROP)
+        given.append(rng.normal(0, 2, size=(len(images), 12)))
+        return given[-1]
+
+    net = types.SimpleNamespace(shards=None, input_size=CROP, spec=types.SimpleNamespace(standardize_input=False),
+                                ops=numpy_backend, dtype=np.float32, forward=forward)
+    world = types.SimpleNamespace(rank=0, size=1, progress=lambda where: None, allreduce_sum=lambda values: values)
+    result = evaluate(net, world, raw_dataset, batch_per_rank=4, crops=crops, workers=0)
+    logits = np.concatenate(given)                                           # (images * crops, 12)
+    assert logits.shape[0] == NUM_VAL * crops
+    softmax = np.exp(logits - logits.max(axis=1, keepdims=True))
+    softmax /= softmax.sum(axis=1, keepdims=True)
+    probabilities = softmax.reshape(NUM_VAL, crops, 12).mean(axis=1)          # image i: crops 10i..10i+9
+    labels = label_of(np.arange(NUM_VAL), NUM_CLASSES)
+    true = probabilities[np.arange(NUM_VAL), labels]
+    rank = (probabilities > true[:, None]).sum(axis=1)
+    assert result["images"] == NUM_VAL
+    assert result["top1"] == np.mean(rank < 1) and result["top5"] == np.mean(rank < 5)
+    assert result["loss"] == pytest.approx(-np.mean(np.log(true)), rel=1e-12)
+    # the true class fifth counts for top-5, sixth does not
+    fifth_and_sixth = np.array([[0.3, 0.2, 0.15, 0.12, 0.1, 0.08, 0.05], [0.3, 0.2, 0.15, 0.12, 0.1, 0.08, 0.05]])
+    assert score_batch(fifth_and_sixth, np.array([4, 5]))[:2] == (0, 1)
 
 
 def test_worker_exception_reaches_the_parent_with_its_traceback(raw_dataset, monkeypatch):

@@ -12,7 +12,9 @@ import h5py
 import numpy as np
 import pytest
 
-from tests.data_fixtures import write_tiny_dataset
+from mpiconvnet.data.shards import ShardedDataset
+from mpiconvnet.models import build_model
+from tests.data_fixtures import decode_index, write_tiny_dataset
 from tests.test_metrics_checkpoint import overwrite, rewrite_meta
 
 PYTHON = sys.executable
@@ -71,6 +73,16 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(data, tmp_path):
         np.testing.assert_allclose(two[name], one[name], rtol=1e-12, atol=1e-14, err_msg=name)
     earlier, _ = params_at(tmp_path / "one", 2)   # the steps moved the weights: not a comparison of inits
     assert any(np.abs(one[name] - earlier[name]).max() > 0 for name in one)
+    # the logged loss is the global batch's mean either way, and images/s counts the global
+    # batch: a line's images over the wall time since the line before it
+    lines = {}
+    for run in ("one", "two"):
+        with open(tmp_path / run / "metrics.jsonl") as f:
+            lines[run] = [r for r in map(json.loads, f) if r["kind"] == "train"]
+    np.testing.assert_allclose([r["loss"] for r in lines["two"]], [r["loss"] for r in lines["one"]], rtol=1e-12)
+    for before, line in zip(lines["two"], lines["two"][1:]):
+        # 1.00-1.08 measured: the two clocks differ by the line's own write (2 ranks' 4 images: 0.5)
+        assert 0.7 < line["images_per_s"] * (line["time"] - before["time"]) / 8 < 1.5, line
 
 
 def visible_gpus():
@@ -161,6 +173,76 @@ def test_local_sgd_resumes_exactly_and_differs_from_synchronous_sgd(data, tmp_pa
     train(common + ["--out", str(tmp_path / "sync"), "--max-steps", "6"], ranks=2)
     synchronous, _ = params_at(tmp_path / "sync", 6)
     assert max(np.abs(synchronous[n] - whole[n]).max() for n in whole) > 1e-6
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+def test_local_sgd_averages_the_replicas_after_every_kth_step(data, tmp_path):
+    # averaging every 2 steps: after step 4 every rank holds the same replica, which each
+    # rank writes out as the run ends (the checkpoint holds rank 0's only)
+    write_replicas = """
+import os, numpy as np
+from mpiconvnet import trainer
+run = trainer.Trainer.run
+def run_and_write_the_replica(self, *args, **kwargs):
+    code = run(self, *args, **kwargs)
+    np.savez(os.path.join(self.cfg.out, f"replica-{self.world.rank}.npz"), **self.net.state_dict())
+    return code
+trainer.Trainer.run = run_and_write_the_replica
+"""
+    run = tmp_path / "run"
+    train(["--data", data, "--global-batch", "8", "--dtype", "float64", "--lr", "0.05", "--max-steps", "4",
+           "--sync", "params", "--average-every", "2", "--out", str(run)], ranks=2, patch=write_replicas)
+    with np.load(run / "replica-0.npz") as zero, np.load(run / "replica-1.npz") as one:
+        for name in zero.files:
+            np.testing.assert_allclose(one[name], zero[name], rtol=1e-14, atol=0, err_msg=name)
+    start = build_model("alexnet-mini", num_classes=5, dtype="float64", seed=0).state_dict()
+    with np.load(run / "replica-0.npz") as zero:
+        assert max(np.abs(zero[n] - start[n]).max() for n in start) > 0   # the steps moved the weights
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+def test_each_rank_trains_on_its_own_share_of_every_epoch_in_the_epoch_s_order(data, tmp_path):
+    # each rank notes the images its sampler hands out and the centre pixel of each image the
+    # model is given: the ranks' shares of an epoch hold each of the 96 images once, a new
+    # epoch comes in a new order, and the model sees those images as (pixel - mean) / std
+    # (alexnet-mini standardises its input, as torchvision's models do)
+    note_images = f"""
+import os
+import numpy as np
+from mpiconvnet import models
+from mpiconvnet.data import sampler
+rank = os.environ["PMI_RANK"]
+indices_for_step = sampler.DistributedSampler.indices_for_step
+def noted(self, step):
+    indices = indices_for_step(self, step)
+    with open(os.path.join({str(tmp_path)!r}, "images-" + rank), "a") as f:
+        f.write(" ".join(map(str, [self.epoch, *indices])) + "\\n")
+    return indices
+sampler.DistributedSampler.indices_for_step = noted
+loss_and_grads = models.Net.loss_and_grads
+def seen(self, x, *args, **kwargs):
+    with open(os.path.join({str(tmp_path)!r}, "inputs-" + rank), "a") as f:
+        f.write(" ".join(map(repr, np.asarray(x)[:, :, 28, 28].ravel().tolist())) + "\\n")
+    return loss_and_grads(self, x, *args, **kwargs)
+models.Net.loss_and_grads = seen
+"""
+    train(["--data", data, "--global-batch", "16", "--epochs", "2", "--out", str(tmp_path / "run")], ranks=2,
+          patch=note_images)
+    stats = ShardedDataset(data, "train")
+    per_epoch = {0: {}, 1: {}}
+    for rank in ("0", "1"):
+        with open(tmp_path / f"images-{rank}") as f, open(tmp_path / f"inputs-{rank}") as g:
+            lines = [list(map(int, line.split())) for line in f]
+            inputs = [np.array(line.split(), dtype=np.float64).reshape(-1, 3) for line in g]
+        assert len(lines) == len(inputs) == 12
+        for (epoch, *indices), centre in zip(lines, inputs):
+            per_epoch[epoch].setdefault(rank, []).extend(indices)
+            np.testing.assert_array_equal(decode_index(centre * stats.std + stats.mean), indices)
+    for epoch, shares in per_epoch.items():
+        assert sorted(shares["0"] + shares["1"]) == list(range(96)), epoch
+    assert per_epoch[0]["0"] != per_epoch[1]["0"]
 
 
 @pytest.mark.mpi
