@@ -249,6 +249,8 @@ def init(backend="numpy", threads=1, allow_gpu_sharing=False, need_threads=True,
         # environment said)
         node = comm.Split_type(MPI.COMM_TYPE_SHARED)
         local_rank, local_size = node.Get_rank(), node.Get_size()
+        node.Barrier()   # every rank of the node has mapped MPICH's segment: its name can go
+        unlink_mpi_segments()
     else:
         if failure is not None:
             raise SetupError(failure)
@@ -265,6 +267,35 @@ def init(backend="numpy", threads=1, allow_gpu_sharing=False, need_threads=True,
     world = World(comm, local_rank, local_size)
     _install_abort_hook(world)
     return world
+
+
+# MPICH's shared-memory segment, one per node and job, which every rank of the node maps
+MPICH_SEGMENT = "/dev/shm/mpich_shm_"
+
+
+def unlink_mpi_segments(maps="/proc/self/maps"):
+    """Remove the names of the MPI library's shared-memory segments that this process maps;
+    returns them. MPICH removes its segment (2 MB for 2 ranks, more with more) only in
+    MPI_Finalize, so every run that ends by MPI_Abort (exit 3, 5, evaluate's 130) or is
+    killed (SIGKILL after Slurm's KillWait, the OOM killer) left it in /dev/shm, which is
+    RAM, on every node, for good; a later job with the same PMI job id then hangs in
+    MPI_Init (scripts/local-slurm.sh). Called once every rank of the node maps it, the
+    memory stays mapped until the last rank ends, however it ends. Other MPIs: a no-op."""
+    try:
+        with open(maps) as stream:
+            # address, permissions, offset, device, inode, then the path for a mapped file
+            paths = {fields[5].rstrip("\n") for fields in (line.split(maxsplit=5) for line in stream)
+                     if len(fields) == 6}
+    except OSError:   # no /proc (not Linux): nothing to find
+        return []
+    removed = []
+    for path in sorted(p for p in paths if p.startswith(MPICH_SEGMENT) and not p.endswith(" (deleted)")):
+        try:
+            os.unlink(path)
+            removed.append(path)
+        except OSError:   # another rank of the node removed it first
+            pass
+    return removed
 
 
 def world_size_problem(size, environ=os.environ):
