@@ -292,6 +292,28 @@ def test_killed_worker_is_reported_not_waited_for(raw_dataset):
     assert not any(p.is_alive() for p in processes)
 
 
+def test_a_stop_signal_to_the_workers_is_left_to_their_parent(raw_dataset):
+    # scancel, a time limit or mpiexec signal every process of the job, loader workers
+    # included; a fork inherits the parent's handler, and evaluate's raises KeyboardInterrupt
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    previous = {stop: signal.signal(stop, interrupt) for stop in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        loader = BatchLoader(raw_dataset, batch_per_rank=4, crop_size=CROP, workers=2, prefetch=1)
+    finally:
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)
+    with loader:
+        processes = list(loader._processes)
+        steps = [next(loader).step, next(loader).step]   # one from each worker: both are set up
+        for process in processes:
+            os.kill(process.pid, signal.SIGTERM)
+            os.kill(process.pid, signal.SIGUSR1)
+        steps += [batch.step for batch in loader]
+    assert steps == list(range(loader.steps_per_epoch))
+    assert not any(p.is_alive() for p in processes)
+
+
 def test_no_process_outlives_close(raw_dataset):
     loader = BatchLoader(raw_dataset, batch_per_rank=4, crop_size=CROP, workers=3)
     processes = list(loader._processes)

@@ -61,7 +61,7 @@ from mpiconvnet.parent_death import die_with_parent
 # how often an idle worker checks that its parent still exists, and how often a waiting
 # parent checks that its workers do
 LIVENESS_POLL_S = 0.5
-# close() gives workers this long to leave on their own before terminating them
+# close() gives workers this long to leave on their own before killing them
 JOIN_TIMEOUT_S = 2.0
 
 
@@ -142,8 +142,12 @@ def _pin_slots(pixels, ops):
 
 def _worker_main(maker, connection, pixels, labels, parent_pid):
     """Loop in a worker: receive (step, slot), fill the slot, answer (step, slot, count)."""
-    # ctrl-c reaches the whole process group; the parent handles it and closes us
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # a stop reaches every process of the group or job step (ctrl-c; SIGTERM or SIGUSR1 from
+    # mpiexec, scancel or a time limit): the parent handles it and closes us. The parent's
+    # handler, inherited by the fork, would run here instead: evaluate's raised a traceback
+    # per worker, and the trainer's made close() wait for a SIGTERM that did nothing
+    for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(stop, signal.SIG_IGN)
     die_with_parent()   # a stopped worker would otherwise keep mpiexec's output pipe, and so mpiexec, alive
     if os.getppid() != parent_pid:
         return    # the parent ended before the line above took effect
@@ -402,10 +406,7 @@ class BatchLoader:
         for process in self._processes:
             process.join(max(0.0, deadline - time.monotonic()))
         for process in self._processes:
-            if process.is_alive():
-                process.terminate()
-                process.join(JOIN_TIMEOUT_S)
-            if process.is_alive():
+            if process.is_alive():   # hung in a read: SIGKILL, as it ignores SIGTERM (_worker_main)
                 process.kill()
                 process.join()
         for connection in self._connections:
