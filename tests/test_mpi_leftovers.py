@@ -10,15 +10,15 @@ import pytest
 from mpiconvnet.distributed import MPICH_SEGMENT, unlink_mpi_segments
 from tests.test_train import ENV, MPIEXEC, PYTHON, needs_mpiexec
 
-# each rank says which MPICH segments it maps once set up; then rank 0 aborts, as exit 3, 5
-# and evaluate's 130 end a run, or every rank waits to be killed
+# each rank says its pid and the MPICH segments it maps once set up; then rank 0 aborts, as
+# exit 3, 5 and evaluate's 130 end a run, or every rank waits to be killed
 RANK = r"""
-import re, sys, time
+import os, re, sys, time
 from mpiconvnet import distributed
 world = distributed.init("numpy")
 with open("/proc/self/maps") as maps:
     segments = sorted(set(re.findall(r"/dev/shm/mpich_shm_\S+", maps.read())))
-sys.stdout.write(" ".join(["segments", *segments]) + "\n")   # one write: the ranks share the pipe
+sys.stdout.write(" ".join(["segments", str(os.getpid()), *segments]) + "\n")   # one write: the ranks share the pipe
 sys.stdout.flush()
 world.barrier()
 if sys.argv[1] == "abort" and world.is_root:
@@ -34,15 +34,16 @@ def test_no_mpich_segment_is_left_in_dev_shm_however_the_ranks_end(end):
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         lines = [proc.stdout.readline() for _ in range(2)]
-        if end == "kill":
-            os.killpg(proc.pid, signal.SIGKILL)   # Slurm after KillWait, the OOM killer
+        if end == "kill":   # the ranks, not mpiexec: a killed mpiexec leaves its own file in /tmp
+            for line in lines:
+                os.kill(int(line.split()[1]), signal.SIGKILL)   # the OOM killer, Slurm after KillWait
         proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert all(line.startswith("segments") for line in lines), f"{lines}\n{proc.stderr.read()}"
-    segments = {name for line in lines for name in line.split()[1:]}
+    segments = {name for line in lines for name in line.split()[2:]}
     assert segments, "this MPICH maps no segment in /dev/shm: nothing to check"
     assert sorted(s for s in segments if os.path.exists(s)) == []
 
