@@ -249,8 +249,7 @@ def init(backend="numpy", threads=1, allow_gpu_sharing=False, need_threads=True,
         # environment said)
         node = comm.Split_type(MPI.COMM_TYPE_SHARED)
         local_rank, local_size = node.Get_rank(), node.Get_size()
-        node.Barrier()   # every rank of the node has mapped MPICH's segment: its name can go
-        unlink_mpi_segments()
+        unlink_node_segments(node)
     else:
         if failure is not None:
             raise SetupError(failure)
@@ -271,6 +270,13 @@ def init(backend="numpy", threads=1, allow_gpu_sharing=False, need_threads=True,
 
 # MPICH's shared-memory segment, one per node and job, which every rank of the node maps
 MPICH_SEGMENT = "/dev/shm/mpich_shm_"
+
+
+def unlink_node_segments(node):
+    """unlink_mpi_segments once every rank of `node` (the ranks that share this node, a
+    COMM_TYPE_SHARED split) has mapped them."""
+    node.Barrier()
+    unlink_mpi_segments()
 
 
 def unlink_mpi_segments(maps="/proc/self/maps"):

@@ -70,12 +70,16 @@ def make_team(rank=None, size=None):
             raise ValueError(f"--rank {rank} --size {size}: give both, with 0 <= rank < size "
                              f"(e.g. --rank $SLURM_ARRAY_TASK_ID --size $SLURM_ARRAY_TASK_COUNT)")
         return Team(rank, size)
-    from mpiconvnet.distributed import world_size_problem
+    from mpiconvnet.distributed import unlink_node_segments, world_size_problem
     team = Team(0, 1)
     if launched_under_mpi():
         from mpi4py import MPI
         comm = MPI.COMM_WORLD.Dup()   # our traffic never mixes with a caller's COMM_WORLD
         team = Team(comm.Get_rank(), comm.Get_size(), comm)
+        # a pack that fails ends by MPI_Abort, after which MPICH's segment would stay in /dev/shm
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        unlink_node_segments(node)
+        node.Free()
     problem = world_size_problem(team.size)   # N tasks each packing everything into one --out
     if problem:
         raise ValueError(problem)

@@ -10,27 +10,33 @@ import pytest
 from mpiconvnet.distributed import MPICH_SEGMENT, unlink_mpi_segments
 from tests.test_train import ENV, MPIEXEC, PYTHON, needs_mpiexec
 
-# each rank says its pid and the MPICH segments it maps once set up; then rank 0 aborts, as
-# exit 3, 5 and evaluate's 130 end a run, or every rank waits to be killed
+# each rank says its pid and the MPICH segments it maps once set up (as the trainer and
+# evaluate do, or as preprocess does); then rank 0 aborts, as exit 3, 5 and evaluate's 130
+# end a run and a failed pack ends, or every rank waits to be killed
 RANK = r"""
 import os, re, sys, time
-from mpiconvnet import distributed
-world = distributed.init("numpy")
+if sys.argv[2] == "train":
+    from mpiconvnet import distributed
+    world = distributed.init("numpy")
+else:
+    from preprocess.parallel import make_team
+    world = make_team()
 with open("/proc/self/maps") as maps:
     segments = sorted(set(re.findall(r"/dev/shm/mpich_shm_\S+", maps.read())))
 sys.stdout.write(" ".join(["segments", str(os.getpid()), *segments]) + "\n")   # one write: the ranks share the pipe
 sys.stdout.flush()
 world.barrier()
-if sys.argv[1] == "abort" and world.is_root:
+if sys.argv[1] == "abort" and world.rank == 0:
     world.abort(3)
 time.sleep(60)
 """
 
 
 @needs_mpiexec
+@pytest.mark.parametrize("setup", ["train", "preprocess"])
 @pytest.mark.parametrize("end", ["abort", "kill"])
-def test_no_mpich_segment_is_left_in_dev_shm_however_the_ranks_end(end):
-    proc = subprocess.Popen([MPIEXEC, "-n", "2", PYTHON, "-c", RANK, end], env=ENV, stdout=subprocess.PIPE,
+def test_no_mpich_segment_is_left_in_dev_shm_however_the_ranks_end(end, setup):
+    proc = subprocess.Popen([MPIEXEC, "-n", "2", PYTHON, "-c", RANK, end, setup], env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         lines = [proc.stdout.readline() for _ in range(2)]
