@@ -321,6 +321,35 @@ def test_scancel_ends_the_job_for_good_after_a_checkpoint(cluster, data, tmp_pat
     assert "attempt 2" not in log
 
 
+def test_scontrol_requeue_mid_run_resumes_without_asking_for_a_second_job(cluster, data, uninterrupted, tmp_path):
+    # scontrol requeue (and preemption with PreemptMode=REQUEUE) ends the attempt with TERM to
+    # the ranks and the batch shell, as scancel does, but SLURM queues the job again itself;
+    # the script said "not requeueing; continue with MPICONVNET_RUN_DIR=... sbatch", which
+    # followed would put a second job on the same run directory
+    run = str(tmp_path / "run")
+    job = Job(cluster, "jobs/train.sbatch", ["--data", data] + TRAIN + UNINTERRUPTED, tmp_path / "train.out",
+              MPICONVNET_RUN_DIR=run)
+    try:
+        job.wait_for_first_metrics(run)
+        subprocess.run(["scontrol", "requeue", job.id], check=True, timeout=30)
+        info = job.wait(180)
+    finally:
+        job.cancel()
+    assert_completed(job, info)
+    log = job.output()
+    stopped = re.search(r"stopped by SIGTERM after step (\d+); checkpoint written", log)
+    assert stopped and int(stopped.group(1)) < UNINTERRUPTED_STEPS, log
+    assert (f"SLURM requeued job {job.id} itself (scontrol requeue, or preemption); checkpoint written; attempt 2 "
+            f"resumes from the newest checkpoint in {run} when the job starts again; nothing to submit") in log, log
+    assert "not requeueing" not in log and "sbatch jobs/train.sbatch (same flags)" not in log, log
+    assert info["Restarts"] == "1" and f"resuming at step {stopped.group(1)}" in log
+    whole = final_params(uninterrupted[2], UNINTERRUPTED_STEPS)
+    split = final_params(run, UNINTERRUPTED_STEPS)
+    for name in whole:
+        np.testing.assert_array_equal(split[name], whole[name], err_msg=name)
+    assert [r["step"] for r in metrics(run) if r["kind"] == "train"] == logged_steps(UNINTERRUPTED_STEPS)
+
+
 def median_steps_per_second(run):
     return float(np.median([r["images_per_s"] / 8 for r in metrics(run) if r["kind"] == "train"]))
 
