@@ -199,3 +199,29 @@ def test_evaluate_script_without_arguments_is_one_line(tmp_path):
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.strip() == ("jobs/evaluate.sbatch: no arguments; use 'sbatch jobs/evaluate.sbatch --data DIR "
                                      "--checkpoint RUN_DIR' (see python -m mpiconvnet.evaluate --help)")
+
+
+@pytest.mark.parametrize("script, args, option", [
+    ("jobs/train.sbatch", ["--data", "/data/x", "--time=5"], "--time=5"),
+    ("jobs/evaluate.sbatch", ["--data", "/data/x", "--checkpoint", "runs/a", "-p", "short"], "-p"),
+    ("jobs/preprocess.sbatch", ["--array=0-3", "folder", "--train", "t", "--out", "o"], "--array=0-3"),
+])
+def test_an_sbatch_option_after_the_script_name_is_refused_saying_where_it_goes(script, args, option):
+    # sbatch reads options only before the script; after it they went to the entry point,
+    # which said "unknown flag --time", and preprocess ran '--array=0-3' as a subcommand
+    result = run_script(script, args, MPICONVNET_OUTSIDE_SLURM="1")
+    assert result.returncode == 2 and result.stdout == "", result.stdout + result.stderr
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1, message
+    assert message.startswith(f"{script}: {option} is an sbatch option, but after the script name it would go to "
+                              "python -m "), message
+    assert message.endswith(f"put it before: sbatch {option} {script} ..."), message
+
+
+def test_entry_point_flags_are_not_taken_for_sbatch_options(data, tmp_path):
+    # the check must not catch a flag of the trainer whose name starts like sbatch's
+    run = str(tmp_path / "run")
+    trained = run_script("jobs/train.sbatch", ["--data", data, "--max-steps", "1", "--resume", "auto", "--mean",
+                                               "image", "--parallel", "data", "--out", run] + TINY,
+                         MPICONVNET_OUTSIDE_SLURM="1")
+    assert trained.returncode == 0, trained.stdout + trained.stderr
