@@ -130,14 +130,11 @@ PartitionName=$PARTITION Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
   # PMIx from pip's Open MPI has no munge security component: use native and stay quiet
   echo "PMIxEnv=PMIX_SECURITY_MODE=native" >"$SLURM_DIR/etc/mpi.conf"
-  # commands started inside jobs (srun, scontrol requeue) read /etc/slurm/slurm.conf unless
-  # SLURM_CONF reaches them; point it at our config, but never replace a site's own file
-  mkdir -p /etc/slurm
-  if [ ! -e /etc/slurm/slurm.conf ] || [ "$(readlink /etc/slurm/slurm.conf)" = "$CONF" ]; then
-    ln -sfn "$CONF" /etc/slurm/slurm.conf
-  else
-    say "warning: /etc/slurm/slurm.conf is not ours; jobs need SLURM_CONF=$CONF in their environment"
-  fi
+  # No /etc/slurm/slurm.conf: it would make this cluster every shell's default, so that a
+  # test run in another checkout (which should skip its SLURM tests) submitted to it, and our
+  # stop cancelled that run's jobs. Commands inside jobs (srun, scontrol requeue) need none:
+  # slurmd puts SLURM_CONF=$CONF into every job's environment; outside jobs, use
+  # eval "$(bash scripts/local-slurm.sh env)".
 }
 
 munge_works() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
@@ -264,6 +261,7 @@ kill_leftover_steps() {
 stop() {
   stop_slurm
   stop_process "$RUN/munged.pid" munged   # a no-op unless this script started it
+  # the link that versions before 2026-11-25 made
   if [ "$(readlink /etc/slurm/slurm.conf 2>/dev/null)" = "$CONF" ]; then rm -f /etc/slurm/slurm.conf; fi
   return 0
 }

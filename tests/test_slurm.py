@@ -3,6 +3,7 @@ a 2-core node needs on the sbatch command line (partition, -N1 -n2, --time, no G
 the CPU backend on a tiny data set.
 
     bash scripts/local-slurm.sh start          # one-node cluster on localhost (root, Debian)
+    eval "$(bash scripts/local-slurm.sh env)"  # SLURM_CONF, the only way to reach it
     MPICONVNET_REQUIRE_SLURM=1 python -m pytest -m slurm tests/test_slurm.py
     bash scripts/local-slurm.sh stop
 
@@ -58,7 +59,8 @@ def _cluster_problem():
 def cluster():
     problem = _cluster_problem()
     if problem:
-        message = f"no SLURM cluster: {problem}; start one with: bash scripts/local-slurm.sh start"
+        message = (f"no SLURM cluster: {problem}; start one with: bash scripts/local-slurm.sh start; "
+                   'eval "$(bash scripts/local-slurm.sh env)"')
         if os.environ.get("MPICONVNET_REQUIRE_SLURM") == "1":
             pytest.fail(message + " (MPICONVNET_REQUIRE_SLURM=1)")
         pytest.skip(message)
@@ -161,6 +163,22 @@ def uninterrupted(cluster, data, tmp_path_factory):
     finally:
         job.cancel()
     return job, info, run
+
+
+def test_the_local_cluster_is_reached_only_through_slurm_conf(cluster):
+    # scripts/local-slurm.sh used to link /etc/slurm/slurm.conf to its config, which made it
+    # every shell's cluster: a test run in another checkout, which should have skipped these
+    # tests, submitted its jobs to it, and this cluster's stop cancelled them
+    ours = os.environ.get("SLURM_CONF")
+    if not ours or "mpiconvnet-ci" not in open(ours).read():
+        pytest.skip("not a cluster of scripts/local-slurm.sh (SLURM_CONF does not name its config)")
+    environment = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}
+    shown = subprocess.run(["scontrol", "show", "config"], env=environment, capture_output=True, text=True,
+                           timeout=30)
+    reached = re.search(r"^SLURM_CONF\s*=\s*(\S+)", shown.stdout, re.M) if shown.returncode == 0 else None
+    assert not (reached and os.path.realpath(reached.group(1)) == os.path.realpath(ours)), \
+        f"a shell without SLURM_CONF reaches {ours} (through /etc/slurm/slurm.conf?)"
+    assert os.path.realpath("/etc/slurm/slurm.conf") != os.path.realpath(ours)
 
 
 def test_preprocess_packs_disjoint_shards_on_two_mpi_ranks_and_as_an_array(cluster, tmp_path):
