@@ -225,3 +225,21 @@ def test_entry_point_flags_are_not_taken_for_sbatch_options(data, tmp_path):
                                                "image", "--parallel", "data", "--out", run] + TINY,
                          MPICONVNET_OUTSIDE_SLURM="1")
     assert trained.returncode == 0, trained.stdout + trained.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_sbatch_option_the_readme_says_a_site_edits_is_marked_site(script):
+    # jobs/README.md says every line a cluster may need to change is marked SITE; a site with
+    # 8 GPUs or 2 cores per node changes --ntasks-per-node and --cpus-per-task, which were not
+    with open(os.path.join(ROOT, "jobs/README.md")) as f:
+        readme = f.read()
+    section = readme[readme.index("## What a site edits"):]
+    section = section[:section.index("\n## ")]
+    named = {option for quoted in re.findall(r"`([^`]*)`", section) for option in re.findall(r"--[a-z-]+", quoted)}
+    with open(os.path.join(ROOT, script)) as f:
+        options = [line for line in f if re.match(r"#+SBATCH\b", line)]
+    edited = [line for line in options if re.match(r"#+SBATCH +(--[a-z-]+)", line).group(1) in named]
+    assert {"--partition", "--account", "--ntasks-per-node", "--cpus-per-task", "--time"} <= named
+    assert len(edited) >= 5, edited
+    for line in edited:
+        assert "# SITE:" in line, f"{script}: jobs/README.md names this option under 'What a site edits': {line}"
