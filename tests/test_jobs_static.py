@@ -169,10 +169,14 @@ def test_gpu_check_on_a_node_without_a_gpu_stops_before_installing_anything(tmp_
     assert "| gpu | **FAIL**: no CUDA driver" in (tmp_path / "out" / "report.md").read_text()
 
 
-def test_usr1_before_the_trainer_takes_it_is_a_stop_not_a_failure(data, tmp_path):
+@pytest.mark.parametrize("stop, code, said", [
+    (signal.SIGUSR1, 75, "USR1 arrived before the trainer could take it"),
+    (signal.SIGTERM, 143, "(TERM) while the trainer was starting (killed by it in its set-up); nothing is lost")])
+def test_a_stop_before_the_trainer_takes_it_is_not_a_failure(data, tmp_path, stop, code, said):
     # the signal lands while Python is still starting, which kills the trainer: nothing is
-    # lost since the last checkpoint, so the script stops (and would requeue) as after one
-    # (sent as soon as the trainer's process runs Python, which then takes ~0.3 s to start)
+    # lost since the last checkpoint, so the script stops (USR1: and would requeue) as after
+    # one, instead of reporting exit 10 or 15 as "2 bad input, 3 ..." (sent as soon as the
+    # trainer's process runs Python, which then takes ~0.3 s to start)
     run = str(tmp_path / "run")
     proc = subprocess.Popen(["bash", "jobs/train.sbatch", "--data", data, "--epochs", "500"] + TINY, cwd=ROOT,
                             env=outside_slurm_env(MPICONVNET_OUTSIDE_SLURM="1", MPICONVNET_RUN_DIR=run),
@@ -183,15 +187,16 @@ def test_usr1_before_the_trainer_takes_it_is_a_stop_not_a_failure(data, tmp_path
                                  capture_output=True).stdout:
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.002)
-        proc.send_signal(signal.SIGUSR1)
+        proc.send_signal(stop)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)   # the script and the trainer it started
             proc.communicate()
-    assert proc.returncode == 75, out + err
-    assert "USR1 arrived before the trainer could take it" in out
-    assert f"run the same command again to continue {run}" in err
+    assert proc.returncode == code, out + err
+    assert said in out + err
+    assert "bad input" not in err and (f"run the same command again to continue {run}" in err
+                                       or f"MPICONVNET_RUN_DIR={run} sbatch" in err), out + err
 
 
 def test_evaluate_script_without_arguments_is_one_line(tmp_path):
