@@ -47,6 +47,14 @@ def test_every_sbatch_line_carries_a_comment(script):
     assert all(lines.index(line) < first_command for line in options), f"{script}: #SBATCH after a command"
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_requeued_job_appends_to_its_log(script):
+    # SLURM requeues a job itself on a node failure (JobRequeue=1): by default it truncates
+    # the log, losing the first attempt's lines
+    with open(os.path.join(ROOT, script)) as f:
+        assert re.search(r"^#SBATCH --open-mode=append ", f.read(), re.M), script
+
+
 def test_gpu_requests_are_left_to_the_site():
     # a GPU request the cluster cannot meet is rejected at submission, so none is active
     for script in SCRIPTS:
