@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from tests.test_train import (ENV, MPIEXEC, PYTHON, TINY, _is_descendant, _wait_for_checkpoint_then,
-                              assert_same_state, hung, evaluations, needs_mpiexec, params_at, train, visible_gpus)
+                              assert_same_state, hung, evaluations, needs_mpiexec, note_sampled_images, params_at, train,
+                              visible_gpus)
 from tests.data_fixtures import write_tiny_dataset
 
 pytestmark = [pytest.mark.mpi, needs_mpiexec]
@@ -90,18 +91,9 @@ def test_each_worker_reads_its_own_share_and_an_epoch_every_image_once(data, tmp
     # each rank notes the images its sampler hands out and the dropout masks it draws: the
     # two workers' shares of an epoch together hold each of the 96 images once, as one
     # rank's epoch does, and their masks are the global batch's rows, not one mask twice
-    note_images = f"""
-import hashlib, os
+    note_images = note_sampled_images(tmp_path) + f"""
+import hashlib
 from mpiconvnet import layers
-from mpiconvnet.data import sampler
-rank = os.environ["PMI_RANK"]
-indices_for_step = sampler.DistributedSampler.indices_for_step
-def noted(self, step):
-    indices = indices_for_step(self, step)
-    with open(os.path.join({str(tmp_path)!r}, "images-" + rank), "a") as f:
-        f.write(" ".join(map(str, [self.epoch, *indices])) + "\\n")
-    return indices
-sampler.DistributedSampler.indices_for_step = noted
 dropout = layers.Dropout.forward
 def masked(self, x, ctx):
     y = dropout(self, x, ctx)

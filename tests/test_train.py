@@ -30,6 +30,23 @@ def data(tmp_path_factory):
     return write_tiny_dataset(str(tmp_path_factory.mktemp("shards")), 96, 61, 5, 64, shard_size=20)
 
 
+def note_sampled_images(folder):
+    """Patch source for train(patch=...): each rank appends to FOLDER/images-RANK a line for
+    every batch its sampler hands out, the epoch and then the image indices; `rank` is set."""
+    return f"""
+import os
+from mpiconvnet.data import sampler
+rank = os.environ["PMI_RANK"]
+indices_for_step = sampler.DistributedSampler.indices_for_step
+def noted(self, step):
+    indices = indices_for_step(self, step)
+    with open(os.path.join({str(folder)!r}, "images-" + rank), "a") as f:
+        f.write(" ".join(map(str, [self.epoch, *indices])) + "\\n")
+    return indices
+sampler.DistributedSampler.indices_for_step = noted
+"""
+
+
 def train(args, ranks=1, timeout=120, check=True, env=None, patch=None):
     """patch: Python source each rank runs before the trainer, to make something happen at
     a chosen moment of the run."""
@@ -208,19 +225,9 @@ def test_each_rank_trains_on_its_own_share_of_every_epoch_in_the_epoch_s_order(d
     # model is given: the ranks' shares of an epoch hold each of the 96 images once, a new
     # epoch comes in a new order, and the model sees those images as (pixel - mean) / std
     # (alexnet-mini standardises its input, as torchvision's models do)
-    note_images = f"""
-import os
+    note_images = note_sampled_images(tmp_path) + f"""
 import numpy as np
 from mpiconvnet import models
-from mpiconvnet.data import sampler
-rank = os.environ["PMI_RANK"]
-indices_for_step = sampler.DistributedSampler.indices_for_step
-def noted(self, step):
-    indices = indices_for_step(self, step)
-    with open(os.path.join({str(tmp_path)!r}, "images-" + rank), "a") as f:
-        f.write(" ".join(map(str, [self.epoch, *indices])) + "\\n")
-    return indices
-sampler.DistributedSampler.indices_for_step = noted
 loss_and_grads = models.Net.loss_and_grads
 def seen(self, x, *args, **kwargs):
     with open(os.path.join({str(tmp_path)!r}, "inputs-" + rank), "a") as f:
