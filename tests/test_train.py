@@ -675,6 +675,27 @@ def test_a_rank_that_cannot_read_its_config_file_is_named(data, tmp_path):
 
 @pytest.mark.mpi
 @needs_mpiexec
+def test_a_rank_s_unreadable_config_is_named_on_an_mpi_without_thread_support(data, tmp_path):
+    # the rank that met a failure before MPI does not look at the thread level: the others'
+    # refusal of it came out as "rank 0: MPI gives thread level 0", blaming rank 0 for what
+    # every rank has and hiding rank 1's missing file
+    config = tmp_path / "run.toml"
+    config.write_text("lr = 0.01\n")
+    args = [PYTHON, "-m", "mpiconvnet.train", *TINY, "--data", data, "--out", str(tmp_path / "run"), "--config"]
+    result = subprocess.run([MPIEXEC, "-n", "1", *args, str(config), ":", "-n", "1", *args, str(tmp_path / "no.toml")],
+                            env=dict(ENV, MPI4PY_RC_THREAD_LEVEL="single"), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr == f"mpiconvnet.train: rank 1: --config {tmp_path / 'no.toml'}: file not found\n"
+    # with no such failure the thread level is refused once, as every rank's
+    result = train(["--data", data, "--out", str(tmp_path / "run")], ranks=2, check=False,
+                   env=dict(ENV, MPI4PY_RC_THREAD_LEVEL="single"))
+    assert result.returncode == 2
+    assert result.stderr == ("mpiconvnet.train: MPI gives thread level 0, the overlapped allreduce needs "
+                             "MPI_THREAD_SERIALIZED or better; run with --overlap false\n"), result.stderr
+
+
+@pytest.mark.mpi
+@needs_mpiexec
 def test_a_bad_flag_under_mpiexec_is_said_once(data, tmp_path):
     result = train(["--data", data, "--out", str(tmp_path / "run"), "--momentum", "2"], ranks=2, check=False)
     assert result.returncode == 2
