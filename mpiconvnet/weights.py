@@ -152,11 +152,15 @@ def classes_path(npz_path):
     return os.path.splitext(npz_path)[0] + ".classes.txt"
 
 
+# what str.splitlines() ends a line at: a class name holding one reads back as two names
+LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
+
+
 def write_npz(path, state, classes=None):
     """np.savez to path, and `classes` (one name a line, in label order) to classes_path(path)
     when given, atomically: a crash leaves the old files or none, never half of one."""
     files = [path] + ([classes_path(path)] if classes is not None else [])
-    broken = next((name for name in classes or [] if "\n" in name or "\r" in name), None)
+    broken = next((name for name in classes or [] if any(c in LINE_BREAKS for c in name)), None)
     if broken is not None:   # preprocess refuses such class folders since 2026-11-25; older sets may hold one
         raise checkpoint.OutputError(f"class {broken!r} has a line break in its name, which {files[-1]} (one name a "
                                      f"line) cannot hold; rename that class folder and pack the data set again")

@@ -14,6 +14,7 @@ import os
 import stat
 import sys
 import tarfile
+import unicodedata
 from collections import OrderedDict
 
 import numpy as np
@@ -184,8 +185,9 @@ def list_class_folders(root):
         raise InputError(f"{root} is not a directory; pass a folder with one subfolder per class")
     classes = [entry.name for entry in folder_entries(root) if entry.is_dir() and not is_hidden(entry.name)]
     for name in classes:
-        if any(ord(c) < 32 or ord(c) == 127 for c in name):
-            # the class lists beside exported weights hold one name a line
+        if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in name):
+            # the class lists beside exported weights hold one name a line: control characters
+            # (C0, DEL and C1, whose NEL str.splitlines() breaks at, as at U+2028 and U+2029)
             raise InputError(f"{root}: class folder {name!r} has a line break or another control character in its "
                              f"name, which a class list cannot hold; rename it")
     classes.sort(key=printable)

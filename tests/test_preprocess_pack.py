@@ -602,7 +602,7 @@ def test_a_class_folder_name_that_is_not_utf8_is_packed_under_an_escaped_name(tr
     assert ShardedDataset(out, "val").labels.tolist().count(0) == 2   # val's folder of that name: label 0 too
 
 
-@pytest.mark.parametrize("name", ["two\nlines", "tab\there", "bell\a"])
+@pytest.mark.parametrize("name", ["two\nlines", "tab\there", "bell\a", "nel\x85here", "line\u2028separator"])
 def test_a_class_folder_name_with_a_control_character_is_refused(tmp_path, capsys, name):
     # the class list written beside exported weights holds one name a line
     train = tmp_path / "train"

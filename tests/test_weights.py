@@ -1,6 +1,7 @@
 """Weights out of a run (python -m mpiconvnet.export) and into a new one (--init-weights),
 in our names and in torchvision's."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -56,12 +57,14 @@ def test_weights_of_a_checkpoint_without_a_class_list_leave_no_other_list_beside
     assert sorted(os.listdir(tmp_path)) == ["w.npz"]
 
 
-def test_a_class_name_with_a_line_break_is_refused_and_nothing_written(tmp_path):
-    # a data set packed before preprocess refused such class folders: the list had a line too many
+@pytest.mark.parametrize("broken", ["a\nb", "a\rb", "a\x85b", "a\u2028b"])
+def test_a_class_name_with_a_line_break_is_refused_and_nothing_written(tmp_path, broken):
+    # a data set packed before preprocess refused such class folders: the list had a line too
+    # many (read back with str.splitlines(), which breaks at NEL and U+2028 too)
     from mpiconvnet.checkpoint import OutputError
     from mpiconvnet.weights import write_npz
-    with pytest.raises(OutputError, match=r"class 'a\\nb' has a line break in its name"):
-        write_npz(str(tmp_path / "w.npz"), {"fc8.bias": np.zeros(2)}, ["a\nb", "c"])
+    with pytest.raises(OutputError, match=re.escape(f"class {broken!r} has a line break in its name")):
+        write_npz(str(tmp_path / "w.npz"), {"fc8.bias": np.zeros(2)}, [broken, "c"])
     assert os.listdir(tmp_path) == []
 
 
