@@ -216,7 +216,12 @@ def test_evaluate_script_without_arguments_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("script, args, option", [
     ("jobs/train.sbatch", ["--data", "/data/x", "--time=5"], "--time=5"),
-    ("jobs/evaluate.sbatch", ["--data", "/data/x", "--checkpoint", "runs/a", "-p", "short"], "-p"),
+    # an option whose value is the next argument is moved with it: "sbatch -p jobs/..." would
+    # take the script's name for the partition
+    ("jobs/evaluate.sbatch", ["--data", "/data/x", "--checkpoint", "runs/a", "-p", "short"], "-p short"),
+    ("jobs/train.sbatch", ["--time", "2:00:00", "--data", "/data/x"], "--time 2:00:00"),
+    ("jobs/train.sbatch", ["--data", "/data/x", "-t5"], "-t5"),
+    ("jobs/preprocess.sbatch", ["folder", "--requeue", "--train", "t"], "--requeue"),
     ("jobs/preprocess.sbatch", ["--array=0-3", "folder", "--train", "t", "--out", "o"], "--array=0-3"),
 ])
 def test_an_sbatch_option_after_the_script_name_is_refused_saying_where_it_goes(script, args, option):
