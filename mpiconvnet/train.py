@@ -78,7 +78,7 @@ def main(argv=None):
         # a rank that cannot read its flags (a --config file one node lacks) still joins
         # MPI, so that rank 0 can say why every rank stops
         cfg, unusable = None, str(e)
-    if distributed.first_rank_by_environment():
+    if cfg is not None and distributed.first_rank_by_environment():   # a refused run's one line is its error
         for note in notes:
             print(f"mpiconvnet.train: note: {note}", file=sys.stderr)
     # before the set-up, which may take minutes (MPI, GPUs, data checks, a checkpoint to
