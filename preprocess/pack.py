@@ -248,10 +248,22 @@ def pack(args, gather):
     """The body of the folder and imagenet commands; returns the exit code."""
     try:
         check_flags(args)
+        problem = None
+    except InputError as error:
+        # some checks look at the file system (--out inside --train, --val a link to --train),
+        # which one node may see differently: a rank that stopped here alone left the others
+        # waiting in MPI_Init for ever, so it joins them and rank 0 says why every rank stops
+        problem = str(error)
+    try:
         team = make_team(args.rank, args.size)
-    except (InputError, ValueError) as error:
+    except ValueError as error:   # --rank/--size, or srun's tasks each a world of one
         if first_rank_by_environment():   # every rank has the same flags: said once
-            print(f"preprocess: {error}", file=sys.stderr)
+            print(f"preprocess: {problem or error}", file=sys.stderr)
+        return 2
+    problem = team.first_failure(problem)   # every rank, with or without a problem of its own
+    if problem:
+        if team.comm is None or team.is_root:   # an array task is alone in its log
+            print(f"preprocess: {problem}", file=sys.stderr)
         return 2
     # a SIGTERM (kill, scancel) ends the run as ctrl-c does, whatever it is doing: while
     # packing, the workers stopped, unfinished shards removed and finished ones kept

@@ -454,6 +454,36 @@ def test_a_rank_that_does_not_see_the_inputs_stops_every_rank(tree, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.mpi
+def test_a_rank_whose_node_refuses_the_flags_stops_every_rank(tree, tmp_path):
+    # on rank 1's node --val is a link to --train (rank 1 starts in another folder): it
+    # stopped before MPI, silently (only the launcher's rank 0 speaks), and rank 0 waited in
+    # MPI_Init for ever
+    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    if not os.path.exists(mpiexec):
+        pytest.skip(f"no mpiexec next to {sys.executable}; pip install mpich")
+    here, there = tmp_path / "here", tmp_path / "there"
+    for folder in (here, there):
+        folder.mkdir()
+        (folder / "train").symlink_to(tree / "train")
+    (here / "val").symlink_to(tree / "val")
+    (there / "val").symlink_to(tree / "train")
+    command = preprocess_command("folder", "--train", "train", "--val", "val", "--out", str(tmp_path / "out"), *PACK)
+    proc = subprocess.Popen([mpiexec, "-n", "1", "-wdir", str(here), *command, ":",
+                             "-n", "1", "-wdir", str(there), *command], env=quiet_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 2, err
+    assert err == ("preprocess: rank 1: --val val is --train train: its images would be scored as unseen ones; "
+                   "pass a held-out set as --val, or leave --val out\n"), err
+    assert not (tmp_path / "out").exists()
+
+
 def test_tasks_of_an_srun_that_mpi_does_not_join_refuse_to_pack(monkeypatch):
     # srun --mpi=none (or a plugin the MPI does not speak): each task would pack everything
     from preprocess.parallel import make_team
