@@ -235,6 +235,10 @@ def init(backend="numpy", threads=1, allow_gpu_sharing=False, need_threads=True,
     if launched_by_mpi():
         from mpi4py import MPI
         comm = MPI.COMM_WORLD.Dup()
+        if failure is not None and world_size_problem(comm.Get_size()):
+            # srun's tasks, each a world of one, cannot share it: said as before MPI, once by
+            # the launcher's rank 0 (a bad flag on every task), not hidden behind N lines about srun
+            raise SetupError(failure, echo=first_rank_by_environment())
         check_world_size(comm.Get_size())
         provided = MPI.Query_thread()
         threads = None

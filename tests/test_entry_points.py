@@ -488,6 +488,23 @@ def test_bench_in_a_task_of_an_srun_that_mpi_does_not_join_is_refused(bench):
     assert "running:" not in result.stdout   # no mpiexec was started
 
 
+@pytest.mark.parametrize("command, said", [
+    (["mpiconvnet.train", "--data", "d", "--no-such-flag"], "mpiconvnet.train: unknown flag --no-such-flag"),
+    (["mpiconvnet.evaluate", "--data", "d", "--checkpoint", "/nonexistent"], "mpiconvnet.evaluate: --checkpoint "
+                                                                             "/nonexistent: no such file")])
+def test_a_failure_before_mpi_in_tasks_of_an_srun_that_mpi_does_not_join_is_said_once(command, said):
+    # srun --mpi=none -n 2 with a bad flag (or a checkpoint no node has): each task, a world of
+    # one, said the srun line instead, N times, and the flag was never named; task 0 says it
+    env = {key: value for key, value in ENV.items() if key not in ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE")}
+    said_by = []
+    for task in ("0", "1"):
+        env.update(SLURM_STEP_NUM_TASKS="2", SLURM_NTASKS="2", SLURM_PROCID=task)
+        result = subprocess.run([sys.executable, "-m", *command], env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, result.stderr
+        said_by.append(result.stderr)
+    assert said_by[0].startswith(said) and said_by[0].count("\n") == 1 and said_by[1] == "", said_by
+
+
 def test_bench_allreduce_hidden_share_stays_between_none_and_all():
     from mpiconvnet.bench.allreduce import hidden_share
     assert hidden_share(10.0, 10.5, 2.0) == pytest.approx(0.75)
