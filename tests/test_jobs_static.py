@@ -245,6 +245,33 @@ def test_entry_point_flags_are_not_taken_for_sbatch_options(data, tmp_path):
     assert trained.returncode == 0, trained.stdout + trained.stderr
 
 
+def sbatch_option_refusal(script, args):
+    """The script's refusal of sbatch options after its name, run alone on `args`."""
+    with open(os.path.join(ROOT, script)) as f:
+        text = f.read()
+    loop = text[text.index("given=("):]
+    loop = loop[:loop.index("\ndone\n") + len("\ndone\n")]
+    return subprocess.run(["bash", "-c", f"script={script}\n{loop}", script, *args], capture_output=True, text=True,
+                          timeout=30)
+
+
+@pytest.mark.parametrize("script, helps", [
+    ("jobs/train.sbatch", [["mpiconvnet.train"]]),
+    ("jobs/evaluate.sbatch", [["mpiconvnet.evaluate"]]),
+    ("jobs/preprocess.sbatch", [["preprocess", command] for command in ("imagenet", "folder", "synth", "verify")])])
+def test_no_flag_of_the_entry_point_is_taken_for_an_sbatch_option(script, helps):
+    # every flag its --help lists, and values that start with '-' (a negative number)
+    flags = set()
+    for command in helps:
+        shown = subprocess.run([sys.executable, "-m", *command, "--help"], capture_output=True, text=True, timeout=60)
+        flags |= set(re.findall(r"^  (-{1,2}[a-z][a-z0-9-]*)", shown.stdout, re.M))
+    assert len(flags) > 5, flags
+    for arg in sorted(flags) + ["-1", "-0.5", "-1e-3"]:
+        result = sbatch_option_refusal(script, [arg])
+        assert result.returncode == 0 and result.stderr == "", f"{arg}: {result.stderr}"
+    assert sbatch_option_refusal(script, ["--time=5"]).returncode == 2   # the check does run here
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_sbatch_option_the_readme_says_a_site_edits_is_marked_site(script):
     # jobs/README.md says every line a cluster may need to change is marked SITE; a site with
