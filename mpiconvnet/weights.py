@@ -163,7 +163,8 @@ def write_npz(path, state, classes=None):
     broken = next((name for name in classes or [] if any(c in LINE_BREAKS for c in name)), None)
     if broken is not None:   # preprocess refuses such class folders since 2026-11-25; older sets may hold one
         raise checkpoint.OutputError(f"class {broken!r} has a line break in its name, which {files[-1]} (one name a "
-                                     f"line) cannot hold; rename that class folder and pack the data set again")
+                                     f"line) cannot hold; the weights go with that data set: rename the class folder, "
+                                     f"pack it again (preprocess refuses such names now) and train on it")
     for name in files:
         if os.path.lexists(name) and (os.path.islink(name) or not os.path.isfile(name)):
             raise checkpoint.OutputError(f"--out {path}: {name} exists and is not a regular file (a link, a device, "
