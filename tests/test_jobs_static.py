@@ -24,7 +24,8 @@ TINY = ["--backend", "numpy", "--model", "alexnet-mini", "--workers", "0", "--gl
 def outside_slurm_env(**extra):
     """The environment of a login shell: no SLURM job variables, one BLAS thread."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
-    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MPICONVNET_PYTHON=sys.executable, **extra)
+    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MPICONVNET_PYTHON=sys.executable)
+    env.update(extra)
     return env
 
 
@@ -177,17 +178,25 @@ def test_gpu_check_on_a_node_without_a_gpu_stops_before_installing_anything(tmp_
     assert "| gpu | **FAIL**: no CUDA driver" in (tmp_path / "out" / "report.md").read_text()
 
 
+SLEEPER = "import time; time.sleep(30)"
+
+
 @pytest.mark.parametrize("stop, code, said", [
     (signal.SIGUSR1, 75, "USR1 arrived before the trainer could take it"),
     (signal.SIGTERM, 143, "(TERM) while the trainer was starting (killed by it in its set-up); nothing is lost")])
 def test_a_stop_before_the_trainer_takes_it_is_not_a_failure(data, tmp_path, stop, code, said):
-    # the signal lands while Python is still starting, which kills the trainer: nothing is
-    # lost since the last checkpoint, so the script stops (USR1: and would requeue) as after
-    # one, instead of reporting exit 10 or 15 as "2 bad input, 3 ..." (sent as soon as the
-    # trainer's process runs Python, which then takes ~0.3 s to start)
+    # the signal lands while the trainer is still starting, which kills it: nothing is lost
+    # since the last checkpoint, so the script stops (USR1: and would requeue) as after one,
+    # instead of reporting exit 10 or 15 as "2 bad input, 3 ...". The trainer's python is one
+    # that sleeps instead (its signals' actions the default: what the trainer's are until it
+    # sets its own), so the signal always lands before a handler could take it
     run = str(tmp_path / "run")
+    slow_python = tmp_path / "slow-python"
+    slow_python.write_text(f'#!/bin/sh\nexec {sys.executable} -c "{SLEEPER}" "$@"\n')
+    slow_python.chmod(0o755)
     proc = subprocess.Popen(["bash", "jobs/train.sbatch", "--data", data, "--epochs", "500"] + TINY, cwd=ROOT,
-                            env=outside_slurm_env(MPICONVNET_OUTSIDE_SLURM="1", MPICONVNET_RUN_DIR=run),
+                            env=outside_slurm_env(MPICONVNET_OUTSIDE_SLURM="1", MPICONVNET_RUN_DIR=run,
+                                                  MPICONVNET_PYTHON=str(slow_python)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 30
