@@ -178,9 +178,6 @@ def test_gpu_check_on_a_node_without_a_gpu_stops_before_installing_anything(tmp_
     assert "| gpu | **FAIL**: no CUDA driver" in (tmp_path / "out" / "report.md").read_text()
 
 
-SLEEPER = "import time; time.sleep(30)"
-
-
 @pytest.mark.parametrize("stop, code, said", [
     (signal.SIGUSR1, 75, "USR1 arrived before the trainer could take it"),
     (signal.SIGTERM, 143, "(TERM) while the trainer was starting (killed by it in its set-up); nothing is lost")])
@@ -192,7 +189,7 @@ def test_a_stop_before_the_trainer_takes_it_is_not_a_failure(data, tmp_path, sto
     # sets its own), so the signal always lands before a handler could take it
     run = str(tmp_path / "run")
     slow_python = tmp_path / "slow-python"
-    slow_python.write_text(f'#!/bin/sh\nexec {sys.executable} -c "{SLEEPER}" "$@"\n')
+    slow_python.write_text(f'#!/bin/sh\nexec {sys.executable} -c "import time; time.sleep(30)" "$@"\n')
     slow_python.chmod(0o755)
     proc = subprocess.Popen(["bash", "jobs/train.sbatch", "--data", data, "--epochs", "500"] + TINY, cwd=ROOT,
                             env=outside_slurm_env(MPICONVNET_OUTSIDE_SLURM="1", MPICONVNET_RUN_DIR=run,
