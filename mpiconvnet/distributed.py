@@ -241,15 +241,15 @@ def init(backend="numpy", threads=1, allow_gpu_sharing=False, need_threads=True,
             raise SetupError(failure, echo=first_rank_by_environment())
         check_world_size(comm.Get_size())
         provided = MPI.Query_thread()
-        threads = None
+        thread_problem = None
         if need_threads and provided < MPI.THREAD_SERIALIZED:
-            threads = (f"MPI gives thread level {provided}, the overlapped allreduce needs "
-                       f"MPI_THREAD_SERIALIZED or better; run with --overlap false")
+            thread_problem = (f"MPI gives thread level {provided}, the overlapped allreduce needs "
+                              f"MPI_THREAD_SERIALIZED or better; run with --overlap false")
         # every rank takes part, a rank that stops too: one that left here would leave the
         # others waiting in the collectives below. A failure met before MPI comes first: the
         # rank that met it did not look at the thread level, so naming another rank's (the
         # same on every rank) would blame that rank and hide the cause
-        shared = comm.allgather((failure, threads))
+        shared = comm.allgather((failure, thread_problem))
         line = (first_failure_line([before for before, _ in shared])
                 or first_failure_line([level for _, level in shared]))
         if line is not None:
