@@ -113,7 +113,7 @@ def unseen_input(inputs):
     if isinstance(inputs, ArchiveInputs):
         paths = inputs.archives
     else:
-        paths = [inputs.paths[i] for i in {0, len(inputs) - 1} if 0 <= i and not inputs.problems[i]]
+        paths = [inputs.paths[i] for i in {0, len(inputs) - 1} if 0 <= i < len(inputs) and not inputs.problems[i]]
     return next((path for path in paths if not os.path.lexists(path)), None)
 
 
