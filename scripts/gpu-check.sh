@@ -9,13 +9,13 @@
 #    the project, pycuda (a wheel for this Python from vendor/, else built from the sdist), and
 #    cuBLAS / cuDNN wheels only when no usable copy is found (see docs/gpu.md);
 # 3. runs the CUDA tests (logic, nvcc compile, every op against the NumPy reference), and
-#    the convolution tests again through cuDNN's graph API;
+#    the convolution tests again through each cuDNN API alone (graph, legacy);
 # 4. trains alexnet-mini for 2 epochs on synthetic shards with --backend cuda, then on 2
 #    ranks with mpiexec: on 2 GPUs --parallel data, hybrid and model; on 1 GPU, ranks
 #    sharing it, the same three and --sync async on 3 ranks;
 # 5. runs the step benchmark against PyTorch on the same GPU (alexnet and alexnet-owt,
 #    float32, then TF32, at batch 128; alexnet-owt in TF32 at batch 8, where the host bounds it),
-#    alexnet-owt in TF32 again with the convolutions through cuDNN's graph API,
+#    alexnet-owt in TF32 again with the convolutions through cuDNN's legacy API,
 #    and the input benchmark (the step fed by the loader against the step on a resident batch);
 # and writes OUTDIR/report.md with every step's status, time and log. The exit status is
 # non-zero when any step failed. Steps keep going after a failure so one run shows all.
@@ -248,14 +248,15 @@ sys.exit(1 if not ops or skipped_ops else 0)
 EOF
 }
 step cuda-tests cuda_tests
-# the convolutions once more through cuDNN's graph API (MPICONVNET_CUDNN_API=graph, opt-in
-# until this passes on a GPU: docs/gpu.md item 17)
-cuda_tests_graph() {
-    MPICONVNET_CUDNN_API=graph "$PY" -X faulthandler -m pytest -q -rs -p no:cacheprovider \
-        --junitxml="$OUT/cuda-tests-graph.xml" tests/test_cuda_ops.py -k "conv or alexnet" || return 1
-    gpu_op_tests_ran "$OUT/cuda-tests-graph.xml"
+# the convolutions once more through each cuDNN API alone (MPICONVNET_CUDNN_API; the default,
+# auto, takes the graph API with TF32 and the legacy one without: docs/gpu.md item 17)
+cuda_tests_api() {
+    MPICONVNET_CUDNN_API=$1 "$PY" -X faulthandler -m pytest -q -rs -p no:cacheprovider \
+        --junitxml="$OUT/cuda-tests-$1.xml" tests/test_cuda_ops.py -k "conv or alexnet" || return 1
+    gpu_op_tests_ran "$OUT/cuda-tests-$1.xml"
 }
-step cuda-tests-graph cuda_tests_graph
+step cuda-tests-graph cuda_tests_api graph
+step cuda-tests-legacy cuda_tests_api legacy
 
 # --- 4. training on synthetic shards ----------------------------------------------------------
 DATA="$OUT/data"
@@ -322,10 +323,11 @@ if [ -z "${SKIP_BENCH:-}" ]; then
     # batch 8: the GPU work is small, so the ratio is the host time per step (ours vs PyTorch's)
     step bench-alexnet-owt-tf32-b8 "$PY" -m mpiconvnet.bench step --model alexnet-owt --batch 8 --backend cuda --tf32 \
         --steps 100 --json
-    # the same two cases with the convolutions through cuDNN's graph API (one execute per call)
-    step bench-alexnet-owt-tf32-b8-graph env MPICONVNET_CUDNN_API=graph "$PY" -m mpiconvnet.bench step \
+    # the same two cases with the convolutions through cuDNN's legacy API (cudnnFind*'s
+    # algorithms, a call each), against which the graph API became the default
+    step bench-alexnet-owt-tf32-b8-legacy env MPICONVNET_CUDNN_API=legacy "$PY" -m mpiconvnet.bench step \
         --model alexnet-owt --batch 8 --backend cuda --tf32 --steps 100 --json
-    step bench-alexnet-owt-tf32-graph env MPICONVNET_CUDNN_API=graph "$PY" -m mpiconvnet.bench step \
+    step bench-alexnet-owt-tf32-legacy env MPICONVNET_CUDNN_API=legacy "$PY" -m mpiconvnet.bench step \
         --model alexnet-owt --batch 128 --backend cuda --tf32 --json
     if [ -n "${PROFILE:-}" ]; then
         step profile-host-owt-tf32 "$PY" -m mpiconvnet.bench step --model alexnet-owt --batch 8 --backend cuda --tf32 \
@@ -340,7 +342,7 @@ fi
     echo "## machine"; echo '```'; cat "$OUT/machine.log"; echo '```'
     echo "## libraries"; echo '```'; cat "$OUT/cuda-libraries.log" 2>/dev/null; echo '```'
     for name in cuda-tests bench-alexnet-fp32 bench-alexnet-tf32 bench-alexnet-owt-fp32 bench-alexnet-owt-tf32 \
-                bench-alexnet-owt-tf32-b8 bench-alexnet-owt-tf32-b8-graph bench-alexnet-owt-tf32-graph \
+                bench-alexnet-owt-tf32-b8 bench-alexnet-owt-tf32-b8-legacy bench-alexnet-owt-tf32-legacy \
                 bench-input-owt-tf32 profile-host-owt-tf32 profile-gpu-owt-tf32; do
         [ -f "$OUT/$name.log" ] || continue
         echo "## $name (last 40 lines)"; echo '```'; tail -n 40 "$OUT/$name.log"; echo '```'

@@ -6,6 +6,7 @@ sources, the dropout hash's host half.
 Run: pytest tests/test_cuda_logic.py
 """
 import ctypes
+import gc
 import os
 import re
 import subprocess
@@ -1009,6 +1010,8 @@ def fake_backend(fake_libs, monkeypatch):
     monkeypatch.setattr(context, "_state", None)
     monkeypatch.setattr(mpi_cuda, "_cached", None)
     monkeypatch.setattr(_FakeContext, "depth", {})
+    # the stand-in cuDNN answers the legacy calls; graph_backend adds the graph API's
+    monkeypatch.setenv("MPICONVNET_CUDNN_API", "legacy")
     import mpiconvnet.backends.cuda as cb
     try:
         yield cb, launches
@@ -1292,6 +1295,7 @@ def _engine_field(engine, field):
 class _FakeBackendApi:
     def __init__(self):
         self.descriptors, self.clock, self.executed, self.created = {}, 0.0, [], {}
+        self.destroyed = []   # the pointers given to cudnnBackendDestroyDescriptor, in order
         self.failing_heuristics = set()   # heuristics modes whose query fails
 
     def _record(self, pointer):
@@ -1306,6 +1310,7 @@ class _FakeBackendApi:
         return 0
 
     def cudnnBackendDestroyDescriptor(self, pointer):
+        self.destroyed.append(pointer.value if isinstance(pointer, ctypes.c_void_p) else pointer)
         return 0
 
     def cudnnBackendSetAttribute(self, pointer, name, attr_type, count, array):
@@ -1449,6 +1454,41 @@ def test_graph_api_without_a_usable_engine_says_why(graph_backend, monkeypatch):
     assert "1 down-convert their inputs, or use tensor cores with TF32 off" in message and "MiB workspace" in message and "1 plans failed to build" in message
 
 
+def test_graph_api_descriptors_held_past_the_state_are_destroyed_before_its_cudnn_handle(graph_backend):
+    # a test's traceback kept plans alive past State.close; the garbage collector then
+    # destroyed them after the handle and its CUDA context: a segfault on an H200
+    cb, api, st = graph_backend
+    _graph_conv_forward(cb)
+    held = list(st.descriptors.values())[0].plans["forward"][0]   # an execution plan
+    pointer = held.ptr.value
+    order = []
+    destroy_handle = st.dnn.destroy
+    st.dnn.destroy = lambda: (order.append(("handle", len(api.destroyed))), destroy_handle())
+    st.close()
+    assert pointer in api.destroyed[:order[0][1]], "the plan was not destroyed before the handle"
+    assert held.ptr is None
+    count = len(api.destroyed)
+    del held
+    gc.collect()
+    assert len(api.destroyed) == count, "a descriptor destroyed twice"
+
+
+def test_auto_api_runs_convolutions_through_the_graph_api_with_tf32_and_the_legacy_api_without(graph_backend,
+                                                                                             monkeypatch):
+    # the legacy API's Winograd and FFT algorithms won in true float32 on an H200, the graph API's engines in TF32
+    cb, api, st = graph_backend
+    monkeypatch.setattr(st, "cudnn_api", "auto")
+    kinds = {}
+    for tf32 in (True, False):
+        cb.set_tf32(tf32)
+        assert st.conv_api() == ("graph" if tf32 else "legacy")
+        _graph_conv_forward(cb)
+        kinds[tf32] = {type(plan).__name__ for plan in st.descriptors.values() if "Conv" in type(plan).__name__}
+    assert kinds == {True: {"GraphConvPlan"}, False: {"ConvPlan"}}
+    monkeypatch.setattr(st, "cudnn_api", "graph")
+    assert st.conv_api() == "graph"
+
+
 def _graph_conv_forward(cb):
     x = cb.to_device(np.ones((2, 4, 9, 9), np.float32))
     w = cb.to_device(np.ones((6, 2, 3, 3), np.float32))
@@ -1476,19 +1516,28 @@ def test_graph_api_takes_the_fallback_heuristics_when_mode_a_fails_or_offers_not
            "heuristics failed" in str(e.value)
 
 
-def test_graph_api_tries_engines_needing_runtime_compilation_last(graph_backend, monkeypatch):
+def test_graph_api_tries_engines_needing_runtime_compilation_only_when_no_other_serves(graph_backend,
+                                                                                      monkeypatch):
     cb, api, st = graph_backend
     nvrtc = {graph.NOTE_RUNTIME_COMPILATION}
     monkeypatch.setattr(sys.modules[__name__], "_ENGINES", [(set(), 0, 0.1, nvrtc), (set(), 0, 1.0),
-                                                            (set(), 0, 0.5, nvrtc)])
+                                                            (set(), 0, 0.5, nvrtc), (set(), 0, 0.7)])
     monkeypatch.setattr(st, "find_algorithms", False)   # the first usable one, untimed
     _graph_conv_forward(cb)
     assert [engine for engine, _ in api.executed] == [1]
-    monkeypatch.setattr(st, "find_algorithms", True)    # timed: the compiled ones may win
+    # timed: the precompiled ones only, though an NVRTC one would be faster (each builds for seconds)
+    monkeypatch.setattr(st, "find_algorithms", True)
     cb.set_tf32(False)
     api.executed.clear()
     _graph_conv_forward(cb)
-    assert [engine for engine, _ in api.executed] == [1] * 4 + [0] * 4 + [2] * 4 + [0]
+    assert [engine for engine, _ in api.executed] == [1] * 4 + [3] * 4 + [3]
+    # no precompiled engine builds its plan: the NVRTC ones are timed
+    monkeypatch.setattr(sys.modules[__name__], "_ENGINES", [(set(), 0, 0.1, nvrtc), (set(), None, 1.0),
+                                                            (set(), 0, 0.5, nvrtc)])
+    cb.set_tf32(True)
+    api.executed.clear()
+    _graph_conv_forward(cb)
+    assert [engine for engine, _ in api.executed] == [0] * 4 + [2] * 4 + [0]
 
 
 def test_graph_api_without_behaviour_notes_keeps_the_heuristics_order(graph_backend, monkeypatch):
@@ -1534,9 +1583,11 @@ def test_graph_api_passes_over_an_engine_that_cannot_tell_its_numerical_notes(gr
 
 
 def test_cudnn_api_setting_is_checked():
-    assert context.cudnn_api_from_env({}) == "legacy"
+    assert context.cudnn_api_from_env({}) == "auto"
+    assert context.cudnn_api_from_env({"MPICONVNET_CUDNN_API": " "}) == "auto"
+    assert context.cudnn_api_from_env({"MPICONVNET_CUDNN_API": "legacy"}) == "legacy"
     assert context.cudnn_api_from_env({"MPICONVNET_CUDNN_API": "graph"}) == "graph"
-    with pytest.raises(ValueError, match="MPICONVNET_CUDNN_API='v8': use legacy"):
+    with pytest.raises(ValueError, match="MPICONVNET_CUDNN_API='v8': use auto"):
         context.cudnn_api_from_env({"MPICONVNET_CUDNN_API": "v8"})
 
 

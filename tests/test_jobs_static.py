@@ -147,8 +147,8 @@ def test_gpu_check_only_runs_the_named_steps_and_always_the_set_up():
     # gpu-check's step filter, sourced alone (the script itself needs a GPU node)
     text = open(os.path.join(ROOT, "scripts/gpu-check.sh")).read()
     functions = text[text.index("SETUP_STEPS="):text.index("\nstep() {")]
-    names = ["machine", "shards", "cuda-tests", "cuda-tests-graph", "bench-input-owt-tf32",
-             "bench-alexnet-owt-tf32-graph", "train-1gpu"]
+    names = ["machine", "shards", "cuda-tests", "cuda-tests-legacy", "bench-input-owt-tf32",
+             "bench-alexnet-owt-tf32-legacy", "train-1gpu"]
     probe = functions + "\nfor n in " + " ".join(names) + "; do selected $n && echo $n; done; true\n"
 
     def chosen(only):
@@ -158,7 +158,7 @@ def test_gpu_check_only_runs_the_named_steps_and_always_the_set_up():
 
     assert chosen("") == names
     assert chosen("cuda-tests,bench-input-*") == ["machine", "shards", "cuda-tests", "bench-input-owt-tf32"]
-    assert chosen("*-graph") == ["machine", "shards", "cuda-tests-graph", "bench-alexnet-owt-tf32-graph"]
+    assert chosen("*-legacy") == ["machine", "shards", "cuda-tests-legacy", "bench-alexnet-owt-tf32-legacy"]
 
 
 def test_gpu_check_on_a_node_without_a_gpu_stops_before_installing_anything(tmp_path):

@@ -164,7 +164,7 @@ def main(argv):
     where = f"{args.threads} thread(s)"
     if args.backend == "cuda":
         from mpiconvnet.backends.cuda import context
-        where = "1 GPU" + (" TF32" if args.tf32 else " FP32") + f", cuDNN {context.get().cudnn_api} API"
+        where = "1 GPU" + (" TF32" if args.tf32 else " FP32") + f", cuDNN {context.get().conv_api()} API"
     print(f"{args.model}, batch {args.batch}, {where}, median of {args.steps} steps; "
           f"predicted work {flops / 1e9:.1f} GFLOP per step (3x forward, less conv1's data gradient)")
     print(f"{'implementation':<28}{'ms/step':>10}{'images/s':>12}{'GFLOP/s':>10}")
@@ -173,7 +173,7 @@ def main(argv):
     result = {"model": args.model, "batch": args.batch, "backend": args.backend, "threads": args.threads,
               "tf32": args.tf32, "ours_images_per_s": args.batch / ours, "ours_ms_per_step": ours * 1e3}
     if args.backend == "cuda":
-        result["cudnn_api"] = context.get().cudnn_api
+        result["cudnn_api"] = context.get().conv_api()
     if theirs is not None:
         ratio = theirs / ours
         result.update(torch_images_per_s=args.batch / theirs, ratio=ratio)

@@ -20,7 +20,7 @@ import threading
 import numpy as np
 
 from . import device as device_policy
-from . import libs, mpi_cuda
+from . import cudnn_graph, libs, mpi_cuda
 
 KERNEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
 # fat binaries from `python -m mpiconvnet.backends.cuda.prebuild`, for nodes without nvcc
@@ -91,16 +91,20 @@ def deterministic_from_env(environ=None):
     return _switch_from_env("MPICONVNET_DETERMINISTIC", "the fastest algorithms", "deterministic ones only", environ)
 
 
-CUDNN_APIS = ("legacy", "graph")
+CUDNN_APIS = ("auto", "graph", "legacy")
 
 
 def cudnn_api_from_env(environ=None):
-    """Which cuDNN API runs the convolutions: legacy (the default) or graph
-    (MPICONVNET_CUDNN_API=graph; cudnn_graph.py, opt-in until a GPU run has checked it)."""
+    """Which cuDNN API runs the convolutions: auto (the default), graph (cudnn_graph.py) or
+    legacy (conv.py's ConvPlan). auto is graph with TF32 and legacy without, as measured on
+    an H200 (2026-11-25, docs/benchmarks.md): with TF32 the graph API's engines are faster
+    (alexnet-owt 6.31 against 6.68 ms a step) and each call costs the host less (batch 8:
+    2.72 against 3.68 ms); in true float32 its heuristics offer none of the Winograd and FFT
+    algorithms cudnnFind* finds (alexnet 18.8 against 11.3 ms)."""
     environ = os.environ if environ is None else environ
-    value = environ.get("MPICONVNET_CUDNN_API", "legacy").strip() or "legacy"
+    value = environ.get("MPICONVNET_CUDNN_API", "auto").strip() or "auto"
     if value not in CUDNN_APIS:
-        raise ValueError(f"MPICONVNET_CUDNN_API={value!r}: use legacy (the default) or graph")
+        raise ValueError(f"MPICONVNET_CUDNN_API={value!r}: use auto (the default), graph or legacy")
     return value
 
 
@@ -253,6 +257,13 @@ class State:
         convolutions' choices are made again (their plans are keyed by it)."""
         self.deterministic = bool(enabled)
 
+    def conv_api(self):
+        """The cuDNN API that runs the convolutions now: graph or legacy (auto: graph with
+        TF32, cudnn_api_from_env says why)."""
+        if self.cudnn_api != "auto":
+            return self.cudnn_api
+        return "graph" if self.tf32 else "legacy"
+
     def close(self):
         # pop (PyCUDA aborts at exit when a context is still on the stack) but do not
         # detach: arrays garbage-collected after this re-activate the primary context to
@@ -261,7 +272,8 @@ class State:
             self.stream.synchronize()
             if self._copy_stream is not None:
                 self._copy_stream.synchronize()
-            self.descriptors.clear()   # cuDNN descriptors and plans go before their handle
+            self.descriptors.clear()   # cuDNN descriptors and plans go before their handle,
+            cudnn_graph.destroy_all()  # also those something else still holds
             self.blas.destroy()
             self.dnn.destroy()
             self.pool.stop_holding()

@@ -8,8 +8,8 @@ Here the graph, the engine choice and the plan are made once per (shape, kind); 
 is a variant pack (the device pointers; cached while the pointers repeat, as they do
 step after step from the memory pool) and an execute.
 
-Opt-in with MPICONVNET_CUDNN_API=graph until a GPU run has checked it (docs/gpu.md item
-17); the default stays the legacy API (conv.py's ConvPlan). Enum values are copied from
+Used with TF32 since its first GPU run (2026-11-25, docs/gpu.md item 17), or always with
+MPICONVNET_CUDNN_API=graph; context.cudnn_api_from_env says why. Enum values are copied from
 cudnn_graph.h (cuDNN 9; they have not changed since the API appeared in cuDNN 8).
 
 The engine: cuDNN's heuristics list engine configurations, best first: mode A's, then the
@@ -21,9 +21,12 @@ are tensor-core ones (as PyTorch filters them), and with MPICONVNET_DETERMINISTI
 nondeterministic ones; of the rest, up to FIND_CANDIDATES whose
 plans build and whose workspace fits are timed on the first call's own operands and the
 fastest that runs is kept (MPICONVNET_CUDNN_FIND=0: the first one, untimed), as
-cudnnFind* does for the legacy API.
+cudnnFind* does for the legacy API. Engines needing runtime compilation are tried only
+when no precompiled one serves.
 """
 import ctypes
+import itertools
+import weakref
 
 from . import cudnn
 
@@ -68,7 +71,10 @@ NOTE_RUNTIME_COMPILATION = 0
 UIDS = {"x": 1, "w": 2, "y": 3}
 # every pointer handed to a convolution is a pool block or a bucket view: 256-byte aligned
 BYTE_ALIGNMENT = 16
-FIND_CANDIDATES = 8      # engines timed on the first call when searching
+# engines timed on the first call when searching. On an H200 (2026-11-25) the heuristics
+# listed up to 32 engines for AlexNet's conv2, and its fastest were the 7th (forward), 11th
+# (filter gradient, 0.29 ms against 0.49 for the first) and 28th (data gradient): 8 missed two
+FIND_CANDIDATES = 32
 TIMED_RUNS = 3           # runs per candidate (after one untimed)
 VARIANT_PACKS_KEPT = 16  # per plan: the operand pointers of a step repeat, step after step
 
@@ -119,6 +125,7 @@ class Descriptor:
     def __init__(self, kind):
         self.ptr = ctypes.c_void_p()
         _call("cudnnBackendCreateDescriptor", kind, ctypes.byref(self.ptr))
+        _alive[next(_made)] = self
 
     def set(self, name, attr_type, values):
         """Set attribute `name` to the list `values` (descriptors given as Descriptors)."""
@@ -149,10 +156,30 @@ class Descriptor:
               ctypes.cast(array, ctypes.c_void_p))
         return made[:returned.value]
 
-    def __del__(self):
+    def destroy(self):
         if self.ptr and _declared is not None:
             _declared.cudnnBackendDestroyDescriptor(self.ptr)
-            self.ptr = None
+        self.ptr = None
+
+    def __del__(self):
+        self.destroy()
+
+
+# every descriptor not yet destroyed, by creation order
+_alive = weakref.WeakValueDictionary()
+_made = itertools.count()
+
+
+def destroy_all():
+    """Destroy every descriptor still alive, newest first, before the cuDNN handle goes
+    (State.close). Execution plans and operation graphs hold the handle: one kept alive
+    past it (by a test's traceback, a reference cycle) was otherwise destroyed later by the
+    garbage collector, after the handle and its CUDA context, and that crashed the process
+    (a segfault at the end of the GPU tests, H200, 2026-11-25)."""
+    for number in sorted(_alive.keys(), reverse=True):
+        descriptor = _alive.get(number)
+        if descriptor is not None:
+            descriptor.destroy()
 
 
 def tensor(name, shape, dtype):
@@ -316,7 +343,11 @@ class GraphConvPlan:
         self.sources[kind] = (op, graph, configs)
         candidates, skipped, failed, too_big = [], 0, [], 0
         limit = FIND_CANDIDATES if st.find_algorithms else 1
+        precompiled = False   # whether a candidate needs no runtime compilation
         for config in configs:
+            compiled_at_run_time = needs_runtime_compilation(config)
+            if compiled_at_run_time and precompiled:
+                break   # sorted last, and NVRTC builds each for seconds: only when nothing else serves
             try:   # an engine that cannot tell its notes or build its plan is passed over
                 if not allowed(numerical_notes(config), self.dtype, self.tf32, st.deterministic):
                     skipped += 1
@@ -329,6 +360,7 @@ class GraphConvPlan:
                 too_big += 1
                 continue
             candidates.append((plan, ws_bytes))
+            precompiled = precompiled or not compiled_at_run_time
             if len(candidates) == limit:
                 break
         if len(candidates) > 1:
