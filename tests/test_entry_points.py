@@ -321,8 +321,8 @@ def test_bench_input_times_the_three_loops_against_the_resident_batch():
     assert json.loads(result.stdout.strip().splitlines()[-1])["device_batches_images_per_s"] > 0
     too_few = run("mpiconvnet.bench", "input", "--model", "alexnet-mini", "--batch", "4", "--size", "72",
                   "--images", "16", "--workers", "0", "--rounds", "1")
-    assert too_few.returncode == 2 and "--images 16 at --batch 4 make 4 full batches; --skip 4 and 3 timed steps " \
-                                       "need 7: raise --images to 28" in too_few.stderr
+    assert too_few.returncode == 2 and "--images 16 at --batch 4 make 4 full batches; --skip 4, 3 timed steps and " \
+                                       "an untimed last one need 8: raise --images to 32" in too_few.stderr
     assert too_few.stdout == ""   # refused before the set is written
 
 
@@ -412,7 +412,8 @@ def test_bench_checkpoint_compares_ours_with_hdf5_writing_itself(tmp_path):
     (["input", "--model", "alexnet-mini", "--size", "32", "--batch", "8", "--images", "96"],
      "--size 32: model alexnet-mini crops 56px; raise --size to 56 or more"),
     (["input", "--model", "alexnet-mini", "--size", "64", "--batch", "100000000", "--images", "10"],
-     "--images 10 at --batch 100000000 make 0 full batches; --skip 4 and 3 timed steps need 7: lower --batch to 1"),
+     "--images 10 at --batch 100000000 make 0 full batches; --skip 4, 3 timed steps and an untimed last one need 8: "
+     "lower --batch to 1"),
     (["input", "--skip", "0"], "argument --skip: must be at least 1, got 0"),
     (["input", "--tf32"], "--tf32 is a mode of the GPU's tensor cores: use it with --backend cuda"),
     (["step", "--tf32"], "--tf32 is a mode of the GPU's tensor cores: use it with --backend cuda"),

@@ -45,7 +45,7 @@ def parse_args(argv):
     p.add_argument("--threads", type=thread_count, default=2, help="CPU threads of the NumPy backend (default 2)")
     p.add_argument("--data", type=directory, help="a packed data set to read (default: a synthetic raw set in a temp dir)")
     p.add_argument("--images", type=at_least(1), help=f"synthetic training images (default 24 batches; at most "
-                                                       f"{SYNTHETIC_MAX}); the epoch needs --skip + 3 batches or more")
+                                                       f"{SYNTHETIC_MAX}); the epoch needs --skip + 4 batches or more")
     p.add_argument("--size", type=at_least(1), default=256, help="synthetic stored image size (default 256; at "
                                                                   "least the model's crop)")
     p.add_argument("--workers", type=at_least(0), default=4, help="loader processes (default 4)")
@@ -71,22 +71,24 @@ def misfit(args, images, image_size):
     `image_size` px (the synthetic set's, or that of --data), or None."""
     from mpiconvnet.models import MODELS
     crop = MODELS[args.model].input_size
-    batches, needed = images // args.batch, args.skip + 3   # the untimed steps, and 3 timed ones at least
+    # the untimed steps, 3 timed ones at least, and the last, untimed (run_loop says why)
+    batches, needed = images // args.batch, args.skip + 4
     if args.data is None:
         if image_size < crop:
             return f"--size {image_size}: model {args.model} crops {crop}px; raise --size to {crop} or more"
         if batches < needed:
             fix = (f"raise --images to {needed * args.batch}" if needed * args.batch <= SYNTHETIC_MAX
                    else f"lower --batch to {images // needed}" if images >= needed else f"raise --images to {needed}")
-            return (f"--images {images} at --batch {args.batch} make {batches} full batches; --skip {args.skip} and "
-                    f"3 timed steps need {needed}: {fix}")
+            return (f"--images {images} at --batch {args.batch} make {batches} full batches; --skip {args.skip}, "
+                    f"3 timed steps and an untimed last one need {needed}: {fix}")
     else:
         if image_size < crop:
             return (f"--data {args.data} holds {image_size}px images, model {args.model} crops {crop}px; choose "
                     f"another --model or --data")
         if batches < needed:
             return (f"--data {args.data} holds {images} training images, {batches} full batches at --batch "
-                    f"{args.batch}; --skip {args.skip} and 3 timed steps need {needed}: lower --batch or --skip")
+                    f"{args.batch}; --skip {args.skip}, 3 timed steps and an untimed last one need {needed}: "
+                    f"lower --batch or --skip")
     return None
 
 
@@ -117,20 +119,21 @@ def run_loop(kind, root, net, step, args):
             batches = ((batch, loader.model_input(batch, ops)) for batch in loader)
         else:
             batches = loader.device_batches(ops)
-        images, last = 0, len(loader) - 1
+        # the clock stops after the last step but one, in every loop alike: device_batches
+        # asks the loader for a batch ahead, so it hands out the last one only after the
+        # loader has closed, joining its workers (~20 ms with 8 on an H200 node, 0.7 ms a
+        # step of a 28-step epoch): a cost of the epoch's end, not of a step
+        images, stop = 0, len(loader) - 2
         for number, (batch, x) in enumerate(batches):
             if number == args.skip:
                 ops.synchronize()
                 started, waited = time.perf_counter(), loader.time_waiting
             step(x, labels if kind == "resident" else batch.labels)
             images += len(batch.labels) if number >= args.skip else 0
-            if number == last:
-                # the clock stops before the loop asks for more: the loader then closes,
-                # joining its workers (~20 ms with 8 on an H200 node, 0.7 ms a step of a
-                # 28-step epoch), a cost of the epoch's end, not of a step
+            if number == stop:
                 ops.synchronize()
                 return images, time.perf_counter() - started, loader.time_waiting - waited
-        raise RuntimeError(f"bench input: the {kind} loop ended after {number + 1} of {last + 1} batches")
+        raise RuntimeError(f"bench input: the {kind} loop ended after {number + 1} of {stop + 2} batches")
 
 
 def main(argv=None):
