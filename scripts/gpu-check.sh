@@ -10,9 +10,9 @@
 #    cuBLAS / cuDNN wheels only when no usable copy is found (see docs/gpu.md);
 # 3. runs the CUDA tests (logic, nvcc compile, every op against the NumPy reference), and
 #    the convolution tests again through each cuDNN API alone (graph, legacy);
-# 4. trains alexnet-mini for 2 epochs on synthetic shards with --backend cuda, then on 2
-#    ranks with mpiexec: on 2 GPUs --parallel data, hybrid and model; on 1 GPU, ranks
-#    sharing it, the same three and --sync async on 3 ranks;
+# 4. trains alexnet-mini for 2 epochs on synthetic shards with --backend cuda (FP32, then
+#    TF32), then on 2 ranks with mpiexec: on 2 GPUs --parallel data, hybrid and model; on
+#    1 GPU, ranks sharing it, the same three and --sync async on 3 ranks;
 # 5. runs the step benchmark against PyTorch on the same GPU (alexnet and alexnet-owt,
 #    float32, then TF32, at batch 128; alexnet-owt in TF32 at batch 8, where the host bounds it),
 #    alexnet-owt in TF32 again with the convolutions through cuDNN's legacy API,
@@ -268,7 +268,10 @@ make_shards() {
 step shards make_shards
 train_one_gpu() {
     "$PY" -m mpiconvnet.train --data "$DATA/shards" --out "$DATA/run-1gpu" --model alexnet-mini --backend cuda \
-        --epochs 2 --global-batch 64
+        --epochs 2 --global-batch 64 || return 1
+    # with TF32 the convolutions go through cuDNN's graph API (MPICONVNET_CUDNN_API=auto)
+    MPICONVNET_TF32=1 "$PY" -m mpiconvnet.train --data "$DATA/shards" --out "$DATA/run-1gpu-tf32" \
+        --model alexnet-mini --backend cuda --epochs 2 --global-batch 64
 }
 step train-1gpu train_one_gpu
 GPUS=$("$PY" -c "import pycuda.driver as d; d.init(); print(d.Device.count())" 2>/dev/null || echo 0)
@@ -324,7 +327,7 @@ if [ -z "${SKIP_BENCH:-}" ]; then
     step bench-alexnet-owt-tf32-b8 "$PY" -m mpiconvnet.bench step --model alexnet-owt --batch 8 --backend cuda --tf32 \
         --steps 100 --json
     # the same two cases with the convolutions through cuDNN's legacy API (cudnnFind*'s
-    # algorithms, a call each), against which the graph API became the default
+    # algorithms, a call each), which the graph API replaced as TF32's default
     step bench-alexnet-owt-tf32-b8-legacy env MPICONVNET_CUDNN_API=legacy "$PY" -m mpiconvnet.bench step \
         --model alexnet-owt --batch 8 --backend cuda --tf32 --steps 100 --json
     step bench-alexnet-owt-tf32-legacy env MPICONVNET_CUDNN_API=legacy "$PY" -m mpiconvnet.bench step \
