@@ -793,6 +793,11 @@ class _FakePool:
     def stop_holding(self):
         pass
 
+    def free_held(self):   # the held blocks go back to the driver
+        for nbytes, buffers in self.free.items():
+            self.managed_bytes -= nbytes * len(buffers)
+        self.free.clear()
+
     def is_live(self, address):
         return self.block_of(address) is not None
 
@@ -1296,6 +1301,7 @@ class _FakeBackendApi:
     def __init__(self):
         self.descriptors, self.clock, self.executed, self.created = {}, 0.0, [], {}
         self.destroyed = []   # the pointers given to cudnnBackendDestroyDescriptor, in order
+        self.workspaces = []  # the workspace address of each execute, beside executed
         self.failing_heuristics = set()   # heuristics modes whose query fails
 
     def _record(self, pointer):
@@ -1380,6 +1386,7 @@ class _FakeBackendApi:
             return 5000   # CUDNN_STATUS_EXECUTION_FAILED
         self.clock += _ENGINES[engine][2]
         self.executed.append((engine, dict(zip(pack["attrs"][1000], pack["attrs"][1001]))))
+        self.workspaces.append(pack["attrs"][1003][0])
         return 0
 
 
@@ -1454,6 +1461,40 @@ def test_graph_api_without_a_usable_engine_says_why(graph_backend, monkeypatch):
     assert "1 down-convert their inputs, or use tensor cores with TF32 off" in message and "MiB workspace" in message and "1 plans failed to build" in message
 
 
+def test_graph_api_search_times_every_candidate_in_one_scratch_workspace_given_back_after(graph_backend,
+                                                                                         monkeypatch):
+    # grown candidate by candidate through the state's workspace, the pool kept a block of
+    # every size passed: 3.97 GB held against 2.07 on an H200
+    cb, api, st = graph_backend
+    monkeypatch.setattr(sys.modules[__name__], "_ENGINES", [(set(), 1000, 0.3), (set(), 3000, 0.5),
+                                                            (set(), 2000, 0.4)])
+    pool = st.pool.fake
+    _graph_conv_forward(cb)
+    assert [engine for engine, _ in api.executed] == [0] * 4 + [1] * 4 + [2] * 4 + [0]
+    assert len(set(api.workspaces[:12])) == 1, "the candidates were timed in more than one workspace"
+    assert st.workspace.size == 1000   # the chosen engine's, as cudnnFind* leaves it
+    assert 3000 not in pool.free and all(n != 3000 for n in pool.live.values()), "the scratch is still held"
+
+
+def test_graph_api_search_times_the_first_32_usable_engines(graph_backend, monkeypatch):
+    # on an H200 the fastest of conv2's engines were the heuristics' 7th, 11th and 28th
+    cb, api, st = graph_backend
+    engines = [(set(), 0, 1.0 - 0.01 * k) for k in range(33)]   # each faster than the one before
+    monkeypatch.setattr(sys.modules[__name__], "_ENGINES", engines)
+    _graph_conv_forward(cb)
+    assert api.executed[-1][0] == graph.FIND_CANDIDATES - 1 == 31
+
+
+def test_graph_api_tries_engines_needing_runtime_compilation_when_every_precompiled_one_fails_to_run(
+        graph_backend, monkeypatch):
+    cb, api, st = graph_backend
+    nvrtc = {graph.NOTE_RUNTIME_COMPILATION}
+    monkeypatch.setattr(sys.modules[__name__], "_ENGINES", [(set(), 0, None), (set(), 0, 0.4, nvrtc),
+                                                            (set(), 0, None)])
+    _graph_conv_forward(cb)
+    assert [engine for engine, _ in api.executed] == [1]
+
+
 def test_graph_api_descriptors_held_past_the_state_are_destroyed_before_its_cudnn_handle(graph_backend):
     # a test's traceback kept plans alive past State.close; the garbage collector then
     # destroyed them after the handle and its CUDA context: a segfault on an H200
@@ -1482,6 +1523,7 @@ def test_auto_api_runs_convolutions_through_the_graph_api_with_tf32_and_the_lega
     for tf32 in (True, False):
         cb.set_tf32(tf32)
         assert st.conv_api() == ("graph" if tf32 else "legacy")
+        assert st.conv_api(np.float64) == "legacy"   # TF32 is a float32 mode
         _graph_conv_forward(cb)
         kinds[tf32] = {type(plan).__name__ for plan in st.descriptors.values() if "Conv" in type(plan).__name__}
     assert kinds == {True: {"GraphConvPlan"}, False: {"ConvPlan"}}

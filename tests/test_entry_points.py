@@ -326,6 +326,56 @@ def test_bench_input_times_the_three_loops_against_the_resident_batch():
     assert too_few.stdout == ""   # refused before the set is written
 
 
+def test_bench_input_does_not_time_the_loaders_close_at_the_epochs_end(monkeypatch):
+    # device_batches reads a batch ahead, so the loader closes (joining its workers, ~20 ms
+    # with 8 on an H200 node) before it hands out the last batch: that close was charged to
+    # its steps alone, and the step fed by the loader read 0.79-0.87 of a resident one
+    import types
+    import time
+    from mpiconvnet.bench import input as bench_input
+    from mpiconvnet.data import loader as loader_module
+    closing_s, steps, skip, batch_size = 0.3, 8, 2, 4
+
+    class SlowClosingLoader:
+        time_waiting = 0.0
+
+        def __init__(self, root, **kwargs):
+            self.closed = False
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def __len__(self):
+            return steps
+
+        def __iter__(self):
+            for step in range(steps):
+                yield types.SimpleNamespace(labels=np.zeros(batch_size, np.int64), step=step)
+            time.sleep(closing_s)   # the loader's close, when asked for a batch past the last
+
+        def model_input(self, batch, ops):
+            return batch.step
+
+        def device_batches(self, ops):
+            ahead = None
+            for batch in self:
+                if ahead is not None:
+                    yield ahead, ahead.step
+                ahead = batch
+            yield ahead, ahead.step
+
+    monkeypatch.setattr(loader_module, "BatchLoader", SlowClosingLoader)
+    net = types.SimpleNamespace(ops=types.SimpleNamespace(synchronize=lambda: None), input_size=8)
+    args = types.SimpleNamespace(batch=batch_size, skip=skip, workers=0)
+    for kind in ("resident", "model_input", "device_batches"):
+        images, seconds, _ = bench_input.run_loop(kind, "unused", net, lambda x, labels: None, args)
+        assert images == (steps - 1 - skip) * batch_size, kind
+        assert seconds < closing_s, f"{kind}: the loader's close was timed ({seconds:.2f} s)"
+
+
 def test_bench_step_on_cuda_without_pycuda_is_one_line_and_exit_2():
     try:
         import pycuda  # noqa: F401

@@ -96,11 +96,11 @@ CUDNN_APIS = ("auto", "graph", "legacy")
 
 def cudnn_api_from_env(environ=None):
     """Which cuDNN API runs the convolutions: auto (the default), graph (cudnn_graph.py) or
-    legacy (conv.py's ConvPlan). auto is graph with TF32 and legacy without, as measured on
-    an H200 (2026-11-25, docs/benchmarks.md): with TF32 the graph API's engines are faster
-    (alexnet-owt 6.31 against 6.68 ms a step) and each call costs the host less (batch 8:
-    2.72 against 3.68 ms); in true float32 its heuristics offer none of the Winograd and FFT
-    algorithms cudnnFind* finds (alexnet 18.8 against 11.3 ms)."""
+    legacy (conv.py's ConvPlan). auto is graph for float32 with TF32 and legacy otherwise, as
+    measured on an H200 (2026-11-25, docs/benchmarks.md): with TF32 the graph API's engines
+    are faster (alexnet-owt 6.24 against 6.73 ms a step) and each call costs the host less
+    (batch 8: 2.64 against 3.88 ms); in true float32 its heuristics offered none of the
+    Winograd and FFT algorithms cudnnFind* picks (alexnet 18.6 against 11.6 ms)."""
     environ = os.environ if environ is None else environ
     value = environ.get("MPICONVNET_CUDNN_API", "auto").strip() or "auto"
     if value not in CUDNN_APIS:
@@ -257,12 +257,12 @@ class State:
         convolutions' choices are made again (their plans are keyed by it)."""
         self.deterministic = bool(enabled)
 
-    def conv_api(self):
-        """The cuDNN API that runs the convolutions now: graph or legacy (auto: graph with
-        TF32, cudnn_api_from_env says why)."""
+    def conv_api(self, dtype=np.float32):
+        """The cuDNN API that runs convolutions of `dtype` now: graph or legacy (auto: graph
+        for float32 with TF32, cudnn_api_from_env says why; float64 gains nothing from TF32)."""
         if self.cudnn_api != "auto":
             return self.cudnn_api
-        return "graph" if self.tf32 else "legacy"
+        return "graph" if self.tf32 and np.dtype(dtype).char == "f" else "legacy"
 
     def close(self):
         # pop (PyCUDA aborts at exit when a context is still on the stack) but do not

@@ -5,7 +5,7 @@ x: (N, C, H, W)  w: (K, C/groups, R, S)  b: (K,)  y: (N, K, P, Q)
 One `ConvPlan` per distinct (shapes, stride, pad, groups, dtype, tf32) holds the
 descriptors and the algorithms chosen for it (by cudnnFind*, i.e. measured, unless
 MPICONVNET_CUDNN_FIND=0 asks for the heuristic cudnnGet*_v7), so the search runs once
-per layer shape, not once per step. With TF32 (or MPICONVNET_CUDNN_API=graph) a
+per layer shape, not once per step. For float32 with TF32 (or MPICONVNET_CUDNN_API=graph) a
 `cudnn_graph.GraphConvPlan` takes its place: the same choice through cuDNN's graph API,
 and an execution plan per kind, which costs less host time per call
 (context.cudnn_api_from_env says when each API serves best).
@@ -103,7 +103,7 @@ def _plan(x_shape, w_shape, stride, pad, groups, dtype):
         if x_shape[1] != w_shape[1] * groups or w_shape[0] % groups:
             raise ValueError(f"convolution: x {x_shape} and w {w_shape} do not fit groups={groups} "
                              f"(need C == w.shape[1] * groups and K divisible by groups)")
-        kind = cudnn_graph.GraphConvPlan if st.conv_api() == "graph" else ConvPlan
+        kind = cudnn_graph.GraphConvPlan if st.conv_api(dtype) == "graph" else ConvPlan
         plan = st.descriptors[key] = kind(st, x_shape, w_shape, int(stride), int(pad), int(groups), dtype)
     return st, plan
 

@@ -341,57 +341,80 @@ class GraphConvPlan:
         graph = operation_graph(st.dnn.ptr, op)
         configs, heuristics_failed = heuristic_configs(graph)
         self.sources[kind] = (op, graph, configs)
-        candidates, skipped, failed, too_big = [], 0, [], 0
+        passed_over = {"skipped": 0, "too_big": 0, "failed": []}
+        # engines built by NVRTC (sorted last, seconds each to build) only when no precompiled
+        # one builds and runs
+        compiled = [needs_runtime_compilation(config) for config in configs]
+        for tier in ([c for c, nvrtc in zip(configs, compiled) if not nvrtc],
+                     [c for c, nvrtc in zip(configs, compiled) if nvrtc]):
+            candidates = self._buildable(st, tier, passed_over)
+            if len(candidates) > 1:
+                candidates = self._fastest_first(st, candidates, pointers, passed_over["failed"])
+            if candidates:
+                plan, ws_bytes = candidates[0]
+                return plan, ws_bytes, {}
+        reasons = list(heuristics_failed)
+        if passed_over["skipped"]:
+            reasons.append(f"{passed_over['skipped']} down-convert their inputs, or use tensor cores with TF32 off "
+                           f"(MPICONVNET_TF32=1 allows those), or are not deterministic with "
+                           f"MPICONVNET_DETERMINISTIC=1")
+        if passed_over["too_big"]:
+            reasons.append(f"{passed_over['too_big']} need more than the {st.workspace_limit >> 20} MiB workspace "
+                           f"(raise MPICONVNET_CUDNN_WORKSPACE_MB)")
+        failed = passed_over["failed"]
+        if failed:
+            reasons.append(f"{len(failed)} plans failed to build or to run ({', '.join(sorted(set(failed)))})")
+        raise cudnn.CudnnError(f"cuDNN graph API: no usable engine for the convolution {kind} of x "
+                               f"{self.x_shape} with w {self.w_shape} among {len(configs)} configurations"
+                               + (": " + "; ".join(reasons) if reasons else ""))
+
+    def _buildable(self, st, configs, passed_over):
+        """(plan, workspace bytes) of the first configurations, in order, whose numerical
+        notes are allowed, whose plan builds and whose workspace fits: up to FIND_CANDIDATES
+        (MPICONVNET_CUDNN_FIND=0: the first). What is passed over is counted in passed_over."""
         limit = FIND_CANDIDATES if st.find_algorithms else 1
-        precompiled = False   # whether a candidate needs no runtime compilation
+        candidates = []
         for config in configs:
-            compiled_at_run_time = needs_runtime_compilation(config)
-            if compiled_at_run_time and precompiled:
-                break   # sorted last, and NVRTC builds each for seconds: only when nothing else serves
             try:   # an engine that cannot tell its notes or build its plan is passed over
                 if not allowed(numerical_notes(config), self.dtype, self.tf32, st.deterministic):
-                    skipped += 1
+                    passed_over["skipped"] += 1
                     continue
                 plan, ws_bytes = execution_plan(st.dnn.ptr, config)
             except cudnn.CudnnError as e:
-                failed.append(status_of(e))
+                passed_over["failed"].append(status_of(e))
                 continue
             if ws_bytes > st.workspace_limit:
-                too_big += 1
+                passed_over["too_big"] += 1
                 continue
             candidates.append((plan, ws_bytes))
-            precompiled = precompiled or not compiled_at_run_time
             if len(candidates) == limit:
                 break
-        if len(candidates) > 1:
-            # fastest first; a plan whose execute fails is dropped, as cuDNN's frontend does
-            timed = []
-            for index, candidate in enumerate(candidates):
-                try:
-                    timed.append((self._time(st, candidate, pointers), index, candidate))
-                except cudnn.CudnnError as e:
-                    failed.append(status_of(e))
-            candidates = [candidate for _, _, candidate in sorted(timed, key=lambda t: t[:2])]
-        if not candidates:
-            reasons = list(heuristics_failed)
-            reasons += [f"{skipped} down-convert their inputs, or use tensor cores with TF32 off "
-                       f"(MPICONVNET_TF32=1 allows those), or are not deterministic with "
-                       f"MPICONVNET_DETERMINISTIC=1"] if skipped else []
-            if too_big:
-                reasons.append(f"{too_big} need more than the {st.workspace_limit >> 20} MiB workspace "
-                               f"(raise MPICONVNET_CUDNN_WORKSPACE_MB)")
-            if failed:
-                reasons.append(f"{len(failed)} plans failed to build or to run ({', '.join(sorted(set(failed)))})")
-            raise cudnn.CudnnError(f"cuDNN graph API: no usable engine for the convolution {kind} of x "
-                                   f"{self.x_shape} with w {self.w_shape} among {len(configs)} configurations"
-                                   + (": " + "; ".join(reasons) if reasons else ""))
-        plan, ws_bytes = candidates[0]
-        return plan, ws_bytes, {}
+        return candidates
 
-    def _time(self, st, candidate, pointers):
+    def _fastest_first(self, st, candidates, pointers, failed):
+        """The candidates sorted fastest first, each timed on the first call's own operands;
+        one whose execute fails is dropped (its status added to failed), as cuDNN's frontend
+        does. One scratch workspace, the largest any candidate needs, serves them all and goes
+        back to the driver afterwards, as cudnnFind*'s own does: grown candidate by candidate
+        through the state's workspace, the pool kept a block of every size it passed (3.97 GB
+        held against 2.07 with 8 engines timed, alexnet-owt TF32 batch 128, H200 2026-11-25)."""
+        from .memory import empty
+        largest = max(ws_bytes for _, ws_bytes in candidates)
+        scratch = empty((largest,), "uint8") if largest else None
+        workspace = scratch.ptr if scratch is not None else 0
+        timed = []
+        for index, candidate in enumerate(candidates):
+            try:
+                timed.append((self._time(st, candidate[0], pointers, workspace), index, candidate))
+            except cudnn.CudnnError as e:
+                failed.append(status_of(e))
+        del scratch          # the timing runs are done: _time waited for each
+        st.pool.free_held()
+        return [candidate for _, _, candidate in sorted(timed, key=lambda t: t[:2])]
+
+    def _time(self, st, plan, pointers, workspace):
         """Milliseconds of one run of a candidate plan, best of TIMED_RUNS after one untimed."""
-        plan, ws_bytes = candidate
-        pack = variant_pack(pointers, st.workspace_ptr(ws_bytes))
+        pack = variant_pack(pointers, workspace)
         start, end = st.drv.Event(), st.drv.Event()
         best = None
         for run in range(TIMED_RUNS + 1):
