@@ -245,16 +245,15 @@ def engine_configs(graph, mode):
 
 
 def heuristic_configs(graph):
-    """Mode A's configurations, then the fallback mode's, precompiled engines before those
-    needing runtime compilation (each group in the heuristics' order); and the heuristics
-    queries that failed, as text."""
+    """Mode A's configurations, then the fallback mode's, in the heuristics' order (_choose
+    puts those needing runtime compilation last); and the heuristics queries that failed,
+    as text."""
     configs, failures = [], []
     for mode, name in ((HEUR_MODE_A, "mode A"), (HEUR_MODE_FALLBACK, "fallback")):
         try:
             configs += engine_configs(graph, mode)
         except cudnn.CudnnError as e:
             failures.append(f"the {name} heuristics failed ({status_of(e)})")
-    configs.sort(key=needs_runtime_compilation)
     return configs, failures
 
 
